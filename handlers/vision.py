@@ -1,0 +1,162 @@
+"""The shared vision base under every handler this bundle ships.
+
+What the stock TorchServe handlers do not do, and this base does:
+- rebuild the model through the registry from the archive's `model.json` and load a
+  plain state_dict with `weights_only=True` (no pickled code runs in a worker);
+- preprocess with the very functions training validated with (`model_defs.preprocessing`);
+- answer each request of a batch on its own: a bad item gets a 4xx JSON body that names
+  the problem, while the other items of the same batch are predicted as usual;
+- size torch's thread pool so that workers x threads fit the machine's cores.
+
+Task handlers subclass this and override `postprocess` (and `inference` if needed).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from model_defs.checkpoint import data_config_from_meta, load_trained
+from model_defs.preprocessing import ImageDecodeError, eval_transform, load_image
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A problem with one request's input: answered with `code` and a JSON body."""
+
+    def __init__(self, code: int, type_: str, message: str):
+        super().__init__(message)
+        self.code, self.type, self.message = code, type_, message
+
+    def body(self) -> dict:
+        return {"code": self.code, "type": self.type, "message": self.message}
+
+
+def extract_image_bytes(row: dict) -> bytes:
+    """The image bytes of one request: raw body, a multipart field, or JSON {"data": base64}."""
+    if not isinstance(row, dict):
+        raise RequestError(400, "InvalidRequest", "request carries no fields")
+    payload = row.get("data")
+    if payload is None:
+        payload = row.get("body")
+    if payload is None:
+        # A multipart form whose file field has another name ("file", "image", ...).
+        payload = next((v for v in row.values() if isinstance(v, (bytes, bytearray))), None)
+    if payload is None:
+        raise RequestError(400, "EmptyBody", "request has no body: send image bytes, a multipart file or JSON {\"data\": base64}")
+    if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{":
+        try:
+            payload = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
+    if isinstance(payload, dict):
+        if "data" not in payload:
+            raise RequestError(400, "InvalidJSON", "JSON body has no \"data\" field (expected {\"data\": \"<base64 image>\"})")
+        payload = payload["data"]
+        if not isinstance(payload, str):
+            raise RequestError(400, "InvalidJSON", "JSON field \"data\" must be a base64 string")
+    if isinstance(payload, str):
+        try:
+            payload = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "InvalidBase64", "\"data\" is not valid base64") from None
+    if not isinstance(payload, (bytes, bytearray)):
+        raise RequestError(400, "InvalidRequest", f"unsupported request payload of type {type(payload).__name__}")
+    if len(payload) == 0:
+        raise RequestError(400, "EmptyBody", "image data is empty (0 bytes)")
+    return bytes(payload)
+
+
+class VisionHandler(BaseHandler):
+    """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
+
+    def initialize(self, context):
+        self.context = context
+        self.manifest = context.manifest
+        props = context.system_properties
+        model_dir = Path(props["model_dir"])
+        self.config = dict(context.model_yaml_config or {})
+        self.handler_config = dict(self.config.get("handler") or {})
+
+        gpu_id = props.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+        self.map_location = str(self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads_per_worker())
+
+        self.model, self.meta = load_trained(model_dir, map_location=self.device)
+        self.model.to(self.device)
+        self.classes = list(self.meta["classes"])
+        self.data_config = data_config_from_meta(self.meta)
+        self.transform = eval_transform(self.data_config)
+        self.initialized = True
+        logger.info(
+            "loaded %s (%s) on %s with %d torch thread(s)",
+            self.meta["arch"], self.meta["task"], self.device, torch.get_num_threads(),
+        )
+
+    def threads_per_worker(self) -> int:
+        """Torch threads for this worker: the configured number, else cores / workers."""
+        if self.handler_config.get("torch_threads"):
+            return max(1, int(self.handler_config["torch_threads"]))
+        workers = max(1, int(self.config.get("minWorkers") or 1))
+        return max(1, (os.cpu_count() or 1) // workers)
+
+    # -- the three steps -------------------------------------------------------------
+
+    def preprocess_one(self, row: dict) -> torch.Tensor:
+        data = extract_image_bytes(row)
+        try:
+            image = load_image(data, self.data_config.channels)
+        except ImageDecodeError as e:
+            raise RequestError(400, "InvalidImage", str(e)) from None
+        return self.transform(image)
+
+    def preprocess(self, data: list) -> tuple[torch.Tensor | None, dict[int, RequestError]]:
+        """Decode each item; returns the batch of good items and the errors of the bad ones."""
+        tensors, errors = [], {}
+        for idx, row in enumerate(data):
+            try:
+                tensors.append(self.preprocess_one(row))
+            except RequestError as e:
+                errors[idx] = e
+        batch = torch.stack(tensors).to(self.device) if tensors else None
+        return batch, errors
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(batch)
+
+    def postprocess(self, output: torch.Tensor) -> list:
+        raise NotImplementedError
+
+    def handle(self, data, context):
+        """preprocess → inference → postprocess, with a per-item answer for bad items."""
+        start = time.time()
+        self.context = context
+        batch, errors = self.preprocess(data)
+        results = iter(self.postprocess(self.inference(batch)) if batch is not None else [])
+        answers = []
+        for idx in range(len(data)):
+            if idx in errors:
+                err = errors[idx]
+                logger.info("request %d of batch refused: %s", idx, err.message)
+                context.set_response_status(err.code, err.message, idx)
+                answers.append(err.body())
+            else:
+                answers.append(next(results))
+        if getattr(context, "metrics", None) is not None:
+            context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return answers

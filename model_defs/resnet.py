@@ -1,0 +1,253 @@
+"""Residual networks: a configurable ResNet of basic blocks, and torchvision's ResNet-18/50.
+
+The configurable ResNet covers the sizes between the small CNNs and torchvision's models
+(e.g. a three-stage ResNet for 32 px images). The torchvision models are for transfer
+learning: they load a local ImageNet state_dict and get a new head. The helper that does
+that, `adapt_torchvision_classifier`, is shared with vit_b_16 and convnext_tiny.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from model_defs.registry import DataConfig, register_model
+
+IMAGENET = DataConfig(input_size=224, resize_size=256, channels=3)  # ImageNet mean/std
+SMALL_IMAGE = DataConfig(input_size=32, resize_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut (a 1x1 conv-BN projection when the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Stem, then one stage of BasicBlocks per entry of `layers`, global average pool, linear head.
+
+    Stage i has `layers[i]` blocks of width `widths[i]`; every stage after the first halves
+    the spatial size. `small_input` picks a 3x3 stride-1 stem without max-pool (32 px images)
+    instead of the ImageNet 7x7 stride-2 stem with max-pool.
+    """
+
+    def __init__(
+        self,
+        layers: tuple[int, ...] = (2, 2, 2, 2),
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        num_classes: int = 10,
+        in_channels: int = 3,
+        small_input: bool = False,
+    ):
+        super().__init__()
+        layers, widths = tuple(layers), tuple(widths)
+        if not layers or len(layers) != len(widths):
+            raise ValueError(f"layers {layers} and widths {widths} need the same, non-zero length")
+
+        if small_input:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+            )
+
+        stages = []
+        channels = widths[0]
+        for i, (num_blocks, width) in enumerate(zip(layers, widths)):
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(channels, width, stride)]
+            blocks += [BasicBlock(width, width) for _ in range(num_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+# --- Transfer learning on torchvision classifiers -------------------------------------------
+
+
+def load_state_dict_file(model: nn.Module, weights_path: str) -> None:
+    """Load a local state_dict file into `model`; errors name the file."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read {path} as a state_dict: {err}") from err
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} does not match {type(model).__name__} (is it the original torchvision state_dict?): {err}"
+        ) from err
+
+
+def conv_with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of `conv` taking `in_channels` inputs, its weights the old ones averaged over the inputs.
+
+    The average is repeated for every new input channel and scaled by 3 / in_channels, so an
+    image whose channels are all equal (grey) gives the same activations as the RGB original.
+    """
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        mean = conv.weight.mean(dim=1, keepdim=True)
+        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (conv.in_channels / in_channels))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def adapt_torchvision_classifier(
+    model: nn.Module,
+    *,
+    head: str,
+    stem: str,
+    num_classes: int,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+    in_channels: int = 3,
+) -> nn.Module:
+    """Prepare a fresh 1000-class torchvision model for fine-tuning, in place.
+
+    `head` and `stem` are the dotted names of its final nn.Linear and its first nn.Conv2d
+    (for a ResNet "fc" and "conv1"). In order: load `weights_path` (a torchvision-format
+    state_dict for the original model), swap the stem conv when `in_channels` is not 3,
+    swap the head for a `num_classes` Linear, and with `freeze_backbone` leave only the
+    new head trainable.
+    """
+    if weights_path is not None:
+        load_state_dict_file(model, weights_path)
+    if in_channels != 3:
+        model.set_submodule(stem, conv_with_in_channels(model.get_submodule(stem), in_channels))
+    old_head = model.get_submodule(head)
+    model.set_submodule(head, nn.Linear(old_head.in_features, num_classes))
+    if freeze_backbone:
+        for param in model.parameters():
+            param.requires_grad = False
+        for param in model.get_submodule(head).parameters():
+            param.requires_grad = True
+    return model
+
+
+# --- Registered models ----------------------------------------------------------------------
+
+
+@register_model(
+    "resnet_custom",
+    task="classification",
+    data_config=IMAGENET,
+    test_kwargs={"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64)},
+)
+def resnet_custom(
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    layers: tuple[int, ...] = (2, 2, 2, 2),
+    widths: tuple[int, ...] = (64, 128, 256, 512),
+    small_input: bool = False,
+) -> nn.Module:
+    """Configurable ResNet of basic blocks (default: the ResNet-18 layout) for 224 px images."""
+    return ResNet(layers, widths, num_classes=num_classes, in_channels=in_channels, small_input=small_input)
+
+
+@register_model("resnet_small", task="classification", data_config=SMALL_IMAGE)
+def resnet_small(
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    layers: tuple[int, ...] = (1, 1, 1),
+    widths: tuple[int, ...] = (32, 64, 128),
+) -> nn.Module:
+    """Small three-stage ResNet with a 3x3 stride-1 stem and no max-pool, for 32 px images."""
+    return ResNet(layers, widths, num_classes=num_classes, in_channels=in_channels, small_input=True)
+
+
+@register_model("resnet18", task="classification", data_config=IMAGENET)
+def resnet18(
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+) -> nn.Module:
+    """torchvision ResNet-18 with a new head; optional local ImageNet weights and frozen backbone."""
+    model = torchvision.models.resnet18(weights=None)
+    return adapt_torchvision_classifier(
+        model,
+        head="fc",
+        stem="conv1",
+        num_classes=num_classes,
+        weights_path=weights_path,
+        freeze_backbone=freeze_backbone,
+        in_channels=in_channels,
+    )
+
+
+@register_model("resnet50", task="classification", data_config=IMAGENET)
+def resnet50(
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    weights_path: str | None = None,
+    freeze_backbone: bool = False,
+) -> nn.Module:
+    """torchvision ResNet-50 with a new head; optional local ImageNet weights and frozen backbone."""
+    model = torchvision.models.resnet50(weights=None)
+    return adapt_torchvision_classifier(
+        model,
+        head="fc",
+        stem="conv1",
+        num_classes=num_classes,
+        weights_path=weights_path,
+        freeze_backbone=freeze_backbone,
+        in_channels=in_channels,
+    )

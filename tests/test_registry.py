@@ -1,0 +1,138 @@
+"""Every registered model builds, runs on its data config's input and round-trips a state_dict.
+
+The main tests are parametrized over `list_models()`, so a new architecture is tested the
+moment it is registered; `test_kwargs` on its entry keep heavy models quick.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from model_defs import get_entry, get_model, list_models, register_model
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+
+
+def build(name: str, **extra) -> tuple[torch.nn.Module, dict]:
+    """The model in eval mode, and the keyword arguments it was built from."""
+    kwargs = {"num_classes": NUM_CLASSES, **get_entry(name).test_kwargs, **extra}
+    return get_model(name, **kwargs).eval(), kwargs
+
+
+def random_batch(name: str, channels: int | None = None, size: int | None = None) -> torch.Tensor:
+    config = get_entry(name).data_config
+    channels = channels or config.channels
+    size = size or config.input_size
+    return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_and_state_dict_round_trip(name, tmp_path):
+    model, kwargs = build(name)
+    x = random_batch(name)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, NUM_CLASSES)
+
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    rebuilt = get_model(name, **kwargs).eval()
+    rebuilt.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_grey_input(name):
+    model, _ = build(name, in_channels=1)
+    with torch.no_grad():
+        out = model(random_batch(name, channels=1))
+    assert out.shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+def test_small_cnn_any_input_size(size):
+    model, _ = build("small_cnn")
+    with torch.no_grad():
+        assert model(random_batch("small_cnn", size=size)).shape == (2, NUM_CLASSES)
+
+
+def test_unknown_name_lists_registered_models():
+    with pytest.raises(KeyError) as excinfo:
+        get_model("no_such_model")
+    message = str(excinfo.value)
+    assert "no_such_model" in message
+    for name in list_models():
+        assert name in message
+
+
+def test_duplicate_name_is_refused():
+    original = get_entry("small_cnn").builder
+    with pytest.raises(ValueError, match="small_cnn"):
+        register_model("small_cnn", task="classification")(lambda **kwargs: torch.nn.Identity())
+    assert get_entry("small_cnn").builder is original
+
+
+def test_vit_small_rejects_image_size_not_divisible_by_patch_size():
+    with pytest.raises(ValueError, match="divisible"):
+        get_model("vit_small", image_size=30, patch_size=4)
+
+
+@pytest.fixture
+def resnet18_weights(tmp_path) -> Path:
+    """A torchvision-format (1000-class) ResNet-18 state_dict file, as downloaded weights would be."""
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def test_resnet18_transfer_learning(resnet18_weights):
+    saved = torch.load(resnet18_weights, weights_only=True)
+    model = get_model("resnet18", num_classes=5, weights_path=str(resnet18_weights), freeze_backbone=True)
+
+    assert torch.equal(model.layer3[1].conv2.weight, saved["layer3.1.conv2.weight"])
+    assert torch.equal(model.bn1.running_mean, saved["bn1.running_mean"])
+    assert model.fc.out_features == 5
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}
+    with torch.no_grad():
+        assert model.eval()(random_batch("resnet18")).shape == (2, 5)
+
+
+def test_resnet18_transfer_learning_grey(resnet18_weights):
+    saved = torch.load(resnet18_weights, weights_only=True)
+    model = get_model("resnet18", num_classes=5, in_channels=1, weights_path=str(resnet18_weights))
+    # Averaged over the RGB inputs and scaled by 3, so a grey image acts as it did in RGB.
+    expected = saved["conv1.weight"].sum(dim=1, keepdim=True)
+    torch.testing.assert_close(model.conv1.weight, expected)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    missing = tmp_path / "not_there.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        get_model("resnet18", weights_path=str(missing))
+
+
+def test_mismatched_weights_file_is_named(tmp_path):
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"not_a_resnet_key": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match=re.escape(str(wrong))):
+        get_model("resnet18", weights_path=str(wrong))
+
+
+def test_cli_lists_every_model():
+    result = subprocess.run(
+        [sys.executable, "-m", "model_defs"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(list_models())
+    for line, name in zip(lines, list_models()):
+        fields = line.split("\t")
+        assert fields[:2] == [name, get_entry(name).task]

@@ -1,0 +1,1 @@
+"""Training: dataset readers, the training entry point and sample data writers."""

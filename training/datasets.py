@@ -1,0 +1,258 @@
+"""Read an image-classification dataset in any of the three layouts people keep one in.
+
+- class folders:      root/<class>/<image>
+- labels.txt:         root/images/<image> + root/labels.txt ("file label" per line,
+                      space- or comma-separated; label = class index or class name)
+- one file per image: root/images/<stem>.<ext> + root/labels/<stem>.txt (one label, or
+                      several for a multi-label dataset)
+
+For the two label-file layouts an optional root/classes.txt (one name per line) fixes the
+class names and their order; labels may then be indices into it or names from it.
+Every problem is a `DatasetError` whose message names the file or folder at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
+
+LAYOUTS = ("auto", "folders", "labels_txt", "label_files")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file or folder."""
+
+
+@dataclass
+class Sample:
+    path: Path
+    labels: list[int]  # one class index, or several for a multi-label sample
+
+
+@dataclass
+class DatasetSpec:
+    root: Path
+    layout: str
+    classes: list[str]
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def multi_label(self) -> bool:
+        return any(len(s.labels) != 1 for s in self.samples)
+
+    def class_counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for s in self.samples:
+            for label in s.labels:
+                counts[label] += 1
+        return counts
+
+    def fingerprint(self) -> str:
+        """sha256 over each file's relative path, content and labels, in sorted order."""
+        h = hashlib.sha256()
+        for s in sorted(self.samples, key=lambda s: str(s.path)):
+            h.update(str(s.path.relative_to(self.root)).encode())
+            h.update(hashlib.sha256(s.path.read_bytes()).digest())
+            h.update(",".join(self.classes[i] for i in s.labels).encode())
+        return h.hexdigest()
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def detect_layout(root: Path) -> str:
+    if (root / "labels.txt").is_file():
+        return "labels_txt"
+    if (root / "labels").is_dir() and (root / "images").is_dir():
+        return "label_files"
+    return "folders"
+
+
+def read_dataset(root: str | Path, layout: str = "auto", classes: list[str] | None = None) -> DatasetSpec:
+    """Read a dataset; `classes` (from the training set) fixes the names for a validation set."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    if layout == "auto":
+        layout = detect_layout(root)
+    readers = {"folders": _read_folders, "labels_txt": _read_labels_txt, "label_files": _read_label_files}
+    if layout not in readers:
+        raise DatasetError(f"unknown dataset layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    spec = readers[layout](root, classes)
+    if not spec.samples:
+        raise DatasetError(f"no images found under {root} (layout: {layout}; extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    return spec
+
+
+def _read_folders(root: Path, classes: list[str] | None) -> DatasetSpec:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DatasetError(f"no class folders under {root} (expected {root}/<class>/<image>)")
+    names = [p.name for p in folders]
+    if classes is not None:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise DatasetError(f"class folder {root / unknown[0]} is not one of the training classes: {', '.join(classes)}")
+    spec = DatasetSpec(root, "folders", list(classes) if classes is not None else names)
+    for folder in folders:
+        images = sorted(p for p in folder.rglob("*") if is_image(p))
+        if not images and classes is None:
+            raise DatasetError(f"class folder {folder} holds no images")
+        label = spec.classes.index(folder.name)
+        spec.samples += [Sample(p, [label]) for p in images]
+    return spec
+
+
+def _split_labels(text: str) -> list[str]:
+    return [t for t in re.split(r"[\s,;]+", text.strip()) if t]
+
+
+def _read_classes_txt(root: Path) -> list[str] | None:
+    path = root / "classes.txt"
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path} lists a class name twice")
+    return names
+
+
+def _resolve_labels(raw: list[tuple[Path, list[str], str]], classes: list[str] | None, classes_file: str) -> tuple[list[str], list[Sample]]:
+    """Turn label tokens into class indices. `raw` holds (image, tokens, where-for-errors)."""
+    if classes is None:
+        tokens = {t for _, toks, _ in raw for t in toks}
+        if tokens and all(t.isdigit() for t in tokens):
+            classes = [str(i) for i in range(max(int(t) for t in tokens) + 1)]
+        else:
+            classes = sorted(tokens)
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for path, toks, where in raw:
+        labels = []
+        for t in toks:
+            if t in index:
+                labels.append(index[t])
+            elif t.isdigit() and int(t) < len(classes):
+                labels.append(int(t))
+            else:
+                raise DatasetError(f"{where}: label {t!r} is not one of the {len(classes)} classes ({classes_file})")
+        samples.append(Sample(path, sorted(set(labels))))
+    return classes, samples
+
+
+def _check_no_empty_class(spec: DatasetSpec, source: Path) -> None:
+    empty = [c for c, n in zip(spec.classes, spec.class_counts()) if n == 0]
+    if empty:
+        raise DatasetError(f"class {empty[0]!r} has no images in {source}")
+
+
+def _read_labels_txt(root: Path, classes: list[str] | None) -> DatasetSpec:
+    labels_file = root / "labels.txt"
+    if not labels_file.is_file():
+        raise DatasetError(f"{labels_file} does not exist")
+    images_dir = root / "images" if (root / "images").is_dir() else root
+    fixed = classes or _read_classes_txt(root)
+    raw = []
+    for n, line in enumerate(labels_file.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = _split_labels(line)
+        where = f"{labels_file} line {n}"
+        if len(parts) < 2:
+            raise DatasetError(f"{where}: expected 'file label', got {line.strip()!r}")
+        path = images_dir / parts[0]
+        if not path.is_file():
+            raise DatasetError(f"{where}: image {path} does not exist")
+        raw.append((path, parts[1:], where))
+    names, samples = _resolve_labels(raw, fixed, "classes.txt" if fixed else "from labels.txt")
+    spec = DatasetSpec(root, "labels_txt", names, samples)
+    if classes is None and samples:
+        _check_no_empty_class(spec, labels_file)
+    return spec
+
+
+def _read_label_files(root: Path, classes: list[str] | None) -> DatasetSpec:
+    images_dir, labels_dir = root / "images", root / "labels"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise DatasetError(f"folder {d} does not exist (layout: images/ + labels/)")
+    fixed = classes or _read_classes_txt(root)
+    raw = []
+    for path in sorted(p for p in images_dir.rglob("*") if is_image(p)):
+        label_file = labels_dir / path.relative_to(images_dir).with_suffix(".txt")
+        if not label_file.is_file():
+            raise DatasetError(f"image {path} has no label file {label_file}")
+        tokens = _split_labels(label_file.read_text())
+        if not tokens:
+            raise DatasetError(f"label file {label_file} is empty")
+        raw.append((path, tokens, str(label_file)))
+    names, samples = _resolve_labels(raw, fixed, "classes.txt" if fixed else "from labels/")
+    spec = DatasetSpec(root, "label_files", names, samples)
+    if classes is None and samples:
+        _check_no_empty_class(spec, labels_dir)
+    return spec
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Seeded split keeping each class's share (by first label); at least one of each class trains."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"validation fraction must be between 0 and 1, got {fraction}")
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.labels[0] if s.labels else -1, []).append(s)
+    rng = random.Random(seed)
+    train, val = [], []
+    for key in sorted(by_class):
+        group = sorted(by_class[key], key=lambda s: str(s.path))
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, round(len(group) * fraction))
+        val += group[:n_val]
+        train += group[n_val:]
+    if not val:
+        raise DatasetError(f"validation fraction {fraction} leaves no validation images; give --val-data or a larger fraction")
+    return train, val
+
+
+class ImageDataset(Dataset):
+    """Samples → (tensor, target). An unreadable image yields None (skipped and counted)."""
+
+    def __init__(self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform):
+        self.samples, self.num_classes, self.multi_label = samples, num_classes, multi_label
+        self.channels, self.transform = channels, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def target(self, sample: Sample):
+        if self.multi_label:
+            t = torch.zeros(self.num_classes)
+            t[sample.labels] = 1.0
+            return t
+        return sample.labels[0]
+
+    def __getitem__(self, i: int):
+        sample = self.samples[i]
+        try:
+            image = load_image(sample.path, self.channels)
+        except (ValueError, OSError):
+            return None
+        return self.transform(image), self.target(sample)
+
+
+def collate_skipping(batch: list):
+    """Default collation of the readable items; also returns how many were skipped."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    images, targets = torch.utils.data.default_collate(good)
+    return images, targets, skipped
