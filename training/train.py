@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import CheckpointError, atomic_torch_save, save_model_files, unwrap
+from model_defs.checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, save_model_files, unwrap
 from model_defs.preprocessing import eval_transform, train_transform
 from training.datasets import (
     LAYOUTS,
@@ -165,7 +165,7 @@ def run_epoch(model, loader, criterion, device, args, multi_label, *, optimizer=
     training = optimizer is not None
     model.train(training)
     loss_sum, seen, num, den, skipped = 0.0, 0, 0.0, 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=True if args.no_progress else None, dynamic_ncols=True)
     use_amp = scaler is not None and scaler.is_enabled() or (not training and device.type == "cuda" and not args.no_amp)
     with torch.set_grad_enabled(training):
         for images, targets, n_skipped in bar:
@@ -346,7 +346,7 @@ def main(args) -> dict:
         print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.4f} {metric_name} {tr['metric']:.4f}  |  "
               f"val loss {va['loss']:.4f} {metric_name} {va['metric']:.4f}{' *' if improved else ''}  |  "
               f"lr {row['lr']:.2e}  {row['seconds']:.1f}s{skipped}", file=sys.stderr)
-        if args.patience and state["stale_epochs"] >= args.patience:
+        if args.patience and state["stale_epochs"] >= args.patience and epoch < args.epochs:
             print(f"early stop: no better validation {metric_name} for {args.patience} epochs", file=sys.stderr)
             break
 
@@ -355,7 +355,7 @@ def main(args) -> dict:
     final = json.loads(meta_path.read_text())
     final["metrics"]["epochs_run"] = state["epoch"]
     final["metrics"]["skipped_images"] = meta["metrics"]["skipped_images"]
-    meta_path.write_text(json.dumps(final, indent=2) + "\n")
+    atomic_write_bytes(meta_path, (json.dumps(final, indent=2) + "\n").encode())
     print(f"best validation {metric_name} {state['best_metric']:.4f} at epoch {state['best_epoch']}; wrote {out}/model.pt and model.json",
           file=sys.stderr)
     return final

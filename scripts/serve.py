@@ -1,0 +1,292 @@
+"""Start, stop and query TorchServe with the bundle's config.properties.
+
+    scripts/serve start [--models digits,other | all]    # waits until every model is ready
+    scripts/serve status
+    scripts/serve key [inference|management|API]         # the token for curl
+    scripts/serve stop
+
+Each server keeps its state in a run folder (default `.serve/`): the effective
+config.properties, TorchServe's logs, the pid file and `key_file.json`, the token keys
+TorchServe writes at each start (token authorization stays on). Giving each server its
+own run folder and ports lets several run side by side, as the tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+
+
+class ServeError(RuntimeError):
+    """TorchServe could not be started, stopped or reached; the message says why."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            props[key.strip()] = value.strip()
+    return props
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TorchServe:
+    """One TorchServe instance: its config, run folder, ports and token keys."""
+
+    def __init__(self, run_dir: Path | None = None, model_store: Path | None = None,
+                 config: Path | None = None, ports: dict[str, int] | None = None):
+        self.run_dir = Path(run_dir or ROOT / ".serve").resolve()
+        self.config_path = Path(config or ROOT / "config.properties")
+        self.props = read_properties(self.config_path)
+        store = Path(model_store or self.props.get("model_store", "model_store"))
+        self.model_store = (store if store.is_absolute() else ROOT / store).resolve()
+        effective = self.run_dir / "config.properties"
+        if ports is None and effective.is_file():
+            # A server started earlier from this run folder: talk to it on its own ports.
+            self.props.update({k: v for k, v in read_properties(effective).items() if k in ADDRESS_KEYS.values()})
+        for api, port in (ports or {}).items():
+            self.props[ADDRESS_KEYS[api]] = f"http://127.0.0.1:{port}"
+        if ports:
+            # Workers talk to the frontend over /tmp/.ts.sock.<port>, from 9000 up by default:
+            # a server beside another needs its own range.
+            self.props["initial_worker_port"] = str(free_port())
+
+    # -- addresses and keys -------------------------------------------------------------
+
+    def url(self, api: str) -> str:
+        return self.props[ADDRESS_KEYS[api]].rstrip("/")
+
+    def _host_port(self, api: str) -> tuple[str, int]:
+        u = urlparse(self.url(api))
+        return u.hostname, u.port
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    def key(self, kind: str = "inference") -> str | None:
+        """The current token for `kind` (inference, management, API); None when auth is off."""
+        if self.props.get("disable_token_authorization", "false").lower() == "true":
+            return None
+        if not self.key_file.is_file():
+            raise ServeError(f"no token keys at {self.key_file}: is TorchServe running from {self.run_dir}?")
+        return json.loads(self.key_file.read_text())[kind]["key"]
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        key = self.key(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # TorchServe keeps its pid file in the temp dir: a private one per run folder keeps
+        # servers apart. Logs go to the run folder too.
+        env["TMPDIR"] = str(self.run_dir / "tmp")
+        env["LOG_LOCATION"] = str(self.run_dir / "logs")
+        env["METRICS_LOCATION"] = str(self.run_dir / "logs")
+        # Workers must import the bundle's packages and the venv's, whatever the caller's cwd.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    # -- state ----------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        pid_file = self.run_dir / "tmp" / ".model_server.pid"
+        if not pid_file.is_file():
+            return None
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def models(self) -> list[str]:
+        r = self.get("management", "/models")
+        return [m["modelName"] for m in r.json()["models"]]
+
+    def describe(self, name: str) -> list[dict]:
+        return self.get("management", f"/models/{name}").json()
+
+    def get(self, api: str, path: str, **kw) -> requests.Response:
+        try:
+            r = requests.get(self.url(api) + path, headers=self.headers("management" if api == "management" else "inference"), timeout=10, **kw)
+        except requests.ConnectionError:
+            raise ServeError(f"TorchServe is not answering at {self.url(api)}; start it with scripts/serve start") from None
+        if r.status_code >= 400:
+            raise ServeError(f"GET {path} answered {r.status_code}: {r.text.strip()[:200]}")
+        return r
+
+    # -- start / stop ---------------------------------------------------------------------
+
+    def _write_config(self) -> Path:
+        props = dict(self.props)
+        props["model_store"] = str(self.model_store)
+        path = self.run_dir / "config.properties"
+        lines = [f"# written by scripts/serve from {self.config_path}; edit that file instead"]
+        lines += [f"{k}={v}" for k, v in props.items()]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self, models: list[str] | None = None, timeout: float = 180) -> None:
+        """Start TorchServe with `models` (names of .mar files in the store) and wait for them."""
+        if shutil.which("java") is None:
+            raise ServeError("Java 17 was not found on PATH; TorchServe's frontend needs it. "
+                             "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17.")
+        if self.is_running():
+            raise ServeError(f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
+                             "stop it first with scripts/serve stop")
+        for api in ADDRESS_KEYS:
+            host, port = self._host_port(api)
+            if not port_is_free(host, port):
+                raise ServeError(f"port {port} on {host} ({api} API) is already in use; stop what holds it "
+                                 f"or choose other ports in {self.config_path.name}")
+        if models is None:
+            models = sorted(p.stem for p in self.model_store.glob("*.mar"))
+        missing = [m for m in models if not (self.model_store / f"{m}.mar").is_file()]
+        if missing:
+            raise ServeError(f"no archive {self.model_store / (missing[0] + '.mar')}; build it with scripts/archive")
+        (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.key_file.unlink(missing_ok=True)
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
+               "--ts-config", str(self._write_config()), "--model-store", str(self.model_store)]
+        if models:
+            cmd += ["--models", *[f"{m}={m}.mar" for m in models]]
+        # The frontend inherits our stdout: send it to a file, not a pipe we would wait on.
+        console = self.run_dir / "logs" / "console.log"
+        console.parent.mkdir(parents=True, exist_ok=True)
+        with open(console, "ab") as log:
+            code = subprocess.run(cmd, cwd=self.run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL).returncode
+        if code != 0:
+            raise ServeError(f"torchserve --start failed (exit {code}); see {console}")
+        self.wait_ready(models, timeout)
+
+    def wait_ready(self, models: list[str], timeout: float = 180) -> None:
+        """Wait until the frontend answers and every model has a READY worker."""
+        deadline = time.time() + timeout
+        pending = list(models)
+        while time.time() < deadline:
+            if not self.is_running() and time.time() > deadline - timeout + 5:
+                raise ServeError(f"TorchServe exited during start-up; see {self.run_dir / 'logs' / 'ts_log.log'}\n{self.log_tail()}")
+            try:
+                pending = [m for m in pending if not any(
+                    w.get("status") == "READY" for d in self.describe(m) for w in d.get("workers", []))]
+                if not pending:
+                    return
+            except (ServeError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise ServeError(f"model(s) {', '.join(pending)} not ready after {timeout:.0f}s; "
+                         f"see {self.run_dir / 'logs' / 'model_log.log'}\n{self.log_tail('model_log.log')}")
+
+    def log_tail(self, name: str = "ts_log.log", lines: int = 15) -> str:
+        path = self.run_dir / "logs" / name
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+    def stop(self, timeout: float = 60) -> bool:
+        """Stop the server of this run folder; returns False if none was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=self.run_dir,
+                       env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.time() + timeout
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.3)
+        if _alive(pid):
+            os.kill(pid, 9)
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (our own finished child) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=str(ROOT / ".serve"), help="folder for the server's config, logs and keys (default: .serve/)")
+    p.add_argument("--config", default=str(ROOT / "config.properties"), help="TorchServe config to start from (default: config.properties)")
+    p.add_argument("--model-store", default=None, help="folder of .mar files (default: model_store from the config)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="start TorchServe and wait until its models are ready")
+    s.add_argument("--models", default="all", help="comma-separated model names (their .mar files), or all (default: all)")
+    s.add_argument("--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)")
+    sub.add_parser("stop", help="stop the TorchServe of this run folder")
+    sub.add_parser("status", help="say whether it runs, where, and which models it serves")
+    k = sub.add_parser("key", help="print the current token key, for curl -H 'Authorization: Bearer KEY'")
+    k.add_argument("kind", nargs="?", default="inference", choices=("inference", "management", "API"),
+                   help="which key (default: inference)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    ts = TorchServe(run_dir=Path(args.run_dir), model_store=args.model_store and Path(args.model_store), config=Path(args.config))
+    try:
+        if args.command == "start":
+            models = None if args.models == "all" else [m for m in args.models.split(",") if m]
+            ts.start(models, timeout=args.timeout)
+            print(f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
+                  f"(management {ts.url('management')}); stop it with scripts/serve stop")
+        elif args.command == "stop":
+            print("TorchServe stopped" if ts.stop() else f"no TorchServe running from {ts.run_dir}")
+        elif args.command == "status":
+            if not ts.is_running():
+                print(f"not running (run folder {ts.run_dir})")
+                return 1
+            print(f"running, pid {ts.pid()}, inference {ts.url('inference')}, management {ts.url('management')}")
+            for name in ts.models():
+                for d in ts.describe(name):
+                    workers = ", ".join(f"{w['id']}:{w['status']}" for w in d.get("workers", []))
+                    print(f"  {name} v{d.get('modelVersion')}  batch {d.get('batchSize')}  workers [{workers}]")
+        elif args.command == "key":
+            print(ts.key(args.kind))
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
