@@ -55,11 +55,11 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8))
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8))
     if img.mode == "P" or img.mode == "PA":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "La", "RGBa"):

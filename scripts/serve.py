@@ -28,6 +28,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+# TorchServe always starts its gRPC servers too (there is no switch to turn them off).
+GRPC_PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
 
 
 class ServeError(RuntimeError):
@@ -72,12 +74,14 @@ class TorchServe:
         effective = self.run_dir / "config.properties"
         if ports is None and effective.is_file():
             # A server started earlier from this run folder: talk to it on its own ports.
-            self.props.update({k: v for k, v in read_properties(effective).items() if k in ADDRESS_KEYS.values()})
-        for api, port in (ports or {}).items():
-            self.props[ADDRESS_KEYS[api]] = f"http://127.0.0.1:{port}"
-        if ports:
-            # Workers talk to the frontend over /tmp/.ts.sock.<port>, from 9000 up by default:
-            # a server beside another needs its own range.
+            self.props.update(read_properties(effective))
+        if ports is not None:
+            # Any port not given is picked free, so a server can run beside another.
+            for api in ADDRESS_KEYS:
+                self.props[ADDRESS_KEYS[api]] = f"http://127.0.0.1:{ports.get(api) or free_port()}"
+            for api in GRPC_PORT_KEYS:
+                self.props[GRPC_PORT_KEYS[api]] = str(ports.get(api) or free_port())
+            # Workers talk to the frontend over /tmp/.ts.sock.<port>, from 9000 up by default.
             self.props["initial_worker_port"] = str(free_port())
 
     # -- addresses and keys -------------------------------------------------------------
@@ -85,9 +89,13 @@ class TorchServe:
     def url(self, api: str) -> str:
         return self.props[ADDRESS_KEYS[api]].rstrip("/")
 
-    def _host_port(self, api: str) -> tuple[str, int]:
-        u = urlparse(self.url(api))
-        return u.hostname, u.port
+    def listen_ports(self) -> dict[str, tuple[str, int]]:
+        """Every (host, port) the server binds: the three HTTP APIs and the two gRPC ones."""
+        out = {api: (urlparse(self.url(api)).hostname, urlparse(self.url(api)).port) for api in ADDRESS_KEYS}
+        for api, key in GRPC_PORT_KEYS.items():
+            out[api] = (self.props.get(f"{api}_address", "127.0.0.1"),
+                        int(self.props.get(key, 7070 if api == "grpc_inference" else 7071)))
+        return out
 
     @property
     def key_file(self) -> Path:
@@ -167,8 +175,7 @@ class TorchServe:
         if self.is_running():
             raise ServeError(f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
                              "stop it first with scripts/serve stop")
-        for api in ADDRESS_KEYS:
-            host, port = self._host_port(api)
+        for api, (host, port) in self.listen_ports().items():
             if not port_is_free(host, port):
                 raise ServeError(f"port {port} on {host} ({api} API) is already in use; stop what holds it "
                                  f"or choose other ports in {self.config_path.name}")

@@ -1,0 +1,151 @@
+"""A real TorchServe, started on free loopback ports, serving real .mar files over REST."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from model_defs import DataConfig, get_model
+from model_defs.checkpoint import load_trained, save_model_files
+from model_defs.preprocessing import eval_transform, load_image
+from scripts import archive
+from scripts.serve import ServeError, TorchServe
+from tests.conftest import encode, image_variants
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory):
+    """A second model: an RGB convnext_mini with named classes (untrained)."""
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("photo_run")
+    cfg = DataConfig(input_size=32, resize_size=36, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = get_model("convnext_mini", num_classes=3, in_channels=3)
+    save_model_files(out, model, {"arch": "convnext_mini", "arch_args": {"num_classes": 3, "in_channels": 3},
+                                  "task": "classification", "classes": ["cat", "coffee", "rocket"],
+                                  "preprocessing": cfg.to_dict()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(trained_digits, photo_run, tmp_path_factory):
+    store = tmp_path_factory.mktemp("model_store")
+    # A long batch delay so concurrent requests really share a batch.
+    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
+                         "--batch-size", "8", "--max-batch-delay", "300", "--topk", "10"]) == 0
+    assert archive.main([str(photo_run), "--name", "photos", "--model-store", str(store), "--batch-size", "4"]) == 0
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store,
+                    ports={})
+    ts.start(["digits", "photos"], timeout=240)
+    yield ts
+    ts.stop()
+
+
+def predict(ts, model, data=None, **kw):
+    kw.setdefault("headers", ts.headers("inference"))
+    return requests.post(f"{ts.url('inference')}/predictions/{model}", data=data, timeout=60, **kw)
+
+
+def in_process(run_dir, data: bytes) -> torch.Tensor:
+    model, meta = load_trained(run_dir)
+    cfg = DataConfig.from_dict(meta["preprocessing"])
+    with torch.inference_mode():
+        return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
+
+
+def test_rest_predictions_equal_in_process_predictions(server, trained_digits, digits_dir):
+    files = sorted((digits_dir / "test").rglob("*.png"))[::12]
+    with ThreadPoolExecutor(8) as pool:  # concurrent, so TorchServe batches them
+        answers = list(pool.map(lambda f: predict(server, "digits", f.read_bytes()), files))
+    for f, r in zip(files, answers):
+        assert r.status_code == 200, r.text
+        served = r.json()
+        probs = in_process(trained_digits, f.read_bytes())
+        assert list(served)[0] == str(int(probs.argmax())), f
+        assert len(served) == 10
+        for label, p in served.items():
+            assert abs(p - probs[int(label)].item()) < 1e-4
+
+
+def test_second_model_is_served_beside_the_first(server, photo_run, photos):
+    assert sorted(server.models()) == ["digits", "photos"]
+    data = encode(photos["chelsea"], "JPEG")
+    r = predict(server, "photos", data)
+    assert r.status_code == 200, r.text
+    probs = in_process(photo_run, data)
+    names = ["cat", "coffee", "rocket"]
+    assert list(r.json())[0] == names[int(probs.argmax())]
+    assert all(abs(p - probs[names.index(k)].item()) < 1e-4 for k, p in r.json().items())
+
+
+def test_multipart_and_base64_json_are_accepted(server, photos):
+    data = encode(photos["coffee"], "PNG")
+    raw = predict(server, "photos", data).json()
+    multipart = predict(server, "photos", files={"data": ("coffee.png", data, "image/png")}).json()
+    as_json = predict(server, "photos", json={"data": base64.b64encode(data).decode()}).json()
+    assert list(raw) == list(multipart) == list(as_json)
+    assert all(abs(raw[k] - multipart[k]) < 1e-6 and abs(raw[k] - as_json[k]) < 1e-6 for k in raw)
+
+
+def test_every_common_format_and_mode_is_served(server, photos):
+    for name, data in image_variants(photos["astronaut"]).items():
+        r = predict(server, "photos", data)
+        assert r.status_code == 200, (name, r.text)
+
+
+def test_bad_items_get_4xx_while_their_batch_mates_succeed(server, digits_dir, trained_digits):
+    good = sorted((digits_dir / "test").rglob("*.png"))[:6]
+    bad = [b"not an image at all", good[0].read_bytes()[:40], b'{"image": "no data field"}']
+    payloads = [f.read_bytes() for f in good] + bad
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        answers = list(pool.map(lambda d: predict(server, "digits", d), payloads))
+    for f, r in zip(good, answers[: len(good)]):
+        assert r.status_code == 200, r.text
+        assert list(r.json())[0] == str(int(in_process(trained_digits, f.read_bytes()).argmax()))
+    for r in answers[len(good):]:
+        assert r.status_code == 400, r.text
+        body = r.json()
+        assert set(body) == {"code", "type", "message"} and body["code"] == 400
+        assert body["message"]
+
+
+def test_requests_without_the_token_are_refused(server, digits_dir):
+    data = next((digits_dir / "test").rglob("*.png")).read_bytes()
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        r = predict(server, "digits", data, headers=headers)
+        assert r.status_code != 200 and "Token" in r.text
+        r = requests.get(f"{server.url('management')}/models", headers=headers, timeout=10)
+        assert r.status_code != 200 and "Token" in r.text
+    assert predict(server, "digits", data).status_code == 200
+
+
+def test_apis_listen_on_loopback_only(server):
+    for api in ("inference", "management", "metrics"):
+        assert server.url(api).startswith("http://127.0.0.1:")
+
+
+def test_prometheus_metrics_are_exported(server):
+    r = requests.get(f"{server.url('metrics')}/metrics", timeout=10)
+    assert r.status_code == 200 and "ts_inference_requests_total" in r.text
+
+
+def test_start_refuses_a_taken_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        ts = TorchServe(run_dir=tmp_path, model_store=tmp_path,
+                        ports={"inference": taken})
+        with pytest.raises(ServeError, match=f"port {taken} .* already in use"):
+            ts.start([])
+
+
+def test_start_says_when_java_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    ts = TorchServe(run_dir=tmp_path, model_store=tmp_path, ports={})
+    with pytest.raises(ServeError, match="Java 17"):
+        ts.start([])
