@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model_defs.registry import DataConfig, register_model
+from model_defs.registry import SMALL_IMAGE, register_model
 
-SMALL_IMAGE = DataConfig(input_size=32, resize_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 class SmallCNN(nn.Module):

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torchvision
 
 from model_defs.registry import DataConfig, register_model
-from model_defs.resnet import SMALL_IMAGE, adapt_torchvision_classifier
+from model_defs.registry import SMALL_IMAGE
+from model_defs.transfer import adapt_torchvision_classifier
 
 # torchvision's ConvNeXt-Tiny weights are evaluated with a 236 px resize and a 224 px crop.
 CONVNEXT_IMAGENET = DataConfig(input_size=224, resize_size=236, channels=3)

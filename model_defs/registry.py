@@ -67,6 +67,11 @@ class DataConfig:
         return dataclasses.replace(self, **changes)
 
 
+# The two data configs most models use.
+IMAGENET = DataConfig(input_size=224, resize_size=256, channels=3)  # ImageNet mean/std
+SMALL_IMAGE = DataConfig(input_size=32, resize_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
 def _stat_for_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     mean = sum(values) / len(values)
     return (mean,) * channels

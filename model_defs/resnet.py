@@ -2,22 +2,18 @@
 
 The configurable ResNet covers the sizes between the small CNNs and torchvision's models
 (e.g. a three-stage ResNet for 32 px images). The torchvision models are for transfer
-learning: they load a local ImageNet state_dict and get a new head. The helper that does
-that, `adapt_torchvision_classifier`, is shared with vit_b_16 and convnext_tiny.
+learning: they load a local ImageNet state_dict and get a new head (model_defs.transfer).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from model_defs.registry import DataConfig, register_model
+from model_defs.registry import IMAGENET, SMALL_IMAGE, register_model
+from model_defs.transfer import adapt_torchvision_classifier
 
-IMAGENET = DataConfig(input_size=224, resize_size=256, channels=3)  # ImageNet mean/std
-SMALL_IMAGE = DataConfig(input_size=32, resize_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 class BasicBlock(nn.Module):
@@ -99,83 +95,6 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return self.fc(torch.flatten(self.pool(x), 1))
-
-
-# --- Transfer learning on torchvision classifiers -------------------------------------------
-
-
-def load_state_dict_file(model: nn.Module, weights_path: str) -> None:
-    """Load a local state_dict file into `model`; errors name the file."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read {path} as a state_dict: {err}") from err
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{path} does not match {type(model).__name__} (is it the original torchvision state_dict?): {err}"
-        ) from err
-
-
-def conv_with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    """A copy of `conv` taking `in_channels` inputs, its weights the old ones averaged over the inputs.
-
-    The average is repeated for every new input channel and scaled by 3 / in_channels, so an
-    image whose channels are all equal (grey) gives the same activations as the RGB original.
-    """
-    new = nn.Conv2d(
-        in_channels,
-        conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=conv.bias is not None,
-    )
-    with torch.no_grad():
-        mean = conv.weight.mean(dim=1, keepdim=True)
-        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (conv.in_channels / in_channels))
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    return new
-
-
-def adapt_torchvision_classifier(
-    model: nn.Module,
-    *,
-    head: str,
-    stem: str,
-    num_classes: int,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-    in_channels: int = 3,
-) -> nn.Module:
-    """Prepare a fresh 1000-class torchvision model for fine-tuning, in place.
-
-    `head` and `stem` are the dotted names of its final nn.Linear and its first nn.Conv2d
-    (for a ResNet "fc" and "conv1"). In order: load `weights_path` (a torchvision-format
-    state_dict for the original model), swap the stem conv when `in_channels` is not 3,
-    swap the head for a `num_classes` Linear, and with `freeze_backbone` leave only the
-    new head trainable.
-    """
-    if weights_path is not None:
-        load_state_dict_file(model, weights_path)
-    if in_channels != 3:
-        model.set_submodule(stem, conv_with_in_channels(model.get_submodule(stem), in_channels))
-    old_head = model.get_submodule(head)
-    model.set_submodule(head, nn.Linear(old_head.in_features, num_classes))
-    if freeze_backbone:
-        for param in model.parameters():
-            param.requires_grad = False
-        for param in model.get_submodule(head).parameters():
-            param.requires_grad = True
-    return model
 
 
 # --- Registered models ----------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torchvision
 
 from model_defs.registry import register_model
-from model_defs.resnet import IMAGENET, SMALL_IMAGE, adapt_torchvision_classifier
+from model_defs.registry import IMAGENET, SMALL_IMAGE
+from model_defs.transfer import adapt_torchvision_classifier
 
 
 class TransformerBlock(nn.Module):
