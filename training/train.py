@@ -20,6 +20,7 @@ import platform
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="random seed for the split, initialization and augmentation (default: 0)")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU) (default: off)")
-    g.add_argument("--resume", default=None, help="checkpoint.pt (or an output folder holding one) to continue from (default: None)")
+    g.add_argument("--resume", default=None, help="checkpoint.pt (or an output folder holding one) to continue from; give the same flags as the interrupted run (default: None)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)")
     return p
 
@@ -237,7 +238,6 @@ def main(args) -> dict:
     seed_everything(args.seed, args.deterministic)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     out = Path(args.out or f"runs/{args.model}")
-    out.mkdir(parents=True, exist_ok=True)
 
     train_spec = read_dataset(args.data, args.layout)
     classes = train_spec.classes
@@ -254,6 +254,7 @@ def main(args) -> dict:
     data_config = entry.data_config.replace(channels=args.channels, input_size=args.input_size, resize_size=args.resize_size)
     model, arch_args = build_model(args, len(classes), data_config)
     model.to(device)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
 
     train_set = ImageDataset(train_samples, len(classes), multi_label, data_config.channels,
                              train_transform(data_config, hflip_prob=args.hflip_prob, min_scale=args.min_scale))
@@ -314,7 +315,7 @@ def main(args) -> dict:
         torch.manual_seed(args.seed + epoch)
         generator = torch.Generator().manual_seed(args.seed + epoch)
         if args.balance and not multi_label:
-            counts = train_spec.class_counts()
+            counts = Counter(s.labels[0] for s in train_samples)
             weights = [1.0 / counts[s.labels[0]] for s in train_samples]
             sampler = WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator)
             train_loader = DataLoader(train_set, sampler=sampler, **loader_kw)
