@@ -132,6 +132,9 @@ class VisionHandler(BaseHandler):
                 tensors.append(self.preprocess_one(row))
             except RequestError as e:
                 errors[idx] = e
+            except Exception as e:  # noqa: BLE001 - one odd input must not fail its batch mates
+                logger.exception("request %d of batch could not be preprocessed", idx)
+                errors[idx] = RequestError(422, "UnprocessableImage", f"image could not be preprocessed: {e}")
         batch = torch.stack(tensors).to(self.device) if tensors else None
         return batch, errors
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-TASKS = ("classification",)
+TASKS = ("classification", "detection", "segmentation", "generation", "embedding")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,11 @@ def model_config(args) -> dict:
     cfg["handler"] = {"topk": args.topk}
     if args.torch_threads:
         cfg["handler"]["torch_threads"] = args.torch_threads
+    for pair in args.handler_option:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ArchiveError(f"--handler-option expects KEY=VALUE, got {pair!r}")
+        cfg["handler"][key] = yaml.safe_load(value)
     return cfg
 
 
@@ -132,6 +137,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where the workers run: auto = a GPU if TorchServe sees one (default: auto)")
     p.add_argument("--topk", type=int, default=5, help="classes returned per image, clamped to the number of classes (default: 5)")
+    p.add_argument("--handler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra setting for the handler section of model-config.yaml, value parsed as YAML "
+                        "(e.g. score_threshold=0.5); repeatable (default: none)")
     p.add_argument("--force", action="store_true", help="replace an existing .mar of the same name (default: off)")
     return p
 

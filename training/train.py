@@ -10,29 +10,25 @@ rebuild and preprocess it, its classes and metrics), `checkpoint.pt` (the last e
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import inspect
 import json
 import math
 import os
-import platform
-import random
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, save_model_files, unwrap
 from model_defs.preprocessing import eval_transform, train_transform
+from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics
 from training.datasets import (
     LAYOUTS,
     DatasetError,
@@ -96,26 +92,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # -- set-up ---------------------------------------------------------------------------
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def parse_model_args(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-arg expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def build_model(args, num_classes: int, data_config) -> tuple[nn.Module, dict]:
     """Build through the registry; returns the model and the arguments to rebuild it."""
     entry = get_entry(args.model)
@@ -136,16 +112,6 @@ def build_model(args, num_classes: int, data_config) -> tuple[nn.Module, dict]:
     # The starting weights are folded into model.pt; rebuilding needs only the architecture.
     rebuild_args = {k: v for k, v in kwargs.items() if k not in ("weights_path", "freeze_backbone")}
     return model, rebuild_args
-
-
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # -- one epoch of training, one evaluation ----------------------------------------------
@@ -196,38 +162,6 @@ def run_epoch(model, loader, criterion, device, args, multi_label, *, optimizer=
 
 
 # -- outputs ------------------------------------------------------------------------------
-
-
-def write_metrics(out: Path, history: list[dict], metric_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_metric.plot(epochs, [h["train_metric"] for h in history], "o-", label="train")
-    ax_metric.plot(epochs, [h["val_metric"] for h in history], "o-", label="validation")
-    ax_metric.set(xlabel="epoch", ylabel=metric_name, title=metric_name)
-    for ax in (ax_loss, ax_metric):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
-
-
-def package_versions() -> dict:
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -342,7 +276,7 @@ def main(args) -> dict:
         atomic_torch_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                            "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                            "state": state, "args": {k: v for k, v in vars(args).items()}}, out / "checkpoint.pt")
-        write_metrics(out, state["history"], metric_name)
+        write_metrics(out, state["history"], {"loss": ["train_loss", "val_loss"], metric_name: ["train_metric", "val_metric"]})
         skipped = f" | skipped {row['skipped_images']} unreadable" if row["skipped_images"] else ""
         print(f"epoch {epoch}/{args.epochs}  train loss {tr['loss']:.4f} {metric_name} {tr['metric']:.4f}  |  "
               f"val loss {va['loss']:.4f} {metric_name} {va['metric']:.4f}{' *' if improved else ''}  |  "
