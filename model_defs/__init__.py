@@ -8,5 +8,7 @@ from model_defs.registry import DataConfig, ModelEntry, get_entry, get_model, li
 
 # Importing the architecture modules registers their models.
 from model_defs import cnn, resnet, vit, convnext  # noqa: E402,F401
+from model_defs import segmentation, generative, embedding  # noqa: E402,F401
+from model_defs import detection  # noqa: E402,F401
 
 __all__ = ["DataConfig", "ModelEntry", "get_entry", "get_model", "list_models", "register_model"]

@@ -109,3 +109,165 @@ def train_transform(cfg: DataConfig, *, hflip_prob: float = 0.5, min_scale: floa
         steps.append(v2.RandomHorizontalFlip(hflip_prob))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
     return v2.Compose(steps)
+
+
+# ==== Segmentation, generation and embedding ======================================================
+# (training/train_segmentation.py, train_gan.py, train_simclr.py and handlers/segmenter.py,
+# generator.py, embedder.py.) Embeddings use eval_transform above unchanged. A segmentation
+# model sees the whole image squashed to input_size x input_size (no crop), so its mask
+# covers the whole picture and is scaled back to the original size from the logits.
+
+
+def segmentation_transform(cfg: DataConfig) -> v2.Compose:
+    """PIL image → normalized float tensor (C, input_size, input_size): resize, no crop."""
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize((cfg.input_size, cfg.input_size), interpolation=_interpolation(cfg), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(cfg.mean, cfg.std),
+        ]
+    )
+
+
+def segmentation_train_transform(cfg: DataConfig, *, hflip_prob: float = 0.5, min_scale: float = 1.0) -> v2.Compose:
+    """Joint augmentation of (tv_tensors.Image, tv_tensors.Mask): the eval resize, then an
+    optional square random crop scaled back (min_scale < 1) and a horizontal flip.
+    Masks are resized with nearest-neighbour by torchvision, so class indices stay exact."""
+    from torchvision import tv_tensors
+
+    size = (cfg.input_size, cfg.input_size)
+    steps = [v2.Resize(size, interpolation=_interpolation(cfg), antialias=True)]
+    if min_scale < 1:
+        steps.append(v2.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(1.0, 1.0),
+                                          interpolation=_interpolation(cfg), antialias=True))
+    if hflip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip_prob))
+    steps += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+              v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(steps)
+
+
+def logits_to_mask(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(num_classes, h, w) logits → uint8 class-index mask of `size` (height, width).
+
+    The logits, not the mask, are scaled (bilinearly) to the original size before the
+    argmax, so class borders are smooth at any image size."""
+    up = torch.nn.functional.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def class_palette(num_classes: int) -> list[int]:
+    """A flat PIL palette: background black, then well-separated colours (tab10, then hashed)."""
+    base = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    colours = [base[i] if i < len(base) else ((i * 97) % 256, (i * 57) % 256, (i * 151) % 256) for i in range(256)]
+    return [c for rgb in colours for c in rgb]
+
+
+def mask_to_image(mask: np.ndarray, num_classes: int) -> Image.Image:
+    """A palette ("P") image whose pixel values are the class indices: readable as indices
+    (np.asarray) and viewable in colour."""
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), "L").convert("P")
+    img.putpalette(class_palette(num_classes))
+    return img
+
+
+def tensor_to_images(x: torch.Tensor, cfg: DataConfig) -> list[Image.Image]:
+    """Model-space images (N, C, H, W), e.g. a generator's output, → PIL images: undo the
+    normalization, clamp to [0, 1] and round to 8 bits."""
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
+    pixels = ((x.detach().float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    arrays = pixels.permute(0, 2, 3, 1).numpy()
+    if arrays.shape[-1] == 1:
+        return [Image.fromarray(a[..., 0], "L") for a in arrays]
+    return [Image.fromarray(a, "RGB") for a in arrays]
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def simclr_view_transform(cfg: DataConfig, *, min_scale: float = 0.3, hflip_prob: float = 0.5,
+                          jitter: float = 0.4, rotation: float = 0.0) -> v2.Compose:
+    """One random SimCLR view of a PIL image: random resized crop, flip, colour jitter
+    (brightness/contrast only on grey), random grey (RGB), optional small rotation."""
+    steps = [v2.PILToTensor(),
+             v2.RandomResizedCrop(cfg.input_size, scale=(min_scale, 1.0), interpolation=_interpolation(cfg), antialias=True)]
+    if rotation:
+        steps.append(v2.RandomRotation(rotation))
+    if hflip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip_prob))
+    if jitter > 0:
+        colour = dict(saturation=jitter, hue=min(0.5, jitter / 4)) if cfg.channels == 3 else {}
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=jitter, contrast=jitter, **colour)], p=0.8))
+    if cfg.channels == 3:
+        steps.append(v2.RandomGrayscale(0.2))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(steps)
+
+
+# ==== end of segmentation, generation and embedding section ====
+
+
+# ==== detection (owned by the detection part: model_defs/detection.py, handlers/object_detector.py) ====
+# A detector sees the image resized so its LONGER side is DataConfig.input_size (aspect ratio
+# kept, no crop) as float [0, 1]; the torchvision model normalizes it inside. Its boxes are in
+# that resized frame and go back to the original image with `boxes_to_original`.
+
+
+def detection_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """(new_width, new_height) with the longer side = max_size, the aspect ratio kept."""
+    scale = max_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def detection_input(img: Image.Image, max_size: int) -> tuple[torch.Tensor, tuple[float, float]]:
+    """RGB PIL image → (float tensor 3 x H' x W' in [0, 1], (scale_x, scale_y)) for a detector."""
+    new_w, new_h = detection_size(img.width, img.height, max_size)
+    x = v2.functional.pil_to_tensor(img)
+    x = v2.functional.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return v2.functional.to_dtype(x, torch.float32, scale=True), (new_w / img.width, new_h / img.height)
+
+
+def boxes_to_original(boxes: torch.Tensor, scale: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
+    """Boxes [x1, y1, x2, y2] in the resized frame → pixels of the original `size` (w, h), clipped."""
+    sx, sy = scale
+    out = boxes.detach().float().cpu() / torch.tensor([sx, sy, sx, sy])
+    out[:, 0::2] = out[:, 0::2].clamp(0, size[0])
+    out[:, 1::2] = out[:, 1::2].clamp(0, size[1])
+    return out
+
+
+def detection_train_transform(max_size: int, hflip_prob: float = 0.5, vflip_prob: float = 0.0):
+    """(PIL image, tv_tensors.BoundingBoxes) → (float tensor, boxes): the eval resize, flips
+    and a mild colour jitter, moving the boxes with the image."""
+    flips = []
+    if hflip_prob > 0:
+        flips.append(v2.RandomHorizontalFlip(hflip_prob))
+    if vflip_prob > 0:
+        flips.append(v2.RandomVerticalFlip(vflip_prob))
+    flip, jitter = v2.Compose(flips), v2.ColorJitter(0.2, 0.2, 0.2, 0.02)
+
+    def transform(img: Image.Image, boxes):
+        new_w, new_h = detection_size(img.width, img.height, max_size)
+        x, boxes = flip(v2.functional.pil_to_tensor(img), boxes)
+        x = v2.functional.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        boxes = v2.functional.resize(boxes, [new_h, new_w])
+        return v2.functional.to_dtype(jitter(x), torch.float32, scale=True), boxes
+
+    return transform
+
+
+def detection_eval_transform(max_size: int):
+    """The same (PIL image, boxes) → (tensor, boxes) signature as training, with no augmentation."""
+
+    def transform(img: Image.Image, boxes):
+        x, _ = detection_input(img, max_size)
+        return x, v2.functional.resize(boxes, [x.shape[1], x.shape[2]])
+
+    return transform
+# ==== end of detection section ====

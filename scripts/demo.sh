@@ -36,6 +36,7 @@ else
 fi
 
 echo "== archiving runs/digits to model_store/digits.mar"
+# --force: the demo's archive follows the current code and model, whatever it held before.
 scripts/archive runs/digits --name digits --batch-size 8 --max-batch-delay 5 --force
 
 echo "== starting TorchServe on 127.0.0.1"

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import requests
 
@@ -20,17 +22,30 @@ from scripts.serve import ROOT, ServeError, TorchServe
 from training.datasets import DatasetError, read_dataset
 
 
-def predict_files(ts: TorchServe, model: str, paths: list[Path], clients: int = 4) -> list[tuple[int, dict]]:
-    """(HTTP status, JSON answer) per file, in order."""
-    url = f"{ts.url('inference')}/predictions/{model}"
+class Answer(NamedTuple):
+    status: int
+    body: dict
+    seconds: float
+
+    @property
+    def top1(self) -> str | None:
+        return next(iter(self.body), None) if self.status == 200 else None
+
+
+def predict_files(ts: TorchServe, model: str, paths: list[Path], clients: int = 4, version: str | None = None) -> list[Answer]:
+    """One answer per file, in order; `version` targets /predictions/{model}/{version}."""
+    url = f"{ts.url('inference')}/predictions/{model}" + (f"/{version}" if version else "")
     headers = ts.headers("inference")
 
-    def one(path: Path) -> tuple[int, dict]:
-        r = requests.post(url, data=path.read_bytes(), headers=headers, timeout=60)
+    def one(path: Path) -> Answer:
+        data = path.read_bytes()
+        start = time.perf_counter()
+        r = requests.post(url, data=data, headers=headers, timeout=60)
+        seconds = time.perf_counter() - start
         try:
-            return r.status_code, r.json()
+            return Answer(r.status_code, r.json(), seconds)
         except ValueError:
-            return r.status_code, {"message": r.text}
+            return Answer(r.status_code, {"message": r.text}, seconds)
 
     with ThreadPoolExecutor(max_workers=clients) as pool:
         return list(pool.map(one, paths))
@@ -62,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: request to TorchServe failed: {e}", file=sys.stderr)
         return 2
 
-    top1 = [next(iter(a), None) if code == 200 else None for code, a in answers]
+    top1 = [a.top1 for a in answers]
     step = max(1, len(paths) // max(1, args.show))
     print(f"{'image':<40} {'true':>6}  prediction (probability)")
     for i in range(0, len(paths), step)[: args.show]:
-        code, answer = answers[i]
-        shown = f"{top1[i]} ({answer[top1[i]]:.3f})" if code == 200 and top1[i] is not None else f"HTTP {code}: {answer.get('message')}"
+        a = answers[i]
+        shown = f"{a.top1} ({a.body[a.top1]:.3f})" if a.top1 is not None else f"HTTP {a.status}: {a.body.get('message')}"
         print(f"{str(paths[i].relative_to(first) if truth else paths[i]):<40} {truth[i] if truth else '':>6}  {shown}")
-    failed = sum(code != 200 for code, _ in answers)
+    failed = sum(a.status != 200 for a in answers)
     if failed:
         print(f"{failed} request(s) failed", file=sys.stderr)
     if truth:

@@ -1,6 +1,7 @@
 """Start, stop and query TorchServe with the bundle's config.properties.
 
     scripts/serve start [--models digits,other | all]    # waits until every model is ready
+                                                         # (no --models: restore what was served)
     scripts/serve status
     scripts/serve key [inference|management|API]         # the token for curl
     scripts/serve stop
@@ -21,12 +22,18 @@ import socket
 import subprocess
 import sys
 import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model_defs.checkpoint import atomic_write_bytes  # noqa: E402
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 # TorchServe always starts its gRPC servers too (there is no switch to turn them off).
 GRPC_PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
@@ -61,6 +68,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def archive_manifest(mar: Path) -> dict:
+    """Version and worker counts an archive declares (MAR-INF/MANIFEST.json, model-config.yaml)."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+            config = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in z.namelist() else {}
+    except (OSError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        raise ServeError(f"{mar} is not a readable model archive ({e})") from None
+    workers = int(config.get("minWorkers", 1))
+    return {"version": manifest["model"]["modelVersion"], "min_workers": workers,
+            "max_workers": int(config.get("maxWorkers", workers))}
+
+
+class ServingState:
+    """What a server serves, kept in its run folder so a restart can restore it: per model
+    its versions (archive file, workers), its default and the defaults before it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {"models": {}}
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, (json.dumps(state, indent=2) + "\n").encode())
+
+    @contextmanager
+    def editing(self):
+        state = self.load()
+        yield state
+        self.save(state)
+
+
 class TorchServe:
     """One TorchServe instance: its config, run folder, ports and token keys."""
 
@@ -71,6 +112,7 @@ class TorchServe:
         self.props = read_properties(self.config_path)
         store = Path(model_store or self.props.get("model_store", "model_store"))
         self.model_store = (store if store.is_absolute() else ROOT / store).resolve()
+        self.state = ServingState(self.run_dir / "serving.json")
         effective = self.run_dir / "config.properties"
         if ports is None and effective.is_file():
             # A server started earlier from this run folder: talk to it on its own ports.
@@ -145,6 +187,7 @@ class TorchServe:
         return [m["modelName"] for m in r.json()["models"]]
 
     def describe(self, name: str) -> list[dict]:
+        """GET /models/{name} (the default version) or /models/{name}/{version}."""
         return self.get("management", f"/models/{name}").json()
 
     def get(self, api: str, path: str, **kw) -> requests.Response:
@@ -168,7 +211,13 @@ class TorchServe:
         return path
 
     def start(self, models: list[str] | None = None, timeout: float = 180) -> None:
-        """Start TorchServe with `models` (names of .mar files in the store) and wait for them."""
+        """Start TorchServe and register its models, waiting until each has a ready worker.
+
+        `models` names .mar files in the store (`digits` → digits.mar). Without it, the
+        versions, defaults and worker counts recorded in the run folder's serving.json are
+        restored, so a restart serves what was served before; with no record either,
+        every .mar in the store is served under its file name.
+        """
         if shutil.which("java") is None:
             raise ServeError("Java 17 was not found on PATH; TorchServe's frontend needs it. "
                              "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17.")
@@ -179,17 +228,21 @@ class TorchServe:
             if not port_is_free(host, port):
                 raise ServeError(f"port {port} on {host} ({api} API) is already in use; stop what holds it "
                                  f"or choose other ports in {self.config_path.name}")
-        if models is None:
-            models = sorted(p.stem for p in self.model_store.glob("*.mar"))
-        missing = [m for m in models if not (self.model_store / f"{m}.mar").is_file()]
+        saved = self.state.load()["models"]
+        if models is None and saved:
+            plan = [(name, info["file"], info) for name, m in saved.items() for info in m["versions"].values()]
+        else:
+            if models is None:
+                models = sorted(p.stem for p in self.model_store.glob("*.mar"))
+            plan = [(m, f"{m}.mar", None) for m in models]
+            self.state.save({"models": {}})
+        missing = [file for _, file, _ in plan if not (self.model_store / file).is_file()]
         if missing:
-            raise ServeError(f"no archive {self.model_store / (missing[0] + '.mar')}; build it with scripts/archive")
+            raise ServeError(f"no archive {self.model_store / missing[0]}; build it with scripts/archive")
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.key_file.unlink(missing_ok=True)
         cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
                "--ts-config", str(self._write_config()), "--model-store", str(self.model_store)]
-        if models:
-            cmd += ["--models", *[f"{m}={m}.mar" for m in models]]
         # The frontend inherits our stdout: send it to a file, not a pipe we would wait on.
         console = self.run_dir / "logs" / "console.log"
         console.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +251,94 @@ class TorchServe:
                                   stdin=subprocess.DEVNULL).returncode
         if code != 0:
             raise ServeError(f"torchserve --start failed (exit {code}); see {console}")
-        self.wait_ready(models, timeout)
+        self.wait_ready([], timeout)
+        for name, file, info in plan:
+            if info is None:
+                self.register(name, file, timeout=timeout)
+            else:  # restoring: the record already holds this version
+                self.register(name, file, workers=info["min_workers"], timeout=timeout, record=False)
+                if info["max_workers"] != info["min_workers"]:
+                    self.scale(name, archive_manifest(self.model_store / file)["version"],
+                               info["min_workers"], info["max_workers"], record=False)
+        if models is None and saved:
+            for name, m in saved.items():
+                self.set_default(name, m["default"], record=False)
+
+    # -- the management API ---------------------------------------------------------------
+
+    def manage(self, method: str, path: str, **params) -> dict:
+        """One management call; a refusal becomes a ServeError carrying TorchServe's message."""
+        try:
+            r = requests.request(method, self.url("management") + path, params=params or None,
+                                 headers=self.headers("management"), timeout=600)
+        except requests.ConnectionError:
+            raise ServeError(f"TorchServe is not answering at {self.url('management')}; start it with scripts/serve start") from None
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"message": r.text.strip()}
+        if r.status_code >= 400:
+            message = body.get("message", body) if isinstance(body, dict) else body
+            raise ServeError(f"TorchServe refused {method} {path}: {message} (HTTP {r.status_code})")
+        return body
+
+    def versions(self, name: str) -> list[dict]:
+        """Every registered version of `name` with its workers (GET /models/{name}/all)."""
+        return self.manage("GET", f"/models/{name}/all")
+
+    def register(self, name: str, file: str, *, workers: int | None = None, timeout: float = 180,
+                 record: bool = True) -> str:
+        """Register an archive of the store under `name`, wait for its workers; returns its version."""
+        info = archive_manifest(self.model_store / file)
+        workers = info["min_workers"] if workers is None else workers
+        self.manage("POST", "/models", url=file, model_name=name, initial_workers=workers, synchronous="true")
+        self.wait_ready([f"{name}/{info['version']}"], timeout)
+        if record:
+            with self.state.editing() as state:
+                model = state["models"].setdefault(name, {"versions": {}, "default": info["version"], "previous_defaults": []})
+                model["versions"][info["version"]] = {"file": file, "min_workers": workers,
+                                                      "max_workers": max(workers, info["max_workers"])}
+        return info["version"]
+
+    def set_default(self, name: str, version: str, *, record: bool = True) -> None:
+        self.manage("PUT", f"/models/{name}/{version}/set-default")
+        if record:
+            with self.state.editing() as state:
+                model = state["models"][name]
+                if model["default"] != version:
+                    model["previous_defaults"].append(model["default"])
+                    model["default"] = version
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Make the previous default the default again; returns (was, now)."""
+        model = self.state.load()["models"].get(name)
+        if not model or not model["previous_defaults"]:
+            raise ServeError(f"{name} has no previous default to roll back to")
+        previous = model["previous_defaults"][-1]
+        self.manage("PUT", f"/models/{name}/{previous}/set-default")
+        with self.state.editing() as state:
+            model = state["models"][name]
+            current = model["default"]
+            model["previous_defaults"].pop()
+            model["default"] = previous
+        return current, previous
+
+    def scale(self, name: str, version: str, min_workers: int, max_workers: int, *, record: bool = True) -> None:
+        self.manage("PUT", f"/models/{name}/{version}", min_worker=min_workers, max_worker=max_workers,
+                    synchronous="true")
+        if record:
+            with self.state.editing() as state:
+                state["models"][name]["versions"][version].update(min_workers=min_workers, max_workers=max_workers)
+
+    def unregister(self, name: str, version: str) -> None:
+        self.manage("DELETE", f"/models/{name}/{version}")
+        with self.state.editing() as state:
+            model = state["models"].get(name)
+            if model:
+                model["versions"].pop(version, None)
+                model["previous_defaults"] = [v for v in model["previous_defaults"] if v != version]
+                if not model["versions"]:
+                    del state["models"][name]
 
     def wait_ready(self, models: list[str], timeout: float = 180) -> None:
         """Wait until the frontend answers and every model has a READY worker."""
@@ -210,6 +350,7 @@ class TorchServe:
             try:
                 pending = [m for m in pending if not any(
                     w.get("status") == "READY" for d in self.describe(m) for w in d.get("workers", []))]
+                self.get("management", "/models")  # the frontend answers
                 if not pending:
                     return
             except (ServeError, json.JSONDecodeError, KeyError):
@@ -257,7 +398,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-store", default=None, help="folder of .mar files (default: model_store from the config)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="start TorchServe and wait until its models are ready")
-    s.add_argument("--models", default="all", help="comma-separated model names (their .mar files), or all (default: all)")
+    s.add_argument("--models", default=None,
+                   help="comma-separated model names, each served from <name>.mar; 'all' for every .mar in the store, "
+                        "'none' to start empty and register with scripts/models "
+                        "(default: restore what this run folder served before, else all)")
     s.add_argument("--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)")
     sub.add_parser("stop", help="stop the TorchServe of this run folder")
     sub.add_parser("status", help="say whether it runs, where, and which models it serves")
@@ -272,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ts = TorchServe(run_dir=Path(args.run_dir), model_store=args.model_store and Path(args.model_store), config=Path(args.config))
     try:
         if args.command == "start":
-            models = None if args.models == "all" else [m for m in args.models.split(",") if m]
+            if args.models == "none":
+                models = []
+            elif args.models == "all":
+                models = sorted(p.stem for p in ts.model_store.glob("*.mar"))
+            else:
+                models = None if args.models is None else [m for m in args.models.split(",") if m]
             ts.start(models, timeout=args.timeout)
             print(f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
                   f"(management {ts.url('management')}); stop it with scripts/serve stop")

@@ -28,7 +28,7 @@ def test_archive_holds_weights_metadata_code_labels_and_config(trained_digits, t
     code = archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
                          "--batch-size", "4", "--max-batch-delay", "20", "--workers", "2", "--topk", "3", "--device", "cpu"])
     assert code == 0
-    assert store_listing(store) == ["digits.mar"]  # no temporary files left behind
+    assert store_listing(store) == [".catalog.lock", "catalog.json", "digits.mar"]  # no temporary files left
     with zipfile.ZipFile(store / "digits.mar") as z:
         names = set(z.namelist())
         assert {"model.pt", "model.json", "index_to_name.json", "model-config.yaml", "image_classifier.py",
@@ -46,14 +46,19 @@ def test_archive_holds_weights_metadata_code_labels_and_config(trained_digits, t
         assert manifest["model"]["serializedFile"] == "model.pt"
 
 
-def test_existing_archive_is_kept_without_force(trained_digits, tmp_path, capsys):
+def test_unchanged_inputs_are_skipped_and_changed_ones_need_force(trained_digits, tmp_path, capsys):
     store = tmp_path / "store"
     assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store)]) == 0
     before = (store / "d.mar").read_bytes()
-    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store)]) == 2
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store)]) == 0
+    assert "unchanged" in capsys.readouterr().out
+    assert (store / "d.mar").read_bytes() == before
+    # Other inputs under the same name and version: refused, the archive untouched.
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (store / "d.mar").read_bytes() == before
-    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--force"]) == 0
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2", "--force"]) == 0
+    assert (store / "d.mar").read_bytes() != before
 
 
 def broken_outputs(trained: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
@@ -115,7 +120,7 @@ def test_a_failure_while_building_leaves_no_partial_archive(trained_digits, tmp_
 
     monkeypatch.setattr("model_archiver.model_packaging.generate_model_archive", explode)
     with pytest.raises(OSError):
-        archive.build_archive(trained_digits, "digits", store, archive.get_args_parser().parse_args(["x"]))
+        archive.build_archive(trained_digits, "digits", store)
     assert store_listing(store) == []
 
 

@@ -1,0 +1,73 @@
+"""Segmentation handler: the class mask as a base64 PNG at the original image size, and
+the share of pixels per class.
+
+The answer for each image:
+
+    {"mask": "<base64 PNG>", "width": W, "height": H,
+     "classes": ["background", ...], "fractions": {"background": 0.71, ...}}
+
+The PNG is a palette image: its pixel values are the class indices (index 0 = the first
+class, the background) and its palette colours them for viewing. That is a few kB, where
+TorchServe's stock segmenter answers with H x W x [class, probability] JSON (megabytes).
+The image is resized whole (no crop) to the model's input size; the logits are scaled back
+to the original size before the argmax (model_defs.preprocessing.logits_to_mask).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import torch
+
+from handlers.vision import VisionHandler, RequestError, extract_image_bytes
+from model_defs.preprocessing import (
+    ImageDecodeError,
+    encode_png,
+    load_image,
+    logits_to_mask,
+    mask_to_image,
+    segmentation_transform,
+)
+
+
+class ImageSegmenter(VisionHandler):
+    def initialize(self, context):
+        super().initialize(context)
+        self.transform = segmentation_transform(self.data_config)
+        self._sizes: list[tuple[int, int]] = []
+
+    def preprocess_one(self, row: dict) -> torch.Tensor:
+        data = extract_image_bytes(row)
+        try:
+            image = load_image(data, self.data_config.channels)
+        except ImageDecodeError as e:
+            raise RequestError(400, "InvalidImage", str(e)) from None
+        tensor = self.transform(image)
+        self._sizes.append((image.height, image.width))  # only for items that made it this far
+        return tensor
+
+    def preprocess(self, data: list):
+        self._sizes = []
+        batch, errors = super().preprocess(data)
+        return (None if batch is None else (batch, self._sizes)), errors
+
+    def inference(self, batch):
+        images, sizes = batch
+        with torch.inference_mode():
+            return self.model(images), sizes
+
+    def postprocess(self, output) -> list[dict]:
+        logits, sizes = output
+        answers = []
+        for item_logits, size in zip(logits.cpu(), sizes):
+            mask = logits_to_mask(item_logits, size)
+            counts = np.bincount(mask.ravel(), minlength=len(self.classes))
+            answers.append({
+                "mask": base64.b64encode(encode_png(mask_to_image(mask, len(self.classes)))).decode(),
+                "width": size[1],
+                "height": size[0],
+                "classes": self.classes,
+                "fractions": {name: round(float(c) / mask.size, 6) for name, c in zip(self.classes, counts)},
+            })
+        return answers

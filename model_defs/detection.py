@@ -1,0 +1,111 @@
+"""Object detectors in the registry, and the one function that turns their raw output into
+answers: in-process checks, training's pictures and the served handler all use `detect_answers`.
+
+- fasterrcnn_mobilenet_320: torchvision's CPU-light Faster R-CNN (MobileNetV3-Large FPN)
+- fasterrcnn_resnet50_fpn:  torchvision's Faster R-CNN with a ResNet-50 FPN
+- fcos_regnet_x_400mf:      FCOS on a RegNetX-400MF trunk whose c3/c4/c5 are taken with
+  torchvision's create_feature_extractor, an FPN giving p3/p4/p5 (strides 8/16/32) and
+  torchvision's FCOS head and loss (class/box/centerness heads, sigmoid focal loss,
+  GIoU box loss, centerness targets, per-class NMS via batched_nms at inference).
+
+Conventions (all three): `num_classes` counts the object classes WITHOUT the background;
+the torchvision model gets num_classes + 1 and predicts labels 1..num_classes, where label
+k is model.json's classes[k - 1]. Input is a list of float [0, 1] RGB tensors whose longer
+side is `image_size` (model_defs.preprocessing.detection_input); the model's internal
+transform then only normalizes and pads (its min_size = max_size = image_size, so it does
+not resize again), and its boxes are in that resized frame. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from torchvision.models import regnet_x_400mf
+from torchvision.models.detection import FCOS, fasterrcnn_mobilenet_v3_large_320_fpn, fasterrcnn_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import FeaturePyramidNetwork
+
+from model_defs.preprocessing import boxes_to_original
+from model_defs.registry import IMAGENET, register_model
+
+# DataConfig for detectors: input_size = the longer side after resizing (no crop); mean/std
+# are the values the model normalizes with inside (torchvision's ImageNet defaults).
+DETECTION_320 = IMAGENET.replace(input_size=320, resize_size=320)
+DETECTION_512 = IMAGENET.replace(input_size=512, resize_size=512)
+# The registry test builds every model: a small input keeps it quick.
+_TEST = {"image_size": 128}
+
+
+def _size_kwargs(image_size: int) -> dict:
+    return {"min_size": image_size, "max_size": image_size}
+
+
+@register_model(task="detection", data_config=DETECTION_320, test_kwargs=_TEST)
+def fasterrcnn_mobilenet_320(num_classes: int = 3, image_size: int = 320, score_thresh: float = 0.01,
+                             detections_per_img: int = 100) -> nn.Module:
+    """Faster R-CNN, MobileNetV3-Large FPN backbone, CPU-light (torchvision), random init."""
+    return fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes + 1,
+        box_score_thresh=score_thresh, box_detections_per_img=detections_per_img, **_size_kwargs(image_size),
+    )
+
+
+@register_model(task="detection", data_config=DETECTION_512, test_kwargs=_TEST)
+def fasterrcnn_resnet50(num_classes: int = 3, image_size: int = 512, score_thresh: float = 0.01,
+                        detections_per_img: int = 100) -> nn.Module:
+    """Faster R-CNN, ResNet-50 FPN backbone (torchvision), random init."""
+    return fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes + 1,
+        box_score_thresh=score_thresh, box_detections_per_img=detections_per_img, **_size_kwargs(image_size),
+    )
+
+
+class RegNetFPN(nn.Module):
+    """RegNetX-400MF c3/c4/c5 (strides 8/16/32, taken by create_feature_extractor) → FPN p3/p4/p5."""
+
+    NODES = {"trunk_output.block2": "c3", "trunk_output.block3": "c4", "trunk_output.block4": "c5"}
+
+    def __init__(self, out_channels: int = 128):
+        super().__init__()
+        self.body = create_feature_extractor(regnet_x_400mf(weights=None), self.NODES)
+        with torch.no_grad():
+            channels = [f.shape[1] for f in self.body(torch.zeros(1, 3, 64, 64)).values()]
+        self.fpn = FeaturePyramidNetwork(channels, out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        features = self.fpn(self.body(x))
+        return OrderedDict((f"p{k[1]}", v) for k, v in features.items())
+
+
+@register_model(task="detection", data_config=DETECTION_512, test_kwargs=_TEST)
+def fcos_regnet_x_400mf(num_classes: int = 3, image_size: int = 512, fpn_channels: int = 128,
+                        score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100) -> nn.Module:
+    """FCOS on RegNetX-400MF c3-c5 + FPN p3-p5 (torchvision FCOS head and loss), random init."""
+    # One "anchor" per location, sized to the level's stride: FCOS uses them only for its
+    # centre sampling and per-level size ranges (p3 up to 64 px, p4 64-128, p5 beyond).
+    anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((1.0,),) * 3)
+    return FCOS(
+        RegNetFPN(fpn_channels), num_classes=num_classes + 1, anchor_generator=anchors,
+        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+        **_size_kwargs(image_size),
+    )
+
+
+def detect_answers(output: dict, scale: tuple[float, float], size: tuple[int, int], classes: list[str],
+                   score_threshold: float, max_detections: int) -> list[dict]:
+    """One image's torchvision output → [{"label", "score", "box": [x1, y1, x2, y2]}], best
+    first, boxes in the original image's pixels (`size` = (width, height))."""
+    scores = output["scores"].detach().float().cpu()
+    keep = torch.nonzero(scores >= score_threshold).flatten()
+    keep = keep[scores[keep].argsort(descending=True)][:max_detections]
+    boxes = boxes_to_original(output["boxes"][keep], scale, size)
+    labels = output["labels"][keep].tolist()
+    return [
+        {"label": classes[k - 1] if 0 < k <= len(classes) else str(k), "score": round(float(scores[i]), 6),
+         "box": [round(v, 2) for v in box]}
+        for i, k, box in zip(keep.tolist(), labels, boxes.tolist())
+    ]

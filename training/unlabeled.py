@@ -1,0 +1,66 @@
+"""Unlabeled image folders: what the GAN and SimCLR train on.
+
+Any folder tree works (class folders included: the labels are simply not used); every
+image file under it is one sample. Unreadable images are skipped and counted, as in the
+classification trainer, and the dataset fingerprint covers every file's path and content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
+from training.datasets import DatasetError, is_image
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file under `root`, sorted; a clear error if there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    paths = sorted(p for p in root.rglob("*") if is_image(p))
+    if not paths:
+        raise DatasetError(f"no images found under {root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def fingerprint(root: str | Path, paths: list[Path]) -> str:
+    """sha256 over each file's path relative to `root` and its content, in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+class UnlabeledImages(Dataset):
+    """paths → transform(image), or `views` independent transforms of it (SimCLR's pairs).
+    An unreadable image yields None, dropped by `collate_images`."""
+
+    def __init__(self, paths: list[Path], channels: int, transform, views: int = 1):
+        self.paths, self.channels, self.transform, self.views = paths, channels, transform, views
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = load_image(self.paths[i], self.channels)
+        except (ValueError, OSError):
+            return None
+        if self.views == 1:
+            return self.transform(image)
+        return tuple(self.transform(image) for _ in range(self.views))
+
+
+def collate_images(batch: list):
+    """Stack the readable items; returns (batch or None, number skipped)."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, skipped
+    return torch.utils.data.default_collate(good), skipped
