@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -48,6 +49,7 @@ HANDLERS = {
     "segmentation": "segmenter.py",
     "generation": "generator.py",
     "embedding": "embedder.py",
+    "detection": "object_detector.py",
 }
 CODE_PACKAGES = ("model_defs", "handlers")
 OPTIONS = {  # model-config settings, their defaults and the flag that sets each
@@ -237,7 +239,9 @@ def build_manifest(path: Path, model_store: Path, *, force: bool = False, jobs: 
     entries = load_manifest(path)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(entries)))
     results = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    # spawn, not fork: a forked child of a process that already ran torch's OpenMP threads
+    # can deadlock in its first parallel op.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_build_entry, e, model_store, force) for e in entries]
         for future in tqdm(as_completed(futures), total=len(futures), desc="archiving", unit="model"):
             results.append(future.result())

@@ -183,21 +183,11 @@ class TorchServe:
         return self.pid() is not None
 
     def models(self) -> list[str]:
-        r = self.get("management", "/models")
-        return [m["modelName"] for m in r.json()["models"]]
+        return [m["modelName"] for m in self.manage("GET", "/models")["models"]]
 
     def describe(self, name: str) -> list[dict]:
         """GET /models/{name} (the default version) or /models/{name}/{version}."""
-        return self.get("management", f"/models/{name}").json()
-
-    def get(self, api: str, path: str, **kw) -> requests.Response:
-        try:
-            r = requests.get(self.url(api) + path, headers=self.headers("management" if api == "management" else "inference"), timeout=10, **kw)
-        except requests.ConnectionError:
-            raise ServeError(f"TorchServe is not answering at {self.url(api)}; start it with scripts/serve start") from None
-        if r.status_code >= 400:
-            raise ServeError(f"GET {path} answered {r.status_code}: {r.text.strip()[:200]}")
-        return r
+        return self.manage("GET", f"/models/{name}")
 
     # -- start / stop ---------------------------------------------------------------------
 
@@ -350,7 +340,7 @@ class TorchServe:
             try:
                 pending = [m for m in pending if not any(
                     w.get("status") == "READY" for d in self.describe(m) for w in d.get("workers", []))]
-                self.get("management", "/models")  # the frontend answers
+                self.manage("GET", "/models")  # the frontend answers
                 if not pending:
                     return
             except (ServeError, json.JSONDecodeError, KeyError):

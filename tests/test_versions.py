@@ -1,0 +1,257 @@
+"""Batch archival, the catalog, and version operations against a real TorchServe."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import yaml
+
+from model_defs import DataConfig
+from model_defs.checkpoint import load_trained
+from model_defs.preprocessing import eval_transform, load_image
+from scripts import archive, models
+from scripts.catalog import Catalog
+from scripts.serve import TorchServe
+from tests.conftest import train_cli_args
+from training import train as train_mod
+
+
+@pytest.fixture(scope="module")
+def second_run(digits_dir, tmp_path_factory) -> Path:
+    """The same architecture trained differently (one short epoch, another seed): version 2.0."""
+    out = tmp_path_factory.mktemp("run_v2") / "digits_v2"
+    assert train_mod.cli(train_cli_args(digits_dir / "train", out, "--epochs", "1", "--lr", "5e-4", "--seed", "3")) == 0
+    return out
+
+
+def write_manifest(path: Path, entries: list[dict], defaults: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({"defaults": defaults or {}, "models": entries}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(trained_digits, second_run, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("versioned_store")
+    manifest = write_manifest(store.parent / "models.yaml", [
+        {"name": "digits", "version": "1.0", "run": str(trained_digits), "task": "classification"},
+        {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"batch_size": 4}},
+    ], defaults={"max_batch_delay": 20, "topk": 10, "device": "cpu"})
+    assert archive.main(["--manifest", str(manifest), "--model-store", str(store)]) == 0
+    return store
+
+
+def test_batch_archival_with_a_broken_entry(trained_digits, second_run, tmp_path, capsys):
+    store = tmp_path / "store"
+    broken = tmp_path / "broken_run"
+    broken.mkdir()
+    (broken / "model.json").write_text((trained_digits / "model.json").read_text())
+    (broken / "model.pt").write_bytes((trained_digits / "model.pt").read_bytes()[:500])  # truncated
+    manifest = write_manifest(tmp_path / "models.yaml", [
+        {"name": "digits", "version": "1.0", "run": str(trained_digits)},
+        {"name": "broken", "version": "1.0", "run": "broken_run"},  # relative to the manifest
+        {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"workers": 2}},
+    ])
+    assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--jobs", "2"]) == 1
+    out, err = capsys.readouterr()
+    table = {line.split()[0] + "/" + line.split()[1]: line for line in out.splitlines()[1:]}
+    assert "failed: incomplete training output" in table["broken/1.0"] and "model.pt" in table["broken/1.0"]
+    assert table["digits/1.0"].rstrip().endswith("built") and table["digits/2.0"].rstrip().endswith("built")
+    assert "1 of 3" in err
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["catalog.json", "digits-1.0.mar", "digits-2.0.mar"]
+    catalog = Catalog(store).load()
+    assert sorted(catalog) == ["digits/1.0", "digits/2.0"]
+    assert catalog["digits/2.0"]["source"]["run"] == str(second_run)
+    assert catalog["digits/1.0"]["source"]["metrics"]["name"] == "accuracy"
+
+    # Unchanged inputs are skipped; --force rebuilds.
+    before = (store / "digits-1.0.mar").read_bytes()
+    assert archive.main(["--manifest", str(manifest), "--model-store", str(store)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("unchanged") == 2
+    assert (store / "digits-1.0.mar").read_bytes() == before
+    assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--force"]) == 1
+    assert capsys.readouterr().out.count(" built") == 2
+
+
+def test_archives_carry_their_catalog_metadata_and_verify_finds_mismatches(store, capsys):
+    entries = Catalog(store).load()
+    for entry in entries.values():
+        with zipfile.ZipFile(store / entry["file"]) as z:
+            inner = json.loads(z.read("archive.json"))
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        assert inner == {k: v for k, v in entry.items() if k not in ("file", "sha256", "size")}
+        assert manifest["model"]["modelVersion"] == entry["version"]
+    assert archive.main(["--verify", "--model-store", str(store)]) == 0
+    capsys.readouterr()
+
+    copy = store.parent / "verify_copy"
+    copy.mkdir()
+    for p in store.iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    with open(copy / "digits-2.0.mar", "ab") as f:
+        f.write(b"tampered")
+    (copy / "stray.mar").write_bytes(b"not catalogued")
+    assert archive.main(["--verify", "--model-store", str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert "digits/2.0: digits-2.0.mar sha256 differs" in out
+    assert "stray.mar: not in the catalog" in out
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("versions_serve"), model_store=store, ports={})
+    ts.start([], timeout=240)
+    yield ts
+    ts.stop()
+
+
+def ops(server, *argv) -> int:
+    return models.main(["--run-dir", str(server.run_dir), "--model-store", str(server.model_store), *argv])
+
+
+def predict(server, data: bytes, version: str | None = None) -> requests.Response:
+    url = f"{server.url('inference')}/predictions/digits" + (f"/{version}" if version else "")
+    return requests.post(url, data=data, headers=server.headers("inference"), timeout=60)
+
+
+def in_process(run_dir: Path, data: bytes) -> torch.Tensor:
+    model, meta = load_trained(run_dir)
+    cfg = DataConfig.from_dict(meta["preprocessing"])
+    with torch.inference_mode():
+        return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
+
+
+def test_each_version_serves_its_own_predictions(server, trained_digits, second_run, digits_dir, capsys):
+    assert ops(server, "register", "digits", "1.0") == 0
+    assert ops(server, "register", "digits", "2.0") == 0
+    capsys.readouterr()
+    differ = 0
+    for f in sorted((digits_dir / "test").rglob("*.png"))[::30]:
+        data = f.read_bytes()
+        for version, run in (("1.0", trained_digits), ("2.0", second_run)):
+            served = predict(server, data, version).json()
+            probs = in_process(run, data)
+            assert all(abs(p - probs[int(k)].item()) < 1e-4 for k, p in served.items()), (f, version)
+        differ += predict(server, data, "1.0").json() != predict(server, data, "2.0").json()
+    assert differ > 0  # the two versions are really different models
+
+    assert ops(server, "status", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    served = {s["version"]: s for s in report["served"]}
+    assert served["1.0"]["default"] and not served["2.0"]["default"]
+    assert served["2.0"]["batch_size"] == 4 and served["1.0"]["device"] == "cpu"
+    assert all(w["status"] == "READY" for s in served.values() for w in s["workers"])
+
+
+def test_register_refuses_an_archive_that_no_longer_matches_the_catalog(server, store, capsys):
+    entry = Catalog(store).get("digits", "2.0")
+    original = (store / entry["file"]).read_bytes()
+    try:
+        with zipfile.ZipFile(store / entry["file"], "a") as z:
+            z.writestr("extra.txt", "changed after archiving")
+        assert ops(server, "register", "digits", "2.0") == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "sha256" in err and len(err.splitlines()) == 1
+    finally:
+        (store / entry["file"]).write_bytes(original)
+
+
+def test_promote_and_rollback_drop_no_request(server, trained_digits, second_run, digits_dir, capsys):
+    data = next((digits_dir / "test").rglob("*.png")).read_bytes()
+    codes, stop = [], threading.Event()
+
+    def keep_sending():
+        while not stop.is_set():
+            codes.append(predict(server, data).status_code)
+
+    threads = [threading.Thread(target=keep_sending) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        assert ops(server, "promote", "digits", "2.0") == 0
+        time.sleep(1)
+        after_promote = predict(server, data).json()
+        assert ops(server, "rollback", "digits") == 0
+        time.sleep(1)
+        after_rollback = predict(server, data).json()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(codes) > 20
+    assert [c for c in codes if c != 200] == []
+    assert after_promote == predict(server, data, "2.0").json()
+    assert after_rollback == predict(server, data, "1.0").json()
+    capsys.readouterr()
+    assert ops(server, "rollback", "digits") == 1  # nothing left to roll back to
+    assert "no previous default" in capsys.readouterr().err
+
+
+def test_promote_if_better_refuses_a_worse_version(server, digits_dir, capsys):
+    assert ops(server, "promote", "digits", "2.0", "--if-better", "--data", str(digits_dir / "test")) == 1
+    err = capsys.readouterr().err
+    assert "not promoting digits 2.0" in err
+    assert ops(server, "status", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["version"] for s in report["served"] if s["default"]] == ["1.0"]
+
+
+def test_compare_reports_accuracy_agreement_and_latency(server, digits_dir, capsys):
+    assert ops(server, "compare", "digits", "1.0", "2.0", "--data", str(digits_dir / "test"), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    v1, v2 = report["versions"]["1.0"], report["versions"]["2.0"]
+    assert report["images"] == len(list((digits_dir / "test").rglob("*.png")))
+    assert v1["accuracy"] > v2["accuracy"] and v1["errors"] == v2["errors"] == 0
+    assert 0 < report["agreement"] < 1
+    assert v1["p50_ms"] > 0 and v1["p99_ms"] >= v1["p50_ms"]
+
+
+def test_unregister_refuses_the_default_while_others_exist(server, capsys):
+    assert ops(server, "unregister", "digits", "1.0") == 1
+    assert "promote another version first" in capsys.readouterr().err
+
+
+def test_registered_versions_and_default_survive_a_restart(server, capsys):
+    assert ops(server, "promote", "digits", "2.0") == 0
+    assert ops(server, "scale", "digits", "2.0", "--min", "1", "--max", "2") == 0
+    server.stop()
+    assert ops(server, "status") == 1
+    assert "not running" in capsys.readouterr().err
+    server.start(timeout=240)  # no model list: restore what was served
+    capsys.readouterr()
+    assert ops(server, "status", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    served = {s["version"]: s for s in report["served"]}
+    assert sorted(served) == ["1.0", "2.0"]
+    assert served["2.0"]["default"] and served["2.0"]["max_workers"] == 2
+    assert ops(server, "rollback", "digits") == 0  # the history survived too
+    assert ops(server, "unregister", "digits", "2.0") == 0
+    capsys.readouterr()
+    assert ops(server, "status", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["version"] for s in report["served"]] == ["1.0"]
+    assert [(e["name"], e["version"]) for e in report["not_served"]] == [("digits", "2.0")]
+
+
+def test_server_failures_are_one_readable_line(server, capsys):
+    for argv, words in ((["promote", "nosuch", "1.0"], "nosuch"), (["register", "digits", "9.9"], "not in")):
+        assert ops(server, *argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and words in err and len(err.splitlines()) == 1, err
+    keys = server.key_file.read_text()
+    try:
+        server.key_file.write_text(json.dumps({k: {"key": "wrong"} for k in ("management", "inference", "API")}))
+        assert ops(server, "status") == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "Token" in err and len(err.splitlines()) == 1
+    finally:
+        server.key_file.write_text(keys)
