@@ -129,6 +129,11 @@ def in_process(run_dir: Path, data: bytes) -> torch.Tensor:
         return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
 
 
+def same_answer(a: dict, b: dict) -> bool:
+    """Equal up to the float noise of being batched with other requests."""
+    return list(a) == list(b) and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+
+
 def test_each_version_serves_its_own_predictions(server, trained_digits, second_run, digits_dir, capsys):
     assert ops(server, "register", "digits", "1.0") == 0
     assert ops(server, "register", "digits", "2.0") == 0
@@ -140,7 +145,7 @@ def test_each_version_serves_its_own_predictions(server, trained_digits, second_
             served = predict(server, data, version).json()
             probs = in_process(run, data)
             assert all(abs(p - probs[int(k)].item()) < 1e-4 for k, p in served.items()), (f, version)
-        differ += predict(server, data, "1.0").json() != predict(server, data, "2.0").json()
+        differ += not same_answer(predict(server, data, "1.0").json(), predict(server, data, "2.0").json())
     assert differ > 0  # the two versions are really different models
 
     assert ops(server, "status", "--json") == 0
@@ -189,8 +194,8 @@ def test_promote_and_rollback_drop_no_request(server, trained_digits, second_run
             t.join()
     assert len(codes) > 20
     assert [c for c in codes if c != 200] == []
-    assert after_promote == predict(server, data, "2.0").json()
-    assert after_rollback == predict(server, data, "1.0").json()
+    assert same_answer(after_promote, predict(server, data, "2.0").json())
+    assert same_answer(after_rollback, predict(server, data, "1.0").json())
     capsys.readouterr()
     assert ops(server, "rollback", "digits") == 1  # nothing left to roll back to
     assert "no previous default" in capsys.readouterr().err
