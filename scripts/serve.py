@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -194,6 +195,7 @@ class TorchServe:
     def _write_config(self) -> Path:
         props = dict(self.props)
         props["model_store"] = str(self.model_store)
+        props["allowed_urls"] = "file://" + re.escape(str(self.model_store)) + "/.*"
         path = self.run_dir / "config.properties"
         lines = [f"# written by scripts/serve from {self.config_path}; edit that file instead"]
         lines += [f"{k}={v}" for k, v in props.items()]

@@ -123,6 +123,15 @@ def test_requests_without_the_token_are_refused(server, digits_dir):
     assert predict(server, "digits", data).status_code == 200
 
 
+def test_register_only_from_the_local_store(server, tmp_path):
+    outside = tmp_path / "elsewhere.mar"
+    outside.write_bytes((server.model_store / "photos.mar").read_bytes())
+    for url in ("http://127.0.0.1:9/evil.mar", "https://example.com/model.mar", f"file://{outside}"):
+        with pytest.raises(ServeError, match="does not match any allowed URL"):
+            server.manage("POST", "/models", url=url, model_name="evil", initial_workers=0)
+    assert sorted(server.models()) == ["digits", "photos"]
+
+
 def test_apis_listen_on_loopback_only(server):
     for api in ("inference", "management", "metrics"):
         assert server.url(api).startswith("http://127.0.0.1:")
