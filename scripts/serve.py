@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model_defs.checkpoint import atomic_write_bytes  # noqa: E402
+from scripts.catalog import Catalog, CatalogError  # noqa: E402
+
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 # TorchServe always starts its gRPC servers too (there is no switch to turn them off).
 GRPC_PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
@@ -223,6 +225,14 @@ class TorchServe:
         saved = self.state.load()["models"]
         if models is None and saved:
             plan = [(name, info["file"], info) for name, m in saved.items() for info in m["versions"].values()]
+            catalog = Catalog(self.model_store)
+            for name, m in saved.items():
+                for version in m["versions"]:
+                    try:  # an archive changed since it was catalogued is not served again
+                        if f"{name}/{version}" in catalog.load():
+                            catalog.checked_archive(name, version)
+                    except CatalogError as e:
+                        raise ServeError(str(e)) from None
         else:
             if models is None:
                 models = sorted(p.stem for p in self.model_store.glob("*.mar"))

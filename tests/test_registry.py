@@ -32,7 +32,7 @@ def random_batch(name: str, channels: int | None = None, size: int | None = None
     return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_forward_and_state_dict_round_trip(name, tmp_path):
     model, kwargs = build(name)
     x = random_batch(name)
@@ -48,7 +48,7 @@ def test_forward_and_state_dict_round_trip(name, tmp_path):
         assert torch.equal(rebuilt(x), out)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_grey_input(name):
     model, _ = build(name, in_channels=1)
     with torch.no_grad():
@@ -136,3 +136,69 @@ def test_cli_lists_every_model():
     for line, name in zip(lines, list_models()):
         fields = line.split("\t")
         assert fields[:2] == [name, get_entry(name).task]
+
+
+# -- segmentation, generation and embedding models: a forward check per task -------------
+
+
+def task_input_and_output(name: str, model: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A random input batch of 2 for the model and the output shape its task promises."""
+    entry = get_entry(name)
+    cfg = entry.data_config
+    if entry.task == "generation":  # latent vectors -> images of the data config's size
+        return torch.randn(2, model.latent_dim), (2, cfg.channels, cfg.input_size, cfg.input_size)
+    x = random_batch(name)
+    if entry.task == "segmentation":  # per-pixel logits at the input's size
+        return x, (2, NUM_CLASSES, cfg.input_size, cfg.input_size)
+    return x, (2, model.feature_dim)  # embedding: one vector per image
+
+
+@pytest.mark.parametrize("name", [n for t in ("segmentation", "generation", "embedding") for n in list_models(t)])
+def test_segmentation_generation_embedding_forward_and_round_trip(name, tmp_path):
+    entry = get_entry(name)
+    kwargs = dict(entry.test_kwargs)
+    if entry.task == "segmentation":
+        kwargs["num_classes"] = NUM_CLASSES
+    model = get_model(name, **kwargs).eval()
+    x, expected = task_input_and_output(name, model)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == expected
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    rebuilt = get_model(name, **kwargs).eval()
+    rebuilt.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+
+
+# -- detection models: torchvision-style list input, boxes and losses ---------------------
+
+
+@pytest.mark.parametrize("name", list_models("detection"))
+def test_detection_forward_losses_and_round_trip(name, tmp_path):
+    kwargs = {"num_classes": NUM_CLASSES, **get_entry(name).test_kwargs}
+    size = kwargs["image_size"]
+    torch.manual_seed(0)
+    model = get_model(name, **kwargs).train()
+    images = [torch.rand(3, size, size * 3 // 4), torch.rand(3, size // 2, size)]  # longer side = image_size
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[30.0, 5.0, 90.0, 50.0], [2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([3, 2])}]
+    losses = model(images, targets)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2
+    for o, x in zip(out, images):
+        assert set(o) >= {"boxes", "scores", "labels"} and o["boxes"].shape[1:] == (4,)
+        assert ((o["labels"] >= 1) & (o["labels"] <= NUM_CLASSES)).all()  # 0 is the background
+        assert (o["boxes"][:, 2] <= x.shape[2] + 1e-3).all() and (o["boxes"][:, 3] <= x.shape[1] + 1e-3).all()
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    rebuilt = get_model(name, **kwargs).eval()
+    rebuilt.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        again = rebuilt(images)
+    for a, b in zip(out, again):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])

@@ -18,7 +18,7 @@ from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import eval_transform, load_image
 from scripts import archive, models
 from scripts.catalog import Catalog
-from scripts.serve import TorchServe
+from scripts.serve import ServeError, TorchServe
 from tests.conftest import train_cli_args
 from training import train as train_mod
 
@@ -231,6 +231,12 @@ def test_registered_versions_and_default_survive_a_restart(server, capsys):
     server.stop()
     assert ops(server, "status") == 1
     assert "not running" in capsys.readouterr().err
+    mar = server.model_store / "digits-2.0.mar"
+    original = mar.read_bytes()
+    mar.write_bytes(original + b"changed")  # an archive changed while the server was down
+    with pytest.raises(ServeError, match="sha256"):
+        server.start(timeout=240)
+    mar.write_bytes(original)
     server.start(timeout=240)  # no model list: restore what was served
     capsys.readouterr()
     assert ops(server, "status", "--json") == 0

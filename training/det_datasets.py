@@ -190,7 +190,10 @@ def read_voc(root: Path, classes: list[str] | None = None, split: str | None = N
         width, height = _image_size(image, str(xml))
         size = tree.find("size")
         if size is not None and size.findtext("width") and size.findtext("height"):
-            declared = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
+            try:
+                declared = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
+            except ValueError:
+                raise DatasetError(f"{xml}: <size> width and height must be numbers") from None
             if declared != (width, height):
                 raise DatasetError(f"{xml}: <size> says {declared[0]}x{declared[1]} but image {image} is {width}x{height}")
         objects = []

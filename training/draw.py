@@ -34,6 +34,16 @@ def draw_detections(image: Image.Image, detections: list[dict], classes: list[st
     return out
 
 
+def enlarge_small(image: Image.Image, detections: list[dict], target: int = 320) -> tuple[Image.Image, list[dict]]:
+    """An image whose longer side is under `target` enlarged to it, with its boxes, so that
+    labels drawn on it stay readable."""
+    zoom = target / max(image.size)
+    if zoom <= 1:
+        return image, detections
+    image = image.resize((round(image.width * zoom), round(image.height * zoom)), Image.Resampling.BILINEAR)
+    return image, [{**d, "box": [v * zoom for v in d["box"]]} for d in detections]
+
+
 def draw_mask(image: Image.Image, mask: np.ndarray, classes: list[str], alpha: float = 0.5) -> Image.Image:
     """`image` with each non-background class of `mask` (H x W class indices, the image's
     size) blended in its colour, and a legend of the classes present."""

@@ -160,7 +160,7 @@ def voc_xml(filename: str, width: int, height: int, shapes: list[Shape]) -> byte
 
 
 def generate(out: Path, layout: str, n: int, size: int, seed: int, max_shapes: int = 4, aspect: float = 1.0,
-             progress: bool = True) -> Path:
+             progress: bool = True, shape_size: tuple[float, float] = (0.12, 0.4)) -> Path:
     """Write `n` images with their annotations under `out` in `layout`; returns `out`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -186,7 +186,7 @@ def generate(out: Path, layout: str, n: int, size: int, seed: int, max_shapes: i
         if aspect > 1.0:  # longer side = size, the other side up to `aspect` times shorter
             short = round(size / rng.uniform(1.0, aspect))
             width, height = (size, short) if rng.random() < 0.5 else (short, size)
-        image, mask, shapes = paint_image(rng, backgrounds, width, height, max_shapes)
+        image, mask, shapes = paint_image(rng, backgrounds, width, height, max_shapes, *shape_size)
         stem = f"{i:05d}"
         ids.append(stem)
         if layout == "voc":
@@ -223,6 +223,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (the longer side with --aspect) (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
     p.add_argument("--max-shapes", type=int, default=4, help="at most this many shapes per image, at least 1 (default: 4)")
+    p.add_argument("--shape-size", type=float, nargs=2, default=(0.12, 0.4), metavar=("MIN", "MAX"),
+                   help="shape width range as shares of the image's shorter side (default: 0.12 0.4)")
     p.add_argument("--aspect", type=float, default=1.0,
                    help="largest width/height (or height/width) ratio; 1.0 = square images (default: 1.0)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder (default: off)")
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--size must be at least 32 pixels, got {args.size}")
     if args.max_shapes < 1:
         problems.append(f"--max-shapes must be at least 1, got {args.max_shapes}")
+    if not 0.02 <= args.shape_size[0] <= args.shape_size[1] <= 0.6:
+        problems.append(f"--shape-size needs 0.02 <= MIN <= MAX <= 0.6, got {args.shape_size[0]:g} {args.shape_size[1]:g}")
     if args.aspect < 1.0:
         problems.append(f"--aspect must be 1.0 or more, got {args.aspect}")
     if out.exists() and not out.is_dir():
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
-    generate(out, args.layout, args.n, args.size, args.seed, args.max_shapes, args.aspect, progress=not args.no_progress)
+    generate(out, args.layout, args.n, args.size, args.seed, args.max_shapes, args.aspect,
+             progress=not args.no_progress, shape_size=tuple(args.shape_size))
     print(f"wrote {args.n} images ({args.layout} layout, classes: {', '.join(CLASSES)}) to {out}")
     return 0
 

@@ -35,7 +35,7 @@ from model_defs.preprocessing import boxes_to_original, detection_eval_transform
 from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics
 from training.datasets import DatasetError
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, DetSample, read_detection
-from training.draw import draw_detections, grid
+from training.draw import draw_detections, enlarge_small, grid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default: runs/<model>)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only (default: off)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (default: 0)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster: threads of several processes fighting over few cores stall each other (default: 0)")
     g.add_argument("--pictures", type=int, default=8, help="validation images drawn into detections.png at the end; 0 = none (default: 8)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars, one line per epoch (default: progress bars on)")
     return p
@@ -141,7 +141,7 @@ def draw_examples(model, samples: list[DetSample], classes: list[str], input_siz
             image = load_image(s.path, 3)
             x, scale = detection_input(image, input_size)
             answers = detect_answers(model([x])[0], scale, image.size, classes, 0.5, 100)
-            pictures.append(draw_detections(image, answers, classes))
+            pictures.append(draw_detections(*enlarge_small(image, answers), classes))
     grid(pictures).save(path)
 
 
@@ -199,7 +199,8 @@ def main(args) -> dict:
     print(f"{args.model}: {len(classes)} classes ({', '.join(classes)}), {len(train_samples)} train / "
           f"{len(val_samples)} val images, longer side {size}px, {torch.get_num_threads()} thread(s)", file=sys.stderr)
 
-    history, best, best_epoch, started = [], -1.0, 0, time.time()
+    # Wall time depends on what else runs on the machine; CPU time of this process does not.
+    history, best, best_epoch, started, cpu_started = [], -1.0, 0, time.time(), time.process_time()
     for epoch in range(1, args.epochs + 1):
         start = time.time()
         torch.manual_seed(args.seed + epoch)
@@ -208,13 +209,15 @@ def main(args) -> dict:
         va = evaluate(model, val_loader, val_samples, size, args, f"epoch {epoch}/{args.epochs} val")
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": round(tr["loss"], 5),
                "map_50": round(va["map_50"], 5), "map": round(va["map"], 5),
-               "skipped_images": tr["skipped"] + va["skipped"], "seconds": round(time.time() - start, 1)}
+               "skipped_images": tr["skipped"] + va["skipped"], "seconds": round(time.time() - start, 1),
+               "cpu_seconds": round(time.process_time() - cpu_started, 1)}
         history.append(row)
         improved = va[args.select_metric] > best
         if improved:
             best, best_epoch = va[args.select_metric], epoch
             meta["metrics"] = {"select_metric": args.select_metric, "best_epoch": epoch, "map_50": va["map_50"],
-                               "map": va["map"], "epochs_run": epoch, "train_seconds": round(time.time() - started, 1)}
+                               "map": va["map"], "epochs_run": epoch, "train_seconds": round(time.time() - started, 1),
+                               "train_cpu_seconds": round(time.process_time() - cpu_started, 1)}
             meta["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             save_model_files(out, model, meta)
         atomic_torch_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),

@@ -6,8 +6,11 @@ Any folder of images works (class folders are read as one unlabeled pool). Each 
 draws a grid of the generator's images from the same fixed latent vectors to
 `samples/epoch_NNN.png` (so progress is visible epoch to epoch; `samples.png` is the
 latest) and records the losses and the discriminator's mean output on real and fake
-images in metrics.csv / curves.png. `model.pt` is the generator's state_dict after the
-last epoch; model.json's arch_args hold the latent size the generator handler needs.
+images in metrics.csv / curves.png. With --score-classifier (a classifier trained on the
+same kind of images, e.g. runs/digits from scripts/demo.sh) each epoch also gets a number:
+the Inception Score of 1,000 samples computed with that classifier, next to the score of
+the real images. `model.pt` is the generator's state_dict after the last epoch;
+model.json's arch_args hold the latent size the generator handler needs.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import CheckpointError, save_model_files
+from model_defs.checkpoint import CheckpointError, data_config_from_meta, load_trained, save_model_files
 from model_defs.generative import dcgan_discriminator, latent_vectors
-from model_defs.preprocessing import eval_transform
+from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
 from training.common import package_versions, seed_everything, write_metrics
 from training.datasets import DatasetError
 from training.unlabeled import UnlabeledImages, collate_images, find_images, fingerprint
@@ -53,9 +56,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default: 0.5, as in DCGAN)")
     p.add_argument("--grid-size", type=int, default=64, help="images in each epoch's sample grid (default: 64)")
     p.add_argument("--grid-seed", type=int, default=0, help="seed of the sample grid's fixed latent vectors (default: 0)")
+    p.add_argument("--score-classifier", default=None,
+                   help="a trained classifier's output folder (e.g. runs/digits) that scores each epoch's samples: "
+                        "Inception Score computed with it, and the classes it sees (default: None: no score)")
+    p.add_argument("--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="data-loading processes (default: min(2, cores))")
     p.add_argument("--out", default="runs/gan", help="output folder (default: runs/gan)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default, all cores (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch (default: progress bar on)")
@@ -110,8 +119,36 @@ def sample_grid(gen: nn.Module, z: torch.Tensor, cfg, path: Path) -> None:
     torchvision.utils.save_image(images * std + mean, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
+class SampleScorer:
+    """Scores generated images with a trained classifier, the way its handler would see
+    them (PNG pixels, its own preprocessing): the Inception Score exp(E[KL(p(y|x) || p(y))]),
+    between 1 and the number of classes, high when each image is clearly one class and the
+    classes are evenly covered; and how many classes are the top-1 of at least 1% of them."""
+
+    def __init__(self, run_dir: str, gen_cfg):
+        self.model, meta = load_trained(run_dir)
+        if meta["task"] != "classification":
+            raise ValueError(f"--score-classifier {run_dir} is a {meta['task']} model, not a classifier")
+        self.cfg = data_config_from_meta(meta)
+        self.transform = eval_transform(self.cfg)
+        self.classes = meta["classes"]
+        self.gen_cfg = gen_cfg
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict:
+        pil = tensor_to_images(images, self.gen_cfg)
+        x = torch.stack([self.transform(to_model_mode(im, self.cfg.channels)) for im in pil])
+        p = torch.cat([torch.softmax(self.model(chunk).float(), 1) for chunk in x.split(256)])
+        marginal = p.mean(0, keepdim=True)
+        kl = (p * (torch.log(p + 1e-12) - torch.log(marginal + 1e-12))).sum(1)
+        share = torch.bincount(p.argmax(1), minlength=p.shape[1]).float() / p.shape[0]
+        return {"inception_score": kl.mean().exp().item(), "classes_covered": int((share >= 0.01).sum())}
+
+
 def main(args) -> dict:
     seed_everything(args.seed, args.deterministic)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     entry = get_entry(args.model)
     if entry.task != "generation":
@@ -123,6 +160,7 @@ def main(args) -> dict:
     disc = dcgan_discriminator(channels=cfg.channels, image_size=size, width=args.width).to(device)
 
     paths = find_images(args.data)
+    scorer = SampleScorer(args.score_classifier, cfg) if args.score_classifier else None
     out = Path(args.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
 
@@ -144,6 +182,15 @@ def main(args) -> dict:
     }
     print(f"{args.model}: {len(paths)} images, {cfg.channels}x{size}px, latent {args.latent_dim}, on {device}",
           file=sys.stderr)
+    score_z = latent_vectors(args.grid_seed + 1, args.score_samples, args.latent_dim)
+    real_score = None
+    if scorer is not None:
+        # Evenly spread over the sorted files, so class folders are all represented.
+        picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), args.score_samples)).round().long().unique()
+        real = torch.stack([x for i in picks.tolist() if (x := dataset[i]) is not None])
+        real_score = scorer(real)
+        print(f"real images: Inception Score {real_score['inception_score']:.2f}, "
+              f"{real_score['classes_covered']}/{len(scorer.classes)} classes (the reference for the samples)", file=sys.stderr)
     history = []
     for epoch in range(1, args.epochs + 1):
         start = time.time()
@@ -157,16 +204,28 @@ def main(args) -> dict:
         (out / "samples.png").write_bytes(grid.read_bytes())
         row = {"epoch": epoch, "d_loss": tr["d_loss"], "g_loss": tr["g_loss"], "d_real": tr["d_real"],
                "d_fake": tr["d_fake"], "skipped_images": tr["skipped"], "seconds": round(time.time() - start, 2)}
+        if scorer is not None:
+            gen.eval()
+            with torch.no_grad():
+                row.update(scorer(torch.cat([gen(z.to(device)).cpu() for z in score_z.split(256)])))
         history.append(row)
         meta["metrics"] = {"name": "sample grid", "sample_grid": f"samples/epoch_{epoch:03d}.png",
                            "epochs_run": epoch, "final_d_loss": tr["d_loss"], "final_g_loss": tr["g_loss"],
                            "final_d_real": tr["d_real"], "final_d_fake": tr["d_fake"],
                            "skipped_images": sum(h["skipped_images"] for h in history)}
+        if scorer is not None:
+            meta["metrics"].update(name="inception_score", score_classifier=str(Path(args.score_classifier).resolve()),
+                                   inception_score=row["inception_score"], classes_covered=row["classes_covered"],
+                                   real_inception_score=real_score["inception_score"])
         meta["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         save_model_files(out, gen, meta)
-        write_metrics(out, history, {"loss": ["d_loss", "g_loss"], "discriminator output": ["d_real", "d_fake"]})
+        panels = {"loss": ["d_loss", "g_loss"], "discriminator output": ["d_real", "d_fake"]}
+        if scorer is not None:
+            panels["Inception Score (score classifier)"] = ["inception_score"]
+        write_metrics(out, history, panels)
+        scored = (f"  IS {row['inception_score']:.2f}, {row['classes_covered']} classes" if scorer is not None else "")
         print(f"epoch {epoch}/{args.epochs}  D loss {tr['d_loss']:.3f}  G loss {tr['g_loss']:.3f}  "
-              f"D(real) {tr['d_real']:.2f}  D(fake) {tr['d_fake']:.2f}  {row['seconds']:.1f}s  -> {grid}", file=sys.stderr)
+              f"D(real) {tr['d_real']:.2f}  D(fake) {tr['d_fake']:.2f}{scored}  {row['seconds']:.1f}s  -> {grid}", file=sys.stderr)
     print(f"wrote {out}/model.pt (generator) and model.json; sample grids in {out}/samples/", file=sys.stderr)
     return meta
 

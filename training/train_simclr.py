@@ -73,6 +73,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/simclr", help="output folder (default: runs/simclr)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default, all cores (default: 0)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (default: off)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch (default: progress bar on)")
@@ -125,6 +127,8 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
 
 def main(args) -> dict:
     seed_everything(args.seed, args.deterministic)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     entry = get_entry(args.model)
     if entry.task != "embedding":

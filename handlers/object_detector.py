@@ -1,0 +1,112 @@
+"""Detection handler: per image a list of {"label", "score", "box": [x1, y1, x2, y2]}, best
+first, boxes in the pixels of the image as sent (EXIF rotation applied).
+
+model-config.yaml (`handler:` section) sets `score_threshold` (default 0.5) and
+`max_detections` (default 100). A request may override both:
+- JSON body: {"data": "<base64 image>", "score_threshold": 0.3, "max_detections": 5}
+- multipart form fields of the same names: curl ... -F data=@img.jpg -F score_threshold=0.3
+(URL query parameters are not read.)
+An invalid value is a 400 for that request only, like an undecodable image.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from handlers.vision import RequestError, VisionHandler, extract_image_bytes
+from model_defs.detection import detect_answers
+from model_defs.preprocessing import ImageDecodeError, detection_input, load_image
+
+OPTIONS = ("score_threshold", "max_detections")
+MAX_DETECTIONS_LIMIT = 1000
+
+
+def parse_option(name: str, value) -> float | int:
+    """A request's option value (a JSON number, or text from a form field) checked for range."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode(errors="replace")
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(400, "InvalidOption", f"{name} must be a number, got {value!r}") from None
+    if name == "score_threshold":
+        if not 0.0 <= number <= 1.0:
+            raise RequestError(400, "InvalidOption", f"score_threshold must be between 0 and 1, got {number:g}")
+        return number
+    if number != int(number) or not 0 <= number <= MAX_DETECTIONS_LIMIT:
+        raise RequestError(400, "InvalidOption", f"max_detections must be a whole number from 0 to {MAX_DETECTIONS_LIMIT}, got {value!r}")
+    return int(number)
+
+
+def split_request(row: dict) -> tuple[dict, dict]:
+    """(row holding only the image, the per-request options found in it)."""
+    if not isinstance(row, dict):
+        return row, {}
+    options = {k: row[k] for k in OPTIONS if k in row}
+    row = {k: v for k, v in row.items() if k not in OPTIONS}
+    body = row.get("data", row.get("body"))
+    if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
+        try:
+            body = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
+    if isinstance(body, dict):
+        options.update({k: body[k] for k in OPTIONS if k in body})
+        row = {"data": {k: v for k, v in body.items() if k not in OPTIONS}}
+    return row, {k: parse_option(k, v) for k, v in options.items()}
+
+
+class ObjectDetector(VisionHandler):
+    def initialize(self, context):
+        super().initialize(context)
+        self.input_size = self.data_config.input_size
+        self.defaults = {
+            "score_threshold": parse_option("score_threshold", self.handler_config.get("score_threshold", 0.5)),
+            "max_detections": parse_option("max_detections", self.handler_config.get("max_detections", 100)),
+        }
+
+    def preprocess_one(self, row: dict) -> tuple:
+        row, options = split_request(row)
+        data = extract_image_bytes(row)
+        try:
+            image = load_image(data, 3)
+        except ImageDecodeError as e:
+            raise RequestError(400, "InvalidImage", str(e)) from None
+        x, scale = detection_input(image, self.input_size)
+        return x, scale, image.size, {**self.defaults, **options}
+
+    def preprocess(self, data: list):
+        """Images of different sizes stay a list: torchvision detectors batch them by padding."""
+        items, errors = [], {}
+        for idx, row in enumerate(data):
+            try:
+                items.append(self.preprocess_one(row))
+            except RequestError as e:
+                errors[idx] = e
+            except Exception as e:  # noqa: BLE001 - one odd input must not fail its batch mates
+                errors[idx] = RequestError(422, "UnprocessableImage", f"image could not be preprocessed: {e}")
+        return (items or None), errors
+
+    def inference(self, items: list) -> list:
+        """One forward pass per image size: torchvision pads a mixed batch to its largest
+        image, which changes the features near the padding, so an image's answer would
+        depend on its batch mates. Same-size images still share a pass."""
+        outputs = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (x, *_) in enumerate(items):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        with torch.inference_mode():
+            for indices in groups.values():
+                for i, out in zip(indices, self.model([items[i][0].to(self.device) for i in indices])):
+                    outputs[i] = out
+        return list(zip(outputs, items))
+
+    def postprocess(self, results: list) -> list[list[dict]]:
+        return [
+            detect_answers(out, scale, size, self.classes, opts["score_threshold"], opts["max_detections"])
+            for out, (_, scale, size, opts) in results
+        ]
