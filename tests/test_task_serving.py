@@ -54,6 +54,8 @@ def runs(tmp_path_factory):
     seg_cfg = DataConfig(input_size=64, resize_size=64, channels=3)
     seg = get_model("unet", num_classes=4, in_channels=3, depth=2, width=8)
     _perturb_batchnorm(seg)
+    with torch.no_grad():  # an untrained head predicts background everywhere: make the masks vary
+        seg.head.weight.mul_(20)
     gan_cfg = DataConfig(input_size=32, resize_size=32, channels=1, mean=(0.5,), std=(0.5,))
     gan_args = {"latent_dim": 16, "channels": 1, "image_size": 32, "width": 8}
     gan = get_model("dcgan", **gan_args)
@@ -124,6 +126,7 @@ def test_all_three_models_are_served(server, runs):
 
 def test_segmentation_masks_equal_in_process_masks(server, runs, shapes, photos):
     payloads = [f.read_bytes() for f in shapes] + photo_files(photos)
+    seen = set()
     for data in payloads:  # one at a time: each request is a batch of one, as in-process
         r = post(server, "shapes_seg", data)
         assert r.status_code == 200, r.text
@@ -136,10 +139,12 @@ def test_segmentation_masks_equal_in_process_masks(server, runs, shapes, photos)
         original = Image.open(io.BytesIO(data))
         assert (answer["width"], answer["height"]) == original.size  # the original size, not the model's
         np.testing.assert_array_equal(served, expected)
+        seen |= set(np.unique(served).tolist())
         assert answer["classes"] == SHAPE_CLASSES
         counts = np.bincount(expected.ravel(), minlength=4) / expected.size
         assert [answer["fractions"][c] for c in SHAPE_CLASSES] == pytest.approx(counts.tolist(), abs=1e-6)
         assert len(r.content) < 20_000  # a PNG, not H x W x [class, prob] JSON
+    assert len(seen) >= 2  # the masks hold several classes, so equality means something
 
 
 def test_generator_images_equal_in_process_images_for_a_seed(server, runs):
@@ -218,3 +223,15 @@ def test_bad_images_get_400_while_batch_mates_succeed(server, runs, shapes):
         for r in answers[len(good):]:
             assert r.status_code == 400, (model, r.text)
             assert set(r.json()) == {"code", "type", "message"}
+
+
+def test_visualize_draws_the_served_mask(server, runs, shapes, tmp_path):
+    from scripts import visualize
+
+    # An image where the (untrained) model paints something besides background.
+    image = next(p for p in shapes if (mask_in_process(runs["shapes_seg"], p.read_bytes()) > 0).any())
+    out = tmp_path / "mask.png"
+    assert visualize.main([str(image), "--model", "shapes_seg", "--run-dir", str(server.run_dir), "--out", str(out)]) == 0
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(image).convert("RGB").resize(drawn.shape[1::-1])).astype(int)
+    assert np.abs(drawn - original).sum(-1).mean() > 1  # the mask is drawn over the photo

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,25 @@ def write_metrics(out: Path, history: list[dict], panels: dict[str, list[str]]) 
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
+
+
+def run_cli(main, parser, argv: list[str] | None = None, interrupted_hint: str = "") -> int:
+    """Run a trainer's `main(args)`: bad input is one `error:` line and exit 2, never a traceback.
+
+    Dataset and checkpoint errors are ValueErrors (DatasetError, CheckpointError), an unknown
+    registered model a KeyError; both name the file, folder or model at fault.
+    """
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted{interrupted_hint}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def package_versions() -> dict:

@@ -28,10 +28,9 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, save_model_files, unwrap
 from model_defs.preprocessing import eval_transform, train_transform
-from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics
+from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics, run_cli
 from training.datasets import (
     LAYOUTS,
-    DatasetError,
     ImageDataset,
     collate_skipping,
     read_dataset,
@@ -297,17 +296,7 @@ def main(args) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume <out>/checkpoint.pt", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(main, get_args_parser(), argv, interrupted_hint="; continue with --resume <out>/checkpoint.pt")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ from torchmetrics.detection import MeanAveragePrecision
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import CheckpointError, atomic_torch_save, save_model_files, unwrap
+from model_defs.checkpoint import atomic_torch_save, save_model_files, unwrap
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import boxes_to_original, detection_eval_transform, detection_size, detection_train_transform, load_image
-from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics
+from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics, run_cli
 from training.datasets import DatasetError
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, DetSample, read_detection
 from training.draw import draw_detections, enlarge_small, grid
@@ -256,17 +256,7 @@ def _version(package: str) -> str | None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

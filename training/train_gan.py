@@ -30,11 +30,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import CheckpointError, data_config_from_meta, load_trained, save_model_files
+from model_defs.checkpoint import data_config_from_meta, load_trained, save_model_files
 from model_defs.generative import dcgan_discriminator, latent_vectors
 from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
-from training.common import package_versions, seed_everything, write_metrics
-from training.datasets import DatasetError
+from training.common import package_versions, seed_everything, write_metrics, run_cli
 from training.unlabeled import UnlabeledImages, collate_images, find_images, fingerprint
 
 
@@ -231,17 +230,7 @@ def main(args) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":

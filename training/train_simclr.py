@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import CheckpointError, atomic_write_bytes, read_meta, save_model_files
+from model_defs.checkpoint import atomic_write_bytes, read_meta, save_model_files
 from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
-from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics
+from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics, run_cli
 from training.datasets import LAYOUTS, DatasetError, ImageDataset, collate_skipping, read_dataset, stratified_split
 from training.unlabeled import UnlabeledImages, collate_images, find_images, fingerprint
 
@@ -227,17 +227,7 @@ def main(args) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except (DatasetError, CheckpointError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(main, get_args_parser(), argv)
 
 
 if __name__ == "__main__":
