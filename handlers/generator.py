@@ -74,16 +74,9 @@ class ImageGenerator(VisionHandler):
             raise RequestError(400, "TooManyImages", f"n={n} images requested; at most {self.max_n} per request")
         return latent_vectors(seed, n, self.latent_dim), {"seed": seed, "n": n, "latent_dim": self.latent_dim}
 
-    def preprocess(self, data: list):
-        items, errors = [], {}
-        for idx, row in enumerate(data):
-            try:
-                items.append(self.preprocess_one(row))
-            except RequestError as e:
-                errors[idx] = e
-            except Exception as e:  # noqa: BLE001 - one odd request must not fail its batch mates
-                errors[idx] = RequestError(422, "UnprocessableRequest", f"request could not be read: {e}")
-        return (items or None), errors
+    def collate(self, items: list) -> list:
+        """Each request keeps its own latents, so its images never depend on its batch mates."""
+        return items
 
     def inference(self, items):
         with torch.inference_mode():

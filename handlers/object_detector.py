@@ -79,17 +79,9 @@ class ObjectDetector(VisionHandler):
         x, scale = detection_input(image, self.input_size)
         return x, scale, image.size, {**self.defaults, **options}
 
-    def preprocess(self, data: list):
+    def collate(self, items: list) -> list:
         """Images of different sizes stay a list: torchvision detectors batch them by padding."""
-        items, errors = [], {}
-        for idx, row in enumerate(data):
-            try:
-                items.append(self.preprocess_one(row))
-            except RequestError as e:
-                errors[idx] = e
-            except Exception as e:  # noqa: BLE001 - one odd input must not fail its batch mates
-                errors[idx] = RequestError(422, "UnprocessableImage", f"image could not be preprocessed: {e}")
-        return (items or None), errors
+        return items
 
     def inference(self, items: list) -> list:
         """One forward pass per image size: torchvision pads a mixed batch to its largest

@@ -35,22 +35,18 @@ class ImageSegmenter(VisionHandler):
     def initialize(self, context):
         super().initialize(context)
         self.transform = segmentation_transform(self.data_config)
-        self._sizes: list[tuple[int, int]] = []
 
-    def preprocess_one(self, row: dict) -> torch.Tensor:
+    def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
         data = extract_image_bytes(row)
         try:
             image = load_image(data, self.data_config.channels)
         except ImageDecodeError as e:
             raise RequestError(400, "InvalidImage", str(e)) from None
-        tensor = self.transform(image)
-        self._sizes.append((image.height, image.width))  # only for items that made it this far
-        return tensor
+        return self.transform(image), (image.height, image.width)
 
-    def preprocess(self, data: list):
-        self._sizes = []
-        batch, errors = super().preprocess(data)
-        return (None if batch is None else (batch, self._sizes)), errors
+    def collate(self, items: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The resized images as one batch, and each original size to scale the mask back to."""
+        return torch.stack([x for x, _ in items]).to(self.device), [size for _, size in items]
 
     def inference(self, batch):
         images, sizes = batch

@@ -124,19 +124,22 @@ class VisionHandler(BaseHandler):
             raise RequestError(400, "InvalidImage", str(e)) from None
         return self.transform(image)
 
-    def preprocess(self, data: list) -> tuple[torch.Tensor | None, dict[int, RequestError]]:
-        """Decode each item; returns the batch of good items and the errors of the bad ones."""
-        tensors, errors = [], {}
+    def preprocess(self, data: list) -> tuple[object | None, dict[int, RequestError]]:
+        """Read each item; returns the collated good items and the errors of the bad ones."""
+        items, errors = [], {}
         for idx, row in enumerate(data):
             try:
-                tensors.append(self.preprocess_one(row))
+                items.append(self.preprocess_one(row))
             except RequestError as e:
                 errors[idx] = e
             except Exception as e:  # noqa: BLE001 - one odd input must not fail its batch mates
                 logger.exception("request %d of batch could not be preprocessed", idx)
-                errors[idx] = RequestError(422, "UnprocessableImage", f"image could not be preprocessed: {e}")
-        batch = torch.stack(tensors).to(self.device) if tensors else None
-        return batch, errors
+                errors[idx] = RequestError(422, "Unprocessable", f"request could not be preprocessed: {e}")
+        return (self.collate(items) if items else None), errors
+
+    def collate(self, items: list):
+        """The good items as one model input; tasks whose items differ in shape override it."""
+        return torch.stack(items).to(self.device)
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
