@@ -17,7 +17,7 @@ import torch
 
 from handlers.vision import RequestError, VisionHandler, extract_image_bytes
 from model_defs.detection import detect_answers
-from model_defs.preprocessing import ImageDecodeError, detection_input, load_image
+from model_defs.preprocessing import detection_input
 
 OPTIONS = ("score_threshold", "max_detections")
 MAX_DETECTIONS_LIMIT = 1000
@@ -72,10 +72,7 @@ class ObjectDetector(VisionHandler):
     def preprocess_one(self, row: dict) -> tuple:
         row, options = split_request(row)
         data = extract_image_bytes(row)
-        try:
-            image = load_image(data, 3)
-        except ImageDecodeError as e:
-            raise RequestError(400, "InvalidImage", str(e)) from None
+        image = self.read_image(data, 3)
         x, scale = detection_input(image, self.input_size)
         return x, scale, image.size, {**self.defaults, **options}
 

@@ -22,9 +22,7 @@ import torch
 
 from handlers.vision import VisionHandler, RequestError, extract_image_bytes
 from model_defs.preprocessing import (
-    ImageDecodeError,
     encode_png,
-    load_image,
     logits_to_mask,
     mask_to_image,
     segmentation_transform,
@@ -38,10 +36,7 @@ class ImageSegmenter(VisionHandler):
 
     def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
         data = extract_image_bytes(row)
-        try:
-            image = load_image(data, self.data_config.channels)
-        except ImageDecodeError as e:
-            raise RequestError(400, "InvalidImage", str(e)) from None
+        image = self.read_image(data, self.data_config.channels)
         return self.transform(image), (image.height, image.width)
 
     def collate(self, items: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:

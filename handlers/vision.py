@@ -25,7 +25,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
-from model_defs.preprocessing import ImageDecodeError, eval_transform, load_image
+from model_defs.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, eval_transform, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,11 @@ def extract_image_bytes(row: dict) -> bytes:
     """The image bytes of one request: raw body, a multipart field, or JSON {"data": base64}."""
     if not isinstance(row, dict):
         raise RequestError(400, "InvalidRequest", "request carries no fields")
-    payload = row.get("data")
-    if payload is None:
-        payload = row.get("body")
+    field = "data" if row.get("data") is not None else "body"
+    payload = row.get(field)
     if payload is None:
         # A multipart form whose file field has another name ("file", "image", ...).
-        payload = next((v for v in row.values() if isinstance(v, (bytes, bytearray))), None)
+        field, payload = next(((k, v) for k, v in row.items() if isinstance(v, (bytes, bytearray))), (None, None))
     if payload is None:
         raise RequestError(400, "EmptyBody", "request has no body: send image bytes, a multipart file or JSON {\"data\": base64}")
     if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{":
@@ -64,6 +63,13 @@ def extract_image_bytes(row: dict) -> bytes:
         payload = payload["data"]
         if not isinstance(payload, str):
             raise RequestError(400, "InvalidJSON", "JSON field \"data\" must be a base64 string")
+    elif isinstance(payload, str):
+        # TorchServe hands a text/* body over as a string: base64 is accepted, anything else is text.
+        try:
+            payload = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "InvalidImage", "request body is text, not an image: send the image bytes "
+                               "(e.g. Content-Type: image/png), a multipart file or JSON {\"data\": base64}") from None
     if isinstance(payload, str):
         try:
             payload = base64.b64decode(payload, validate=True)
@@ -72,12 +78,15 @@ def extract_image_bytes(row: dict) -> bytes:
     if not isinstance(payload, (bytes, bytearray)):
         raise RequestError(400, "InvalidRequest", f"unsupported request payload of type {type(payload).__name__}")
     if len(payload) == 0:
-        raise RequestError(400, "EmptyBody", "image data is empty (0 bytes)")
+        where = "request body" if field in ("body", None) else f"multipart field \"{field}\""
+        raise RequestError(400, "EmptyBody", f"image data is empty: {where} has 0 bytes")
     return bytes(payload)
 
 
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
+
+    max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler option max_pixels overrides it
 
     def initialize(self, context):
         self.context = context
@@ -86,6 +95,7 @@ class VisionHandler(BaseHandler):
         model_dir = Path(props["model_dir"])
         self.config = dict(context.model_yaml_config or {})
         self.handler_config = dict(self.config.get("handler") or {})
+        self.max_pixels = int(self.handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
 
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
@@ -116,13 +126,17 @@ class VisionHandler(BaseHandler):
 
     # -- the three steps -------------------------------------------------------------
 
-    def preprocess_one(self, row: dict) -> torch.Tensor:
-        data = extract_image_bytes(row)
+    def read_image(self, data: bytes, channels: int):
+        """Decode one request's image within the archive's pixel limit (max_pixels)."""
         try:
-            image = load_image(data, self.data_config.channels)
+            return load_image(data, channels, max_pixels=self.max_pixels)
+        except ImageTooLargeError as e:
+            raise RequestError(413, "ImageTooLarge", str(e)) from None
         except ImageDecodeError as e:
             raise RequestError(400, "InvalidImage", str(e)) from None
-        return self.transform(image)
+
+    def preprocess_one(self, row: dict) -> torch.Tensor:
+        return self.transform(self.read_image(extract_image_bytes(row), self.data_config.channels))
 
     def preprocess(self, data: list) -> tuple[object | None, dict[int, RequestError]]:
         """Read each item; returns the collated good items and the errors of the bad ones."""

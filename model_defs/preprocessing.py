@@ -21,12 +21,27 @@ from model_defs.registry import DataConfig
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+# The most pixels (width x height) a served image may have unless the archive's handler
+# section says otherwise (`--handler-option max_pixels=N`): a 40-megapixel RGB image
+# already takes 120 MB decoded.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
 class ImageDecodeError(ValueError):
     """The bytes are not an image PIL can decode; the message says why."""
 
 
-def decode_image(source: bytes | bytearray | str | Path) -> Image.Image:
-    """Open image bytes or a file fully (so truncation is found here, not later)."""
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed (a decompression bomb, or just too big)."""
+
+
+def decode_image(source: bytes | bytearray | str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Open image bytes or a file fully (so truncation is found here, not later).
+
+    With `max_pixels`, an image whose width x height exceeds it is refused from its header,
+    before any pixel is decoded (PIL opens lazily), so a small file that would decompress
+    to gigabytes costs nothing.
+    """
     what = str(source) if isinstance(source, (str, Path)) else "image data"
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
@@ -36,13 +51,20 @@ def decode_image(source: bytes | bytearray | str | Path) -> Image.Image:
         fp = source
     try:
         with Image.open(fp) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"max_pixels={max_pixels:,}; send a smaller image")
             img.seek(0)  # animated GIF/WebP: the first frame
             img.load()
             return ImageOps.exif_transpose(img) or img.copy()
+    except ImageDecodeError:
+        raise
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{what} is not an image format PIL can read") from None
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"{what} is too large to decode safely: {e}") from None
+        raise ImageTooLargeError(f"{what} is too large to decode safely: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"{what} could not be decoded ({e})") from None
 
@@ -73,9 +95,9 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert(target)
 
 
-def load_image(source: bytes | bytearray | str | Path, channels: int) -> Image.Image:
+def load_image(source: bytes | bytearray | str | Path, channels: int, max_pixels: int | None = None) -> Image.Image:
     """Decode and convert: what both training and serving do with every image."""
-    return to_model_mode(decode_image(source), channels)
+    return to_model_mode(decode_image(source, max_pixels), channels)
 
 
 def _interpolation(cfg: DataConfig) -> InterpolationMode:

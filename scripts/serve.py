@@ -270,6 +270,9 @@ class TorchServe:
 
     def manage(self, method: str, path: str, **params) -> dict:
         """One management call; a refusal becomes a ServeError carrying TorchServe's message."""
+        if method == "POST" and path == "/models" and (self.model_store / str(params.get("url", ""))).is_file():
+            # A damaged archive of the store: say so, rather than TorchServe's "Failed to save model".
+            archive_manifest(self.model_store / params["url"])
         try:
             r = requests.request(method, self.url("management") + path, params=params or None,
                                  headers=self.headers("management"), timeout=600)

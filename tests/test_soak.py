@@ -1,0 +1,39 @@
+"""scripts/soak.py against a real TorchServe: a short run with good and bad requests mixed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts import archive, soak
+from scripts.serve import TorchServe
+
+
+@pytest.fixture(scope="module")
+def digits_server(trained_digits, tmp_path_factory):
+    store = tmp_path_factory.mktemp("soak_store")
+    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
+                         "--batch-size", "8", "--max-batch-delay", "5"]) == 0
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("soak_serve"), model_store=store, ports={})
+    ts.start(["digits"], timeout=240)
+    yield ts
+    ts.stop()
+
+
+def test_short_soak_answers_good_200_bad_4xx_and_reads_worker_rss(digits_server, digits_dir, tmp_path, capsys):
+    out = tmp_path / "soak.json"
+    code = soak.main(["--model", "digits", "--run-dir", str(digits_server.run_dir), "--data", str(digits_dir / "test"),
+                      "--duration", "8", "--clients", "4", "--warmup", "5", "--rss-every", "3", "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["failures"] == []
+    assert result["good_total"] > 0 and result["status_counts"]["good"] == {"200": result["good_total"]}
+    assert result["bad_total"] > 0 and result["bad_4xx"] == result["bad_total"]
+    assert all(400 <= int(s) < 500 for s in result["status_counts"]["bad"])
+    assert result["requests"] == result["good_total"] + result["bad_total"]
+    rss = result["rss"]
+    assert rss["start_bytes"] > 0 and rss["end_bytes"] > 0 and len(rss["samples"]) >= 2
+    assert not rss["workers_restarted"] and not rss["checked"]  # the limit applies from 600 s only
+    assert result["latency_ms"]["good_p50"] > 0 and result["latency_ms"]["good_p99"] >= result["latency_ms"]["good_p50"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"soak: {result['requests']} requests, good 5xx=0")
