@@ -71,7 +71,7 @@ class ObjectDetector(VisionHandler):
 
     def preprocess_one(self, row: dict) -> tuple:
         row, options = split_request(row)
-        data = extract_image_bytes(row)
+        data = extract_image_bytes(row, self.max_bytes)
         image = self.read_image(data, 3)
         x, scale = detection_input(image, self.input_size)
         return x, scale, image.size, {**self.defaults, **options}

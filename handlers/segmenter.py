@@ -20,7 +20,7 @@ import base64
 import numpy as np
 import torch
 
-from handlers.vision import VisionHandler, RequestError, extract_image_bytes
+from handlers.vision import VisionHandler, extract_image_bytes
 from model_defs.preprocessing import (
     encode_png,
     logits_to_mask,
@@ -35,7 +35,7 @@ class ImageSegmenter(VisionHandler):
         self.transform = segmentation_transform(self.data_config)
 
     def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
-        data = extract_image_bytes(row)
+        data = extract_image_bytes(row, self.max_bytes)
         image = self.read_image(data, self.data_config.channels)
         return self.transform(image), (image.height, image.width)
 

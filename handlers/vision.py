@@ -29,6 +29,10 @@ from model_defs.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, Image
 
 logger = logging.getLogger(__name__)
 
+# TorchServe's own default max_request_size; config.properties lets the frontend take more,
+# so a body between the two gets this handler's JSON 413 instead of the frontend's bare one.
+DEFAULT_MAX_BYTES = 6_553_500
+
 
 class RequestError(Exception):
     """A problem with one request's input: answered with `code` and a JSON body."""
@@ -41,8 +45,12 @@ class RequestError(Exception):
         return {"code": self.code, "type": self.type, "message": self.message}
 
 
-def extract_image_bytes(row: dict) -> bytes:
-    """The image bytes of one request: raw body, a multipart field, or JSON {"data": base64}."""
+def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
+    """The image bytes of one request: raw body, a multipart field, or JSON {"data": base64}.
+
+    `max_bytes` bounds the image's size (413 beyond it, with a JSON body, unlike the bare
+    413 TorchServe's frontend gives for a body over its own, higher, max_request_size).
+    """
     if not isinstance(row, dict):
         raise RequestError(400, "InvalidRequest", "request carries no fields")
     field = "data" if row.get("data") is not None else "body"
@@ -80,13 +88,17 @@ def extract_image_bytes(row: dict) -> bytes:
     if len(payload) == 0:
         where = "request body" if field in ("body", None) else f"multipart field \"{field}\""
         raise RequestError(400, "EmptyBody", f"image data is empty: {where} has 0 bytes")
+    if max_bytes is not None and len(payload) > max_bytes:
+        raise RequestError(413, "PayloadTooLarge",
+                           f"image data is {len(payload):,} bytes, over the limit of max_bytes={max_bytes:,}")
     return bytes(payload)
 
 
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
-    max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler option max_pixels overrides it
+    max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler options max_pixels and max_bytes override these
+    max_bytes = DEFAULT_MAX_BYTES
 
     def initialize(self, context):
         self.context = context
@@ -96,6 +108,7 @@ class VisionHandler(BaseHandler):
         self.config = dict(context.model_yaml_config or {})
         self.handler_config = dict(self.config.get("handler") or {})
         self.max_pixels = int(self.handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
+        self.max_bytes = int(self.handler_config.get("max_bytes") or DEFAULT_MAX_BYTES)
 
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
@@ -136,7 +149,7 @@ class VisionHandler(BaseHandler):
             raise RequestError(400, "InvalidImage", str(e)) from None
 
     def preprocess_one(self, row: dict) -> torch.Tensor:
-        return self.transform(self.read_image(extract_image_bytes(row), self.data_config.channels))
+        return self.transform(self.read_image(extract_image_bytes(row, self.max_bytes), self.data_config.channels))
 
     def preprocess(self, data: list) -> tuple[object | None, dict[int, RequestError]]:
         """Read each item; returns the collated good items and the errors of the bad ones."""
