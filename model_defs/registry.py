@@ -116,12 +116,17 @@ def register_model(
     return wrap
 
 
-def get_entry(name: str) -> ModelEntry:
+def get_entry(name: str, task: str | None = None) -> ModelEntry:
+    """The registered entry of `name`; with `task`, a model of another task is refused."""
     try:
-        return _REGISTRY[name]
+        entry = _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise KeyError(f"unknown model {name!r}; registered models: {known}") from None
+    if task is not None and entry.task != task:
+        raise ValueError(f"model {name} is a {entry.task} model, not a {task} model "
+                         f"({task} models: {', '.join(list_models(task))})")
+    return entry
 
 
 def get_model(name: str, **kwargs) -> nn.Module:

@@ -26,6 +26,24 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def add_run_args(group) -> None:
+    """The flags every trainer's run shares: device, threads, seed, determinism, progress."""
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
+    group.add_argument("--threads", type=int, default=0,
+                       help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default, all cores (default: 0)")
+    group.add_argument("--seed", type=int, default=0, help="random seed for the split, initialization and augmentation (default: 0)")
+    group.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU) (default: off)")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)")
+
+
+def start_run(args) -> torch.device:
+    """What every trainer does first: seed, size torch's thread pool, pick the device."""
+    seed_everything(args.seed, args.deterministic)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+
 def parse_model_args(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, save_model_files, unwrap
 from model_defs.preprocessing import eval_transform, train_transform
-from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics, run_cli
+from training.common import add_run_args, cosine_with_warmup, package_versions, parse_model_args, run_cli, start_run, write_metrics
 from training.datasets import (
     LAYOUTS,
     ImageDataset,
@@ -79,12 +79,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA (AMP is never used on CPU) (default: AMP on when on CUDA)")
 
     g = p.add_argument_group("run")
+    add_run_args(g)
     g.add_argument("--out", default=None, help="output folder (default: runs/<model>)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for the split, initialization and augmentation (default: 0)")
-    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower on GPU) (default: off)")
     g.add_argument("--resume", default=None, help="checkpoint.pt (or an output folder holding one) to continue from; give the same flags as the interrupted run (default: None)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)")
     return p
 
 
@@ -168,8 +165,7 @@ def run_epoch(model, loader, criterion, device, args, multi_label, *, optimizer=
 
 def main(args) -> dict:
     """Train; returns the metadata written to model.json."""
-    seed_everything(args.seed, args.deterministic)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = start_run(args)
     out = Path(args.out or f"runs/{args.model}")
 
     train_spec = read_dataset(args.data, args.layout)
@@ -181,9 +177,7 @@ def main(args) -> dict:
         train_samples, val_samples = stratified_split(train_spec.samples, args.val_fraction, args.seed)
     multi_label = args.multi_label or train_spec.multi_label
 
-    entry = get_entry(args.model)
-    if entry.task != "classification":
-        raise ValueError(f"model {args.model} is a {entry.task} model; this trainer trains classifiers")
+    entry = get_entry(args.model, task="classification")
     data_config = entry.data_config.replace(channels=args.channels, input_size=args.input_size, resize_size=args.resize_size)
     model, arch_args = build_model(args, len(classes), data_config)
     model.to(device)

@@ -150,10 +150,7 @@ def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{args.model}")
-    entry = get_entry(args.model)
-    if entry.task != "detection":
-        raise ValueError(f"model {args.model} is a {entry.task} model; this trainer trains detectors "
-                         f"({', '.join(n for n in _detectors())})")
+    entry = get_entry(args.model, task="detection")
     train_spec = read_detection(args.data, args.layout)
     classes = train_spec.classes
     if args.val_data:
@@ -238,12 +235,6 @@ def main(args) -> dict:
     print(f"best val mAP@0.5 {final['metrics']['map_50']:.4f}, mAP@[.5:.95] {final['metrics']['map']:.4f} "
           f"(epoch {best_epoch}, {time.time() - started:.0f}s of training); wrote {out}/model.pt and model.json", file=sys.stderr)
     return final
-
-
-def _detectors() -> list[str]:
-    from model_defs import list_models
-
-    return list_models("detection")
 
 
 def _version(package: str) -> str | None:

@@ -33,7 +33,7 @@ from model_defs import get_entry, get_model
 from model_defs.checkpoint import data_config_from_meta, load_trained, save_model_files
 from model_defs.generative import dcgan_discriminator, latent_vectors
 from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
-from training.common import package_versions, seed_everything, write_metrics, run_cli
+from training.common import add_run_args, package_versions, run_cli, start_run, write_metrics
 from training.unlabeled import UnlabeledImages, collate_images, find_images, fingerprint
 
 
@@ -61,12 +61,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="data-loading processes (default: min(2, cores))")
     p.add_argument("--out", default="runs/gan", help="output folder (default: runs/gan)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default, all cores (default: 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (default: off)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch (default: progress bar on)")
+    add_run_args(p)
     return p
 
 
@@ -145,13 +140,8 @@ class SampleScorer:
 
 
 def main(args) -> dict:
-    seed_everything(args.seed, args.deterministic)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    entry = get_entry(args.model)
-    if entry.task != "generation":
-        raise ValueError(f"model {args.model} is a {entry.task} model; this trainer trains generation models")
+    device = start_run(args)
+    entry = get_entry(args.model, task="generation")
     size = args.image_size or entry.data_config.input_size
     cfg = entry.data_config.replace(channels=args.channels, input_size=size, resize_size=size)
     arch_args = {"latent_dim": args.latent_dim, "channels": cfg.channels, "image_size": size, "width": args.width}

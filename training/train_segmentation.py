@@ -35,7 +35,7 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_write_bytes, read_meta, save_model_files
 from model_defs.preprocessing import load_image, logits_to_mask, segmentation_train_transform, segmentation_transform
-from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics, run_cli
+from training.common import add_run_args, cosine_with_warmup, package_versions, parse_model_args, run_cli, start_run, write_metrics
 from training.datasets import DatasetError
 from training.det_datasets import IGNORE_INDEX, SegmentationDataset, read_masks
 
@@ -68,14 +68,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this many minutes of training; 0 = no limit (default: 0)")
 
     g = p.add_argument_group("run")
+    add_run_args(g)
     g.add_argument("--out", default="runs/segmentation", help="output folder (default: runs/segmentation)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default, all cores (default: 0)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for the split, initialization and augmentation (default: 0)")
-    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (default: off)")
     g.add_argument("--vis-count", type=int, default=8, help="validation images drawn in predictions.png (default: 8)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch (default: progress bar on)")
     return p
 
 
@@ -167,13 +162,8 @@ def draw_predictions(model, samples, classes, cfg, device, path: Path, cell: int
 
 
 def main(args) -> dict:
-    seed_everything(args.seed, args.deterministic)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    entry = get_entry(args.model)
-    if entry.task != "segmentation":
-        raise ValueError(f"model {args.model} is a {entry.task} model; this trainer trains segmentation models")
+    device = start_run(args)
+    entry = get_entry(args.model, task="segmentation")
     cfg = entry.data_config.replace(channels=args.channels, input_size=args.input_size)
     cfg = cfg.replace(resize_size=cfg.input_size)  # segmentation resizes the whole image, no crop
 

@@ -32,7 +32,7 @@ from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_write_bytes, read_meta, save_model_files
 from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
-from training.common import cosine_with_warmup, package_versions, parse_model_args, seed_everything, write_metrics, run_cli
+from training.common import add_run_args, cosine_with_warmup, package_versions, parse_model_args, run_cli, start_run, write_metrics
 from training.datasets import LAYOUTS, DatasetError, ImageDataset, collate_skipping, read_dataset, stratified_split
 from training.unlabeled import UnlabeledImages, collate_images, find_images, fingerprint
 
@@ -72,12 +72,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/simclr", help="output folder (default: runs/simclr)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto: cuda if available)")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default, all cores (default: 0)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (default: off)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch (default: progress bar on)")
+    add_run_args(g)
     return p
 
 
@@ -126,13 +121,8 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
 
 
 def main(args) -> dict:
-    seed_everything(args.seed, args.deterministic)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    entry = get_entry(args.model)
-    if entry.task != "embedding":
-        raise ValueError(f"model {args.model} is a {entry.task} model; this trainer trains embedding models")
+    device = start_run(args)
+    entry = get_entry(args.model, task="embedding")
     cfg = entry.data_config.replace(channels=args.channels, input_size=args.input_size)
     arch_args = {"in_channels": cfg.channels, **parse_model_args(args.model_arg)}
     model = get_model(args.model, **arch_args).to(device)
