@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from model_defs import DataConfig
+from model_defs.checkpoint import load_trained
+from model_defs.preprocessing import eval_transform, load_image
 from training import train as train_mod
 from training.sample_data import write_digits
 
@@ -49,6 +53,14 @@ def photos() -> dict[str, Image.Image]:
         "coffee": Image.fromarray(data.coffee()),  # 400x600 RGB
         "camera": Image.fromarray(data.camera()),  # 512x512 grey
     }
+
+
+def classify_in_process(run_dir: Path, data: bytes) -> torch.Tensor:
+    """Class probabilities of a training output folder's model for image bytes, no server."""
+    model, meta = load_trained(run_dir)
+    cfg = DataConfig.from_dict(meta["preprocessing"])
+    with torch.inference_mode():
+        return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

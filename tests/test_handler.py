@@ -12,8 +12,7 @@ from ts.context import Context, RequestProcessor
 from handlers.image_classifier import ImageClassifier
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained, save_model_files
-from model_defs.preprocessing import eval_transform, load_image
-from tests.conftest import encode, image_variants
+from tests.conftest import classify_in_process, encode, image_variants
 
 
 def make_context(model_dir, n_requests: int, config: dict | None = None) -> Context:
@@ -56,20 +55,13 @@ def rgb_model_dir(tmp_path_factory):
     return model_dir
 
 
-def in_process_probs(model_dir, data: bytes) -> torch.Tensor:
-    model, meta = load_trained(model_dir)
-    cfg = DataConfig.from_dict(meta["preprocessing"])
-    with torch.inference_mode():
-        return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
-
-
 def test_batch_predictions_equal_in_process(digits_model_dir, digits_dir):
     handler = load_handler(digits_model_dir, {"handler": {"topk": 3}})
     files = sorted((digits_dir / "test").rglob("*.png"))[::40]
     answers, codes = run(handler, digits_model_dir, [{"body": f.read_bytes()} for f in files])
     assert codes == [200] * len(files)
     for f, answer in zip(files, answers):
-        probs = in_process_probs(digits_model_dir, f.read_bytes())
+        probs = classify_in_process(digits_model_dir, f.read_bytes())
         assert len(answer) == 3
         assert list(answer)[0] == str(int(probs.argmax()))
         for label, p in answer.items():

@@ -25,8 +25,7 @@ from PIL import Image
 from model_defs.preprocessing import ImageDecodeError, ImageTooLargeError, decode_image
 from scripts import archive, models
 from scripts.serve import ServeError, TorchServe
-from tests.conftest import encode
-from tests.test_serving import in_process
+from tests.conftest import classify_in_process, encode
 
 MAX_PIXELS = 1_000_000
 MAX_BYTES = 200_000
@@ -107,7 +106,7 @@ def test_bad_requests_get_a_clear_4xx_beside_good_ones_and_the_worker_survives(s
     for name, data in goods.items():
         r = answers[name]
         assert r.status_code == 200, (name, r.status_code, r.text)
-        assert list(r.json())[0] == str(int(in_process(trained_digits, data).argmax())), name
+        assert list(r.json())[0] == str(int(classify_in_process(trained_digits, data).argmax())), name
     for name, (_, status, words) in bads.items():
         r = answers[name]
         print(f"{name}: {r.status_code} {' '.join(r.text.split())}")

@@ -11,11 +11,10 @@ import requests
 import torch
 
 from model_defs import DataConfig, get_model
-from model_defs.checkpoint import load_trained, save_model_files
-from model_defs.preprocessing import eval_transform, load_image
+from model_defs.checkpoint import save_model_files
 from scripts import archive
 from scripts.serve import ServeError, TorchServe
-from tests.conftest import encode, image_variants
+from tests.conftest import classify_in_process, encode, image_variants
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +49,6 @@ def predict(ts, model, data=None, **kw):
     return requests.post(f"{ts.url('inference')}/predictions/{model}", data=data, timeout=60, **kw)
 
 
-def in_process(run_dir, data: bytes) -> torch.Tensor:
-    model, meta = load_trained(run_dir)
-    cfg = DataConfig.from_dict(meta["preprocessing"])
-    with torch.inference_mode():
-        return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
-
-
 def test_rest_predictions_equal_in_process_predictions(server, trained_digits, digits_dir):
     files = sorted((digits_dir / "test").rglob("*.png"))[::12]
     with ThreadPoolExecutor(8) as pool:  # concurrent, so TorchServe batches them
@@ -64,7 +56,7 @@ def test_rest_predictions_equal_in_process_predictions(server, trained_digits, d
     for f, r in zip(files, answers):
         assert r.status_code == 200, r.text
         served = r.json()
-        probs = in_process(trained_digits, f.read_bytes())
+        probs = classify_in_process(trained_digits, f.read_bytes())
         assert list(served)[0] == str(int(probs.argmax())), f
         assert len(served) == 10
         for label, p in served.items():
@@ -76,7 +68,7 @@ def test_second_model_is_served_beside_the_first(server, photo_run, photos):
     data = encode(photos["chelsea"], "JPEG")
     r = predict(server, "photos", data)
     assert r.status_code == 200, r.text
-    probs = in_process(photo_run, data)
+    probs = classify_in_process(photo_run, data)
     names = ["cat", "coffee", "rocket"]
     assert list(r.json())[0] == names[int(probs.argmax())]
     assert all(abs(p - probs[names.index(k)].item()) < 1e-4 for k, p in r.json().items())
@@ -105,7 +97,7 @@ def test_bad_items_get_4xx_while_their_batch_mates_succeed(server, digits_dir, t
         answers = list(pool.map(lambda d: predict(server, "digits", d), payloads))
     for f, r in zip(good, answers[: len(good)]):
         assert r.status_code == 200, r.text
-        assert list(r.json())[0] == str(int(in_process(trained_digits, f.read_bytes()).argmax()))
+        assert list(r.json())[0] == str(int(classify_in_process(trained_digits, f.read_bytes()).argmax()))
     for r in answers[len(good):]:
         assert r.status_code == 400, r.text
         body = r.json()

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 import requests
-import torch
 import yaml
 
-from model_defs import DataConfig
-from model_defs.checkpoint import load_trained
-from model_defs.preprocessing import eval_transform, load_image
 from scripts import archive, models
 from scripts.catalog import Catalog
 from scripts.serve import ServeError, TorchServe
-from tests.conftest import train_cli_args
+from tests.conftest import classify_in_process, train_cli_args
 from training import train as train_mod
 
 
@@ -122,13 +118,6 @@ def predict(server, data: bytes, version: str | None = None) -> requests.Respons
     return requests.post(url, data=data, headers=server.headers("inference"), timeout=60)
 
 
-def in_process(run_dir: Path, data: bytes) -> torch.Tensor:
-    model, meta = load_trained(run_dir)
-    cfg = DataConfig.from_dict(meta["preprocessing"])
-    with torch.inference_mode():
-        return torch.softmax(model(eval_transform(cfg)(load_image(data, cfg.channels))[None]), 1)[0]
-
-
 def same_answer(a: dict, b: dict) -> bool:
     """Equal up to the float noise of being batched with other requests."""
     return list(a) == list(b) and all(abs(a[k] - b[k]) < 1e-5 for k in a)
@@ -143,7 +132,7 @@ def test_each_version_serves_its_own_predictions(server, trained_digits, second_
         data = f.read_bytes()
         for version, run in (("1.0", trained_digits), ("2.0", second_run)):
             served = predict(server, data, version).json()
-            probs = in_process(run, data)
+            probs = classify_in_process(run, data)
             assert all(abs(p - probs[int(k)].item()) < 1e-4 for k, p in served.items()), (f, version)
         differ += not same_answer(predict(server, data, "1.0").json(), predict(server, data, "2.0").json())
     assert differ > 0  # the two versions are really different models
