@@ -31,6 +31,8 @@ def _is_int(value) -> bool:
 
 
 class ImageGenerator(VisionHandler):
+    batched_images = False  # latent vectors, not images
+
     def initialize(self, context):
         super().initialize(context)
         self.latent_dim = int(self.meta["arch_args"].get("latent_dim", getattr(self.model, "latent_dim", 0)))

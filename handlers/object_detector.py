@@ -61,6 +61,8 @@ def split_request(row: dict) -> tuple[dict, dict]:
 
 
 class ObjectDetector(VisionHandler):
+    batched_images = False  # a list of images of their own sizes
+
     def initialize(self, context):
         super().initialize(context)
         self.input_size = self.data_config.input_size

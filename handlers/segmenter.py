@@ -45,8 +45,7 @@ class ImageSegmenter(VisionHandler):
 
     def inference(self, batch):
         images, sizes = batch
-        with torch.inference_mode():
-            return self.model(images), sizes
+        return self.runner(images), sizes
 
     def postprocess(self, output) -> list[dict]:
         logits, sizes = output

@@ -25,6 +25,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
+from handlers.runtimes import load_runtime
 from model_defs.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, eval_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
+    batched_images = True  # inference takes one (N, C, H, W) batch
     max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler options max_pixels and max_bytes override these
     max_bytes = DEFAULT_MAX_BYTES
 
@@ -121,6 +123,9 @@ class VisionHandler(BaseHandler):
 
         self.model, self.meta = load_trained(model_dir, map_location=self.device)
         self.model.to(self.device)
+        # Tasks whose model takes a plain image batch run it through the archive's runtime;
+        # the detector (a list of images) and the generator (latent vectors) call the model.
+        self.runner = load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None
         self.classes = list(self.meta["classes"])
         self.data_config = data_config_from_meta(self.meta)
         self.transform = eval_transform(self.data_config)
@@ -169,8 +174,7 @@ class VisionHandler(BaseHandler):
         return torch.stack(items).to(self.device)
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(batch)
+        return self.runner(batch)
 
     def postprocess(self, output: torch.Tensor) -> list:
         raise NotImplementedError
