@@ -76,7 +76,7 @@ class ObjectDetector(VisionHandler):
         data = extract_image_bytes(row, self.max_bytes)
         image = self.read_image(data, 3)
         x, scale = detection_input(image, self.input_size)
-        return x, scale, image.size, {**self.defaults, **options}
+        return x, scale, (image.shape[-1], image.shape[-2]), {**self.defaults, **options}
 
     def collate(self, items: list) -> list:
         """Images of different sizes stay a list: torchvision detectors batch them by padding."""

@@ -37,7 +37,7 @@ class ImageSegmenter(VisionHandler):
     def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
         data = extract_image_bytes(row, self.max_bytes)
         image = self.read_image(data, self.data_config.channels)
-        return self.transform(image), (image.height, image.width)
+        return self.transform(image), tuple(image.shape[-2:])
 
     def collate(self, items: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The resized images as one batch, and each original size to scale the mask back to."""

@@ -26,7 +26,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from handlers.runtimes import load_runtime
-from model_defs.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, eval_transform, load_image
+from model_defs.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, eval_transform, load_image_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
     batched_images = True  # inference takes one (N, C, H, W) batch
+    decode_device = "cpu"  # the GPU with the handler option gpu_decode
     max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler options max_pixels and max_bytes override these
     max_bytes = DEFAULT_MAX_BYTES
 
@@ -125,6 +126,8 @@ class VisionHandler(BaseHandler):
         self.model.to(self.device)
         # Tasks whose model takes a plain image batch run it through the archive's runtime;
         # the detector (a list of images) and the generator (latent vectors) call the model.
+        # handler option gpu_decode: JPEGs decoded by nvJPEG on the worker's GPU.
+        self.decode_device = self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
         self.runner = load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None
         self.classes = list(self.meta["classes"])
         self.data_config = data_config_from_meta(self.meta)
@@ -144,10 +147,10 @@ class VisionHandler(BaseHandler):
 
     # -- the three steps -------------------------------------------------------------
 
-    def read_image(self, data: bytes, channels: int):
-        """Decode one request's image within the archive's pixel limit (max_pixels)."""
+    def read_image(self, data: bytes, channels: int) -> torch.Tensor:
+        """Decode one request's image to uint8 (C, H, W) within the archive's pixel limit."""
         try:
-            return load_image(data, channels, max_pixels=self.max_pixels)
+            return load_image_tensor(data, channels, max_pixels=self.max_pixels, device=self.decode_device)
         except ImageTooLargeError as e:
             raise RequestError(413, "ImageTooLarge", str(e)) from None
         except ImageDecodeError as e:
@@ -170,8 +173,16 @@ class VisionHandler(BaseHandler):
         return (self.collate(items) if items else None), errors
 
     def collate(self, items: list):
-        """The good items as one model input; tasks whose items differ in shape override it."""
-        return torch.stack(items).to(self.device)
+        """The good items as one model input; tasks whose items differ in shape override it.
+
+        On a GPU the batch crosses to the device in one pinned, non-blocking copy, not one
+        copy per image (items already decoded on the GPU stay there)."""
+        if all(x.device == self.device for x in items):
+            return torch.stack(items)
+        batch = torch.stack([x.cpu() for x in items])
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         return self.runner(batch)

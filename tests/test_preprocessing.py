@@ -6,10 +6,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from handlers.vision import extract_image_bytes
 from model_defs import DataConfig
-from model_defs.preprocessing import ImageDecodeError, decode_image, eval_transform, load_image, to_model_mode
+from model_defs.preprocessing import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    eval_transform,
+    load_image,
+    load_image_tensor,
+    to_model_mode,
+)
 from training.datasets import ImageDataset, read_dataset
 from tests.conftest import encode, image_variants
 
@@ -115,3 +124,49 @@ def test_training_validation_and_serving_give_the_same_tensor(digits_dir, photos
             train_tensor, _ = val_set[i]
             served = handler.preprocess_one({"body": sample.path.read_bytes()})
             assert torch.equal(train_tensor, served), sample.path
+
+
+def jpeg_variants(photos) -> dict[str, bytes]:
+    rgb = photos["chelsea"]
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    return {
+        "q95": encode(rgb, "JPEG", quality=95),
+        "q50_444": encode(rgb, "JPEG", quality=50, subsampling=0),
+        "progressive": encode(photos["coffee"], "JPEG", progressive=True),
+        "grey": encode(photos["camera"], "JPEG"),
+        "odd_size": encode(photos["astronaut"].resize((97, 31)), "JPEG"),
+        "exif_rotated": encode(rgb.resize((60, 40)), "JPEG", exif=rotated),
+        "cmyk": encode(rgb.convert("CMYK"), "JPEG"),
+    }
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_jpeg_decode_gives_the_pixels_pil_gives(photos, channels):
+    """Serving decodes JPEGs with torchvision.io; training with PIL: the tensors must be equal."""
+    for name, data in jpeg_variants(photos).items():
+        fast = load_image_tensor(data, channels)
+        assert fast.dtype == torch.uint8 and fast.shape[0] == channels, name
+        assert torch.equal(fast, v2.functional.pil_to_tensor(load_image(data, channels))), name
+
+
+def test_upright_jpegs_skip_pil_and_the_rest_fall_back(photos, monkeypatch):
+    import model_defs.preprocessing as pre
+
+    variants = jpeg_variants(photos)
+    monkeypatch.setattr(pre, "load_image", lambda *a, **k: pytest.fail("PIL decode used"))
+    for name in ("q95", "progressive", "grey", "odd_size"):
+        pre.load_image_tensor(variants[name], 3)
+    for name in ("exif_rotated", "cmyk"):  # PIL's rotation and colour conversion
+        with pytest.raises(pytest.fail.Exception):
+            pre.load_image_tensor(variants[name], 3)
+
+
+def test_fast_jpeg_path_keeps_the_pixel_limit_and_the_clear_errors(photos):
+    data = encode(photos["chelsea"], "JPEG")
+    with pytest.raises(ImageTooLargeError, match="451x300 = 135,300 pixels, over the limit of max_pixels=100,000"):
+        load_image_tensor(data, 3, max_pixels=100_000)
+    with pytest.raises(ImageDecodeError, match="could not be decoded"):
+        load_image_tensor(data[: len(data) // 2], 3)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        load_image_tensor(b"\xff\xd8\xff" + b"\0" * 20, 3)

@@ -1,0 +1,489 @@
+"""Serving speed, side by side in one run: bare handler, our archive served, the stock handler.
+
+    scripts/bench.sh                                   # ResNet-18, 20 s per load, ~5 minutes
+    scripts/bench.sh --runtime int8 --run runs/digits_resnet18
+    scripts/bench.sh --duration 5 --clients 1,4 --no-detector   # a quick look
+    scripts/bench.sh --device gpu --autocast fp16 --gpu-decode  # on a GPU host
+
+On this machine, with the same weights and the same real JPEG bytes (scikit-image's
+451x300 cat), it measures:
+- bare:   our handler's preprocess + inference + postprocess called in-process, no server,
+          with torch on every core, at batch 1 and at the archive's batch size;
+- served: our .mar behind TorchServe REST, closed loop at each --clients count, and one
+          open-loop run at --rate requests/s (latency from the scheduled send time, so a
+          server that falls behind is not flattered);
+- stock:  the same weights archived with TorchServe's stock `image_classifier` handler and
+          TorchServe's default model configuration (a worker per core, batch size 1);
+- detector: the light detector's per-image latency at its input size, bare vs served.
+Servers run one after the other, never side by side. It prints a table, writes bench.json
+and bench.png to --out, and its last line is `served/bare=X.XX served/stock=Y.YY`, both
+throughput ratios at 4 clients (or the largest --clients count under 4 if 4 is not run).
+Weights do not change speed: without --run a model of --model is built with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.archive import build_archive  # noqa: E402
+from scripts.serve import ServeError, TorchServe  # noqa: E402
+
+STOCK_MODEL_FILE = '''"""ResNet-18 as TorchServe's stock handlers want it: one class, built with no arguments."""
+import torchvision
+
+
+class StockResNet18(torchvision.models.ResNet):
+    def __init__(self):
+        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes={num_classes})
+'''
+
+
+# -- inputs -----------------------------------------------------------------------------
+
+
+def cat_jpeg() -> bytes:
+    """scikit-image's 451x300 photo of a cat as JPEG bytes (quality 90)."""
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def random_weights_run(arch: str, out: Path, num_classes: int = 10) -> Path:
+    """A training-output folder with random weights: speed does not depend on the weights."""
+    import torch
+
+    from model_defs import get_entry, get_model
+    from model_defs.checkpoint import save_model_files
+
+    torch.manual_seed(0)
+    entry = get_entry(arch)
+    classes = [f"class_{i}" for i in range(num_classes)]
+    model = get_model(arch, num_classes=num_classes)
+    meta = {"arch": arch, "arch_args": {"num_classes": num_classes}, "task": entry.task, "classes": classes,
+            "preprocessing": entry.data_config.to_dict(), "note": "random weights, for speed measurements only"}
+    save_model_files(out, model, meta)
+    return out
+
+
+# -- measuring --------------------------------------------------------------------------
+
+
+def percentiles_ms(latencies: list[float]) -> dict:
+    if not latencies:
+        return {"p50": None, "p90": None, "p99": None}
+    p = np.percentile(np.asarray(latencies) * 1000, [50, 90, 99])
+    return {"p50": round(float(p[0]), 1), "p90": round(float(p[1]), 1), "p99": round(float(p[2]), 1)}
+
+
+def summary(latencies: list[float], errors: int, seconds: float, items: int | None = None) -> dict:
+    done = items if items is not None else len(latencies)
+    return {"throughput": round(done / seconds, 2), "requests": len(latencies) + errors, "errors": errors,
+            **percentiles_ms(latencies)}
+
+
+def unpack_handler(mar: Path, dest: Path, torch_threads: int | None = None, gpu: int | None = None):
+    """Our handler initialized in-process from the archive itself, as a worker would
+    (with `torch_threads`, the handler's thread count is overridden)."""
+    from ts.context import Context
+
+    from handlers.image_classifier import ImageClassifier
+    from handlers.object_detector import ObjectDetector
+
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(dest)
+    config = yaml.safe_load((dest / "model-config.yaml").read_text())
+    if torch_threads:
+        config["handler"] = {**config.get("handler", {}), "torch_threads": torch_threads}
+    task = json.loads((dest / "model.json").read_text())["task"]
+    handler = {"classification": ImageClassifier, "detection": ObjectDetector}[task]()
+    ctx = Context(mar.stem, str(dest), {"model": {"modelName": mar.stem}}, int(config["batchSize"]), gpu,
+                  "0.12.0", model_yaml_config=config)
+    handler.initialize(ctx)
+    return handler, config
+
+
+def bare(handler, image: bytes, batch: int, seconds: float) -> dict:
+    """The handler's whole handle() on `batch` copies of the image, back to back."""
+    from ts.context import Context, RequestProcessor
+
+    rows = [{"body": image} for _ in range(batch)]
+    ctx = Context("bench", "", {}, batch, None, "0.12.0")
+    ctx.request_processor = [RequestProcessor({}) for _ in range(batch)]
+    for _ in range(3):
+        handler.handle(rows, ctx)
+    latencies, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        handler.handle(rows, ctx)
+        latencies.append(time.perf_counter() - t)
+    return summary(latencies, 0, time.perf_counter() - start, items=len(latencies) * batch) | {"batch": batch}
+
+
+def preprocessing_ms(handler, image: bytes, n: int = 300) -> float:
+    """Median ms of the handler's preprocess_one (decode, resize, crop, normalize) per image."""
+    for _ in range(20):
+        handler.preprocess_one({"body": image})
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        handler.preprocess_one({"body": image})
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 3)
+
+
+def post(session: requests.Session, url: str, headers: dict, image: bytes) -> tuple[bool, object]:
+    try:
+        r = session.post(url, data=image, headers=headers, timeout=120)
+        return r.status_code == 200, (r.json() if r.status_code == 200 else r.status_code)
+    except (requests.RequestException, ValueError) as e:
+        return False, repr(e)
+
+
+def closed_loop(url: str, headers: dict, image: bytes, clients: int, seconds: float) -> dict:
+    """`clients` threads, each sending its next request when the last one is answered."""
+    latencies, errors, lock = [], [0], threading.Lock()
+    warm_until = time.perf_counter() + min(2.0, seconds / 4)
+    stop_at = warm_until + seconds
+
+    def client():
+        session = requests.Session()
+        while True:
+            t = time.perf_counter()
+            if t >= stop_at:
+                return
+            ok, _ = post(session, url, headers, image)
+            if t >= warm_until:
+                with lock:
+                    if ok:
+                        latencies.append(time.perf_counter() - t)
+                    else:
+                        errors[0] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return summary(latencies, errors[0], seconds) | {"clients": clients}
+
+
+def open_loop(url: str, headers: dict, image: bytes, rate: float, seconds: float) -> dict:
+    """Requests sent at a fixed rate whatever the answers do; latency counts from the
+    scheduled send time, so queueing inside an overloaded client is charged to the server."""
+    n = max(1, int(rate * seconds))
+    sessions = threading.local()
+    latencies, errors, lock = [], [0], threading.Lock()
+
+    def one(scheduled: float):
+        if not hasattr(sessions, "s"):
+            sessions.s = requests.Session()
+        ok, _ = post(sessions.s, url, headers, image)
+        with lock:
+            if ok:
+                latencies.append(time.perf_counter() - scheduled)
+            else:
+                errors[0] += 1
+
+    start = time.perf_counter() + 0.2
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        for i in range(n):
+            scheduled = start + i / rate
+            time.sleep(max(0.0, scheduled - time.perf_counter()))
+            pool.submit(one, scheduled)
+    return summary(latencies, errors[0], time.perf_counter() - start) | {"rate": rate}
+
+
+def serve_and_load(name: str, store: Path, run_dir: Path, config: Path, image: bytes, args,
+                   expect_top1: str | None) -> dict:
+    """Start a server for one archive, run every load against it, stop it."""
+    ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={})
+    ts.start([name], timeout=300)
+    try:
+        url, headers = f"{ts.url('inference')}/predictions/{name}", ts.headers("inference")
+        ok, answer = post(requests.Session(), url, headers, image)
+        if not ok:
+            raise ServeError(f"{name} did not answer the benchmark image: {answer}\n{ts.log_tail('model_log.log')}")
+        top1 = next(iter(answer)) if isinstance(answer, dict) else None
+        if expect_top1 is not None and top1 != expect_top1:
+            raise ServeError(f"{name} served answers {top1!r}, the bare handler {expect_top1!r}: not the same model")
+        results = {"answer": answer, "closed": []}
+        for clients in args.clients:
+            print(f"  {name}: {clients} client(s), {args.duration:.0f} s", flush=True)
+            results["closed"].append(closed_loop(url, headers, image, clients, args.duration))
+        if args.rate:
+            print(f"  {name}: open loop at {args.rate:g} req/s, {args.duration:.0f} s", flush=True)
+            results["open"] = open_loop(url, headers, image, args.rate, args.duration)
+        return results
+    finally:
+        ts.stop()
+
+
+# -- the archives -----------------------------------------------------------------------
+
+
+def stock_archive(run: Path, store: Path, work: Path) -> str:
+    """The same weights with TorchServe's stock image_classifier handler and no model config."""
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    meta = json.loads((run / "model.json").read_text())
+    if meta["arch"] != "resnet18":
+        raise SystemExit(f"error: the stock comparison needs a resnet18 run (torchvision's layout), got {meta['arch']}")
+    stage = work / "stock"
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "model.py").write_text(STOCK_MODEL_FILE.format(num_classes=len(meta["classes"])))
+    (stage / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(meta["classes"])}))
+    generate_model_archive(ModelArchiverConfig(
+        model_name="stock", handler="image_classifier", version="1.0", model_file=str(stage / "model.py"),
+        serialized_file=str(run / "model.pt"), extra_files=str(stage / "index_to_name.json"),
+        export_path=str(store), force=True))
+    return "stock"
+
+
+def stock_config(work: Path) -> Path:
+    """config.properties without our per-model worker default: TorchServe's own (one per core)."""
+    text = (ROOT / "config.properties").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith("default_workers_per_model")]
+    path = work / "stock.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def table(rows: list[tuple]) -> str:
+    head = ("what", "load", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors")
+    cells = [head] + [tuple("-" if v is None else str(v) for v in row) for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+
+
+def report_rows(result: dict) -> list[tuple]:
+    def row(what, load, s):
+        return (what, load, s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"])
+
+    rows = [row("bare", f"batch {b['batch']}", b) for b in result["bare"]]
+    for what in ("served", "stock"):
+        if what in result:
+            rows += [row(what, f"{c['clients']} client(s)", c) for c in result[what]["closed"]]
+            if "open" in result[what]:
+                rows.append(row(what, f"open {result[what]['open']['rate']:g}/s", result[what]["open"]))
+    if "detector" in result:
+        d = result["detector"]
+        rows += [row("detector bare", "batch 1", d["bare"]), row("detector served", "1 client", d["served"])]
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    clients = [c["clients"] for c in result["served"]["closed"]]
+    x = np.arange(len(clients))
+    kinds = [k for k in ("served", "stock") if k in result]
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        ax1.bar(x + i * width, [c["throughput"] for c in result[kind]["closed"]], width, label=kind)
+        ax2.bar(x + i * width, [c["p99"] or 0 for c in result[kind]["closed"]], width, label=f"{kind} p99")
+        ax2.plot(x + i * width, [c["p50"] or 0 for c in result[kind]["closed"]], "k_", markersize=14)
+    best_bare = max(b["throughput"] for b in result["bare"])
+    ax1.axhline(best_bare, color="grey", linestyle="--", label=f"bare handler ({best_bare:g} img/s)")
+    for ax, ylabel in ((ax1, "images / s"), (ax2, "latency ms (bar p99, tick p50)")):
+        ax.set_xticks(x + width * (len(kinds) - 1) / 2, [f"{c} client(s)" for c in clients])
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    ax2.set_yscale("log")
+    fig.suptitle(f"{result['model']} ({result['runtime']}), {result['image']}, {result['machine']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def bench_detector(args, image: bytes, work: Path, store: Path, config: Path) -> dict:
+    run = Path(args.detector) if args.detector != "auto" else ROOT / "runs" / "shapes_det"
+    weights = "trained"
+    if not (run / "model.json").is_file() or json.loads((run / "model.json").read_text())["task"] != "detection":
+        run, weights = random_weights_run("fcos_regnet_x_400mf", work / "detector_run", num_classes=3), "random"
+    build_archive(run, "detector", store, {"batch_size": 1, "max_batch_delay": 0}, force=True)
+    handler, _ = unpack_handler(store / "detector.mar", work / "detector_unpacked", torch_threads=os.cpu_count())
+    input_size = handler.data_config.input_size
+    print(f"detector: {json.loads((run / 'model.json').read_text())['arch']} ({weights} weights) at {input_size} px", flush=True)
+    bare_result = bare(handler, image, 1, args.duration)
+    ts = TorchServe(run_dir=work / "serve_detector", model_store=store, config=config, ports={})
+    ts.start(["detector"], timeout=300)
+    try:
+        url, headers = f"{ts.url('inference')}/predictions/detector", ts.headers("inference")
+        served = closed_loop(url, headers, image, 1, args.duration)
+    finally:
+        ts.stop()
+    return {"run": str(run), "weights": weights, "input_size": input_size, "bare": bare_result, "served": served}
+
+
+def run_bench(args) -> dict:
+    import torch
+
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("--device gpu: torch sees no CUDA device on this machine")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=out))
+    store = work / "model_store"
+    store.mkdir()
+    image = cat_jpeg()
+    if args.run and not (Path(args.run) / "model.json").is_file():
+        raise ValueError(f"training output folder {args.run} does not exist or holds no model.json")
+    run = Path(args.run) if args.run else random_weights_run(args.model, work / "run")
+    meta = json.loads((run / "model.json").read_text())
+    options = {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay,
+               "torch_threads": args.torch_threads, "device": args.device, "handler": {}}
+    if args.runtime != "eager":
+        options["runtime"] = args.runtime
+    if args.autocast:
+        options["handler"]["autocast"] = args.autocast
+    if args.gpu_decode:
+        options["handler"]["gpu_decode"] = True
+    build_archive(run, "served", store, options, force=True)
+
+    result = {"model": meta["arch"], "weights": "trained" if args.run else "random", "runtime": args.runtime,
+              "image": "skimage chelsea 451x300 JPEG", "machine": machine(), "duration_s": args.duration,
+              "config": yaml.safe_load(zipfile.ZipFile(store / "served.mar").read("model-config.yaml"))}
+    # Bare is the best this machine does in-process: torch gets every core.
+    handler, config = unpack_handler(store / "served.mar", work / "served_unpacked", torch_threads=os.cpu_count(),
+                                     gpu=0 if args.device != "cpu" and torch.cuda.is_available() else None)
+    result["preprocess_ms"] = preprocessing_ms(handler, image)
+    print(f"bare handler in-process ({handler.threads_per_worker()} torch threads), "
+          f"preprocessing {result['preprocess_ms']} ms/image", flush=True)
+    batches = sorted({1, int(config["batchSize"])})
+    result["bare"] = [bare(handler, image, b, args.duration) for b in batches]
+    expect = next(iter(handler.handle([{"body": image}], _context(1))[0]))
+    del handler
+
+    properties = ROOT / "config.properties"
+    print("served: our archive behind TorchServe", flush=True)
+    result["served"] = serve_and_load("served", store, work / "serve_ours", properties, image, args, expect)
+    if not args.no_stock:
+        stock_archive(run, store, work)
+        print("stock: TorchServe's image_classifier handler, default model configuration", flush=True)
+        result["stock"] = serve_and_load("stock", store, work / "serve_stock", stock_config(work), image, args, expect)
+    if not args.no_detector:
+        result["detector"] = bench_detector(args, image, work, store, properties)
+    result["ratios"] = ratios(result)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _context(n: int):
+    from ts.context import Context, RequestProcessor
+
+    ctx = Context("bench", "", {}, n, None, "0.12.0")
+    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
+    return ctx
+
+
+def ratios(result: dict) -> dict:
+    closed = {c["clients"]: c for c in result["served"]["closed"]}
+    at = 4 if 4 in closed else max([c for c in closed if c <= 4] or closed)
+    served = closed[at]
+    bare_at_batch = result["bare"][-1]  # the archive's batch size
+    out = {"clients": at, "served_over_bare": round(served["throughput"] / bare_at_batch["throughput"], 2)}
+    if "stock" in result:
+        stock = {c["clients"]: c for c in result["stock"]["closed"]}[at]
+        out["served_over_stock"] = round(served["throughput"] / stock["throughput"], 2) if stock["throughput"] else None
+        out["p99_served_over_stock"] = round(served["p99"] / stock["p99"], 2) if stock["p99"] else None
+    return out
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default=None, help="training output folder to serve (default: random weights of --model)")
+    p.add_argument("--model", default="resnet18", help="registered classifier to build with random weights when no --run (default: resnet18)")
+    p.add_argument("--runtime", default="eager", help="runtime of our archive: eager, torchscript, onnx, int8, compile (default: eager)")
+    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None, help="run our model under autocast (default: off)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="our workers' device: auto = the GPU where there is one; gpu on a GPU host (default: auto)")
+    p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG) in our handler (default: off)")
+    p.add_argument("--workers", type=int, default=1, help="our archive's workers (default: 1)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker, 0 = cores / workers (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="our archive's batchSize (default: 8)")
+    p.add_argument("--max-batch-delay", type=int, default=5, help="our archive's maxBatchDelay in ms (default: 5)")
+    p.add_argument("--clients", default="1,4,16", help="closed-loop client counts, comma-separated (default: 1,4,16)")
+    p.add_argument("--rate", type=float, default=8.0, help="open-loop request rate per second; 0 skips it (default: 8)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
+    p.add_argument("--no-stock", action="store_true", help="skip the stock-handler comparison (default: off)")
+    p.add_argument("--no-detector", action="store_true", help="skip the detector latency (default: off)")
+    p.add_argument("--detector", default="auto", help="detection run to time (default: runs/shapes_det if trained, else random FCOS)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where bench.json and bench.png go (default: runs/bench)")
+    p.add_argument("--keep", action="store_true", help="keep the archives and server logs under --out (default: off)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    except ValueError:
+        print(f"error: --clients expects numbers like 1,4,16, got {args.clients!r}", file=sys.stderr)
+        return 2
+    if not args.clients or min(args.clients) < 1 or args.duration <= 0:
+        print("error: --clients needs counts of at least 1 and --duration a positive number", file=sys.stderr)
+        return 2
+    try:
+        result = run_bench(args)
+    except (ServeError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "bench.png")
+    print()
+    print(f"{result['model']} ({result['weights']} weights, runtime {result['runtime']}) on {result['machine']}; "
+          f"preprocessing {result['preprocess_ms']} ms per 451x300 JPEG")
+    print(table(report_rows(result)))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    r = result["ratios"]
+    line = f"served/bare={r['served_over_bare']:.2f}"
+    if "served_over_stock" in r:
+        line += f" served/stock={r['served_over_stock']:.2f}"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
