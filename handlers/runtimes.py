@@ -3,26 +3,50 @@
 The archive's model-config.yaml names the runtime in its handler section
 (`runtime: eager`, the default). Every runtime is a callable taking the float batch
 (N, C, H, W) the handler preprocessed and returning the model's output tensor on the
-handler's device, so preprocessing and postprocessing never depend on the runtime.
+handler's device, so preprocessing and postprocessing never depend on the runtime:
 
-`autocast: bf16|fp16` runs the eager model under torch.autocast (GPU mainly; bf16 also
-works on CPU), and `channels_last: true` (the default on CPU) stores activations NHWC,
-which oneDNN's convolutions prefer.
+- eager:       the PyTorch module (`autocast: bf16|fp16` and `channels_last` apply here
+               and to compile);
+- torchscript: `model.ts`, traced and frozen at archive time;
+- onnx:        `model.onnx`, run by ONNX Runtime (imported only by this runtime);
+- int8:        `model_int8.ts`, post-training static quantization (x86), CPU only;
+- compile:     the eager module through torch.compile, compiled when the worker starts.
+
+This module is only what a worker needs to load and run them; it ships inside every
+archive. Building the files and checking them against eager is scripts/optimize.py, at
+archive time. Every runtime but eager is warmed up when it loads, at the batch sizes the
+handler section lists (`warmup_batch_sizes`, the archiver writes 1 and batchSize), so
+the first requests do not pay for compilation or first-call profiling.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-RUNTIMES = ("eager",)
+from model_defs.checkpoint import data_config_from_meta, read_meta
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("eager", "torchscript", "onnx", "int8", "compile")
+ARTIFACTS = {"torchscript": "model.ts", "onnx": "model.onnx", "int8": "model_int8.ts"}  # in the archive root
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CPP_COMPILERS = ("cc", "gcc", "g++", "clang")  # torch.compile's inductor builds C++ kernels on the CPU
 
 
 class RuntimeConfigError(ValueError):
     """The handler section names a runtime or option this bundle does not have."""
+
+
+def cpp_compiler() -> str | None:
+    """The C/C++ compiler torch.compile can use on this machine, or None."""
+    return next((path for name in CPP_COMPILERS if (path := shutil.which(name))), None)
 
 
 class EagerRunner:
@@ -47,10 +71,98 @@ class EagerRunner:
             return self.model(batch)
 
 
+class CompiledRunner(EagerRunner):
+    """The eager runner with its module through torch.compile (inductor: C++ kernels on the CPU)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, **options):
+        if device.type == "cpu" and cpp_compiler() is None:
+            raise RuntimeConfigError(f"runtime compile needs a C++ compiler on the CPU; none of "
+                                     f"{', '.join(CPP_COMPILERS)} is installed")
+        super().__init__(model, device, **options)
+        self.model = torch.compile(self.model)
+
+
+class TorchScriptRunner:
+    """A traced, frozen TorchScript file: model.ts, or the quantized model_int8.ts (CPU only).
+
+    The file is device-neutral; on the CPU the float model is rewritten here for oneDNN
+    (torch.jit.optimize_for_inference: MKLDNN convolutions, ~10-15% faster on ResNet-18),
+    which takes any input layout. The int8 model gains nothing from it and keeps its graph.
+    """
+
+    def __init__(self, path: Path, device: torch.device, *, int8: bool = False):
+        self.device = device
+        self.run_device = torch.device("cpu") if int8 else device
+        if int8:  # quantized for the x86 backend's kernels (FBGEMM/oneDNN)
+            if "x86" not in torch.backends.quantized.supported_engines:
+                raise RuntimeConfigError("runtime int8 needs torch's x86 quantized engine, which this machine lacks")
+            torch.backends.quantized.engine = "x86"
+        with warnings.catch_warnings():  # torch 2.14 marks torch.jit deprecated; it still works
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+            self.module = torch.jit.load(str(path), map_location=self.run_device).eval()
+            if self.run_device.type == "cpu" and not int8:
+                self.module = torch.jit.optimize_for_inference(self.module)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module(batch.to(self.run_device)).to(self.device)
+
+
+class OnnxRunner:
+    """model.onnx in an ONNX Runtime session: CUDA when the handler's device is a GPU ORT can use."""
+
+    def __init__(self, path: Path, device: torch.device):
+        import onnxruntime as ort  # only ONNX archives need it installed
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the handler sized it: cores / workers
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads would otherwise spin, taking the cores torch needs to decode the next batch.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0]).to(self.device)
+
+
+def warm_up(runner, model_dir: Path, batch_sizes: list[int], device: torch.device) -> None:
+    """Run each batch size once, so compilation and first-call profiling happen before any request."""
+    cfg = data_config_from_meta(read_meta(model_dir))
+    for n in batch_sizes:
+        runner(torch.zeros(int(n), cfg.channels, cfg.input_size, cfg.input_size, device=device))
+
+
 def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device: torch.device):
     """The runner the archive's handler section asks for (`runtime`, default eager)."""
     kind = str(handler_config.get("runtime") or "eager")
     if kind not in RUNTIMES:
         raise RuntimeConfigError(f"unknown runtime {kind!r}; this bundle has: {', '.join(RUNTIMES)}")
     channels_last = bool(handler_config.get("channels_last", device.type == "cpu"))
-    return EagerRunner(model, device, channels_last=channels_last, autocast=handler_config.get("autocast"))
+    autocast = handler_config.get("autocast")
+    if kind == "eager":
+        return EagerRunner(model, device, channels_last=channels_last, autocast=autocast)
+    if kind == "compile":
+        runner = CompiledRunner(model, device, channels_last=channels_last, autocast=autocast)
+    else:
+        if autocast:
+            raise RuntimeConfigError(f"autocast applies to the eager and compile runtimes, not {kind}")
+        path = Path(model_dir) / ARTIFACTS[kind]
+        if not path.is_file():
+            raise RuntimeConfigError(f"runtime {kind} needs {path.name} in the archive, and it is missing")
+        if kind == "onnx":
+            runner = OnnxRunner(path, device)
+        else:
+            runner = TorchScriptRunner(path, device, int8=kind == "int8")
+    start = time.time()
+    batch_sizes = handler_config.get("warmup_batch_sizes") or [1]
+    warm_up(runner, model_dir, batch_sizes, device)
+    logger.info("runtime %s ready on %s, warmed up at batch sizes %s in %.1fs", kind, device, batch_sizes,
+                time.time() - start)
+    return runner

@@ -4,6 +4,13 @@
     scripts/archive runs/digits --name digits --version 2.0   # model_store/digits-2.0.mar
     scripts/archive --manifest models.yaml                    # a batch, in parallel
     scripts/archive --verify                                  # every archive against the catalog
+    scripts/archive runs/digits --name digits --runtime onnx  # an optimized runtime, checked against eager
+
+`--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8 or
+compile (see handlers/runtimes.py). Every runtime but eager is built here and checked
+against eager on the run's validation split (or --val-data) before anything is written;
+one that loses more than --max-accuracy-drop points of top-1 is refused
+(scripts/optimize.py). The check is kept in archive.json and the catalog.
 
 An archive holds the weights, model.json, the label map (index_to_name.json), the task's
 handler with the shared handler base, the `model_defs` package the handler rebuilds the
@@ -42,6 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from handlers.runtimes import AUTOCAST_DTYPES, RUNTIMES  # noqa: E402
 from scripts.catalog import INNER_FILE, Catalog, CatalogError, sha256_file, versioned_file_name  # noqa: E402
 
 HANDLERS = {
@@ -54,7 +62,7 @@ HANDLERS = {
 CODE_PACKAGES = ("model_defs", "handlers")
 OPTIONS = {  # model-config settings, their defaults and the flag that sets each
     "workers": 1, "max_workers": None, "batch_size": 8, "max_batch_delay": 10, "response_timeout": 120,
-    "device": "auto", "topk": 5, "torch_threads": 0, "handler": {},
+    "device": "auto", "topk": 5, "torch_threads": 0, "runtime": "eager", "handler": {},
 }
 
 
@@ -70,6 +78,17 @@ def model_config(options: dict) -> dict:
     o = {**OPTIONS, **options}
     if o["device"] not in ("auto", "cpu", "gpu"):
         raise ArchiveError(f"device must be auto, cpu or gpu, got {o['device']!r}")
+    runtime = o["runtime"]
+    if runtime not in RUNTIMES:
+        raise ArchiveError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "int8" and o["device"] == "gpu":
+        raise ArchiveError("runtime int8 runs on the CPU only (x86 int8 kernels); use --device cpu or auto, "
+                           "or another runtime for a GPU")
+    if "runtime" in (o["handler"] or {}):
+        raise ArchiveError("set the runtime with --runtime (the runtime option), not as a handler option")
+    autocast = (o["handler"] or {}).get("autocast")
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ArchiveError(f"handler option autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {autocast!r}")
     cfg = {
         "minWorkers": int(o["workers"]),
         "maxWorkers": max(int(o["workers"]), int(o["max_workers"] or o["workers"])),
@@ -77,9 +96,11 @@ def model_config(options: dict) -> dict:
         "maxBatchDelay": int(o["max_batch_delay"]),
         "responseTimeout": int(o["response_timeout"]),
     }
-    if o["device"] != "auto":
-        cfg["deviceType"] = o["device"]
-    cfg["handler"] = {"topk": int(o["topk"]), **dict(o["handler"] or {})}
+    if o["device"] != "auto" or runtime == "int8":
+        cfg["deviceType"] = "cpu" if runtime == "int8" else o["device"]
+    cfg["handler"] = {"topk": int(o["topk"]), "runtime": runtime, **dict(o["handler"] or {})}
+    if runtime != "eager":  # compiled / profiled before the first request, at both ends of the batch sizes
+        cfg["handler"]["warmup_batch_sizes"] = sorted({1, cfg["batchSize"]})
     if o["torch_threads"]:
         cfg["handler"]["torch_threads"] = int(o["torch_threads"])
     return cfg
@@ -115,8 +136,8 @@ def inputs_sha256(run_dir: Path, name: str, version: str, config_text: str) -> s
     return h.hexdigest()
 
 
-def stage_extra_files(stage: Path, run_dir: Path, meta: dict, inner: dict) -> Path:
-    """The folder whose contents the archiver copies to the archive root."""
+def stage_extra_files(stage: Path, run_dir: Path, meta: dict) -> Path:
+    """The folder whose contents the archiver copies to the archive root (archive.json comes last)."""
     extra = stage / "extra"
     extra.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "__main__.py")
@@ -125,13 +146,19 @@ def stage_extra_files(stage: Path, run_dir: Path, meta: dict, inner: dict) -> Pa
     shutil.copy2(run_dir / "model.json", extra / "model.json")
     labels = {str(i): name for i, name in enumerate(meta["classes"])}
     (extra / "index_to_name.json").write_text(json.dumps(labels, indent=2) + "\n")
-    (extra / INNER_FILE).write_text(json.dumps(inner, indent=2) + "\n")
     return extra
 
 
 def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | None = None, *,
-                  version: str | None = None, force: bool = False, task: str | None = None) -> dict:
-    """Build (or skip, when unchanged) one archive; returns its catalog entry plus `status`."""
+                  version: str | None = None, force: bool = False, task: str | None = None,
+                  val_data: Path | None = None, calibration_images: int = 256, max_accuracy_drop: float = 1.0) -> dict:
+    """Build (or skip, when unchanged) one archive; returns its catalog entry plus `status`.
+
+    A runtime other than eager (options["runtime"]) is built and checked against eager on
+    the run's validation split, or `val_data`, first; int8 calibrates on
+    `calibration_images` training images. Top-1 more than `max_accuracy_drop` points below
+    eager refuses the archive.
+    """
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
@@ -142,7 +169,16 @@ def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | N
         raise ArchiveError(f"{run_dir}/model.json is a {meta['task']} model, the manifest says {task}")
     file_name = versioned_file_name(name, version) if version else f"{name}.mar"
     version = version or "1.0"
-    config_text = yaml.safe_dump(model_config(options or {}), sort_keys=False)
+    config = model_config(options or {})
+    runtime = config["handler"]["runtime"]
+    if runtime != "eager":
+        from scripts.optimize import RuntimeCheckError, check_supported
+
+        try:
+            check_supported(runtime, meta["task"])
+        except RuntimeCheckError as e:
+            raise ArchiveError(str(e)) from None
+    config_text = yaml.safe_dump(config, sort_keys=False)
     inputs = inputs_sha256(run_dir, name, version, config_text)
     catalog = Catalog(model_store)
     target = model_store / file_name
@@ -165,7 +201,12 @@ def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | N
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=model_store) as tmp:
         stage = Path(tmp)
-        extra = stage_extra_files(stage, run_dir, meta, inner)
+        extra = stage_extra_files(stage, run_dir, meta)
+        if runtime != "eager":
+            inner["runtime"] = optimized_runtime(run_dir, meta, extra, config, val_data=val_data,
+                                                 calibration_images=calibration_images,
+                                                 max_accuracy_drop=max_accuracy_drop)
+        (extra / INNER_FILE).write_text(json.dumps(inner, indent=2) + "\n")
         (stage / "model-config.yaml").write_text(config_text)
         out_dir = stage / "out"
         out_dir.mkdir()
@@ -187,6 +228,19 @@ def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | N
         os.replace(built, target)  # same filesystem: atomic
     catalog.record(entry)
     return {**entry, "status": "built", "seconds": round(time.time() - start, 2)}
+
+
+def optimized_runtime(run_dir: Path, meta: dict, extra: Path, config: dict, **check) -> dict:
+    """Build the runtime's file into the staged archive root and check it against eager."""
+    from model_defs.checkpoint import load_trained
+    from scripts.optimize import RuntimeCheckError, prepare_runtime
+
+    model, _ = load_trained(run_dir)
+    try:
+        return prepare_runtime(config["handler"]["runtime"], model, meta, extra, config["handler"],
+                               batch_size=config["batchSize"], **check)
+    except RuntimeCheckError as e:
+        raise ArchiveError(str(e)) from None
 
 
 # -- batches -------------------------------------------------------------------------------
@@ -284,6 +338,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="where the workers run: auto = a GPU if TorchServe sees one (default: auto)")
     p.add_argument("--topk", type=int, default=OPTIONS["topk"], help="classes returned per image, clamped to the number of classes (default: 5)")
+    p.add_argument("--runtime", default="eager", metavar="{" + ",".join(RUNTIMES) + "}",
+                   help="how workers run the model: eager PyTorch, a frozen TorchScript trace, ONNX Runtime, "
+                        "int8 static quantization (CPU) or torch.compile in the worker; all but eager are checked "
+                        "against eager on the validation set before the archive is written (default: eager)")
+    p.add_argument("--val-data", default=None,
+                   help="validation dataset folder for that check (default: the run's own validation split, "
+                        "rebuilt from model.json)")
+    p.add_argument("--calibration-images", type=int, default=256,
+                   help="training-split images int8 calibrates its activation ranges on (default: 256)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help="refuse the archive when the runtime's top-1 is more than this many percentage points "
+                        "below eager's (default: 1.0)")
     p.add_argument("--handler-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra setting for the handler section of model-config.yaml, value parsed as YAML "
                         "(e.g. score_threshold=0.5); repeatable (default: none)")
@@ -300,7 +366,8 @@ def options_from_args(args) -> dict:
         handler[key] = yaml.safe_load(value)
     return {"workers": args.workers, "max_workers": args.max_workers, "batch_size": args.batch_size,
             "max_batch_delay": args.max_batch_delay, "response_timeout": args.response_timeout,
-            "device": args.device, "topk": args.topk, "torch_threads": args.torch_threads, "handler": handler}
+            "device": args.device, "topk": args.topk, "torch_threads": args.torch_threads, "runtime": args.runtime,
+            "handler": handler}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,13 +391,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ArchiveError("give a training output folder, --manifest FILE or --verify")
         run_dir = Path(args.run_dir)
         name = args.name or run_dir.resolve().name
-        result = build_archive(run_dir, name, store, options_from_args(args), version=args.version, force=args.force)
+        result = build_archive(run_dir, name, store, options_from_args(args), version=args.version, force=args.force,
+                               val_data=args.val_data, calibration_images=args.calibration_images,
+                               max_accuracy_drop=args.max_accuracy_drop)
     except (ArchiveError, CatalogError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = store / result["file"]
     what = "unchanged, kept" if result["status"] == "unchanged" else "wrote"
     print(f"{what} {path} ({result['size'] / 1e6:.1f} MB, sha256 {result['sha256'][:12]})")
+    if result.get("runtime"):
+        from scripts.optimize import summary
+
+        print(summary(result["runtime"]))
     return 0
 
 
