@@ -21,7 +21,7 @@ def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     result = json.loads((out / "bench.json").read_text())
-    assert [b["batch"] for b in result["bare"]] == [1, 8]
+    assert [b["batch"] for b in result["bare"]] == [1, 2]  # the CPU default batch size
     for side in ("served", "stock"):
         closed = result[side]["closed"]
         assert [c["clients"] for c in closed] == [1, 4]
