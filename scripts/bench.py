@@ -125,13 +125,19 @@ def unpack_handler(mar: Path, dest: Path, torch_threads: int | None = None, gpu:
     return handler, config
 
 
-def bare(handler, image: bytes, batch: int, seconds: float) -> dict:
-    """The handler's whole handle() on `batch` copies of the image, back to back."""
+def request_context(n: int):
+    """A TorchServe context for a batch of `n` requests, as the worker passes to handle()."""
     from ts.context import Context, RequestProcessor
 
+    ctx = Context("bench", "", {}, n, None, "0.12.0")
+    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
+    return ctx
+
+
+def bare(handler, image: bytes, batch: int, seconds: float) -> dict:
+    """The handler's whole handle() on `batch` copies of the image, back to back."""
     rows = [{"body": image} for _ in range(batch)]
-    ctx = Context("bench", "", {}, batch, None, "0.12.0")
-    ctx.request_processor = [RequestProcessor({}) for _ in range(batch)]
+    ctx = request_context(batch)
     for _ in range(3):
         handler.handle(rows, ctx)
     latencies, start = [], time.perf_counter()
@@ -410,7 +416,7 @@ def run_bench(args) -> dict:
           f"preprocessing {result['preprocess_ms']} ms/image", flush=True)
     batches = sorted({1, int(config["batchSize"])})
     result["bare"] = [bare(handler, image, b, args.duration) for b in batches]
-    expect = next(iter(handler.handle([{"body": image}], _context(1))[0]))
+    expect = next(iter(handler.handle([{"body": image}], request_context(1))[0]))
     del handler
 
     properties = ROOT / "config.properties"
@@ -426,14 +432,6 @@ def run_bench(args) -> dict:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def _context(n: int):
-    from ts.context import Context, RequestProcessor
-
-    ctx = Context("bench", "", {}, n, None, "0.12.0")
-    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
-    return ctx
 
 
 def ratios(result: dict) -> dict:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from handlers.runtimes import cpp_compiler  # noqa: E402
 from scripts.archive import ArchiveError, build_archive  # noqa: E402
-from scripts.bench import cat_jpeg, unpack_handler  # noqa: E402
+from scripts.bench import cat_jpeg, request_context, unpack_handler  # noqa: E402
 
 
 def per_call_ms(fn, seconds: float) -> float:
@@ -70,8 +70,6 @@ def preprocessing_steps(image: bytes, cfg, rounds: int) -> list[dict]:
 
 
 def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: float) -> list[dict]:
-    from ts.context import Context, RequestProcessor
-
     variants = {"eager, NCHW": ("eager", {"channels_last": False}), "eager, channels_last": ("eager", {}),
                 "torchscript": ("torchscript", {}), "onnx": ("onnx", {}), "int8": ("int8", {})}
     if cpp_compiler():
@@ -85,9 +83,7 @@ def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: flo
         handlers[name], _ = unpack_handler(store / "m.mar", work / f"unpacked{i}", torch_threads=os.cpu_count())
 
     def call(handler, batch):
-        rows = [{"body": image}] * batch
-        ctx = Context("steps", "", {}, batch, None, "0.12.0")
-        ctx.request_processor = [RequestProcessor({}) for _ in range(batch)]
+        rows, ctx = [{"body": image}] * batch, request_context(batch)
         return lambda: handler.handle(rows, ctx)
 
     out = []

@@ -202,3 +202,27 @@ def test_torchserve_serves_an_onnx_archive(trained_digits, digits_dir, tmp_path)
         served = r.json()
         assert list(served)[0] == str(int(probs.argmax())), f
         assert all(abs(p - probs[int(k)].item()) < 1e-4 for k, p in served.items())
+
+
+def test_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(trained_digits, digits_dir):
+    """autocast is meant for GPUs; bf16 autocast also runs on the CPU, which is what is
+    tested here (fp16 and the GPU paths need a GPU this machine does not have)."""
+    from model_defs.checkpoint import data_config_from_meta, load_trained
+    from model_defs.preprocessing import eval_transform, load_image
+
+    model, meta = load_trained(trained_digits)
+    cfg = data_config_from_meta(meta)
+    paths = sorted((digits_dir / "test").rglob("*.png"))[:: 12]
+    batch = torch.stack([eval_transform(cfg)(load_image(p, cfg.channels)) for p in paths])
+    cpu = torch.device("cpu")
+    fp32 = runtimes.EagerRunner(model, cpu)(batch)
+    bf16 = runtimes.load_runtime({"autocast": "bf16"}, trained_digits, model, cpu)(batch)
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float().argmax(1) == fp32.argmax(1)).float().mean() >= 0.95
+
+
+def test_an_unknown_autocast_dtype_is_refused_at_archive_time(trained_digits, tmp_path, capsys):
+    assert archive_cli(trained_digits, tmp_path / "store", "--handler-option", "autocast=fp8") == 2
+    err = capsys.readouterr().err.strip()
+    assert "autocast must be one of bf16, fp16, got 'fp8'" in err and len(err.splitlines()) == 1
+    assert store_listing(tmp_path / "store") in ([], ["catalog.json"])
