@@ -1,9 +1,10 @@
 """Serving speed, side by side in one run: bare handler, our archive served, the stock handler.
 
-    scripts/bench.sh                                   # ResNet-18, 20 s per load, ~5 minutes
-    scripts/bench.sh --runtime int8 --run runs/digits_resnet18
+    scripts/bench.sh                      # ResNet-18 int8 (runs/digits_resnet18), 20 s per load, ~5 minutes
+    scripts/bench.sh --runtime eager      # our fp32 path
     scripts/bench.sh --duration 5 --clients 1,4 --no-detector   # a quick look
-    scripts/bench.sh --device gpu --autocast fp16 --gpu-decode  # on a GPU host
+    scripts/bench.sh --device gpu --runtime eager --autocast fp16 --gpu-decode   # on a GPU host
+    python -m scripts.bench               # no --run: ResNet-18 with random weights, eager
 
 On this machine, with the same weights and the same real JPEG bytes (scikit-image's
 451x300 cat), it measures:
