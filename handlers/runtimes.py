@@ -49,6 +49,13 @@ def cpp_compiler() -> str | None:
     return next((path for name in CPP_COMPILERS if (path := shutil.which(name))), None)
 
 
+def require_cpp_compiler() -> None:
+    """Refuse runtime compile, in one line, on a machine with no C++ compiler."""
+    if cpp_compiler() is None:
+        raise RuntimeConfigError(f"runtime compile needs a C++ compiler for torch.compile on the CPU, "
+                                 f"and none of {', '.join(CPP_COMPILERS)} is installed")
+
+
 class EagerRunner:
     """The PyTorch module itself, under inference_mode (and autocast / channels_last if set)."""
 
@@ -75,9 +82,8 @@ class CompiledRunner(EagerRunner):
     """The eager runner with its module through torch.compile (inductor: C++ kernels on the CPU)."""
 
     def __init__(self, model: nn.Module, device: torch.device, **options):
-        if device.type == "cpu" and cpp_compiler() is None:
-            raise RuntimeConfigError(f"runtime compile needs a C++ compiler on the CPU; none of "
-                                     f"{', '.join(CPP_COMPILERS)} is installed")
+        if device.type == "cpu":
+            require_cpp_compiler()
         super().__init__(model, device, **options)
         self.model = torch.compile(self.model)
 

@@ -124,10 +124,10 @@ class VisionHandler(BaseHandler):
 
         self.model, self.meta = load_trained(model_dir, map_location=self.device)
         self.model.to(self.device)
-        # Tasks whose model takes a plain image batch run it through the archive's runtime;
-        # the detector (a list of images) and the generator (latent vectors) call the model.
         # handler option gpu_decode: JPEGs decoded by nvJPEG on the worker's GPU.
         self.decode_device = self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
+        # Tasks whose model takes a plain image batch run it through the archive's runtime;
+        # the detector (a list of images) and the generator (latent vectors) call the model.
         self.runner = load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None
         self.classes = list(self.meta["classes"])
         self.data_config = data_config_from_meta(self.meta)

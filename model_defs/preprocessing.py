@@ -37,6 +37,14 @@ class ImageTooLargeError(ImageDecodeError):
     """The image has more pixels than allowed (a decompression bomb, or just too big)."""
 
 
+def check_pixels(what: str, size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse an image of more than `max_pixels` (width x height), known from its header."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                                 f"max_pixels={max_pixels:,}; send a smaller image")
+
+
 def decode_image(source: bytes | bytearray | str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open image bytes or a file fully (so truncation is found here, not later).
 
@@ -53,11 +61,7 @@ def decode_image(source: bytes | bytearray | str | Path, max_pixels: int | None 
         fp = source
     try:
         with Image.open(fp) as img:
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"max_pixels={max_pixels:,}; send a smaller image")
+            check_pixels(what, img.size, max_pixels)
             img.seek(0)  # animated GIF/WebP: the first frame
             img.load()
             return ImageOps.exif_transpose(img) or img.copy()
@@ -125,10 +129,7 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
             size = None  # let load_image word the error
         # An RGB JPEG asked for grey goes to PIL: its luma formula differs from libjpeg's Y.
         if size is not None and orientation == 1 and (mode == "L" or (mode == "RGB" and channels == 3)):
-            if max_pixels is not None and size[0] * size[1] > max_pixels:
-                raise ImageTooLargeError(
-                    f"image data is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit of "
-                    f"max_pixels={max_pixels:,}; send a smaller image")
+            check_pixels("image data", size, max_pixels)
             try:
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                    mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB, device=device)

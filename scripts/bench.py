@@ -268,7 +268,7 @@ def serve_and_load(name: str, store: Path, run_dir: Path, config: Path, image: b
 # -- the archives -----------------------------------------------------------------------
 
 
-def stock_archive(run: Path, store: Path, work: Path) -> str:
+def stock_archive(run: Path, store: Path, work: Path) -> None:
     """The same weights with TorchServe's stock image_classifier handler and no model config."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
@@ -284,7 +284,6 @@ def stock_archive(run: Path, store: Path, work: Path) -> str:
         model_name="stock", handler="image_classifier", version="1.0", model_file=str(stage / "model.py"),
         serialized_file=str(run / "model.pt"), extra_files=str(stage / "index_to_name.json"),
         export_path=str(store), force=True))
-    return "stock"
 
 
 def stock_config(work: Path) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import re
 import time
 import warnings
 from pathlib import Path
@@ -26,14 +25,20 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from handlers.runtimes import ARTIFACTS, CPP_COMPILERS, EagerRunner, RuntimeConfigError, cpp_compiler, load_runtime
+from handlers.runtimes import ARTIFACTS, EagerRunner, RuntimeConfigError, load_runtime, require_cpp_compiler
 from model_defs.checkpoint import data_config_from_meta
 from model_defs.preprocessing import eval_transform
-from training.datasets import DatasetError, ImageDataset, Sample, collate_skipping, read_dataset, stratified_split
+from training.datasets import (
+    DatasetError,
+    ImageDataset,
+    Sample,
+    collate_skipping,
+    parse_split_source,
+    read_dataset,
+    stratified_split,
+)
 
 SUPPORTED_TASKS = ("classification",)
-# What training/train.py writes as `val_source` when it held out a share of --data.
-STRATIFIED_SOURCE = re.compile(r"stratified ([0-9.]+) of --data \(seed (-?\d+)\)")
 
 
 class RuntimeCheckError(ValueError):
@@ -45,9 +50,11 @@ def check_supported(kind: str, task: str) -> None:
     if kind != "eager" and task not in SUPPORTED_TASKS:
         raise RuntimeCheckError(f"runtime {kind} is for {', '.join(SUPPORTED_TASKS)} models only; "
                                 f"this is a {task} model: archive it with --runtime eager")
-    if kind == "compile" and cpp_compiler() is None:
-        raise RuntimeCheckError(f"runtime compile needs a C++ compiler for torch.compile on the CPU, "
-                                f"and none of {', '.join(CPP_COMPILERS)} is installed")
+    if kind == "compile":
+        try:
+            require_cpp_compiler()
+        except RuntimeConfigError as e:
+            raise RuntimeCheckError(str(e)) from None
 
 
 def one_line(e: Exception) -> str:
@@ -74,9 +81,9 @@ def recorded_split(meta: dict) -> tuple[list[Sample], list[Sample]]:
         raise DatasetError("model.json records no training dataset")
     layout = ds.get("layout", "auto")
     spec = read_dataset(ds["root"], layout)
-    stratified = STRATIFIED_SOURCE.fullmatch(ds["val_source"])
+    stratified = parse_split_source(ds["val_source"])
     if stratified:
-        train, val = stratified_split(spec.samples, float(stratified[1]), int(stratified[2]))
+        train, val = stratified_split(spec.samples, *stratified)
     else:
         train, val = spec.samples, read_dataset(ds["val_source"], layout, classes=meta["classes"]).samples
     if (len(train), len(val)) != (ds.get("train_images", len(train)), ds.get("val_images", len(val))):

@@ -222,6 +222,17 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, val
 
 
+def split_source(fraction: float, seed: int) -> str:
+    """How model.json records a stratified split (`val_source`), so it can be rebuilt later."""
+    return f"stratified {fraction} of --data (seed {seed})"
+
+
+def parse_split_source(text: str) -> tuple[float, int] | None:
+    """(fraction, seed) of a `split_source` record; None for a separate validation folder."""
+    match = re.fullmatch(r"stratified ([0-9.]+) of --data \(seed (-?\d+)\)", text)
+    return (float(match[1]), int(match[2])) if match else None
+
+
 class ImageDataset(Dataset):
     """Samples → (tensor, target). An unreadable image yields None (skipped and counted)."""
 

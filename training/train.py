@@ -34,6 +34,7 @@ from training.datasets import (
     ImageDataset,
     collate_skipping,
     read_dataset,
+    split_source,
     stratified_split,
 )
 
@@ -224,7 +225,7 @@ def main(args) -> dict:
         "preprocessing": data_config.to_dict(),
         "dataset": {"root": str(Path(args.data).resolve()), "layout": train_spec.layout,
                     "train_images": len(train_samples), "val_images": len(val_samples),
-                    "val_source": args.val_data or f"stratified {args.val_fraction} of --data (seed {args.seed})",
+                    "val_source": args.val_data or split_source(args.val_fraction, args.seed),
                     "fingerprint": fingerprint},
         "init_weights": args.weights_path,
         "versions": package_versions(),
