@@ -95,6 +95,20 @@ def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
     return bytes(payload)
 
 
+def worker_device(gpu_id) -> torch.device:
+    """The worker's device: the GPU TorchServe assigned it (`gpu_id`), else the CPU.
+
+    TorchServe gives a GPU worker its gpu_id round-robin over the GPUs it found; a GPU archive
+    served where torch sees none runs on the CPU, and says so once in the model log."""
+    if gpu_id is None:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        logger.warning("TorchServe assigned GPU %s but torch %s sees no CUDA device: running on the CPU",
+                       gpu_id, torch.__version__)
+        return torch.device("cpu")
+    return torch.device("cuda", int(gpu_id))
+
+
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
@@ -113,11 +127,7 @@ class VisionHandler(BaseHandler):
         self.max_pixels = int(self.handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
         self.max_bytes = int(self.handler_config.get("max_bytes") or DEFAULT_MAX_BYTES)
 
-        gpu_id = props.get("gpu_id")
-        if gpu_id is not None and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
+        self.device = worker_device(props.get("gpu_id"))
         self.map_location = str(self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads_per_worker())
@@ -126,6 +136,8 @@ class VisionHandler(BaseHandler):
         self.model.to(self.device)
         # handler option gpu_decode: JPEGs decoded by nvJPEG on the worker's GPU.
         self.decode_device = self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
+        if self.handler_config.get("gpu_decode") and self.device.type != "cuda":
+            logger.warning("handler option gpu_decode is set but this worker runs on the CPU: decoding on the CPU")
         # Tasks whose model takes a plain image batch run it through the archive's runtime;
         # the detector (a list of images) and the generator (latent vectors) call the model.
         self.runner = load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None

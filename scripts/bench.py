@@ -49,14 +49,16 @@ sys.path.insert(0, str(ROOT))
 from scripts.archive import build_archive  # noqa: E402
 from scripts.serve import ServeError, TorchServe  # noqa: E402
 
-STOCK_MODEL_FILE = '''"""ResNet-18 as TorchServe's stock handlers want it: one class, built with no arguments."""
+STOCK_MODEL_FILE = '''"""{arch} as TorchServe's stock handlers want it: one class, built with no arguments."""
 import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
-class StockResNet18(torchvision.models.ResNet):
+class Stock(torchvision.models.ResNet):
     def __init__(self):
-        super().__init__(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], num_classes={num_classes})
+        super().__init__({block}, {layers}, num_classes={num_classes})
 '''
+STOCK_LAYOUTS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet50": ("Bottleneck", [3, 4, 6, 3])}
 
 
 # -- inputs -----------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def cat_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def random_weights_run(arch: str, out: Path, num_classes: int = 10) -> Path:
+def random_weights_run(arch: str, out: Path, num_classes: int = 10, classes: list[str] | None = None) -> Path:
     """A training-output folder with random weights: speed does not depend on the weights."""
     import torch
 
@@ -81,7 +83,8 @@ def random_weights_run(arch: str, out: Path, num_classes: int = 10) -> Path:
 
     torch.manual_seed(0)
     entry = get_entry(arch)
-    classes = [f"class_{i}" for i in range(num_classes)]
+    classes = classes or [f"class_{i}" for i in range(num_classes)]
+    num_classes = len(classes)
     model = get_model(arch, num_classes=num_classes)
     meta = {"arch": arch, "arch_args": {"num_classes": num_classes}, "task": entry.task, "classes": classes,
             "preprocessing": entry.data_config.to_dict(), "note": "random weights, for speed measurements only"}
@@ -188,6 +191,12 @@ class Client:
 
 def closed_loop(url: str, headers: dict, image: bytes, clients: int, seconds: float) -> dict:
     """`clients` threads, each sending its next request when the last one is answered."""
+    latencies, errors = closed_loop_raw(url, headers, image, clients, seconds)
+    return summary(latencies, errors, seconds) | {"clients": clients}
+
+
+def closed_loop_raw(url: str, headers: dict, image: bytes, clients: int, seconds: float) -> tuple[list[float], int]:
+    """closed_loop's (latencies in s, error count), for load spread over several processes."""
     latencies, errors, lock = [], [0], threading.Lock()
     warm_until = time.perf_counter() + min(2.0, seconds / 4)
     stop_at = warm_until + seconds
@@ -211,7 +220,7 @@ def closed_loop(url: str, headers: dict, image: bytes, clients: int, seconds: fl
         th.start()
     for th in threads:
         th.join()
-    return summary(latencies, errors[0], seconds) | {"clients": clients}
+    return latencies, errors[0]
 
 
 def open_loop(url: str, headers: dict, image: bytes, rate: float, seconds: float) -> dict:
@@ -268,20 +277,23 @@ def serve_and_load(name: str, store: Path, run_dir: Path, config: Path, image: b
 # -- the archives -----------------------------------------------------------------------
 
 
-def stock_archive(run: Path, store: Path, work: Path) -> None:
+def stock_archive(run: Path, store: Path, work: Path, name: str = "stock") -> None:
     """The same weights with TorchServe's stock image_classifier handler and no model config."""
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import generate_model_archive
 
     meta = json.loads((run / "model.json").read_text())
-    if meta["arch"] != "resnet18":
-        raise SystemExit(f"error: the stock comparison needs a resnet18 run (torchvision's layout), got {meta['arch']}")
-    stage = work / "stock"
+    if meta["arch"] not in STOCK_LAYOUTS:
+        raise ValueError(f"the stock comparison needs a run of {' or '.join(STOCK_LAYOUTS)} (torchvision's layout), "
+                         f"got {meta['arch']}")
+    block, layers = STOCK_LAYOUTS[meta["arch"]]
+    stage = work / name
     stage.mkdir(parents=True, exist_ok=True)
-    (stage / "model.py").write_text(STOCK_MODEL_FILE.format(num_classes=len(meta["classes"])))
+    (stage / "model.py").write_text(STOCK_MODEL_FILE.format(arch=meta["arch"], block=block, layers=layers,
+                                                            num_classes=len(meta["classes"])))
     (stage / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(meta["classes"])}))
     generate_model_archive(ModelArchiverConfig(
-        model_name="stock", handler="image_classifier", version="1.0", model_file=str(stage / "model.py"),
+        model_name=name, handler="image_classifier", version="1.0", model_file=str(stage / "model.py"),
         serialized_file=str(run / "model.pt"), extra_files=str(stage / "index_to_name.json"),
         export_path=str(store), force=True))
 
@@ -375,8 +387,8 @@ def bench_detector(args, image: bytes, work: Path, store: Path, config: Path) ->
 def run_bench(args) -> dict:
     import torch
 
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise ValueError("--device gpu: torch sees no CUDA device on this machine")
+    if args.device == "gpu":
+        require_gpu()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=out))
@@ -445,6 +457,16 @@ def ratios(result: dict) -> dict:
         out["served_over_stock"] = round(served["throughput"] / stock["throughput"], 2) if stock["throughput"] else None
         out["p99_served_over_stock"] = round(served["p99"] / stock["p99"], 2) if stock["p99"] else None
     return out
+
+
+def require_gpu() -> None:
+    """Refuse, in one line that names what is missing, to measure a GPU that is not there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        raise ValueError(f"--device gpu: torch {torch.__version__} ({build}) sees no CUDA device here "
+                         "(no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them); use --device cpu")
 
 
 def machine() -> str:

@@ -1,0 +1,361 @@
+"""Serving on a GPU, side by side in one run: where the time goes, and what each option buys.
+
+    scripts/bench_gpu.sh                                  # ResNet-18 and ResNet-50, about 6 minutes on one GPU
+    scripts/bench_gpu.sh --models resnet18 --batches 1,8 --duration 1   # a quick look
+
+For each model (random weights: speed does not depend on them; 224 px, ImageNet preprocessing),
+with the same real JPEG (scikit-image's 451x300 cat), it measures in one run:
+- model: the runner alone on a batch already on the GPU, at each batch size (the ceiling);
+- bare:  our handler's whole handle() in-process (decode, preprocess, one pinned copy,
+         inference, postprocess) at each batch size, for eager fp32, fp16 and bf16 autocast,
+         TorchScript, ONNX Runtime (CUDA provider where installed) and nvJPEG decode;
+- stages: per image, CPU decode vs nvJPEG decode, and the resize/crop/normalize on each side;
+- served: the same archives behind one TorchServe (REST, keep-alive clients spread over
+         several load processes), ours at the best configuration and TorchServe's stock
+         image_classifier handler with its default model configuration as the baseline.
+It writes bench_gpu.json and bench_gpu.png to --out and prints one table; its last line is
+`served/bare=X.XX served/stock=Y.YY` for the first model at its best batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from scripts.bench import (
+    ROOT,
+    bare,
+    cat_jpeg,
+    closed_loop_raw,
+    machine,
+    STOCK_LAYOUTS,
+    random_weights_run,
+    require_gpu,
+    stock_archive,
+    stock_config,
+    summary,
+    table,
+    unpack_handler,
+)
+
+# What each bare row runs: the archive's runtime, its handler options.
+CONFIGS = {
+    "eager fp32": ("eager", {}),
+    "eager fp16": ("eager", {"autocast": "fp16"}),
+    "eager bf16": ("eager", {"autocast": "bf16"}),
+    "eager fp16 nvjpeg": ("eager", {"autocast": "fp16", "gpu_decode": True}),
+    "torchscript": ("torchscript", {}),
+    "onnx": ("onnx", {}),
+}
+
+
+def gpu_info() -> dict:
+    """The GPU, its driver and the CUDA torch was built with, for the report."""
+    import torch
+
+    info = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import subprocess
+
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        info["driver"] = "unknown (nvidia-smi did not answer)"
+    return info
+
+
+def onnx_on_gpu() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def val_folder(work: Path, classes: list[str], per_class: int = 4) -> Path:
+    """A few real images per class folder, for the archive-time check of TorchScript / ONNX
+    against eager (a small set: that check runs on the CPU)."""
+    from training.sample_data import write_digits
+
+    digits = work / "digits"
+    write_digits(digits, size=32, test_fraction=0.2, seed=0)
+    val = work / "val"
+    for c in classes:
+        (val / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((digits / "test" / c).glob("*.png"))[:per_class]:
+            shutil.copy(f, val / c / f.name)
+    return val
+
+
+def model_only(runner, shape: tuple, batch: int, seconds: float) -> dict:
+    """The runner alone on a float batch already on the GPU: the most a handler could reach."""
+    import torch
+
+    x = torch.randn(batch, *shape, device="cuda")
+    for _ in range(3):
+        runner(x)
+    torch.cuda.synchronize()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        runner(x)
+        torch.cuda.synchronize()
+        n += 1
+    return {"batch": batch, "throughput": round(n * batch / (time.perf_counter() - start), 1)}
+
+
+def stage_ms(handler, image: bytes, n: int = 200) -> dict:
+    """Median ms per image of decode and of resize/crop/normalize, on the CPU and with nvJPEG."""
+    import torch
+
+    from model_defs.preprocessing import load_image_tensor
+
+    def median_ms(fn) -> float:
+        for _ in range(10):
+            fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return round(float(np.median(times)) * 1000, 3)
+
+    cpu_img = load_image_tensor(image, 3)
+    gpu_img = load_image_tensor(image, 3, device="cuda")
+    return {
+        "decode_cpu": median_ms(lambda: load_image_tensor(image, 3)),
+        "decode_nvjpeg": median_ms(lambda: load_image_tensor(image, 3, device="cuda")),
+        "transform_cpu": median_ms(lambda: handler.transform(cpu_img)),
+        "transform_gpu": median_ms(lambda: handler.transform(gpu_img)),
+        "nvjpeg_max_abs_pixel_diff": int((gpu_img.cpu().int() - cpu_img.int()).abs().max()),
+    }
+
+
+def load_processes(url: str, headers: dict, image: bytes, clients: int, seconds: float, processes: int) -> dict:
+    """A closed loop of `clients` keep-alive clients spread over `processes` load processes
+    (one Python process cannot post thousands of requests a second alone)."""
+    processes = max(1, min(processes, clients))
+    share = [clients // processes + (i < clients % processes) for i in range(processes)]
+    with ProcessPoolExecutor(processes) as pool:
+        parts = list(pool.map(closed_loop_raw, [url] * processes, [headers] * processes, [image] * processes,
+                              share, [seconds] * processes))
+    latencies = [t for lat, _ in parts for t in lat]
+    return summary(latencies, sum(e for _, e in parts), seconds) | {"clients": clients}
+
+
+def bench_model(arch: str, args, work: Path, store: Path, image: bytes) -> dict:
+    """Every bare row of one model; builds its archives into `store` on the way."""
+    import torch
+
+    from scripts.archive import build_archive
+
+    # The digits' class folders name the classes, so TorchScript and ONNX can be checked against eager.
+    classes = [str(i) for i in range(10)]
+    run = random_weights_run(arch, work / f"run_{arch}", classes=classes)
+    val = val_folder(work, classes)
+    result = {"arch": arch, "configs": {}}
+    best = max(args.batches)
+    for label, (runtime, handler_opts) in CONFIGS.items():
+        if runtime == "onnx" and not onnx_on_gpu():
+            result["configs"][label] = {"skipped": "onnxruntime here has no CUDAExecutionProvider "
+                                                   "(install onnxruntime-gpu on GPU hosts)"}
+            continue
+        name = f"{arch}_{label.replace(' ', '_')}"
+        options = {"workers": 1, "batch_size": best, "max_batch_delay": args.max_batch_delay, "device": "gpu",
+                   "runtime": runtime, "handler": handler_opts}
+        print(f"{arch} {label}: archiving", flush=True)
+        build_archive(run, name, store, options, force=True, val_data=val if runtime != "eager" else None)
+        handler, config = unpack_handler(store / f"{name}.mar", work / f"unpacked_{name}", gpu=0)
+        shape = (3, handler.data_config.input_size, handler.data_config.input_size)
+        row = {"runtime": runtime, "handler": handler_opts,
+               "model": [model_only(handler.runner, shape, b, args.duration / 2) for b in args.batches],
+               "bare": [bare(handler, image, b, args.duration) for b in args.batches]}
+        if label == "eager fp32":
+            row["stages"] = stage_ms(handler, image)
+        result["configs"][label] = row
+        del handler
+        torch.cuda.empty_cache()
+        best_bare = max(row["bare"], key=lambda r: r["throughput"])
+        print(f"  best bare {best_bare['throughput']} img/s at batch {best_bare['batch']}, "
+              f"model alone {max(r['throughput'] for r in row['model'])} img/s", flush=True)
+    return result
+
+
+def best_config(result: dict) -> tuple[str, dict]:
+    """The bare configuration with the highest throughput, and its best row."""
+    rows = [(label, max(c["bare"], key=lambda r: r["throughput"])) for label, c in result["configs"].items()
+            if "bare" in c]
+    return max(rows, key=lambda lr: lr[1]["throughput"])
+
+
+def bench_served(results: list[dict], args, work: Path, store: Path, image: bytes) -> None:
+    """Our best configuration of each model and the stock handler behind one TorchServe."""
+    from scripts.archive import build_archive
+    from scripts.serve import TorchServe
+
+    names = []
+    for result in results:
+        label, row = best_config(result)
+        runtime, handler_opts = CONFIGS[label]
+        arch = result["arch"]
+        cores = os.cpu_count() or 1
+        options = {"workers": args.served_workers, "batch_size": row["batch"], "max_batch_delay": args.max_batch_delay,
+                   "device": "gpu", "runtime": runtime, "torch_threads": max(1, cores // args.served_workers),
+                   "handler": handler_opts}
+        run = work / f"run_{arch}"
+        val = work / "val"
+        build_archive(run, f"served_{arch}", store, options, force=True, val_data=val if runtime != "eager" else None)
+        names.append(f"served_{arch}")
+        result["served"] = {"config": label, "options": options, "bare_at_batch": row}
+        if arch in STOCK_LAYOUTS:
+            stock_archive(run, store, work, name=f"stock_{arch}")
+            names.append(f"stock_{arch}")
+    config = stock_config(work)  # TorchServe's default workers per model for the stock handler
+    ts = TorchServe(run_dir=work / "serve", model_store=store, config=config, ports={})
+    ts.start(names, timeout=600)
+    try:
+        headers = ts.headers("inference")
+        for result in results:
+            for kind in ("served", "stock"):
+                name = f"{kind}_{result['arch']}"
+                if name not in names:
+                    continue
+                url = f"{ts.url('inference')}/predictions/{name}"
+                print(f"{name}: {args.clients} clients over {args.load_processes} processes, {args.duration * 4:g} s",
+                      flush=True)
+                load = load_processes(url, headers, image, args.clients, args.duration * 4, args.load_processes)
+                result.setdefault(kind, {})["load"] = load
+                print(f"  {load['throughput']} img/s, p50 {load['p50']} ms, p99 {load['p99']} ms, "
+                      f"{load['errors']} errors", flush=True)
+    finally:
+        ts.stop()
+
+
+def report_rows(results: list[dict]) -> list[tuple]:
+    rows = []
+    for r in results:
+        for label, c in r["configs"].items():
+            if "bare" not in c:
+                rows.append((f"{r['arch']} {label}", c["skipped"], None, None, None, None, None))
+                continue
+            for m, b in zip(c["model"], c["bare"]):
+                rows.append((f"{r['arch']} {label}", f"batch {b['batch']} (model alone {m['throughput']}/s)",
+                             b["throughput"], b["p50"], b["p90"], b["p99"], b["errors"]))
+        for kind in ("served", "stock"):
+            if "load" in r.get(kind, {}):
+                s = r[kind]["load"]
+                what = f"{r['arch']} {kind}" + (f" ({r['served']['config']})" if kind == "served" else "")
+                rows.append((what, f"{s['clients']} clients", s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"]))
+    return rows
+
+
+def ratios(r: dict) -> dict:
+    out = {}
+    if "load" in r.get("served", {}):
+        out["served_over_bare"] = round(r["served"]["load"]["throughput"] / r["served"]["bare_at_batch"]["throughput"], 2)
+        if "load" in r.get("stock", {}) and r["stock"]["load"]["throughput"]:
+            out["served_over_stock"] = round(r["served"]["load"]["throughput"] / r["stock"]["load"]["throughput"], 2)
+    return out
+
+
+def plot(results: list[dict], info: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for label, c in r["configs"].items():
+            if "bare" in c:
+                ax.plot([b["batch"] for b in c["bare"]], [b["throughput"] for b in c["bare"]], "o-", label=f"bare {label}")
+        eager = r["configs"]["eager fp16"]
+        ax.plot([m["batch"] for m in eager["model"]], [m["throughput"] for m in eager["model"]], "k--",
+                label="fp16 model alone")
+        for kind, marker in (("served", "*"), ("stock", "x")):
+            if "load" in r.get(kind, {}):
+                b = r["served"]["bare_at_batch"]["batch"] if kind == "served" else 1
+                ax.plot([b], [r[kind]["load"]["throughput"]], marker, markersize=14, label=f"{kind} (REST)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title(r["arch"])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{info['gpu']} (driver {info['driver']}), torch {info['torch']}, JPEG 451x300")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18,resnet50", help="registered classifiers, comma-separated (default: resnet18,resnet50)")
+    p.add_argument("--batches", default="1,8,32,64", help="batch sizes of the bare rows (default: 1,8,32,64)")
+    p.add_argument("--duration", type=float, default=1.5, help="seconds per bare measurement; served loads run 4x it (default: 1.5)")
+    p.add_argument("--max-batch-delay", type=int, default=5, help="archives' maxBatchDelay in ms (default: 5)")
+    p.add_argument("--served-workers", type=int, default=4, help="our workers on the GPU when served (default: 4)")
+    p.add_argument("--clients", type=int, default=128, help="closed-loop clients against the server (default: 128)")
+    p.add_argument("--load-processes", type=int, default=4, help="processes the clients are spread over (default: 4)")
+    p.add_argument("--no-served", action="store_true", help="bare rows only, no TorchServe (default: off)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_gpu"), help="where bench_gpu.json and .png go (default: runs/bench_gpu)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    except ValueError:
+        print(f"error: --batches expects numbers like 1,8,32,64, got {args.batches!r}", file=sys.stderr)
+        return 2
+    from model_defs import get_entry
+
+    try:
+        require_gpu()
+        for m in models:
+            get_entry(m, task="classification")
+    except (ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-", dir=out))
+    store = work / "model_store"
+    store.mkdir()
+    image = cat_jpeg()
+    info = gpu_info() | {"machine": machine()}
+    print(f"{info['gpu']} x{info['gpus']}, driver {info['driver']}, torch {info['torch']} (CUDA {info['cuda']})", flush=True)
+    results = [bench_model(m, args, work, store, image) for m in models]
+    if not args.no_served:
+        bench_served(results, args, work, store, image)
+    for r in results:
+        r["ratios"] = ratios(r)
+    (out / "bench_gpu.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+    plot(results, info, out / "bench_gpu.png")
+    shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(report_rows(results)))
+    for r in results:
+        if "stages" in r["configs"]["eager fp32"]:
+            print(f"{r['arch']} stages (ms per image): {r['configs']['eager fp32']['stages']}")
+    print(f"wrote {out / 'bench_gpu.json'} and {out / 'bench_gpu.png'}")
+    first = results[0]["ratios"]
+    if first:
+        print(" ".join(f"{k.replace('_over_', '/')}={v:.2f}" for k, v in first.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
