@@ -337,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     image = cat_jpeg()
     info = gpu_info() | {"machine": machine()}
     print(f"{info['gpu']} x{info['gpus']}, driver {info['driver']}, torch {info['torch']} (CUDA {info['cuda']})", flush=True)
-    results = [bench_model(m, args, work, store, image) for m in models]
+    results = []
+    for m in models:  # written as it goes, so a run cut short still leaves its figures
+        results.append(bench_model(m, args, work, store, image))
+        (out / "bench_gpu.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
     if not args.no_served:
         bench_served(results, args, work, store, image)
     for r in results:
