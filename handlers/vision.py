@@ -26,7 +26,14 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from handlers.runtimes import load_runtime
-from model_defs.preprocessing import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, eval_transform, load_image_tensor
+from model_defs.preprocessing import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    eval_transform,
+    load_image_tensor,
+    load_image_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +102,13 @@ def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
     return bytes(payload)
 
 
+def image_error(e: ImageDecodeError) -> RequestError:
+    """An image that cannot be decoded, or is too large, as the request's 4xx."""
+    if isinstance(e, ImageTooLargeError):
+        return RequestError(413, "ImageTooLarge", str(e))
+    return RequestError(400, "InvalidImage", str(e))
+
+
 def worker_device(gpu_id) -> torch.device:
     """The worker's device: the GPU TorchServe assigned it (`gpu_id`), else the CPU.
 
@@ -114,6 +128,7 @@ class VisionHandler(BaseHandler):
 
     batched_images = True  # inference takes one (N, C, H, W) batch
     decode_device = "cpu"  # the GPU with the handler option gpu_decode
+    batch_decode = False  # a batch's images decoded and resized together (gpu_decode)
     max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler options max_pixels and max_bytes override these
     max_bytes = DEFAULT_MAX_BYTES
 
@@ -136,6 +151,8 @@ class VisionHandler(BaseHandler):
         self.model.to(self.device)
         # handler option gpu_decode: JPEGs decoded by nvJPEG on the worker's GPU.
         self.decode_device = self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
+        # Tasks that read plain images (not the segmenter, detector or generator) batch their decode.
+        self.batch_decode = self.decode_device != "cpu" and type(self).preprocess_one is VisionHandler.preprocess_one
         if self.handler_config.get("gpu_decode") and self.device.type != "cuda":
             logger.warning("handler option gpu_decode is set but this worker runs on the CPU: decoding on the CPU")
         # Tasks whose model takes a plain image batch run it through the archive's runtime;
@@ -163,16 +180,19 @@ class VisionHandler(BaseHandler):
         """Decode one request's image to uint8 (C, H, W) within the archive's pixel limit."""
         try:
             return load_image_tensor(data, channels, max_pixels=self.max_pixels, device=self.decode_device)
-        except ImageTooLargeError as e:
-            raise RequestError(413, "ImageTooLarge", str(e)) from None
         except ImageDecodeError as e:
-            raise RequestError(400, "InvalidImage", str(e)) from None
+            raise image_error(e) from None
 
     def preprocess_one(self, row: dict) -> torch.Tensor:
         return self.transform(self.read_image(extract_image_bytes(row, self.max_bytes), self.data_config.channels))
 
     def preprocess(self, data: list) -> tuple[object | None, dict[int, RequestError]]:
         """Read each item; returns the collated good items and the errors of the bad ones."""
+        if self.batch_decode:
+            try:
+                return self.preprocess_batch(data)
+            except Exception:  # noqa: BLE001 - e.g. out of GPU memory: each item on its own instead
+                logger.exception("batched decode failed; preprocessing the batch's items one by one")
         items, errors = [], {}
         for idx, row in enumerate(data):
             try:
@@ -183,6 +203,31 @@ class VisionHandler(BaseHandler):
                 logger.exception("request %d of batch could not be preprocessed", idx)
                 errors[idx] = RequestError(422, "Unprocessable", f"request could not be preprocessed: {e}")
         return (self.collate(items) if items else None), errors
+
+    def preprocess_batch(self, data: list) -> tuple[torch.Tensor | None, dict[int, RequestError]]:
+        """preprocess with gpu_decode: the batch's JPEGs decoded in one nvJPEG call, and images
+        of one size resized and normalized together, where one at a time the per-image
+        kernel launches would bound the worker (README, BENCHMARKS on a GPU)."""
+        errors, payloads = {}, {}
+        for idx, row in enumerate(data):
+            try:
+                payloads[idx] = extract_image_bytes(row, self.max_bytes)
+            except RequestError as e:
+                errors[idx] = e
+        images = load_image_tensors(list(payloads.values()), self.data_config.channels, self.max_pixels,
+                                    self.decode_device)
+        by_size: dict[tuple, list[int]] = {}
+        decoded = {}
+        for idx, image in zip(payloads, images):
+            if isinstance(image, ImageDecodeError):
+                errors[idx] = image_error(image)
+            else:
+                decoded[idx] = image.to(self.device)  # an image only PIL could decode crosses here
+                by_size.setdefault(tuple(image.shape), []).append(idx)
+        ready = {}
+        for idxs in by_size.values():
+            ready.update(zip(idxs, self.transform(torch.stack([decoded[i] for i in idxs]))))
+        return (torch.stack([ready[i] for i in sorted(ready)]) if ready else None), errors
 
     def collate(self, items: list):
         """The good items as one model input; tasks whose items differ in shape override it.

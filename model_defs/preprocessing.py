@@ -106,6 +106,24 @@ def load_image(source: bytes | bytearray | str | Path, channels: int, max_pixels
     return to_model_mode(decode_image(source, max_pixels), channels)
 
 
+def fast_jpeg_mode(data: bytes | bytearray, channels: int, max_pixels: int | None = None) -> ImageReadMode | None:
+    """The torchvision.io mode that decodes these bytes to the pixels `load_image` gives, or
+    None when only PIL can: an upright RGB or grey JPEG qualifies. Reads the header only, and
+    refuses an image over `max_pixels` from it (ImageTooLargeError)."""
+    if bytes(data[:3]) != b"\xff\xd8\xff" or len(data) <= 3:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+            size, mode, orientation = img.size, img.mode, img.getexif().get(ORIENTATION_TAG, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None  # let load_image word the error
+    # An RGB JPEG asked for grey goes to PIL: its luma formula differs from libjpeg's Y.
+    if orientation != 1 or not (mode == "L" or (mode == "RGB" and channels == 3)):
+        return None
+    check_pixels("image data", size, max_pixels)
+    return ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+
+
 def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | None = None,
                       device: str | torch.device = "cpu") -> torch.Tensor:
     """Image bytes → uint8 tensor (C, H, W) with the pixels `load_image` gives, faster.
@@ -121,21 +139,46 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
     the JPEG is decoded on the GPU (nvJPEG, whose pixels may differ from libjpeg-turbo's
     by a level or two); other images are decoded on the CPU and stay there.
     """
-    if bytes(data[:3]) == b"\xff\xd8\xff" and len(data) > 3:
+    mode = fast_jpeg_mode(data, channels, max_pixels)
+    if mode is not None:
         try:
-            with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
-                size, mode, orientation = img.size, img.mode, img.getexif().get(ORIENTATION_TAG, 1)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            size = None  # let load_image word the error
-        # An RGB JPEG asked for grey goes to PIL: its luma formula differs from libjpeg's Y.
-        if size is not None and orientation == 1 and (mode == "L" or (mode == "RGB" and channels == 3)):
-            check_pixels("image data", size, max_pixels)
-            try:
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB, device=device)
-            except RuntimeError:
-                pass  # truncated or corrupt: load_image decides and says why
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode, device=device)
+        except RuntimeError:
+            pass  # truncated or corrupt: load_image decides and says why
     return v2.functional.pil_to_tensor(load_image(data, channels, max_pixels))
+
+
+def load_image_tensors(datas: list[bytes], channels: int, max_pixels: int | None = None,
+                       device: str | torch.device = "cuda") -> list[torch.Tensor | ImageDecodeError]:
+    """Many requests' images at once, each as `load_image_tensor` gives it, or its error in its place.
+
+    The upright JPEGs go to nvJPEG in one batched call on `device` (per image, a GPU worker
+    spends more time decoding than inferring: scripts/bench_gpu.py); the others, and every
+    JPEG of a batch the batched call refuses, are decoded one by one."""
+    out: list = [None] * len(datas)
+    fast = []
+    for i, data in enumerate(datas):
+        try:
+            if fast_jpeg_mode(data, channels, max_pixels) is None:
+                out[i] = load_image_tensor(data, channels, max_pixels)
+            else:
+                fast.append(i)
+        except ImageDecodeError as e:
+            out[i] = e
+    if fast:
+        try:
+            decoded = decode_jpeg([torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in fast],
+                                  mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one corrupt JPEG fails the whole call: find it one by one
+            decoded = [None] * len(fast)
+        for i, tensor in zip(fast, decoded):
+            if tensor is None:
+                try:
+                    tensor = load_image_tensor(datas[i], channels, max_pixels, device)
+                except ImageDecodeError as e:
+                    tensor = e
+            out[i] = tensor
+    return out
 
 
 def _interpolation(cfg: DataConfig) -> InterpolationMode:

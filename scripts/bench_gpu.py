@@ -166,6 +166,8 @@ def bench_model(arch: str, args, work: Path, store: Path, image: bytes) -> dict:
     result = {"arch": arch, "configs": {}}
     best = max(args.batches)
     for label, (runtime, handler_opts) in CONFIGS.items():
+        if label not in args.configs:
+            continue
         if runtime == "onnx" and not onnx_on_gpu():
             result["configs"][label] = {"skipped": "onnxruntime here has no CUDAExecutionProvider "
                                                    "(install onnxruntime-gpu on GPU hosts)"}
@@ -180,7 +182,7 @@ def bench_model(arch: str, args, work: Path, store: Path, image: bytes) -> dict:
         row = {"runtime": runtime, "handler": handler_opts,
                "model": [model_only(handler.runner, shape, b, args.duration / 2) for b in args.batches],
                "bare": [bare(handler, image, b, args.duration) for b in args.batches]}
-        if label == "eager fp32":
+        if not any("stages" in c for c in result["configs"].values()):
             row["stages"] = stage_ms(handler, image)
         result["configs"][label] = row
         del handler
@@ -199,46 +201,50 @@ def best_config(result: dict) -> tuple[str, dict]:
 
 
 def bench_served(results: list[dict], args, work: Path, store: Path, image: bytes) -> None:
-    """Our best configuration of each model and the stock handler behind one TorchServe."""
+    """Our best configuration of each model, at each --served-workers count, and the stock
+    handler, all behind one TorchServe, loaded one after the other."""
     from scripts.archive import build_archive
     from scripts.serve import TorchServe
 
-    names = []
+    loads = []  # (result, where its figures go, model name)
+    cores = os.cpu_count() or 1
     for result in results:
         label, row = best_config(result)
         runtime, handler_opts = CONFIGS[label]
         arch = result["arch"]
-        cores = os.cpu_count() or 1
-        options = {"workers": args.served_workers, "batch_size": row["batch"], "max_batch_delay": args.max_batch_delay,
-                   "device": "gpu", "runtime": runtime, "torch_threads": max(1, cores // args.served_workers),
-                   "handler": handler_opts}
         run = work / f"run_{arch}"
-        val = work / "val"
-        build_archive(run, f"served_{arch}", store, options, force=True, val_data=val if runtime != "eager" else None)
-        names.append(f"served_{arch}")
-        result["served"] = {"config": label, "options": options, "bare_at_batch": row}
-        if arch in STOCK_LAYOUTS:
+        result["served"] = {"config": label, "bare_at_batch": row, "runs": []}
+        for workers in args.served_workers:
+            options = {"workers": workers, "batch_size": row["batch"], "max_batch_delay": args.max_batch_delay,
+                       "device": "gpu", "runtime": runtime, "torch_threads": max(1, cores // workers),
+                       "handler": handler_opts}
+            name = f"served_{arch}_w{workers}"
+            build_archive(run, name, store, options, force=True, val_data=work / "val" if runtime != "eager" else None)
+            result["served"]["runs"].append({"workers": workers, "options": options})
+            loads.append((result["served"]["runs"][-1], name))
+        if arch in STOCK_LAYOUTS and not args.no_stock:
             stock_archive(run, store, work, name=f"stock_{arch}")
-            names.append(f"stock_{arch}")
+            result["stock"] = {}
+            loads.append((result["stock"], f"stock_{arch}"))
     config = stock_config(work)  # TorchServe's default workers per model for the stock handler
     ts = TorchServe(run_dir=work / "serve", model_store=store, config=config, ports={})
-    ts.start(names, timeout=600)
+    ts.start([name for _, name in loads], timeout=600)
     try:
         headers = ts.headers("inference")
-        for result in results:
-            for kind in ("served", "stock"):
-                name = f"{kind}_{result['arch']}"
-                if name not in names:
-                    continue
-                url = f"{ts.url('inference')}/predictions/{name}"
-                print(f"{name}: {args.clients} clients over {args.load_processes} processes, {args.duration * 4:g} s",
-                      flush=True)
-                load = load_processes(url, headers, image, args.clients, args.duration * 4, args.load_processes)
-                result.setdefault(kind, {})["load"] = load
-                print(f"  {load['throughput']} img/s, p50 {load['p50']} ms, p99 {load['p99']} ms, "
-                      f"{load['errors']} errors", flush=True)
+        for where, name in loads:
+            url = f"{ts.url('inference')}/predictions/{name}"
+            print(f"{name}: {args.clients} clients over {args.load_processes} processes, {args.duration * 4:g} s",
+                  flush=True)
+            where["load"] = load_processes(url, headers, image, args.clients, args.duration * 4, args.load_processes)
+            print(f"  {where['load']['throughput']} img/s, p50 {where['load']['p50']} ms, "
+                  f"p99 {where['load']['p99']} ms, {where['load']['errors']} errors", flush=True)
     finally:
         ts.stop()
+
+
+def best_served(r: dict) -> dict | None:
+    runs = [x for x in r.get("served", {}).get("runs", []) if "load" in x]
+    return max(runs, key=lambda x: x["load"]["throughput"]) if runs else None
 
 
 def report_rows(results: list[dict]) -> list[tuple]:
@@ -251,20 +257,22 @@ def report_rows(results: list[dict]) -> list[tuple]:
             for m, b in zip(c["model"], c["bare"]):
                 rows.append((f"{r['arch']} {label}", f"batch {b['batch']} (model alone {m['throughput']}/s)",
                              b["throughput"], b["p50"], b["p90"], b["p99"], b["errors"]))
-        for kind in ("served", "stock"):
-            if "load" in r.get(kind, {}):
-                s = r[kind]["load"]
-                what = f"{r['arch']} {kind}" + (f" ({r['served']['config']})" if kind == "served" else "")
-                rows.append((what, f"{s['clients']} clients", s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"]))
+        served = [(f"{r['arch']} served ({r['served']['config']}, {x['workers']} worker(s))", x["load"])
+                  for x in r.get("served", {}).get("runs", []) if "load" in x]
+        if "load" in r.get("stock", {}):
+            served.append((f"{r['arch']} stock (TorchServe defaults)", r["stock"]["load"]))
+        rows += [(what, f"{s['clients']} clients", s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"])
+                 for what, s in served]
     return rows
 
 
 def ratios(r: dict) -> dict:
-    out = {}
-    if "load" in r.get("served", {}):
-        out["served_over_bare"] = round(r["served"]["load"]["throughput"] / r["served"]["bare_at_batch"]["throughput"], 2)
-        if "load" in r.get("stock", {}) and r["stock"]["load"]["throughput"]:
-            out["served_over_stock"] = round(r["served"]["load"]["throughput"] / r["stock"]["load"]["throughput"], 2)
+    best = best_served(r)
+    if best is None:
+        return {}
+    out = {"served_over_bare": round(best["load"]["throughput"] / r["served"]["bare_at_batch"]["throughput"], 2)}
+    if r.get("stock", {}).get("load", {}).get("throughput"):
+        out["served_over_stock"] = round(best["load"]["throughput"] / r["stock"]["load"]["throughput"], 2)
     return out
 
 
@@ -279,13 +287,15 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
         for label, c in r["configs"].items():
             if "bare" in c:
                 ax.plot([b["batch"] for b in c["bare"]], [b["throughput"] for b in c["bare"]], "o-", label=f"bare {label}")
-        eager = r["configs"]["eager fp16"]
+        eager = next(c for c in r["configs"].values() if "model" in c)
         ax.plot([m["batch"] for m in eager["model"]], [m["throughput"] for m in eager["model"]], "k--",
-                label="fp16 model alone")
-        for kind, marker in (("served", "*"), ("stock", "x")):
-            if "load" in r.get(kind, {}):
-                b = r["served"]["bare_at_batch"]["batch"] if kind == "served" else 1
-                ax.plot([b], [r[kind]["load"]["throughput"]], marker, markersize=14, label=f"{kind} (REST)")
+                label="model alone (first config)")
+        best = best_served(r)
+        if best is not None:
+            ax.plot([best["options"]["batch_size"]], [best["load"]["throughput"]], "*", markersize=14,
+                    label=f"served, {best['workers']} worker(s) (REST)")
+        if "load" in r.get("stock", {}):
+            ax.plot([1], [r["stock"]["load"]["throughput"]], "x", markersize=14, label="stock handler (REST)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")
@@ -304,9 +314,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,8,32,64", help="batch sizes of the bare rows (default: 1,8,32,64)")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per bare measurement; served loads run 4x it (default: 1.5)")
     p.add_argument("--max-batch-delay", type=int, default=5, help="archives' maxBatchDelay in ms (default: 5)")
-    p.add_argument("--served-workers", type=int, default=4, help="our workers on the GPU when served (default: 4)")
+    p.add_argument("--served-workers", default="1,2", help="our workers on the GPU when served, one archive per count (default: 1,2)")
+    p.add_argument("--no-stock", action="store_true", help="skip the stock handler (default: off)")
     p.add_argument("--clients", type=int, default=128, help="closed-loop clients against the server (default: 128)")
     p.add_argument("--load-processes", type=int, default=4, help="processes the clients are spread over (default: 4)")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"bare configurations to run, comma-separated (default: all: {', '.join(CONFIGS)})")
     p.add_argument("--no-served", action="store_true", help="bare rows only, no TorchServe (default: off)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_gpu"), help="where bench_gpu.json and .png go (default: runs/bench_gpu)")
     return p
@@ -317,11 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        args.served_workers = sorted({int(w) for w in args.served_workers.split(",") if w.strip()})
     except ValueError:
-        print(f"error: --batches expects numbers like 1,8,32,64, got {args.batches!r}", file=sys.stderr)
+        print(f"error: --batches and --served-workers expect numbers like 1,8,32, got {args.batches!r}, "
+              f"{args.served_workers!r}", file=sys.stderr)
         return 2
     from model_defs import get_entry
 
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown or not args.configs:
+        print(f"error: --configs {','.join(unknown)!r} unknown; choose from: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
     try:
         require_gpu()
         for m in models:
@@ -351,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(report_rows(results)))
     for r in results:
-        if "stages" in r["configs"]["eager fp32"]:
-            print(f"{r['arch']} stages (ms per image): {r['configs']['eager fp32']['stages']}")
+        for label, c in r["configs"].items():
+            if "stages" in c:
+                print(f"{r['arch']} stages (ms per image): {c['stages']}")
     print(f"wrote {out / 'bench_gpu.json'} and {out / 'bench_gpu.png'}")
     first = results[0]["ratios"]
     if first:

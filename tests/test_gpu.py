@@ -183,6 +183,34 @@ def test_torchserve_gpu_worker_answers_like_the_cpu(trained_digits, digits_dir_m
 # -- on a CPU machine: the GPU paths chosen and configured, with CUDA faked ---------------------
 
 
+def test_batched_decode_answers_like_one_at_a_time_with_bad_items_in_place(photo_model, photos):
+    """The gpu_decode path (one batched decode_jpeg call, images of one size resized together),
+    run here with libjpeg on the CPU: the same tensors as the per-item path, and each bad
+    item gets its own 4xx in its place. A PNG and an EXIF-rotated JPEG take the PIL path."""
+    from PIL import Image
+
+    rotated = photos["chelsea"].convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rows = [{"body": encode(photos["chelsea"].convert("RGB"), "JPEG", quality=90)},
+            {"body": b"\xff\xd8\xff\xe0 not really a jpeg"},
+            {"body": encode(photos["astronaut"].convert("RGB"), "JPEG", quality=80)},
+            {"body": encode(photos["coffee"], "PNG")},
+            {"body": b""},
+            {"body": encode(rotated, "JPEG", exif=exif.tobytes())},
+            {"body": encode(photos["chelsea"].convert("RGB"), "JPEG", quality=70)}]
+    handler, config = handler_on(photo_model, None)
+    one_by_one, errors_one = handler.preprocess(rows)
+    handler.batch_decode = True  # what gpu_decode on a GPU turns on; decode_device stays the CPU here
+    batched, errors_batched = handler.preprocess(rows)
+    assert sorted(errors_batched) == sorted(errors_one) == [1, 4]
+    assert [errors_batched[i].body() for i in (1, 4)] == [errors_one[i].body() for i in (1, 4)]
+    assert batched.shape == one_by_one.shape == (5, 3, 224, 224)
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    answers_batched, codes = run(handler, photo_model, rows, config)
+    assert codes == [200, 400, 200, 200, 400, 200, 200]
+
+
 def test_worker_device_follows_gpu_id_with_faked_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert vision.worker_device(None) == torch.device("cpu")

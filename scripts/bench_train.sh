@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Epoch time of every trainer, briefly, on one device and precision: each task's own small
+# data (the digits, shapes on real photos), 2 epochs under torchrun with one process per GPU.
+#
+#   scripts/bench_train.sh                       # on the GPU: bf16 and fp16, one process per GPU
+#   scripts/bench_train.sh --device cpu --amp none
+#   scripts/bench_train.sh --epochs 1 --tasks classification,detection
+#
+# Prints one line per task and precision (seconds per epoch, the first epoch apart, since it
+# pays for start-up and cuDNN autotuning) and appends them to runs/bench_train/epoch_times.jsonl.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PY:-.venv/bin/python}"
+DEVICE=cuda; AMPS="bf16,fp16"; EPOCHS=2; TASKS="classification,detection,segmentation,generation,embedding"
+OUT=runs/bench_train; DATA=data/bench_train
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --amp) AMPS="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
+    --tasks) TASKS="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown option $1; known: --device, --amp, --epochs, --tasks, --out, --help" >&2; exit 2 ;;
+  esac
+done
+NPROC=1
+if [ "$DEVICE" = cuda ]; then NPROC="$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')"; fi
+mkdir -p "$DATA" "$OUT"
+[ -d "$DATA/digits" ] || "$PY" -m training.sample_data digits --out "$DATA/digits" >/dev/null
+[ -d "$DATA/det/train" ] || { "$PY" -m training.shapes --out "$DATA/det/train" --layout voc --n 300 --size 128 --seed 0 --no-progress;
+                             "$PY" -m training.shapes --out "$DATA/det/val" --layout voc --n 50 --size 128 --seed 1 --no-progress; } >/dev/null
+[ -d "$DATA/masks" ] || "$PY" -m training.shapes --out "$DATA/masks" --layout masks --n 400 --size 128 --seed 0 --no-progress >/dev/null
+D="$DATA"
+declare -A CMD=(
+  [classification]="training.train --data $D/digits/train --model resnet18 --channels 3 --hflip-prob 0 --batch-size 64"
+  [detection]="training.train_detection --data $D/det/train --val-data $D/det/val --model fcos_regnet_x_400mf --input-size 128 --batch-size 8"
+  [segmentation]="training.train_segmentation --data $D/masks --model unet --input-size 96 --batch-size 8"
+  [generation]="training.train_gan --data $D/digits/train"
+  [embedding]="training.train_simclr --data $D/digits/train --eval-data $D/digits/train --eval-val-data $D/digits/test --channels 1 --hflip-prob 0"
+)
+for task in ${TASKS//,/ }; do
+  [ -n "${CMD[$task]:-}" ] || { echo "error: unknown task $task; known: ${!CMD[*]}" >&2; exit 2; }
+  for amp in ${AMPS//,/ }; do
+    run="$OUT/${task}_${DEVICE}_${amp}"
+    rm -rf "$run"
+    # shellcheck disable=SC2086
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m ${CMD[$task]} --epochs "$EPOCHS" \
+        --device "$DEVICE" --amp "$amp" --out "$run" --no-progress > "$run.log" 2>&1 \
+      || { echo "$task $DEVICE $amp: FAILED, see $run.log"; tail -5 "$run.log"; continue; }
+    "$PY" - "$run" "$task" "$DEVICE" "$amp" "$NPROC" <<'PY'
+import csv, json, sys
+from pathlib import Path
+run, task, device, amp, nproc = sys.argv[1:]
+rows = list(csv.DictReader(open(Path(run) / "metrics.csv")))
+secs = [float(r["seconds"]) for r in rows]
+line = {"task": task, "device": device, "amp": amp, "processes": int(nproc), "epoch_seconds": secs}
+print(f"{task:15s} {device} {amp:5s} x{nproc}: first epoch {secs[0]:.1f} s, then {sum(secs[1:]) / max(1, len(secs) - 1):.1f} s/epoch")
+with open(Path(run).parent / "epoch_times.jsonl", "a") as f:
+    f.write(json.dumps(line) + "\n")
+PY
+  done
+done
