@@ -48,7 +48,7 @@ for task in ${TASKS//,/ }; do
     # shellcheck disable=SC2086
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m ${CMD[$task]} --epochs "$EPOCHS" \
         --device "$DEVICE" --amp "$amp" --out "$run" --no-progress > "$run.log" 2>&1 \
-      || { echo "$task $DEVICE $amp: FAILED, see $run.log"; tail -5 "$run.log"; continue; }
+      || { echo "$task $DEVICE $amp: FAILED, see $run.log:"; grep -m 3 -E "Error|error:" "$run.log" | grep -v elastic; continue; }
     "$PY" - "$run" "$task" "$DEVICE" "$amp" "$NPROC" <<'PY'
 import csv, json, sys
 from pathlib import Path
