@@ -8,6 +8,7 @@ inside every `.mar` next to the registry.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,7 @@ def load_image(source: bytes | bytearray | str | Path, channels: int, max_pixels
 
 
 def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | None = None,
-                      device: str | torch.device = "cpu") -> torch.Tensor:
+                      device: str | torch.device = "cpu", on_fallback: Callable[[], None] | None = None) -> torch.Tensor:
     """Image bytes → uint8 tensor (C, H, W) with the pixels `load_image` gives, faster.
 
     What the handlers call on every request. An upright RGB or grey JPEG (most requests)
@@ -120,6 +121,7 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
     The pixel limit is checked from the header first in both cases. With a CUDA `device`
     the JPEG is decoded on the GPU (nvJPEG, whose pixels may differ from libjpeg-turbo's
     by a level or two); other images are decoded on the CPU and stay there.
+    `on_fallback` is called for each image PIL decoded (the handlers count them).
     """
     if bytes(data[:3]) == b"\xff\xd8\xff" and len(data) > 3:
         try:
@@ -135,7 +137,10 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
                                    mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB, device=device)
             except RuntimeError:
                 pass  # truncated or corrupt: load_image decides and says why
-    return v2.functional.pil_to_tensor(load_image(data, channels, max_pixels))
+    image = v2.functional.pil_to_tensor(load_image(data, channels, max_pixels))
+    if on_fallback is not None:
+        on_fallback()
+    return image
 
 
 def _interpolation(cfg: DataConfig) -> InterpolationMode:

@@ -1,0 +1,178 @@
+"""Handler metrics and JSON logs, read back from a real TorchServe's /metrics and model log."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from handlers import metrics as hm
+from scripts import archive
+from scripts.serve import ROOT, TorchServe
+
+
+def scrape(ts: TorchServe) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted labels without Hostname): value}."""
+    text = requests.get(f"{ts.url('metrics')}/metrics", timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("Hostname", "hostname")))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    want = {(k, str(v)) for k, v in labels.items()}
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+@pytest.fixture(scope="module")
+def server(trained_digits, tmp_path_factory):
+    store = tmp_path_factory.mktemp("model_store")
+    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store), "--version", "2.0",
+                         "--batch-size", "4", "--max-batch-delay", "200", "--handler-option", "json_logs=true"]) == 0
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
+    ts.start([], timeout=240)
+    assert ts.register("digits", "digits-2.0.mar") == "2.0"
+    yield ts
+    ts.stop()
+
+
+def post(ts, data: bytes, content_type="application/octet-stream"):
+    return requests.post(f"{ts.url('inference')}/predictions/digits", data=data, timeout=60,
+                         headers={**ts.headers("inference"), "Content-Type": content_type})
+
+
+def grey_jpeg(png: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("L").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+MARKER = b"SECRET-PIXELS-0123456789"
+
+
+@pytest.fixture(scope="module")
+def load(server, digits_dir):
+    """A mixed load, sent concurrently so that TorchServe batches it: what each request got."""
+    pngs = [p.read_bytes() for p in sorted((digits_dir / "test").rglob("*.png"))[:12]]
+    jpegs = [grey_jpeg(p) for p in pngs[:6]]
+    bad = [b"not an image at all " + MARKER, b"", b'{"data": "%%%"}', b"\xff\xd8\xff" + MARKER]
+    bodies = pngs + jpegs + bad
+    before = scrape(server)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: post(server, b), bodies))
+    return {"before": before, "after": scrape(server), "answers": answers, "pngs": len(pngs), "jpegs": len(jpegs),
+            "bodies": bodies}
+
+
+def delta(load, name, **labels):
+    return value(load["after"], name, **labels) - value(load["before"], name, **labels)
+
+
+def test_answered_and_refused_items_are_counted_by_model_version_code_and_type(load):
+    labels = {"model_name": "digits", "model_version": "2.0"}
+    codes = [r.status_code for r in load["answers"]]
+    assert codes.count(200) == load["pngs"] + load["jpegs"]
+    assert delta(load, hm.ANSWERED, **labels) == codes.count(200)
+    refused = {}
+    for r in load["answers"]:
+        if r.status_code != 200:
+            key = (r.status_code, r.json()["type"])
+            refused[key] = refused.get(key, 0) + 1
+    assert sum(refused.values()) == 4
+    for (code, type_), n in refused.items():
+        assert delta(load, hm.REFUSED, **labels, code=code, error_type=type_) == n, (code, type_)
+    assert delta(load, hm.REFUSED, **labels) == 4
+
+
+def test_decode_fallbacks_count_the_images_pil_decoded(load):
+    # The digits PNGs go to PIL; the grey JPEGs are decoded by torchvision.io.
+    assert delta(load, hm.DECODE_FALLBACKS, model_name="digits", model_version="2.0") == load["pngs"]
+
+
+def test_time_and_batch_size_histograms_have_buckets_and_count_every_batch(load):
+    labels = {"model_name": "digits", "model_version": "2.0"}
+    batches = delta(load, hm.BATCH_SIZE + "_count", **labels)
+    assert 0 < batches < len(load["bodies"])  # concurrent requests shared batches
+    assert delta(load, hm.BATCH_SIZE + "_sum", **labels) == len(load["bodies"])
+    for name in (*hm.STEP_SECONDS.values(), hm.BATCH_SECONDS):
+        assert delta(load, name + "_count", **labels) == batches, name
+        assert delta(load, name + "_bucket", **labels, le="+Inf") == batches, name
+        # Cumulative buckets in seconds: the 10 s bucket holds every batch, and buckets never decrease.
+        les = sorted((float(dict(ls)["le"]), v) for (n, ls), v in load["after"].items()
+                     if n == name + "_bucket" and ("model_version", "2.0") in ls)
+        assert [v for _, v in les] == sorted(v for _, v in les), name
+        assert dict(les)[10.0] == dict(les)[float("inf")], name
+    whole = delta(load, hm.BATCH_SECONDS + "_sum", **labels)
+    steps = sum(delta(load, n + "_sum", **labels) for n in hm.STEP_SECONDS.values())
+    assert 0 < steps <= whole
+
+
+def test_worker_start_is_counted(server):
+    assert value(scrape(server), hm.WORKER_STARTS, model_name="digits", model_version="2.0") == 1
+
+
+def json_log_lines(ts) -> list[dict]:
+    text = (ts.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    return [json.loads(line[line.index("{"):]) for line in text.splitlines() if '{"event": ' in line]
+
+
+def test_json_logs_give_one_line_per_refused_item_and_per_batch_without_bytes_or_keys(server, load):
+    lines = json_log_lines(server)
+    refused = [x for x in lines if x["event"] == "refused"]
+    batches = [x for x in lines if x["event"] == "batch"]
+    assert len(refused) == 4
+    assert {(x["status"], x["error_type"]) for x in refused} == {(r.status_code, r.json()["type"])
+                                                                  for r in load["answers"] if r.status_code != 200}
+    assert sum(b["size"] for b in batches) == len(load["bodies"])  # the module's only load
+    assert sum(b["refused"] for b in batches) == 4
+    for x in refused:
+        assert x["model"] == "digits" and x["version"] == "2.0" and x["request_id"]
+        assert x["preprocess_ms"] >= 0 and x["batch_ms"] >= x["preprocess_ms"]
+    for b in batches:
+        assert len(b["request_ids"]) == b["size"] == len(b["statuses"]) and all(b["request_ids"])
+        assert set(b) >= {"inference_ms", "postprocess_ms", "decode_fallbacks", "model", "version"}
+    refused_ids = {x["request_id"] for x in refused}
+    assert refused_ids <= {i for b in batches for i in b["request_ids"]}
+    text = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    assert MARKER.decode() not in text
+    assert "%%%" not in text
+    for kind in ("inference", "management", "API"):
+        assert server.key(kind) not in text
+
+
+def test_metrics_can_be_turned_off_and_json_logs_are_off_by_default(digits_dir, trained_digits, tmp_path, caplog):
+    """In process, with TorchServe's own metrics cache from the bundle's metrics yaml."""
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    from tests.test_handler import load_handler, make_context
+
+    png = next((digits_dir / "test").rglob("*.png")).read_bytes()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("model.pt", "model.json"):
+        (model_dir / name).write_bytes((trained_digits / name).read_bytes())
+    for option, expect_lines in ((True, True), (False, False)):
+        cache = MetricsCacheYamlImpl(str(ROOT / "monitoring" / "metrics.yaml"))
+        cache.initialize_cache()
+        handler = load_handler(model_dir, {"handler": {"metrics": option}})
+        ctx = make_context(model_dir, 2)
+        ctx.metrics = cache
+        handler.metrics = hm.HandlerMetrics(ctx, {"metrics": option})
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            handler.handle([{"body": png}, {"body": b"junk"}], ctx)
+        metric_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+        assert bool(metric_lines) == expect_lines
+        if expect_lines:
+            names = {m[len("[METRICS]"):].split(".")[0] for m in metric_lines}
+            assert {hm.ANSWERED, hm.REFUSED, hm.DECODE_FALLBACKS, hm.BATCH_SIZE, *hm.STEP_SECONDS.values()} <= names
+        assert not [r for r in caplog.records if r.name == "handlers.requests"]
