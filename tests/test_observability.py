@@ -170,9 +170,85 @@ def test_metrics_can_be_turned_off_and_json_logs_are_off_by_default(digits_dir, 
         caplog.clear()
         with caplog.at_level("INFO"):
             handler.handle([{"body": png}, {"body": b"junk"}], ctx)
-        metric_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+        metric_lines = [line for r in caplog.records for line in r.getMessage().splitlines() if line.startswith("[METRICS]")]
         assert bool(metric_lines) == expect_lines
         if expect_lines:
             names = {m[len("[METRICS]"):].split(".")[0] for m in metric_lines}
             assert {hm.ANSWERED, hm.REFUSED, hm.DECODE_FALLBACKS, hm.BATCH_SIZE, *hm.STEP_SECONDS.values()} <= names
         assert not [r for r in caplog.records if r.name == "handlers.requests"]
+
+
+# -- scripts/top (after the tests above: they read the module's first load alone) ----------
+
+
+def test_histogram_quantile_interpolates_like_prometheus():
+    from scripts.top import histogram_quantile
+
+    buckets = {0.1: 50.0, 0.2: 100.0, float("inf"): 100.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.75, buckets) == pytest.approx(0.15)
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.05)  # the first bucket starts at 0
+    assert histogram_quantile(0.99, {0.1: 0.0, float("inf"): 10.0}) == 0.1  # beyond the last bound
+    assert histogram_quantile(0.5, {0.1: 0.0, float("inf"): 0.0}) is None
+
+
+def test_top_reports_rate_errors_quantiles_workers_and_queue_of_a_known_load(server, digits_dir):
+    import time
+
+    from scripts import top
+
+    pngs = [p.read_bytes() for p in sorted((digits_dir / "test").rglob("*.png"))[20:26]]
+    before, start = top.scrape(server), time.monotonic()
+    latencies = []
+    for body in pngs + [b"junk", b""]:  # one at a time: each request is a batch of one
+        t = time.perf_counter()
+        post(server, body)
+        latencies.append(time.perf_counter() - t)
+    after, seconds = top.scrape(server), time.monotonic() - start
+    rows = top.report(top.served_versions(server), before, after, seconds)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["model"], row["version"], row["default"]) == ("digits", "2.0", True)
+    assert row["requests_per_s"] == round(8 / seconds, 2)
+    assert row["error_ratio"] == 0.25
+    assert 0 < row["p50_ms"] <= row["p99_ms"] <= 10_000
+    # The handler's time is part of each client's latency: its p99 lies at most in the
+    # bucket (default bounds, in seconds) that holds the slowest client latency.
+    bounds = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
+    assert row["p99_ms"] <= 1000 * min(b for b in bounds if b >= max(latencies))
+    assert (row["workers_ready"], row["workers"], row["restarts"]) == (1, 1, 0)
+    assert row["queue_ms"] is not None and row["queue_ms"] >= 0
+
+
+def test_top_json_prints_one_snapshot(server, capsys):
+    from scripts import top
+
+    assert top.main(["--run-dir", str(server.run_dir), "--json", "--interval", "0.3"]) == 0
+    snap = json.loads(capsys.readouterr().out)
+    assert snap["seconds"] >= 0.3
+    [row] = snap["versions"]
+    assert row["model"] == "digits" and row["workers"] == 1 and row["requests_per_s"] == 0
+
+
+def test_top_counts_a_killed_worker_as_a_restart(server):
+    """Last in the module: it kills the worker."""
+    import os
+    import signal
+    import time
+
+    from scripts import top
+
+    def worker():
+        return server.versions("digits")[0]["workers"][0]
+
+    old = worker()
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (worker().get("pid") != old["pid"] and worker()["status"] == "READY"):
+        time.sleep(0.5)
+    assert worker()["status"] == "READY"
+    deadline = time.time() + 30
+    while time.time() < deadline and value(scrape(server), hm.WORKER_STARTS, model_name="digits") < 2:
+        time.sleep(0.5)
+    [row] = top.report(top.served_versions(server), {}, top.scrape(server), 1.0)
+    assert (row["worker_starts"], row["restarts"], row["workers_ready"]) == (2, 1, 1)
