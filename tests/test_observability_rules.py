@@ -43,3 +43,72 @@ def test_scrape_config_is_valid_and_loads_the_rules():
     r = promtool("check", "config", "prometheus.yml")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rules.yml" in r.stdout and "SUCCESS" in r.stdout
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------
+
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$model": "digits", "$version": ".*"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL with Grafana's variables replaced by values) of every panel."""
+    import json
+
+    dash = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, val in GRAFANA_VARIABLES.items():
+                expr = expr.replace(var, val)
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_dashboard_has_a_row_per_model_and_a_version_variable():
+    import json
+
+    dash = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "model", "version"} <= set(variables)
+    assert variables["version"]["multi"] and "$model" in variables["version"]["definition"]
+    rows = [p for p in dash["panels"] if p["type"] == "row"]
+    assert len(rows) == 1 and rows[0]["repeat"] == "model"
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len(panels) >= 8 and all(p["description"] and p["targets"] for p in panels)
+    for p in panels:
+        for t in p["targets"]:
+            assert '$model"' in t["expr"], p["title"]  # every panel is about its row's model
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_dashboard_queries_parse_and_name_only_exported_or_recorded_series(tmp_path):
+    import re
+
+    import yaml
+
+    queries = dashboard_queries()
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:panel_{i}", "expr": expr}
+                                                        for i, (_, expr) in enumerate(queries)]}]}
+    (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump(rules))
+    r = promtool("check", "rules", "dashboard_rules.yml", cwd=tmp_path)  # promtool parses each PromQL expression
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    declared = set()
+    metrics = yaml.safe_load((MONITORING / "metrics.yaml").read_text())
+    for section in ("ts_metrics", "model_metrics"):
+        for kind, specs in metrics[section].items():
+            for spec in specs:
+                names = [spec["name"] + s for s in ("_bucket", "_sum", "_count")] if kind == "histogram" else [spec["name"]]
+                declared.update(names)
+    recorded = {r["record"] for g in yaml.safe_load((MONITORING / "rules.yml").read_text())["groups"]
+                for r in g["rules"] if "record" in r}
+    for title, expr in queries:
+        for name in re.findall(r"\b((?:handler_|ts_|model_version:)[\w:]+)\s*[{\[]", expr):
+            assert name in declared | recorded, f"panel {title!r}: {name} is neither exported nor recorded"
+
+
+def test_a_broken_dashboard_query_is_caught(tmp_path):
+    """The check above can fail: promtool refuses a query that does not parse."""
+    (tmp_path / "bad.yml").write_text("groups:\n- name: x\n  rules:\n  - record: x:y\n    expr: sum by (model_version (rate(x[5m]))\n")
+    assert promtool("check", "rules", "bad.yml", cwd=tmp_path).returncode != 0
