@@ -8,7 +8,8 @@ Two archives of the same weights and model configuration, one with the handler o
 and so its metrics_config). Closed-loop load of the same JPEG is sent to each in interleaved
 rounds (A B, B A, ...), so a noisy neighbour slows both alike. It prints a table, writes
 bench_metrics.json and bench_metrics.png to --out, and its last line is
-`with/without=R overhead=P%`, the ratio of the total throughputs.
+`with/without=R overhead=P%`, the ratio of the total throughputs (the per-round ratios and
+their median are printed above it: on a busy machine they say how far to trust it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -66,9 +68,11 @@ def run_bench(args) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     total = {side: sum(m["throughput"] for m in ms) for side, ms in rounds.items()}
     ratio = total["with"] / total["without"]
+    per_round = [w["throughput"] / wo["throughput"] for w, wo in zip(rounds["with"], rounds["without"])]
     return {"model": args.model, "machine": machine(), "clients": args.clients, "duration_s": args.duration,
             "batch_size": args.batch_size, "rounds": rounds, "with_over_without": round(ratio, 4),
-            "overhead_percent": round((1 - ratio) * 100, 2)}
+            "overhead_percent": round((1 - ratio) * 100, 2),
+            "round_ratios": [round(r, 3) for r in per_round], "median_round_ratio": round(statistics.median(per_round), 3)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, (w, wo) in enumerate(zip(result["rounds"]["with"], result["rounds"]["without"]), 1):
         print(f"{i:<6} {w['throughput']:>10.2f} {wo['throughput']:>13.2f} {w['p99']:>11} {wo['p99']:>14}")
     print(f"wrote {out / 'bench_metrics.json'} and {out / 'bench_metrics.png'}")
+    print(f"round ratios (with/without): {' '.join(f'{r:.3f}' for r in result['round_ratios'])}, "
+          f"median {result['median_round_ratio']:.3f}")
     print(f"with/without={result['with_over_without']:.3f} overhead={result['overhead_percent']:.1f}%")
     return 0
 
