@@ -149,33 +149,64 @@ def test_json_logs_give_one_line_per_refused_item_and_per_batch_without_bytes_or
         assert server.key(kind) not in text
 
 
-def test_metrics_can_be_turned_off_and_json_logs_are_off_by_default(digits_dir, trained_digits, tmp_path, caplog):
-    """In process, with TorchServe's own metrics cache from the bundle's metrics yaml."""
+@pytest.fixture
+def model_dir(trained_digits, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("model.pt", "model.json"):
+        (out / name).write_bytes((trained_digits / name).read_bytes())
+    return out
+
+
+def in_process(model_dir, handler_options: dict):
+    """The classifier in process, its metrics going to TorchServe's own metrics cache built
+    from the bundle's metrics yaml, as in a worker; returns it and a context for 2 requests."""
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
     from tests.test_handler import load_handler, make_context
 
+    cache = MetricsCacheYamlImpl(str(ROOT / "monitoring" / "metrics.yaml"))
+    cache.initialize_cache()
+    handler = load_handler(model_dir, {"handler": handler_options})
+    ctx = make_context(model_dir, 2)
+    ctx.metrics = cache
+    handler.metrics = hm.HandlerMetrics(ctx, handler_options)
+    return handler, ctx
+
+
+def metric_lines(caplog) -> list[str]:
+    return [line for r in caplog.records for line in r.getMessage().splitlines() if line.startswith("[METRICS]")]
+
+
+def test_metrics_can_be_turned_off_and_json_logs_are_off_by_default(digits_dir, model_dir, caplog):
     png = next((digits_dir / "test").rglob("*.png")).read_bytes()
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    for name in ("model.pt", "model.json"):
-        (model_dir / name).write_bytes((trained_digits / name).read_bytes())
     for option, expect_lines in ((True, True), (False, False)):
-        cache = MetricsCacheYamlImpl(str(ROOT / "monitoring" / "metrics.yaml"))
-        cache.initialize_cache()
-        handler = load_handler(model_dir, {"handler": {"metrics": option}})
-        ctx = make_context(model_dir, 2)
-        ctx.metrics = cache
-        handler.metrics = hm.HandlerMetrics(ctx, {"metrics": option})
+        handler, ctx = in_process(model_dir, {"metrics": option})
         caplog.clear()
         with caplog.at_level("INFO"):
             handler.handle([{"body": png}, {"body": b"junk"}], ctx)
-        metric_lines = [line for r in caplog.records for line in r.getMessage().splitlines() if line.startswith("[METRICS]")]
-        assert bool(metric_lines) == expect_lines
+        lines = metric_lines(caplog)
+        assert bool(lines) == expect_lines
         if expect_lines:
-            names = {m[len("[METRICS]"):].split(".")[0] for m in metric_lines}
+            names = {m[len("[METRICS]"):].split(".")[0] for m in lines}
             assert {hm.ANSWERED, hm.REFUSED, hm.DECODE_FALLBACKS, hm.BATCH_SIZE, *hm.STEP_SECONDS.values()} <= names
         assert not [r for r in caplog.records if r.name == "handlers.requests"]
+
+
+def test_a_batch_that_raises_counts_each_item_refused_with_the_workers_code(digits_dir, model_dir, caplog):
+    png = next((digits_dir / "test").rglob("*.png")).read_bytes()
+    handler, ctx = in_process(model_dir, {})
+
+    def broken(batch):
+        raise RuntimeError("model exploded")
+
+    handler.inference = broken
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError):
+        handler.handle([{"body": png}, {"body": png}], ctx)
+    refused = [m for m in metric_lines(caplog) if m.startswith(f"[METRICS]{hm.REFUSED}.")]
+    assert len(refused) == 1 and refused[0].split(":")[1].startswith("2|")  # both items, in one update
+    assert "code:503,error_type:RuntimeError|" in refused[0]
+    assert not [m for m in metric_lines(caplog) if m.startswith(f"[METRICS]{hm.ANSWERED}.")]
 
 
 # -- scripts/top (after the tests above: they read the module's first load alone) ----------
