@@ -9,28 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from handlers import metrics as hm
 from scripts import archive
 from scripts.serve import ROOT, TorchServe
-
-
-def scrape(ts: TorchServe) -> dict[tuple, float]:
-    """/metrics as {(sample name, sorted labels without Hostname): value}."""
-    text = requests.get(f"{ts.url('metrics')}/metrics", timeout=30).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("Hostname", "hostname")))
-            out[(s.name, labels)] = s.value
-    return out
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    want = {(k, str(v)) for k, v in labels.items()}
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+from scripts.top import scrape, total
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +57,7 @@ def load(server, digits_dir):
 
 
 def delta(load, name, **labels):
-    return value(load["after"], name, **labels) - value(load["before"], name, **labels)
+    return total(load["after"], name, **labels) - total(load["before"], name, **labels)
 
 
 def test_answered_and_refused_items_are_counted_by_model_version_code_and_type(load):
@@ -89,7 +72,7 @@ def test_answered_and_refused_items_are_counted_by_model_version_code_and_type(l
             refused[key] = refused.get(key, 0) + 1
     assert sum(refused.values()) == 4
     for (code, type_), n in refused.items():
-        assert delta(load, hm.REFUSED, **labels, code=code, error_type=type_) == n, (code, type_)
+        assert delta(load, hm.REFUSED, **labels, code=str(code), error_type=type_) == n, (code, type_)
     assert delta(load, hm.REFUSED, **labels) == 4
 
 
@@ -117,7 +100,7 @@ def test_time_and_batch_size_histograms_have_buckets_and_count_every_batch(load)
 
 
 def test_worker_start_is_counted(server):
-    assert value(scrape(server), hm.WORKER_STARTS, model_name="digits", model_version="2.0") == 1
+    assert total(scrape(server), hm.WORKER_STARTS, model_name="digits", model_version="2.0") == 1
 
 
 def json_log_lines(ts) -> list[dict]:
@@ -279,7 +262,7 @@ def test_top_counts_a_killed_worker_as_a_restart(server):
         time.sleep(0.5)
     assert worker()["status"] == "READY"
     deadline = time.time() + 30
-    while time.time() < deadline and value(scrape(server), hm.WORKER_STARTS, model_name="digits") < 2:
+    while time.time() < deadline and total(scrape(server), hm.WORKER_STARTS, model_name="digits") < 2:
         time.sleep(0.5)
     [row] = top.report(top.served_versions(server), {}, top.scrape(server), 1.0)
     assert (row["worker_starts"], row["restarts"], row["workers_ready"]) == (2, 1, 1)

@@ -11,7 +11,7 @@ from scripts import bench_metrics
 
 def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = bench_metrics.main(["--model", "small_cnn", "--duration", "1", "--rounds", "2", "--clients", "2",
+    code = bench_metrics.main(["--model", "small_cnn", "--duration", "1", "--rounds", "2", "--clients", "2", "--warmup", "1",
                                "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -19,6 +19,7 @@ def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys):
     for side in ("with", "without"):
         assert len(result["rounds"][side]) == 2
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["rounds"][side]), side
+        assert all(r["server_cpu_ms_per_request"] > 0 for r in result["rounds"][side]), side
     assert len(result["round_ratios"]) == 2
     assert (out / "bench_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("bench-metrics-*")), "work folders are removed unless --keep"
