@@ -18,13 +18,13 @@ import binascii
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
+from handlers.metrics import HandlerMetrics
 from handlers.runtimes import load_runtime
 from model_defs.preprocessing import (
     DEFAULT_MAX_PIXELS,
@@ -131,6 +131,7 @@ class VisionHandler(BaseHandler):
     batch_decode = False  # a batch's images decoded and resized together (gpu_decode)
     max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler options max_pixels and max_bytes override these
     max_bytes = DEFAULT_MAX_BYTES
+    metrics: HandlerMetrics | None = None  # set by initialize
 
     def initialize(self, context):
         self.context = context
@@ -161,6 +162,7 @@ class VisionHandler(BaseHandler):
         self.classes = list(self.meta["classes"])
         self.data_config = data_config_from_meta(self.meta)
         self.transform = eval_transform(self.data_config)
+        self.metrics = HandlerMetrics(context, self.handler_config)
         self.initialized = True
         logger.info(
             "loaded %s (%s) on %s with %d torch thread(s)",
@@ -179,7 +181,8 @@ class VisionHandler(BaseHandler):
     def read_image(self, data: bytes, channels: int) -> torch.Tensor:
         """Decode one request's image to uint8 (C, H, W) within the archive's pixel limit."""
         try:
-            return load_image_tensor(data, channels, max_pixels=self.max_pixels, device=self.decode_device)
+            return load_image_tensor(data, channels, max_pixels=self.max_pixels, device=self.decode_device,
+                                     on_fallback=self.metrics and self.metrics.decode_fallback)
         except ImageDecodeError as e:
             raise image_error(e) from None
 
@@ -215,7 +218,7 @@ class VisionHandler(BaseHandler):
             except RequestError as e:
                 errors[idx] = e
         images = load_image_tensors(list(payloads.values()), self.data_config.channels, self.max_pixels,
-                                    self.decode_device)
+                                    self.decode_device, on_fallback=self.metrics and self.metrics.decode_fallback)
         by_size: dict[tuple, list[int]] = {}
         decoded = {}
         for idx, image in zip(payloads, images):
@@ -249,10 +252,18 @@ class VisionHandler(BaseHandler):
 
     def handle(self, data, context):
         """preprocess → inference → postprocess, with a per-item answer for bad items."""
-        start = time.time()
         self.context = context
-        batch, errors = self.preprocess(data)
-        results = iter(self.postprocess(self.inference(batch)) if batch is not None else [])
+        self.metrics.begin(context, len(data))
+        try:
+            with self.metrics.step("preprocess"):
+                batch, errors = self.preprocess(data)
+            with self.metrics.step("inference"):
+                output = self.inference(batch) if batch is not None else None
+            with self.metrics.step("postprocess"):
+                results = iter(self.postprocess(output) if batch is not None else [])
+        except Exception as e:
+            self.metrics.failed(e)  # TorchServe answers every item of the batch with a 5xx
+            raise
         answers = []
         for idx in range(len(data)):
             if idx in errors:
@@ -262,6 +273,5 @@ class VisionHandler(BaseHandler):
                 answers.append(err.body())
             else:
                 answers.append(next(results))
-        if getattr(context, "metrics", None) is not None:
-            context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        self.metrics.end(errors)
         return answers

@@ -8,6 +8,7 @@ inside every `.mar` next to the registry.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def fast_jpeg_mode(data: bytes | bytearray, channels: int, max_pixels: int | Non
 
 
 def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | None = None,
-                      device: str | torch.device = "cpu") -> torch.Tensor:
+                      device: str | torch.device = "cpu", on_fallback: Callable[[], None] | None = None) -> torch.Tensor:
     """Image bytes → uint8 tensor (C, H, W) with the pixels `load_image` gives, faster.
 
     What the handlers call on every request. An upright RGB or grey JPEG (most requests)
@@ -138,6 +139,7 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
     The pixel limit is checked from the header first in both cases. With a CUDA `device`
     the JPEG is decoded on the GPU (nvJPEG, whose pixels may differ from libjpeg-turbo's
     by a level or two); other images are decoded on the CPU and stay there.
+    `on_fallback` is called for each image PIL decoded (the handlers count them).
     """
     mode = fast_jpeg_mode(data, channels, max_pixels)
     if mode is not None:
@@ -145,11 +147,15 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode, device=device)
         except RuntimeError:
             pass  # truncated or corrupt: load_image decides and says why
-    return v2.functional.pil_to_tensor(load_image(data, channels, max_pixels))
+    image = v2.functional.pil_to_tensor(load_image(data, channels, max_pixels))
+    if on_fallback is not None:
+        on_fallback()
+    return image
 
 
 def load_image_tensors(datas: list[bytes], channels: int, max_pixels: int | None = None,
-                       device: str | torch.device = "cuda") -> list[torch.Tensor | ImageDecodeError]:
+                       device: str | torch.device = "cuda",
+                       on_fallback: Callable[[], None] | None = None) -> list[torch.Tensor | ImageDecodeError]:
     """Many requests' images at once, each as `load_image_tensor` gives it, or its error in its place.
 
     The upright JPEGs go to nvJPEG in one batched call on `device` (per image, a GPU worker
@@ -160,7 +166,7 @@ def load_image_tensors(datas: list[bytes], channels: int, max_pixels: int | None
     for i, data in enumerate(datas):
         try:
             if fast_jpeg_mode(data, channels, max_pixels) is None:
-                out[i] = load_image_tensor(data, channels, max_pixels)
+                out[i] = load_image_tensor(data, channels, max_pixels, on_fallback=on_fallback)
             else:
                 fast.append(i)
         except ImageDecodeError as e:
@@ -174,7 +180,7 @@ def load_image_tensors(datas: list[bytes], channels: int, max_pixels: int | None
         for i, tensor in zip(fast, decoded):
             if tensor is None:
                 try:
-                    tensor = load_image_tensor(datas[i], channels, max_pixels, device)
+                    tensor = load_image_tensor(datas[i], channels, max_pixels, device, on_fallback)
                 except ImageDecodeError as e:
                     tensor = e
             out[i] = tensor

@@ -198,6 +198,8 @@ class TorchServe:
         props = dict(self.props)
         props["model_store"] = str(self.model_store)
         props["allowed_urls"] = "file://" + re.escape(str(self.model_store)) + "/.*"
+        if props.get("metrics_config"):  # relative to the bundle root, like model_store
+            props["metrics_config"] = str((ROOT / props["metrics_config"]).resolve())
         path = self.run_dir / "config.properties"
         lines = [f"# written by scripts/serve from {self.config_path}; edit that file instead"]
         lines += [f"{k}={v}" for k, v in props.items()]

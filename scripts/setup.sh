@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment .venv with the pins of requirements.txt and
-# makes sure Java 17, which TorchServe's frontend needs, is installed.
+# makes sure Java 17, which TorchServe's frontend needs, and Prometheus (promtool) are installed.
 # Idempotent: a second run checks and returns in a second.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +27,17 @@ if ! command -v java >/dev/null || [ "$(java_major)" -lt 17 ]; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq openjdk-17-jre-headless >/dev/null
   else
     echo "error: Java 17 is required by TorchServe and apt-get is not available; install Java 17 and rerun" >&2
+    exit 1
+  fi
+fi
+# Prometheus and promtool: the monitoring rules' unit tests and the scrape test (monitoring/).
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "setup: promtool/prometheus not found; installing Debian's prometheus package"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  if command -v apt-get >/dev/null; then
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "error: promtool and prometheus are required by the monitoring tests and apt-get is not available; install Prometheus 2.x and rerun" >&2
     exit 1
   fi
 fi
