@@ -53,8 +53,8 @@ def test_unchanged_inputs_are_skipped_and_changed_ones_need_force(trained_digits
     assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store)]) == 0
     assert "unchanged" in capsys.readouterr().out
     assert (store / "d.mar").read_bytes() == before
-    # Other inputs under the same name and version: refused, the archive untouched.
-    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2"]) == 2
+    # Other inputs under the same name and version: refused (a conflict with the store: exit 1), the archive untouched.
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2"]) == 1
     assert "--force" in capsys.readouterr().err
     assert (store / "d.mar").read_bytes() == before
     assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2", "--force"]) == 0
