@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from handlers.options import OptionError, check_keys, check_options  # noqa: E402
 from handlers.runtimes import RUNTIMES  # noqa: E402
 from scripts.catalog import INNER_FILE, REJECTED, Catalog, CatalogError, sha256_file, versioned_file_name  # noqa: E402
-from scripts.names import UsageError, check_name, check_version, inside  # noqa: E402
+from scripts.names import OneLineParser, UsageError, check_name, check_version, inside  # noqa: E402
 from scripts.serve import DEFAULT_RUN_DIR, served_versions  # noqa: E402
 
 HANDLERS = {
@@ -400,7 +400,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="scripts/archive", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("training", nargs="?", metavar="run_dir", help="training output folder holding model.pt and model.json")
     p.add_argument("--manifest", default=None, help="YAML manifest of many models to archive in parallel (default: none)")
     p.add_argument("--verify", action="store_true", help="check every archive in the store against the catalog and exit (default: off)")
@@ -518,6 +518,9 @@ def run(args) -> int:
         results = build_manifest(Path(args.manifest), store, force=args.force, jobs=args.jobs,
                                  serving_run_dir=run_dir, dry_run=args.dry_run)
         print_table(results)
+        for r in results:
+            if r.get("config"):  # --dry-run: what each archive's model-config.yaml would say
+                print(f"{r['name']} {r['version']} -> {r['file']}: {json.dumps(r['config'])}")
         failed = sum(r["status"] == "failed" for r in results)
         if failed:
             print(f"error: {failed} of {len(results)} archive(s) failed", file=sys.stderr)

@@ -10,6 +10,7 @@ write. This module imports nothing heavy: the fast commands use it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,13 @@ RULE = f"letters, digits, '_', '.' and '-', starting with a letter or digit, no 
 
 class UsageError(ValueError):
     """What was typed breaks a rule (a name, an option, a value): the commands exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake answered in one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def check_name(value, what: str = "model name") -> str:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from scripts.catalog import Catalog, CatalogError, sha256_file  # noqa: E402
-from scripts.names import UsageError, atomic_write, check_name, check_version, inside  # noqa: E402
+from scripts.names import OneLineParser, UsageError, atomic_write, check_name, check_version, inside  # noqa: E402
 
 DEFAULT_RUN_DIR = ROOT / ".serve"
 LOG_CONFIG = ROOT / "scripts" / "log4j2.xml"  # one copy of each line, INFO, rotated by size
@@ -125,20 +125,6 @@ class ServingState:
         state = self.load()
         yield state
         self.save(state)
-
-
-def served_versions(run_dir: Path, model_store: Path) -> dict[str, str]:
-    """{"name/version": archive file} that the serving record of `run_dir` holds from
-    `model_store` (nothing when that run folder serves another store, or none)."""
-    config = Path(run_dir) / "config.properties"
-    try:
-        store = read_properties(config).get("model_store") if config.is_file() else None
-        if not store or Path(store).resolve() != Path(model_store).resolve():
-            return {}
-        models = ServingState(Path(run_dir) / "serving.json").load()["models"]
-    except (OSError, ServeError):
-        return {}
-    return {f"{name}/{v}": info["file"] for name, m in models.items() for v, info in m["versions"].items()}
 
 
 class TorchServe:
@@ -229,6 +215,14 @@ class TorchServe:
         except psutil.Error:
             return False
         return alive and "org.pytorch.serve.ModelServer" in cmdline and str(self.run_dir / "config.properties") in cmdline
+
+    def stale_pid_note(self) -> str:
+        """For an error line: a pid file naming a process that is not this run folder's server."""
+        try:
+            pid = int((self.run_dir / "tmp" / ".model_server.pid").read_text().strip())
+        except (OSError, ValueError):
+            return ""
+        return "" if self._is_ours(pid) else f" (its pid file names pid {pid}, not this run folder's TorchServe: left alone)"
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -527,6 +521,24 @@ class TorchServe:
         return self.key(kind)
 
 
+def served_versions(run_dir: Path, model_store: Path) -> dict[str, str]:
+    """{"name/version": archive file} that the running TorchServe of `run_dir` serves from
+    `model_store`, per its serving record (nothing when it is stopped or serves another
+    store: a stopped server's next start re-checks every archive against the catalog)."""
+    config = Path(run_dir) / "config.properties"
+    try:
+        store = read_properties(config).get("model_store") if config.is_file() else None
+        if not store or Path(store).resolve() != Path(model_store).resolve():
+            return {}
+        ts = TorchServe(run_dir=Path(run_dir), model_store=Path(store), config=config)
+        if not ts.is_running():
+            return {}
+        models = ts.state.load()["models"]
+    except (OSError, ServeError, UsageError):
+        return {}
+    return {f"{name}/{v}": info["file"] for name, m in models.items() for v, info in m["versions"].items()}
+
+
 def global_options(defaults: bool) -> argparse.ArgumentParser:
     """--run-dir, --config and --model-store, accepted before or after the subcommand: the
     copy on each subcommand has no defaults, so it only overrides what was given."""
@@ -541,7 +553,7 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="scripts/serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[global_options(True)])
     sub = p.add_subparsers(dest="command", required=True)
     common = [global_options(False)]
@@ -583,11 +595,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(management {ts.url('management')}); stop it with scripts/serve stop")
             return 1 if refused else 0
         if args.command == "stop":
-            print("TorchServe stopped" if ts.stop() else f"no TorchServe running from {ts.run_dir}")
+            if not ts.stop():
+                raise ServeError(f"no TorchServe running from {ts.run_dir}{ts.stale_pid_note()}")
+            print("TorchServe stopped")
         elif args.command == "status":
             if not ts.is_running():
-                print(f"not running (run folder {ts.run_dir})")
-                return 1
+                raise ServeError(f"TorchServe is not running from {ts.run_dir}{ts.stale_pid_note()}")
             print(f"running, pid {ts.pid()}, inference {ts.url('inference')}, management {ts.url('management')}")
             for name in ts.models():
                 for d in ts.versions(name):
