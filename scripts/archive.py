@@ -186,9 +186,12 @@ def plan_archive(run_dir: Path, name: str, model_store: Path, options: dict | No
         if (known["inputs_sha256"] == inputs and known["file"] == file_name and target.is_file()
                 and sha256_file(target) == known["sha256"]):
             return {**plan, "status": "unchanged"}
-        why = ("its archive " + known["file"] + (" changed since it was built" if (store / known["file"]).is_file()
-                                                 else " is missing")) if known["inputs_sha256"] == inputs \
-            else f"in {known['file']}, built from other inputs"
+        if known["inputs_sha256"] != inputs:
+            why = f"in {known['file']}, built from other inputs"
+        elif known["file"] != file_name:
+            why = f"in {known['file']}"
+        else:
+            why = f"its archive {file_name} " + ("changed since it was built" if target.is_file() else "is missing")
         raise CatalogError(f"{key} already exists ({why}); give a new --version, or --force to replace it "
                            f"(scripts/archive --remove {name} {version} drops it)")
     if not known and target.exists() and not force:
@@ -201,7 +204,8 @@ def plan_archive(run_dir: Path, name: str, model_store: Path, options: dict | No
 
 
 def refuse_if_served(store: Path, wanted: set[str], serving_run_dir: Path | None, action: str) -> None:
-    """Refuse to `action` a version or file that a serving record of this store lists."""
+    """Refuse to `action` a version ("name/version") or a file ("file NAME.mar") that the
+    running server of `serving_run_dir` (default .serve/) serves from this store."""
     run_dir = Path(serving_run_dir or DEFAULT_RUN_DIR)
     served = served_versions(run_dir, store)
     hits = sorted(k for k, file in served.items() if k in wanted or f"file {file}" in wanted)

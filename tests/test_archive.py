@@ -130,3 +130,17 @@ def test_help_explains_every_flag():
     for flag in ("--name", "--version", "--model-store", "--workers", "--batch-size", "--max-batch-delay",
                  "--device", "--topk", "--force", "--torch-threads"):
         assert flag in out.stdout
+
+
+def test_dry_run_shows_what_would_be_built_and_writes_nothing(trained_digits, tmp_path, capsys):
+    store = tmp_path / "store"
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(yaml.safe_dump({"defaults": {"batch_size": 4}, "models": [
+        {"name": "d", "version": "2.0", "run": str(trained_digits), "config": {"workers": 2}}]}))
+    assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would build" in out and '"minWorkers": 2' in out and '"batchSize": 4' in out and "d-2.0.mar" in out
+    assert store_listing(store) == []
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"would build {store / 'd.mar'}")
+    assert store_listing(store) == []
