@@ -56,7 +56,7 @@ def status(ts: TorchServe, catalog: Catalog) -> dict:
     keys = {(s["name"], s["version"]) for s in served}
     not_served = [{"name": e["name"], "version": e["version"], "file": e["file"], "sha256": e["sha256"]}
                   for e in catalog.load().values() if (e["name"], e["version"]) not in keys]
-    return {"served": served, "not_served": not_served}
+    return {"served": served, "not_served": not_served, "refused_at_start": ts.refused()}
 
 
 def print_status(report: dict) -> None:
@@ -72,6 +72,10 @@ def print_status(report: dict) -> None:
         print("\ncatalogued, not served:")
         for e in report["not_served"]:
             print(f"  {e['name']} {e['version']}  {e['file']}  sha256 {e['sha256'][:12]}")
+    if report["refused_at_start"]:
+        print("\nrefused at the last start:")
+        for line in report["refused_at_start"]:
+            print(f"  {line}")
 
 
 def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4) -> dict:
@@ -125,7 +129,7 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="scripts/models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[global_options(True)])
+                        parents=[global_options(True)])
     sub = p.add_subparsers(dest="command", required=True)
     common = [global_options(False)]
 

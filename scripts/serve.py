@@ -330,7 +330,7 @@ class TorchServe:
         # The launcher's own output goes to a file, not a pipe we would wait on; the logs
         # themselves are written by log4j2 (scripts/log4j2.xml).
         console = self.run_dir / "logs" / "console.log"
-        with open(console, "ab") as log:
+        with open(console, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as log:
             code = subprocess.run(cmd, cwd=self.run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, umask=0o077).returncode
         if code != 0:
@@ -554,7 +554,7 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="scripts/serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[global_options(True)])
+                        parents=[global_options(True)])
     sub = p.add_subparsers(dest="command", required=True)
     common = [global_options(False)]
     s = sub.add_parser("start", parents=common, help="start TorchServe and wait until its models are ready")

@@ -233,6 +233,8 @@ def test_registered_versions_and_default_survive_a_restart(server, capsys):
     assert server.state.path.read_bytes() == record  # the record keeps 2.0 for the next start
     assert serve.main(["status", "--run-dir", str(server.run_dir)]) == 0
     assert "refused at start: digits 2.0:" in capsys.readouterr().out
+    assert ops(server, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["refused_at_start"] == refused
     server.stop()
     mar.write_bytes(original)
     # Restores what was served; naming an archive the record already holds adds nothing and erases nothing.
