@@ -321,7 +321,10 @@ class TorchServe:
         for name, file in dict.fromkeys(wanted):
             if file not in recorded:
                 reason = self._check_catalogued(entries, name, None, file)
-                (refused.append(f"{name} ({file}): {reason}") if reason else plan.append((name, None, file, None)))
+                if reason:
+                    refused.append(f"{name} ({file}): {reason}")
+                else:
+                    plan.append((name, None, file, None))
 
         self._make_run_dir()
         self.key_file.unlink(missing_ok=True)
