@@ -5,7 +5,9 @@ The rule is TorchServe's own (model-archiver's `^[A-Za-z0-9][A-Za-z0-9_\\-.]*$`)
 version that passes can be a file name and a management-URL segment, and can never walk
 out of a folder or into another model's URL. scripts/archive (command line and manifest),
 scripts/models and scripts/serve check every name and version here before any request or
-write. This module imports nothing heavy: the fast commands use it.
+write. It also holds what the three commands share about mistakes: UsageError (exit 2)
+and a parser that answers a usage mistake in one line. It imports nothing heavy: the
+fast commands (`scripts/serve key`, `status`) use it.
 """
 
 from __future__ import annotations
