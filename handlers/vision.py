@@ -25,6 +25,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from handlers.metrics import HandlerMetrics
+from handlers.options import refuse_bad_config
 from handlers.runtimes import load_runtime
 from model_defs.preprocessing import (
     DEFAULT_MAX_PIXELS,
@@ -139,6 +140,7 @@ class VisionHandler(BaseHandler):
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         self.config = dict(context.model_yaml_config or {})
+        refuse_bad_config(self.config, logger)
         self.handler_config = dict(self.config.get("handler") or {})
         self.max_pixels = int(self.handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
         self.max_bytes = int(self.handler_config.get("max_bytes") or DEFAULT_MAX_BYTES)

@@ -5,6 +5,12 @@ sha256, task and architecture, the training run it was built from (folder, datas
 fingerprint, metrics), the hash of every input that went into it, and when it was built.
 Each archive carries the same metadata inside (`archive.json`), so either can be checked
 against the other. Writers take a lock and replace the file atomically.
+
+`problems()` lists every disagreement between the catalog and the store; `repair()` makes
+them agree again: an entry whose archive is gone is dropped, and an archive that changed
+or that the catalog does not know is moved to `.rejected/` in the store (kept, never
+served). `remove()` drops one version and its file. This module imports no torch: the
+serving commands read the catalog too.
 """
 
 from __future__ import annotations
@@ -12,14 +18,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from model_defs.checkpoint import atomic_write_bytes
+from scripts.names import atomic_write, check_name, check_version, inside
 
 CATALOG_FILE = "catalog.json"
 INNER_FILE = "archive.json"  # the metadata an archive carries about itself
+REJECTED = ".rejected"  # where repair() sets aside archives the catalog cannot vouch for
 
 
 class CatalogError(ValueError):
@@ -68,7 +77,7 @@ class Catalog:
             entries = self.load()
             yield entries
             body = {"format_version": 1, "archives": dict(sorted(entries.items()))}
-            atomic_write_bytes(self.path, (json.dumps(body, indent=2) + "\n").encode())
+            atomic_write(self.path, (json.dumps(body, indent=2) + "\n").encode())
 
     def record(self, entry: dict) -> None:
         with self.editing() as entries:
@@ -94,28 +103,65 @@ class Catalog:
                                f"{entry['sha256'][:12]}…; the archive changed since it was built, refusing it")
         return mar
 
-    def verify(self) -> list[str]:
-        """Every mismatch between the catalog, the archives on disk and their inner metadata."""
+    def problems(self) -> list[Problem]:
+        """Every disagreement between the catalog, the archives on disk and their inner metadata."""
         problems = []
         entries = self.load()
         for key, entry in entries.items():
             mar = self.store / entry["file"]
             if not mar.is_file():
-                problems.append(f"{key}: archive {entry['file']} is missing")
+                problems.append(Problem(key, entry["file"], f"archive {entry['file']} is missing"))
                 continue
             if sha256_file(mar) != entry["sha256"]:
-                problems.append(f"{key}: {entry['file']} sha256 differs from the catalog")
+                problems.append(Problem(key, entry["file"], f"{entry['file']} sha256 differs from the catalog"))
                 continue
             try:
                 inner = read_inner_metadata(mar)
             except CatalogError as e:
-                problems.append(f"{key}: {e}")
+                problems.append(Problem(key, entry["file"], str(e)))
                 continue
-            for field in sorted(set(inner) | (set(entry) - {"file", "sha256", "size"})):
-                if inner.get(field) != entry.get(field):
-                    problems.append(f"{key}: {field!r} inside {entry['file']} differs from the catalog")
+            fields = [f for f in sorted(set(inner) | (set(entry) - {"file", "sha256", "size"})) if inner.get(f) != entry.get(f)]
+            if fields:
+                problems.append(Problem(key, entry["file"], f"{fields[0]!r} inside {entry['file']} differs from the catalog"))
         catalogued = {e["file"] for e in entries.values()}
         for mar in sorted(self.store.glob("*.mar")):
             if mar.name not in catalogued:
-                problems.append(f"{mar.name}: not in the catalog")
+                problems.append(Problem(None, mar.name, "not in the catalog"))
         return problems
+
+    def verify(self) -> list[str]:
+        return [str(p) for p in self.problems()]
+
+    def repair(self, problems: list[Problem]) -> list[str]:
+        """Make the catalog and the store agree; returns one line per action taken."""
+        actions = []
+        with self.editing() as entries:
+            for p in problems:
+                path = self.store / p.file
+                if path.is_file():
+                    aside = inside(self.store / REJECTED, p.file)
+                    aside.parent.mkdir(exist_ok=True)
+                    os.replace(path, aside)
+                    actions.append(f"moved {p.file} to {aside.relative_to(self.store)}")
+                if p.key and entries.pop(p.key, None) is not None:
+                    actions.append(f"dropped {p.key} from the catalog")
+        return actions
+
+    def remove(self, name: str, version: str) -> dict:
+        """Drop name/version from the catalog and delete its archive; returns the entry."""
+        key = f"{check_name(name)}/{check_version(version)}"
+        self.get(name, version)
+        with self.editing() as entries:
+            entry = entries.pop(key)
+            inside(self.store, entry["file"]).unlink(missing_ok=True)
+        return entry
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str | None  # name/version, or None for an archive the catalog does not know
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" if self.key else f"{self.file}: {self.message}"

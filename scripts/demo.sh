@@ -36,15 +36,16 @@ else
 fi
 
 echo "== archiving runs/digits to model_store/digits.mar"
-# --force: the demo's archive follows the current code and model, whatever it held before.
+# A served archive is never replaced: stop the demo's earlier server first. --force: the
+# demo's archive follows the current code and model, whatever it held before.
+scripts/serve stop >/dev/null 2>&1 || true
 scripts/archive runs/digits --name digits --batch-size 8 --max-batch-delay 5 --force
 
 echo "== starting TorchServe on 127.0.0.1"
-scripts/serve stop >/dev/null || true
 scripts/serve start --models digits
 if [ "$STOP" = 0 ]; then
-  echo "   get the token with: KEY=\$(scripts/serve key)"
-  echo "   then: curl -H \"Authorization: Bearer \$KEY\" http://127.0.0.1:8080/predictions/digits -T <image.png>"
+  echo "   call it with the token kept off the command line:"
+  echo "   curl -H @<(scripts/serve key --header) http://127.0.0.1:8080/predictions/digits -T <image.png>"
 fi
 
 echo "== predicting the held-out images over REST"

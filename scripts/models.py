@@ -17,8 +17,8 @@ is one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,9 +26,8 @@ from pathlib import Path
 import requests
 
 from scripts.catalog import Catalog, CatalogError
-from scripts.predict import predict_files
-from scripts.serve import ROOT, ServeError, TorchServe
-from training.datasets import DatasetError, read_dataset
+from scripts.names import OneLineParser, UsageError, check_name, check_version
+from scripts.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe, archive_manifest
 
 
 class OpsError(RuntimeError):
@@ -57,7 +56,7 @@ def status(ts: TorchServe, catalog: Catalog) -> dict:
     keys = {(s["name"], s["version"]) for s in served}
     not_served = [{"name": e["name"], "version": e["version"], "file": e["file"], "sha256": e["sha256"]}
                   for e in catalog.load().values() if (e["name"], e["version"]) not in keys]
-    return {"served": served, "not_served": not_served}
+    return {"served": served, "not_served": not_served, "refused_at_start": ts.refused()}
 
 
 def print_status(report: dict) -> None:
@@ -73,15 +72,25 @@ def print_status(report: dict) -> None:
         print("\ncatalogued, not served:")
         for e in report["not_served"]:
             print(f"  {e['name']} {e['version']}  {e['file']}  sha256 {e['sha256'][:12]}")
+    if report["refused_at_start"]:
+        print("\nrefused at the last start:")
+        for line in report["refused_at_start"]:
+            print(f"  {line}")
 
 
 def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4) -> dict:
     """Send a labelled image folder to each version: accuracy, agreement and latency."""
+    from scripts.predict import predict_files
+    from training.datasets import DatasetError, read_dataset
+
     known = registered_versions(ts, name)
     for v in versions:
         if v not in known:
             raise OpsError(f"{name} {v} is not registered (registered: {', '.join(known)})")
-    spec = read_dataset(data)
+    try:
+        spec = read_dataset(data)
+    except DatasetError as e:
+        raise OpsError(str(e)) from None
     paths = [s.path for s in spec.samples]
     truth = [spec.classes[s.labels[0]] for s in spec.samples]
     results, top1 = {}, {}
@@ -108,50 +117,79 @@ def print_compare(report: dict) -> None:
     print(f"agreement: {report['agreement']:.3f}")
 
 
+def global_options(defaults: bool) -> argparse.ArgumentParser:
+    """--run-dir, --model-store and --json, accepted before or after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    p.add_argument("--run-dir", default=d(str(DEFAULT_RUN_DIR)), help="the server's run folder (default: .serve/)")
+    p.add_argument("--model-store", default=d(str(ROOT / "model_store")), help="archives and their catalog (default: model_store/)")
+    p.add_argument("--json", action="store_true", default=d(False), help="print JSON instead of tables (default: off)")
+    return p
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=str(ROOT / ".serve"), help="the server's run folder (default: .serve/)")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"), help="archives and their catalog (default: model_store/)")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print JSON instead of tables (default: off)")
+    p = OneLineParser(prog="scripts/models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        parents=[global_options(True)])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
-    sub.add_parser("status", help="served models and versions, default, workers, batching, device; catalogued but not served")
-    s = sub.add_parser("register", help="register a catalogued version (sha256-checked) and wait for its workers")
-    s.add_argument("name")
-    s.add_argument("version")
-    s.add_argument("--workers", type=int, default=None, help="initial workers (default: the archive's minWorkers)")
-    s = sub.add_parser("promote", help="make a version the default")
-    s.add_argument("name")
-    s.add_argument("version")
+    common = [global_options(False)]
+
+    def command(name: str, help: str, *positionals: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, parents=common, help=help)
+        for positional in positionals:
+            c.add_argument(positional)
+        return c
+
+    command("status", "served models and versions, default, workers, batching, device; catalogued but not served")
+    s = command("register", "register a catalogued version (sha256-checked) and wait for its workers", "name", "version")
+    s.add_argument("--workers", type=int, default=None, help="initial workers, 1 to the machine's cores (default: the archive's minWorkers)")
+    s = command("promote", "make a version the default", "name", "version")
     s.add_argument("--if-better", action="store_true", help="refuse if the version is less accurate than the default on --data (default: off)")
     s.add_argument("--data", default=None, help="labelled image folder for --if-better (default: none)")
-    s = sub.add_parser("rollback", help="make the previous default the default again")
-    s.add_argument("name")
-    s = sub.add_parser("scale", help="set a version's minimum and maximum workers")
-    s.add_argument("name")
+    command("rollback", "make the previous default the default again", "name")
+    s = command("scale", "set a version's minimum and maximum workers", "name")
     s.add_argument("version", nargs="?", default=None, help="(default: the default version)")
-    s.add_argument("--min", type=int, required=True, help="minimum workers")
-    s.add_argument("--max", type=int, required=True, help="maximum workers")
-    s = sub.add_parser("unregister", help="remove a version (not the default while others exist)")
-    s.add_argument("name")
-    s.add_argument("version")
-    s = sub.add_parser("compare", help="accuracy, agreement and latency of two versions on a labelled folder")
-    s.add_argument("name")
-    s.add_argument("version_a")
-    s.add_argument("version_b")
+    s.add_argument("--min", type=int, required=True, help="minimum workers, 0 or more")
+    s.add_argument("--max", type=int, required=True,
+                   help="maximum workers, 1 to what the machine's cores fit (cores / the model's torch threads)")
+    command("unregister", "remove a version (not the default while others exist)", "name", "version")
+    s = command("compare", "accuracy, agreement and latency of two versions on a labelled folder", "name", "version_a", "version_b")
     s.add_argument("--data", required=True, help="labelled image folder (any dataset layout)")
     s.add_argument("--clients", type=int, default=4, help="concurrent requests (default: 4)")
     return p
 
 
+def check_arguments(args) -> None:
+    """Every name and version on the command line follows the one rule, before any request."""
+    if getattr(args, "name", None) is not None:
+        check_name(args.name)
+    for attr in ("version", "version_a", "version_b"):
+        if getattr(args, attr, None) is not None:
+            check_version(getattr(args, attr))
+
+
+def check_workers(ts: TorchServe, name: str, version: str, low: int, high: int) -> None:
+    """Refuse worker counts the machine cannot run: at most cores / the model's torch threads."""
+    if low < 0 or high < max(1, low):
+        raise UsageError(f"need 0 <= --min <= --max and --max >= 1, got --min {low} --max {high}")
+    threads = 1
+    for v in ts.versions(name):
+        if v["modelVersion"] == version:
+            path = ts.model_store / Path(v["modelUrl"]).name
+            threads = max(1, archive_manifest(path)["torch_threads"]) if path.is_file() else 1
+    cores = os.cpu_count() or 1
+    most = max(1, cores // threads)
+    if high > most:
+        raise UsageError(f"--max {high} is more workers than this machine runs for {name} {version}: at most {most} "
+                         f"({cores} cores / {threads} torch thread(s) per worker)")
+
+
 def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
     """Do the command; returns (JSON result, line for people)."""
     if args.command == "register":
+        if args.workers is not None and not 1 <= args.workers <= (os.cpu_count() or 1):
+            raise UsageError(f"--workers must be from 1 to {os.cpu_count() or 1} (this machine's cores), got {args.workers}")
         mar = catalog.checked_archive(args.name, args.version)
-        version = ts.register(args.name, mar.name, workers=args.workers)
-        if version != args.version:
-            raise OpsError(f"{mar.name} declares version {version}, the catalog says {args.version}")
+        version = ts.register(args.name, mar.name, workers=args.workers, version=args.version)
         return ({"registered": args.name, "version": version, "file": mar.name, "default": default_version(ts, args.name)},
                 f"registered {args.name} {version} from {mar.name}; default is {default_version(ts, args.name)}")
     if args.command == "promote":
@@ -173,9 +211,10 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
         current, previous = ts.rollback(args.name)
         return {"model": args.name, "default": previous, "previous": current}, f"{args.name}: default is back to {previous} (was {current})"
     if args.command == "scale":
-        if args.min < 0 or args.max < max(1, args.min):
-            raise OpsError(f"need 0 <= --min <= --max and --max >= 1, got --min {args.min} --max {args.max}")
         version = args.version or default_version(ts, args.name)
+        if version not in registered_versions(ts, args.name):
+            raise OpsError(f"{args.name} {version} is not registered (registered: {', '.join(registered_versions(ts, args.name))})")
+        check_workers(ts, args.name, version, args.min, args.max)
         ts.scale(args.name, version, args.min, args.max)
         return ({"model": args.name, "version": version, "min_workers": args.min, "max_workers": args.max},
                 f"{args.name} {version}: workers {args.min}-{args.max}")
@@ -198,14 +237,20 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done, 2 for a usage mistake (a name, version or number that breaks a rule),
+    1 when the server, the catalog or our own rules refuse; each refusal is one line on stderr."""
     args = get_args_parser().parse_args(argv)
-    ts = TorchServe(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
-    catalog = Catalog(Path(args.model_store))
     try:
+        check_arguments(args)
+        ts = TorchServe(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
+        catalog = Catalog(Path(args.model_store))
         if not ts.is_running():
             raise ServeError(f"TorchServe is not running from {ts.run_dir}; start it with scripts/serve start")
         result, line = run(args, ts, catalog)
-    except (ServeError, CatalogError, OpsError, DatasetError) as e:
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ServeError, CatalogError, OpsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except requests.RequestException as e:

@@ -1,15 +1,17 @@
 """Start, stop and query TorchServe with the bundle's config.properties.
 
-    scripts/serve start [--models digits,other | all]    # waits until every model is ready
-                                                         # (no --models: restore what was served)
+    scripts/serve start [--models digits,other | all]    # waits until every model is ready; adds to
+                                                         # what this run folder served before
     scripts/serve status
-    scripts/serve key [inference|management|API]         # the token for curl
+    scripts/serve key [inference|management|API] [--header] [--refresh]
     scripts/serve stop
 
-Each server keeps its state in a run folder (default `.serve/`): the effective
-config.properties, TorchServe's logs, the pid file and `key_file.json`, the token keys
-TorchServe writes at each start (token authorization stays on). Giving each server its
-own run folder and ports lets several run side by side, as the tests do.
+Each server keeps its state in a run folder (default `.serve/`, created 0700): the
+effective config.properties, TorchServe's logs, the pid file, `key_file.json` (the token
+keys TorchServe writes at each start; token authorization stays on), the serving record
+(`serving.json`: versions, defaults, workers) and what the last start refused
+(`refused.json`). Giving each server its own run folder and ports lets several run side
+by side, as the tests do. `key` and `status` import no torch: they answer at once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +37,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model_defs.checkpoint import atomic_write_bytes  # noqa: E402
-from scripts.catalog import Catalog, CatalogError  # noqa: E402
+from scripts.catalog import Catalog, CatalogError, sha256_file  # noqa: E402
+from scripts.names import OneLineParser, UsageError, atomic_write, check_name, check_version, inside  # noqa: E402
+
+DEFAULT_RUN_DIR = ROOT / ".serve"
+LOG_CONFIG = ROOT / "scripts" / "log4j2.xml"  # one copy of each line, INFO, rotated by size
+REFUSAL = "refuses to load:"  # the one line a worker logs for an archive option it cannot use
 
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 # TorchServe always starts its gRPC servers too (there is no switch to turn them off).
@@ -77,26 +84,41 @@ def archive_manifest(mar: Path) -> dict:
         with zipfile.ZipFile(mar) as z:
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
             config = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in z.namelist() else {}
-    except (OSError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        workers = config.get("minWorkers", 1)
+        most = config.get("maxWorkers", workers)
+        version = str(manifest["model"]["modelVersion"])
+    except (OSError, zipfile.BadZipFile, KeyError, TypeError, json.JSONDecodeError, yaml.YAMLError, AttributeError) as e:
         raise ServeError(f"{mar} is not a readable model archive ({e})") from None
-    workers = int(config.get("minWorkers", 1))
-    return {"version": manifest["model"]["modelVersion"], "min_workers": workers,
-            "max_workers": int(config.get("maxWorkers", workers))}
+    for key, value in (("minWorkers", workers), ("maxWorkers", most)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ServeError(f"{mar.name} declares {key} {value!r} in model-config.yaml; a model needs at least 1 "
+                             "worker: rebuild it with scripts/archive --workers N (N >= 1)")
+    handler = config.get("handler") if isinstance(config.get("handler"), dict) else {}
+    return {"version": version, "min_workers": workers, "max_workers": max(workers, most),
+            "torch_threads": handler.get("torch_threads") or 0}
 
 
 class ServingState:
     """What a server serves, kept in its run folder so a restart can restore it: per model
-    its versions (archive file, workers), its default and the defaults before it."""
+    its versions (archive file, workers), its default and the defaults before it. Written
+    atomically, and only after the change it records has succeeded."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def load(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {"models": {}}
+        if not self.path.is_file():
+            return {"models": {}}
+        try:
+            state = json.loads(self.path.read_text())
+            if isinstance(state.get("models"), dict):
+                return state
+        except (ValueError, AttributeError):
+            pass
+        raise ServeError(f"the serving record {self.path} is damaged; move it aside to start afresh")
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, (json.dumps(state, indent=2) + "\n").encode())
+        atomic_write(self.path, (json.dumps(state, indent=2) + "\n").encode())
 
     @contextmanager
     def editing(self):
@@ -110,16 +132,18 @@ class TorchServe:
 
     def __init__(self, run_dir: Path | None = None, model_store: Path | None = None,
                  config: Path | None = None, ports: dict[str, int] | None = None):
-        self.run_dir = Path(run_dir or ROOT / ".serve").resolve()
+        self.run_dir = Path(run_dir or DEFAULT_RUN_DIR).resolve()
         self.config_path = Path(config or ROOT / "config.properties")
+        if not self.config_path.is_file():
+            raise UsageError(f"--config {self.config_path}: no such file")
         self.props = read_properties(self.config_path)
-        store = Path(model_store or self.props.get("model_store", "model_store"))
-        self.model_store = (store if store.is_absolute() else ROOT / store).resolve()
         self.state = ServingState(self.run_dir / "serving.json")
         effective = self.run_dir / "config.properties"
         if ports is None and effective.is_file():
             # A server started earlier from this run folder: talk to it on its own ports.
             self.props.update(read_properties(effective))
+        store = Path(model_store or self.props.get("model_store", "model_store"))
+        self.model_store = (store if store.is_absolute() else ROOT / store).resolve()
         if ports is not None:
             # Any port not given is picked free, so a server can run beside another.
             for api in ADDRESS_KEYS:
@@ -172,15 +196,33 @@ class TorchServe:
     # -- state ----------------------------------------------------------------------------
 
     def pid(self) -> int | None:
-        pid_file = self.run_dir / "tmp" / ".model_server.pid"
-        if not pid_file.is_file():
-            return None
+        """The pid of this run folder's TorchServe, or None. A pid file left behind by a server
+        that died names whatever process has that pid now: only a java process running
+        TorchServe's ModelServer with this run folder's config counts."""
         try:
-            pid = int(pid_file.read_text().strip())
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError, PermissionError):
+            pid = int((self.run_dir / "tmp" / ".model_server.pid").read_text().strip())
+        except (OSError, ValueError):
             return None
-        return pid
+        return pid if self._is_ours(pid) else None
+
+    def _is_ours(self, pid: int) -> bool:
+        import psutil
+
+        try:
+            proc = psutil.Process(pid)
+            cmdline = proc.cmdline()
+            alive = proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+        return alive and "org.pytorch.serve.ModelServer" in cmdline and str(self.run_dir / "config.properties") in cmdline
+
+    def stale_pid_note(self) -> str:
+        """For an error line: a pid file naming a process that is not this run folder's server."""
+        try:
+            pid = int((self.run_dir / "tmp" / ".model_server.pid").read_text().strip())
+        except (OSError, ValueError):
+            return ""
+        return "" if self._is_ours(pid) else f" (its pid file names pid {pid}, not this run folder's TorchServe: left alone)"
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -191,6 +233,17 @@ class TorchServe:
     def describe(self, name: str) -> list[dict]:
         """GET /models/{name} (the default version) or /models/{name}/{version}."""
         return self.manage("GET", f"/models/{name}")
+
+    @property
+    def refused_file(self) -> Path:
+        return self.run_dir / "refused.json"
+
+    def refused(self) -> list[str]:
+        """What the last start of this run folder could not serve, one line per version."""
+        try:
+            return json.loads(self.refused_file.read_text())
+        except (OSError, ValueError):
+            return []
 
     # -- start / stop ---------------------------------------------------------------------
 
@@ -203,17 +256,41 @@ class TorchServe:
         path = self.run_dir / "config.properties"
         lines = [f"# written by scripts/serve from {self.config_path}; edit that file instead"]
         lines += [f"{k}={v}" for k, v in props.items()]
-        path.write_text("\n".join(lines) + "\n")
+        atomic_write(path, ("\n".join(lines) + "\n").encode())
         return path
 
-    def start(self, models: list[str] | None = None, timeout: float = 180) -> None:
-        """Start TorchServe and register its models, waiting until each has a ready worker.
+    def _make_run_dir(self) -> None:
+        for folder in (self.run_dir, self.run_dir / "tmp", self.run_dir / "logs"):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
 
-        `models` names .mar files in the store (`digits` → digits.mar). Without it, the
-        versions, defaults and worker counts recorded in the run folder's serving.json are
-        restored, so a restart serves what was served before; with no record either,
-        every .mar in the store is served under its file name.
+    def _check_catalogued(self, entries: dict, name: str, version: str | None, file: str) -> str | None:
+        """Why the archive `file` may not be served as name/version (None when it may)."""
+        entry = entries.get(f"{name}/{version}") if version else next(
+            (e for e in entries.values() if e["file"] == file), None)
+        if entry is None:
+            return None if version is None else f"{name}/{version} is not in the catalog; refusing {file}"
+        if entry["file"] != file:
+            return f"the catalog holds {name}/{version} in {entry['file']}, the serving record {file}; refusing it"
+        path = self.model_store / file
+        if not path.is_file():
+            return f"archive {path} is missing"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{file} has changed since it was catalogued (sha256 differs); refusing it"
+        return None
+
+    def start(self, models: list[str] | None = None, timeout: float = 180, *, everything: bool = False) -> list[str]:
+        """Start TorchServe and register its models; returns one line per version refused.
+
+        What this run folder served before (serving.json: versions, workers, defaults) is
+        always restored, each version only if the catalog knows it and its file's sha256
+        matches. `models` adds models served from <name>.mar: a name given this way may be
+        an archive the catalog does not know, a catalogued one must match its sha256.
+        `everything` (or no `models` and no record) adds every catalogued version. A
+        version that cannot be served is refused (listed in refused.json, for `status`)
+        while the others are served; the record changes only for what was added.
         """
+        names = [check_name(m) for m in models or []]
         if shutil.which("java") is None:
             raise ServeError("Java 17 was not found on PATH; TorchServe's frontend needs it. "
                              "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17.")
@@ -225,48 +302,63 @@ class TorchServe:
                 raise ServeError(f"port {port} on {host} ({api} API) is already in use; stop what holds it "
                                  f"or choose other ports in {self.config_path.name}")
         saved = self.state.load()["models"]
-        if models is None and saved:
-            plan = [(name, info["file"], info) for name, m in saved.items() for info in m["versions"].values()]
-            catalog = Catalog(self.model_store)
-            for name, m in saved.items():
-                for version in m["versions"]:
-                    try:  # an archive changed since it was catalogued is not served again
-                        if f"{name}/{version}" in catalog.load():
-                            catalog.checked_archive(name, version)
-                    except CatalogError as e:
-                        raise ServeError(str(e)) from None
-        else:
-            if models is None:
-                models = sorted(p.stem for p in self.model_store.glob("*.mar"))
-            plan = [(m, f"{m}.mar", None) for m in models]
-            self.state.save({"models": {}})
-        missing = [file for _, file, _ in plan if not (self.model_store / file).is_file()]
+        entries = Catalog(self.model_store).load()
+        plan, refused = [], []
+        for name, m in saved.items():
+            for version, info in m["versions"].items():
+                reason = self._check_catalogued(entries, name, version, info["file"])
+                if reason:
+                    refused.append(f"{name} {version}: {reason}")
+                else:
+                    plan.append((name, version, info["file"], info))
+        wanted = [(n, f"{n}.mar") for n in names]
+        if everything or (models is None and not saved):
+            wanted += [(e["name"], e["file"]) for e in entries.values()]
+        missing = [file for _, file in wanted if not (self.model_store / file).is_file()]
         if missing:
-            raise ServeError(f"no archive {self.model_store / missing[0]}; build it with scripts/archive")
-        (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+            have = sorted(p.stem for p in self.model_store.glob("*.mar"))
+            raise ServeError(f"no archive {missing[0]} in {self.model_store} (there: {', '.join(have) or 'none'}); "
+                             "build it with scripts/archive")
+        recorded = {info["file"] for m in saved.values() for info in m["versions"].values()}
+        for name, file in dict.fromkeys(wanted):
+            if file not in recorded:
+                reason = self._check_catalogued(entries, name, None, file)
+                if reason:
+                    refused.append(f"{name} ({file}): {reason}")
+                else:
+                    plan.append((name, None, file, None))
+
+        self._make_run_dir()
         self.key_file.unlink(missing_ok=True)
-        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--log-config", str(LOG_CONFIG),
                "--ts-config", str(self._write_config()), "--model-store", str(self.model_store)]
-        # The frontend inherits our stdout: send it to a file, not a pipe we would wait on.
+        # The launcher's own output goes to a file, not a pipe we would wait on; the logs
+        # themselves are written by log4j2 (scripts/log4j2.xml).
         console = self.run_dir / "logs" / "console.log"
-        console.parent.mkdir(parents=True, exist_ok=True)
-        with open(console, "ab") as log:
+        with open(console, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as log:
             code = subprocess.run(cmd, cwd=self.run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL).returncode
+                                  stdin=subprocess.DEVNULL, umask=0o077).returncode
         if code != 0:
             raise ServeError(f"torchserve --start failed (exit {code}); see {console}")
         self.wait_ready([], timeout)
-        for name, file, info in plan:
-            if info is None:
-                self.register(name, file, timeout=timeout)
-            else:  # restoring: the record already holds this version
-                self.register(name, file, workers=info["min_workers"], timeout=timeout, record=False)
-                if info["max_workers"] != info["min_workers"]:
-                    self.scale(name, archive_manifest(self.model_store / file)["version"],
-                               info["min_workers"], info["max_workers"], record=False)
-        if models is None and saved:
-            for name, m in saved.items():
+        served = set()
+        for name, version, file, info in plan:
+            try:
+                if info is None:  # added now: recorded once its workers are ready
+                    entry = next((e for e in entries.values() if e["file"] == file), None)
+                    self.register(name, file, timeout=timeout, version=entry and entry["version"])
+                else:  # restoring: the record already holds this version
+                    self.register(name, file, workers=info["min_workers"], timeout=timeout, record=False, version=version)
+                    if info["max_workers"] != info["min_workers"]:
+                        self.scale(name, version, info["min_workers"], info["max_workers"], record=False)
+                    served.add((name, version))
+            except (ServeError, UsageError) as e:
+                refused.append(f"{name} {version or '(' + file + ')'}: {str(e).splitlines()[0]}")
+        for name, m in saved.items():
+            if (name, m["default"]) in served:
                 self.set_default(name, m["default"], record=False)
+        atomic_write(self.refused_file, (json.dumps(refused, indent=2) + "\n").encode())
+        return refused
 
     # -- the management API ---------------------------------------------------------------
 
@@ -291,15 +383,30 @@ class TorchServe:
 
     def versions(self, name: str) -> list[dict]:
         """Every registered version of `name` with its workers (GET /models/{name}/all)."""
-        return self.manage("GET", f"/models/{name}/all")
+        return self.manage("GET", f"/models/{check_name(name)}/all")
 
     def register(self, name: str, file: str, *, workers: int | None = None, timeout: float = 180,
-                 record: bool = True) -> str:
-        """Register an archive of the store under `name`, wait for its workers; returns its version."""
-        info = archive_manifest(self.model_store / file)
+                 record: bool = True, version: str | None = None) -> str:
+        """Register an archive of the store under `name` and wait for its workers; returns its
+        version. A worker that refuses to load fails this at once, and the half-registered
+        version is removed again; the record changes only on success."""
+        name = check_name(name)
+        path = inside(self.model_store, file)
+        if not path.is_file():
+            raise ServeError(f"no archive {path}; build it with scripts/archive")
+        info = archive_manifest(path)
+        if version is not None and info["version"] != version:
+            raise ServeError(f"{file} declares version {info['version']}, the catalog says {version}; refusing it")
         workers = info["min_workers"] if workers is None else workers
-        self.manage("POST", "/models", url=file, model_name=name, initial_workers=workers, synchronous="true")
-        self.wait_ready([f"{name}/{info['version']}"], timeout)
+        self.manage("POST", "/models", url=file, model_name=name, initial_workers=workers, synchronous="false")
+        try:
+            self.wait_ready([f"{name}/{info['version']}"], timeout)
+        except ServeError:
+            try:
+                self.manage("DELETE", f"/models/{name}/{info['version']}")
+            except ServeError:
+                pass
+            raise
         if record:
             with self.state.editing() as state:
                 model = state["models"].setdefault(name, {"versions": {}, "default": info["version"], "previous_defaults": []})
@@ -308,17 +415,17 @@ class TorchServe:
         return info["version"]
 
     def set_default(self, name: str, version: str, *, record: bool = True) -> None:
-        self.manage("PUT", f"/models/{name}/{version}/set-default")
+        self.manage("PUT", f"/models/{check_name(name)}/{check_version(version)}/set-default")
         if record:
             with self.state.editing() as state:
-                model = state["models"][name]
-                if model["default"] != version:
+                model = state["models"].get(name)
+                if model and model["default"] != version:
                     model["previous_defaults"].append(model["default"])
                     model["default"] = version
 
     def rollback(self, name: str) -> tuple[str, str]:
         """Make the previous default the default again; returns (was, now)."""
-        model = self.state.load()["models"].get(name)
+        model = self.state.load()["models"].get(check_name(name))
         if not model or not model["previous_defaults"]:
             raise ServeError(f"{name} has no previous default to roll back to")
         previous = model["previous_defaults"][-1]
@@ -331,14 +438,16 @@ class TorchServe:
         return current, previous
 
     def scale(self, name: str, version: str, min_workers: int, max_workers: int, *, record: bool = True) -> None:
-        self.manage("PUT", f"/models/{name}/{version}", min_worker=min_workers, max_worker=max_workers,
-                    synchronous="true")
+        self.manage("PUT", f"/models/{check_name(name)}/{check_version(version)}", min_worker=min_workers,
+                    max_worker=max_workers, synchronous="true")
         if record:
             with self.state.editing() as state:
-                state["models"][name]["versions"][version].update(min_workers=min_workers, max_workers=max_workers)
+                recorded = state["models"].get(name, {}).get("versions", {}).get(version)
+                if recorded is not None:
+                    recorded.update(min_workers=min_workers, max_workers=max_workers)
 
     def unregister(self, name: str, version: str) -> None:
-        self.manage("DELETE", f"/models/{name}/{version}")
+        self.manage("DELETE", f"/models/{check_name(name)}/{check_version(version)}")
         with self.state.editing() as state:
             model = state["models"].get(name)
             if model:
@@ -348,12 +457,19 @@ class TorchServe:
                     del state["models"][name]
 
     def wait_ready(self, models: list[str], timeout: float = 180) -> None:
-        """Wait until the frontend answers and every model has a READY worker."""
+        """Wait until the frontend answers and every model has a READY worker. A worker that
+        refuses its archive's options fails the wait at once with the line it logged."""
         deadline = time.time() + timeout
         pending = list(models)
+        model_log = self.run_dir / "logs" / "model_log.log"
+        offset = model_log.stat().st_size if model_log.is_file() else 0
         while time.time() < deadline:
             if not self.is_running() and time.time() > deadline - timeout + 5:
                 raise ServeError(f"TorchServe exited during start-up; see {self.run_dir / 'logs' / 'ts_log.log'}\n{self.log_tail()}")
+            for model in pending:
+                line = self.refusal(model, offset)
+                if line:
+                    raise ServeError(f"{model} refused to load: {line}")
             try:
                 pending = [m for m in pending if not any(
                     w.get("status") == "READY" for d in self.describe(m) for w in d.get("workers", []))]
@@ -366,87 +482,148 @@ class TorchServe:
         raise ServeError(f"model(s) {', '.join(pending)} not ready after {timeout:.0f}s; "
                          f"see {self.run_dir / 'logs' / 'model_log.log'}\n{self.log_tail('model_log.log')}")
 
+    def refusal(self, model: str, offset: int = 0) -> str | None:
+        """The refusal line a worker of name/version logged after `offset` in model_log.log."""
+        name, version = model.split("/")
+        path = self.run_dir / "logs" / "model_log.log"
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            f.seek(offset if path.stat().st_size >= offset else 0)
+            text = f.read().decode(errors="replace")
+        tag = f"-{name}_{version}-"
+        for line in text.splitlines():
+            if REFUSAL in line and tag in line:
+                return line.split(REFUSAL, 1)[1].strip()
+        return None
+
     def log_tail(self, name: str = "ts_log.log", lines: int = 15) -> str:
         path = self.run_dir / "logs" / name
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
 
     def stop(self, timeout: float = 60) -> bool:
-        """Stop the server of this run folder; returns False if none was running."""
+        """Stop the server of this run folder; returns False if none was running. Only the
+        process pid() vouches for is signalled, never whatever now holds a stale pid."""
         pid = self.pid()
         if pid is None:
             return False
         subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=self.run_dir,
                        env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.time() + timeout
-        while time.time() < deadline and _alive(pid):
+        while time.time() < deadline and self._is_ours(pid):
             time.sleep(0.3)
-        if _alive(pid):
-            os.kill(pid, 9)
+        if self._is_ours(pid):
+            os.kill(pid, signal.SIGKILL)
         return True
 
+    def refresh_key(self, kind: str) -> str:
+        """New `kind` key through TorchServe's token API (authorized by the API key); the
+        server rewrites key_file.json, and the old key stops working."""
+        r = requests.get(self.url("management") + "/token", params={"type": kind},
+                         headers={"Authorization": f"Bearer {self.key('API')}"}, timeout=30)
+        if r.status_code != 200:
+            raise ServeError(f"TorchServe refused a new {kind} key: {' '.join(r.text.split())} (HTTP {r.status_code})")
+        return self.key(kind)
 
-def _alive(pid: int) -> bool:
+
+def served_versions(run_dir: Path, model_store: Path) -> dict[str, str]:
+    """{"name/version": archive file} that the running TorchServe of `run_dir` serves from
+    `model_store`, per its serving record (nothing when it is stopped or serves another
+    store: a stopped server's next start re-checks every archive against the catalog)."""
+    config = Path(run_dir) / "config.properties"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (our own finished child) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
+        store = read_properties(config).get("model_store") if config.is_file() else None
+        if not store or Path(store).resolve() != Path(model_store).resolve():
+            return {}
+        ts = TorchServe(run_dir=Path(run_dir), model_store=Path(store), config=config)
+        if not ts.is_running():
+            return {}
+        models = ts.state.load()["models"]
+    except (OSError, ServeError, UsageError):
+        return {}
+    return {f"{name}/{v}": info["file"] for name, m in models.items() for v, info in m["versions"].items()}
+
+
+def global_options(defaults: bool) -> argparse.ArgumentParser:
+    """--run-dir, --config and --model-store, accepted before or after the subcommand: the
+    copy on each subcommand has no defaults, so it only overrides what was given."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    p.add_argument("--run-dir", default=d(str(DEFAULT_RUN_DIR)),
+                   help="folder for the server's config, logs, keys and serving record (default: .serve/)")
+    p.add_argument("--config", default=d(str(ROOT / "config.properties")),
+                   help="TorchServe config to start from (default: config.properties)")
+    p.add_argument("--model-store", default=d(None), help="folder of .mar files (default: model_store from the config)")
+    return p
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=str(ROOT / ".serve"), help="folder for the server's config, logs and keys (default: .serve/)")
-    p.add_argument("--config", default=str(ROOT / "config.properties"), help="TorchServe config to start from (default: config.properties)")
-    p.add_argument("--model-store", default=None, help="folder of .mar files (default: model_store from the config)")
+    p = OneLineParser(prog="scripts/serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        parents=[global_options(True)])
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("start", help="start TorchServe and wait until its models are ready")
+    common = [global_options(False)]
+    s = sub.add_parser("start", parents=common, help="start TorchServe and wait until its models are ready")
     s.add_argument("--models", default=None,
-                   help="comma-separated model names, each served from <name>.mar; 'all' for every .mar in the store, "
-                        "'none' to start empty and register with scripts/models "
-                        "(default: restore what this run folder served before, else all)")
+                   help="comma-separated model names to add, each served from <name>.mar; 'all' for every catalogued "
+                        "version; what this run folder served before is always restored (default: that, else all)")
     s.add_argument("--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)")
-    sub.add_parser("stop", help="stop the TorchServe of this run folder")
-    sub.add_parser("status", help="say whether it runs, where, and which models it serves")
-    k = sub.add_parser("key", help="print the current token key, for curl -H 'Authorization: Bearer KEY'")
+    sub.add_parser("stop", parents=common, help="stop the TorchServe of this run folder")
+    sub.add_parser("status", parents=common, help="say whether it runs, where, which models it serves and what it refused")
+    k = sub.add_parser("key", parents=common, help="print the current token key, for curl -H 'Authorization: Bearer KEY'")
     k.add_argument("kind", nargs="?", default="inference", choices=("inference", "management", "API"),
                    help="which key (default: inference)")
+    k.add_argument("--header", action="store_true",
+                   help="print 'Authorization: Bearer KEY', for curl -H @<(scripts/serve key --header) (default: off)")
+    k.add_argument("--refresh", action="store_true",
+                   help="get a new key from the running server (TorchServe's token API) first (default: off)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done, 2 for a usage mistake, 1 when the server or the store refuses;
+    each refusal is one line on stderr."""
     args = get_args_parser().parse_args(argv)
-    ts = TorchServe(run_dir=Path(args.run_dir), model_store=args.model_store and Path(args.model_store), config=Path(args.config))
     try:
+        ts = TorchServe(run_dir=Path(args.run_dir), model_store=args.model_store and Path(args.model_store),
+                        config=Path(args.config))
         if args.command == "start":
-            if args.models == "none":
+            everything = args.models == "all"
+            models = None if args.models is None or everything else [m for m in args.models.split(",") if m]
+            if models is not None and not models:
+                raise UsageError(f"--models {args.models!r} names no model; give names separated by commas, or 'all'")
+            if models == ["none"]:  # the old spelling of "restore only"
                 models = []
-            elif args.models == "all":
-                models = sorted(p.stem for p in ts.model_store.glob("*.mar"))
-            else:
-                models = None if args.models is None else [m for m in args.models.split(",") if m]
-            ts.start(models, timeout=args.timeout)
+            refused = ts.start(models, timeout=args.timeout, everything=everything)
+            for line in refused:
+                print(f"refused: {line}", file=sys.stderr)
             print(f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
                   f"(management {ts.url('management')}); stop it with scripts/serve stop")
-        elif args.command == "stop":
-            print("TorchServe stopped" if ts.stop() else f"no TorchServe running from {ts.run_dir}")
+            return 1 if refused else 0
+        if args.command == "stop":
+            if not ts.stop():
+                raise ServeError(f"no TorchServe running from {ts.run_dir}{ts.stale_pid_note()}")
+            print("TorchServe stopped")
         elif args.command == "status":
             if not ts.is_running():
-                print(f"not running (run folder {ts.run_dir})")
-                return 1
+                raise ServeError(f"TorchServe is not running from {ts.run_dir}{ts.stale_pid_note()}")
             print(f"running, pid {ts.pid()}, inference {ts.url('inference')}, management {ts.url('management')}")
             for name in ts.models():
-                for d in ts.describe(name):
+                for d in ts.versions(name):
                     workers = ", ".join(f"{w['id']}:{w['status']}" for w in d.get("workers", []))
                     print(f"  {name} v{d.get('modelVersion')}  batch {d.get('batchSize')}  workers [{workers}]")
+            for line in ts.refused():
+                print(f"  refused at start: {line}")
         elif args.command == "key":
-            print(ts.key(args.kind))
-    except ServeError as e:
+            key = ts.refresh_key(args.kind) if args.refresh else ts.key(args.kind)
+            print(f"Authorization: Bearer {key}" if args.header else key)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ServeError, CatalogError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except requests.RequestException as e:
+        print(f"error: TorchServe did not answer: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -17,9 +17,11 @@ so that one-off allocations on the first batches do not count as a leak.
 
 Prints a table and a last line
     soak: N requests, good 5xx=X, bad 4xx=Y/Z, p50=..ms p99=..ms, RSS growth=..%
-and writes every figure to --out as JSON. Exit code 1 if any good request was not
-answered 200, or (for runs of 600 s or more) the workers' RSS grew by 10% or more;
-2 if the server cannot be reached; else 0.
+and writes every figure to --out as JSON, with the RSS growth of each process (the
+frontend and every worker) on its own. Exit code 1 if any good request was not answered
+200, if a worker was restarted (its pid changed: it died under the load), or (for runs of
+600 s or more) any process's RSS grew by 10% or more; 2 if the server cannot be reached;
+else 0.
 """
 
 from __future__ import annotations
@@ -64,16 +66,33 @@ def worker_pids(ts: TorchServe, model: str) -> list[int]:
 
 
 def rss_sample(ts: TorchServe, model: str, t0: float) -> dict:
-    """RSS (bytes) of the model's workers now; pids re-read so a restarted worker shows."""
+    """RSS (bytes) of the model's workers and of the frontend now; pids re-read so a
+    restarted worker shows."""
     pids = worker_pids(ts, model)
     rss = {}
-    for pid in pids:
+    for pid in [*pids, ts.pid()]:
         try:
             rss[pid] = psutil.Process(pid).memory_info().rss
-        except psutil.Error:
+        except (psutil.Error, TypeError, ValueError):
             rss[pid] = 0
-    return {"t": round(time.monotonic() - t0, 1), "pids": pids, "rss_bytes": sum(rss.values()),
-            "per_pid": {str(k): v for k, v in rss.items()}}
+    return {"t": round(time.monotonic() - t0, 1), "pids": pids, "frontend_pid": ts.pid(),
+            "rss_bytes": sum(rss[p] for p in pids), "per_pid": {str(k): v for k, v in rss.items()}}
+
+
+def restarts(samples: list[dict]) -> list[str]:
+    """One line per change of the worker pids between samples: a worker that died and was
+    started again by TorchServe."""
+    return [f"at {b['t']:g} s worker pid(s) {a['pids']} became {b['pids']}"
+            for a, b in zip(samples, samples[1:]) if a["pids"] != b["pids"]]
+
+
+def growth_by_process(samples: list[dict]) -> dict[str, float]:
+    """RSS growth (%) of each process from the first sample to the last, for the processes
+    present in both: "frontend" and "worker <pid>"."""
+    first, last = samples[0], samples[-1]
+    roles = {str(first.get("frontend_pid")): "frontend", **{str(p): f"worker {p}" for p in first["pids"]}}
+    return {role: round(100.0 * (last["per_pid"][pid] - first["per_pid"][pid]) / first["per_pid"][pid], 2)
+            for pid, role in roles.items() if first["per_pid"].get(pid) and last["per_pid"].get(pid)}
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
@@ -239,13 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records, seconds)
     start_rss, end_rss = samples[0]["rss_bytes"], samples[-1]["rss_bytes"]
     growth = 100.0 * (end_rss - start_rss) / start_rss if start_rss else float("nan")
-    restarted = samples[-1]["pids"] != samples[0]["pids"]
+    restarted = restarts(samples)
+    per_process = growth_by_process(samples)
     rss_checked = args.duration >= RSS_CHECK_MIN_SECONDS
     failures = []
     if summary["good_not_200"]:
         failures.append(f"{summary['good_not_200']} good request(s) not answered 200")
-    if rss_checked and not growth < RSS_LIMIT_PERCENT:
-        failures.append(f"worker RSS grew {growth:.1f}% (limit {RSS_LIMIT_PERCENT:g}%)")
+    failures += [f"worker restarted: {line}" for line in restarted]
+    if rss_checked:
+        failures += [f"{role} RSS grew {pct:.1f}% (limit {RSS_LIMIT_PERCENT:g}%)"
+                     for role, pct in per_process.items() if not pct < RSS_LIMIT_PERCENT]
     result = {
         "config": {"model": args.model, "duration": args.duration, "clients": args.clients,
                    "bad_share": args.bad_share, "seed": args.seed, "warmup": args.warmup,
@@ -253,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                    "max_batch_delay": info.get("maxBatchDelay"), "cpu_count": psutil.cpu_count()},
         **summary,
         "rss": {"before_warmup_bytes": before["rss_bytes"], "start_bytes": start_rss, "end_bytes": end_rss,
-                "growth_percent": round(growth, 2), "checked": rss_checked, "workers_restarted": restarted,
+                "growth_percent": round(growth, 2), "growth_percent_by_process": per_process,
+                "checked": rss_checked, "workers_restarted": bool(restarted), "restarts": restarted,
                 "samples": samples},
         "failures": failures,
         "passed": not failures,
@@ -273,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
              ("bad p50 / p99", f"{lat['bad_p50']} / {lat['bad_p99']} ms"),
              ("worker RSS start", f"{start_rss / 2**20:.1f} MiB (before warm-up {before['rss_bytes'] / 2**20:.1f} MiB)"),
              ("worker RSS end", f"{end_rss / 2**20:.1f} MiB"),
-             ("worker RSS growth", f"{growth:+.2f}%" + ("" if rss_checked else f" (limit checked from {RSS_CHECK_MIN_SECONDS} s)")),
-             ("workers restarted", "yes" if restarted else "no")]
+             ("worker RSS growth", f"{growth:+.2f}%" + ("" if rss_checked else f" (limit checked from {RSS_CHECK_MIN_SECONDS} s)"))]
+    rows += [(f"  {role} RSS growth", f"{pct:+.2f}%") for role, pct in per_process.items()]
+    rows += [("workers restarted", "; ".join(restarted) if restarted else "no")]
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:

@@ -53,8 +53,8 @@ def test_unchanged_inputs_are_skipped_and_changed_ones_need_force(trained_digits
     assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store)]) == 0
     assert "unchanged" in capsys.readouterr().out
     assert (store / "d.mar").read_bytes() == before
-    # Other inputs under the same name and version: refused, the archive untouched.
-    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2"]) == 2
+    # Other inputs under the same name and version: refused (a conflict with the store: exit 1), the archive untouched.
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2"]) == 1
     assert "--force" in capsys.readouterr().err
     assert (store / "d.mar").read_bytes() == before
     assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2", "--force"]) == 0
@@ -130,3 +130,17 @@ def test_help_explains_every_flag():
     for flag in ("--name", "--version", "--model-store", "--workers", "--batch-size", "--max-batch-delay",
                  "--device", "--topk", "--force", "--torch-threads"):
         assert flag in out.stdout
+
+
+def test_dry_run_shows_what_would_be_built_and_writes_nothing(trained_digits, tmp_path, capsys):
+    store = tmp_path / "store"
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(yaml.safe_dump({"defaults": {"batch_size": 4}, "models": [
+        {"name": "d", "version": "2.0", "run": str(trained_digits), "config": {"workers": 2}}]}))
+    assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would build" in out and '"minWorkers": 2' in out and '"batchSize": 4' in out and "d-2.0.mar" in out
+    assert store_listing(store) == []
+    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith(f"would build {store / 'd.mar'}")
+    assert store_listing(store) == []

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import base64
+import io
+import ipaddress
+import json
 import socket
+import stat
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts import archive
+from scripts import archive, serve
 from scripts.serve import ServeError, TorchServe
 from tests.conftest import classify_in_process, encode, image_variants
 
@@ -125,8 +134,20 @@ def test_register_only_from_the_local_store(server, tmp_path):
 
 
 def test_apis_listen_on_loopback_only(server):
-    for api in ("inference", "management", "metrics"):
-        assert server.url(api).startswith("http://127.0.0.1:")
+    """The sockets the server and its workers really listen on (psutil), gRPC included."""
+    import psutil
+
+    frontend = psutil.Process(server.pid())
+    listening = [c.laddr for p in [frontend, *frontend.children(recursive=True)]
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert {a.port for a in listening} == {port for _, port in server.listen_ports().values()}
+    assert len(listening) == 5 and all(is_loopback(a.ip) for a in listening), listening
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as Java reports it (an IPv4-mapped IPv6 address, ::ffff:127.0.0.1)."""
+    addr = ipaddress.ip_address(ip)
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
 def test_prometheus_metrics_are_exported(server):
@@ -150,3 +171,66 @@ def test_start_says_when_java_is_missing(tmp_path, monkeypatch):
     ts = TorchServe(run_dir=tmp_path, model_store=tmp_path, ports={})
     with pytest.raises(ServeError, match="Java 17"):
         ts.start([])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_run_folder_and_the_keys_are_private(server):
+    assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(server.key_file.stat().st_mode) == 0o600
+    for path in (server.run_dir / "logs").iterdir():  # written under umask 077
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_logs_hold_each_line_once_at_info(server, digits_dir):
+    data = next((digits_dir / "test").rglob("*.png")).read_bytes()
+    assert predict(server, "digits", data).status_code == 200
+    lines = [line for line in (server.run_dir / "logs" / "ts_log.log").read_text().splitlines()
+             if line[:4].isdigit()]  # each record's first line starts with its timestamp (to the ms)
+    assert len(lines) > 20 and len(set(lines)) == len(lines)
+    assert not any("[DEBUG]" in line for line in lines)
+    assert "org.pytorch.serve" not in (server.run_dir / "logs" / "console.log").read_text()
+
+
+def test_key_refresh_gets_a_new_key_without_a_restart(server, digits_dir, capsys):
+    data = next((digits_dir / "test").rglob("*.png")).read_bytes()
+    old, pid = server.key("inference"), server.pid()
+    assert serve.main(["key", "--refresh", "--run-dir", str(server.run_dir)]) == 0
+    new = capsys.readouterr().out.strip()
+    assert new != old and new == server.key("inference") and server.pid() == pid
+    assert predict(server, "digits", data, headers={"Authorization": f"Bearer {old}"}).status_code == 400
+    assert predict(server, "digits", data).status_code == 200
+
+
+def test_key_and_status_answer_without_importing_torch(server):
+    probe = ("import sys; from scripts import serve; "
+             f"codes = [serve.main(['key', '--run-dir', {str(server.run_dir)!r}]), "
+             f"serve.main(['status', '--run-dir', {str(server.run_dir)!r}])]; "
+             "print(codes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0] False", out.stdout + out.stderr
+
+
+def test_the_readme_curl_examples_send_a_5_mb_photo(server, photos, photo_run, tmp_path):
+    """README's curl lines, run by bash as written (the key through a file descriptor)."""
+    rng = np.random.default_rng(0)
+    photo = np.asarray(photos["astronaut"].resize((2700, 2700)), dtype=np.int16)
+    noisy = np.clip(photo + rng.integers(-40, 40, photo.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, format="JPEG", quality=95)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(buf.getvalue())
+    assert 5_000_000 <= path.stat().st_size <= 6_500_000, path.stat().st_size
+    url = f"{server.url('inference')}/predictions/photos"
+    key = f"-H @<(scripts/serve key --header --run-dir {server.run_dir})"
+    as_json = """{ printf '{"data": "'; base64 -w0 PATH; printf '"}'; }""".replace("PATH", str(path))
+    commands = [f"curl -s {key} -H 'Content-Type: image/jpeg' {url} --data-binary @{path}", f"curl -s {key} {url} -T {path}",
+                f"curl -s {key} {url} -F data=@{path}",
+                f"{as_json} | curl -s {key} -H 'Content-Type: application/json' --data-binary @- {url}"]
+    expected = classify_in_process(photo_run, path.read_bytes())
+    for command in commands:
+        out = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        answer = json.loads(out.stdout)
+        assert "code" not in answer, (command, answer)
+        assert list(answer)[0] == ["cat", "coffee", "rocket"][int(expected.argmax())], (command, out.stdout)

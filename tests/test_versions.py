@@ -12,9 +12,9 @@ import pytest
 import requests
 import yaml
 
-from scripts import archive, models
+from scripts import archive, models, serve
 from scripts.catalog import Catalog
-from scripts.serve import ServeError, TorchServe
+from scripts.serve import TorchServe
 from tests.conftest import classify_in_process, train_cli_args
 from training import train as train_mod
 
@@ -73,7 +73,7 @@ def test_batch_archival_with_a_broken_entry(trained_digits, second_run, tmp_path
     assert out.count("unchanged") == 2
     assert (store / "digits-1.0.mar").read_bytes() == before
     assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--force"]) == 1
-    assert capsys.readouterr().out.count(" built") == 2
+    assert capsys.readouterr().out.count(" replaced") == 2
 
 
 def test_archives_carry_their_catalog_metadata_and_verify_finds_mismatches(store, capsys):
@@ -160,11 +160,14 @@ def test_register_refuses_an_archive_that_no_longer_matches_the_catalog(server, 
 
 def test_promote_and_rollback_drop_no_request(server, trained_digits, second_run, digits_dir, capsys):
     data = next((digits_dir / "test").rglob("*.png")).read_bytes()
-    codes, stop = [], threading.Event()
+    codes, errors, stop = [], [], threading.Event()
 
     def keep_sending():
         while not stop.is_set():
-            codes.append(predict(server, data).status_code)
+            try:
+                codes.append(predict(server, data).status_code)
+            except Exception as e:  # noqa: BLE001 - a dropped connection is a dropped request
+                errors.append(repr(e))
 
     threads = [threading.Thread(target=keep_sending) for _ in range(4)]
     for t in threads:
@@ -181,6 +184,7 @@ def test_promote_and_rollback_drop_no_request(server, trained_digits, second_run
         stop.set()
         for t in threads:
             t.join()
+    assert errors == []
     assert len(codes) > 20
     assert [c for c in codes if c != 200] == []
     assert same_answer(after_promote, predict(server, data, "2.0").json())
@@ -221,12 +225,21 @@ def test_registered_versions_and_default_survive_a_restart(server, capsys):
     assert ops(server, "status") == 1
     assert "not running" in capsys.readouterr().err
     mar = server.model_store / "digits-2.0.mar"
-    original = mar.read_bytes()
+    original, record = mar.read_bytes(), server.state.path.read_bytes()
     mar.write_bytes(original + b"changed")  # an archive changed while the server was down
-    with pytest.raises(ServeError, match="sha256"):
-        server.start(timeout=240)
+    refused = server.start(timeout=240)  # the other version is served all the same
+    assert len(refused) == 1 and refused[0].startswith("digits 2.0:") and "sha256" in refused[0], refused
+    assert registered(server) == ["1.0"] and server.refused() == refused
+    assert server.state.path.read_bytes() == record  # the record keeps 2.0 for the next start
+    assert serve.main(["status", "--run-dir", str(server.run_dir)]) == 0
+    assert "refused at start: digits 2.0:" in capsys.readouterr().out
+    assert ops(server, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["refused_at_start"] == refused
+    server.stop()
     mar.write_bytes(original)
-    server.start(timeout=240)  # no model list: restore what was served
+    # Restores what was served; naming an archive the record already holds adds nothing and erases nothing.
+    assert server.start(["digits-1.0"], timeout=240) == []
+    assert server.state.path.read_bytes() == record
     capsys.readouterr()
     assert ops(server, "status", "--json") == 0
     report = json.loads(capsys.readouterr().out)
@@ -240,6 +253,10 @@ def test_registered_versions_and_default_survive_a_restart(server, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [s["version"] for s in report["served"]] == ["1.0"]
     assert [(e["name"], e["version"]) for e in report["not_served"]] == [("digits", "2.0")]
+
+
+def registered(server) -> list[str]:
+    return sorted(v["modelVersion"] for v in server.versions("digits"))
 
 
 def test_server_failures_are_one_readable_line(server, capsys):

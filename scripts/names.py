@@ -1,0 +1,71 @@
+"""The one rule for model names and versions, and the check that a written path stays in its folder.
+
+The rule is TorchServe's own (model-archiver's `^[A-Za-z0-9][A-Za-z0-9_\\-.]*$`) plus "no
+`..`": letters, digits, `_`, `.` and `-`, starting with a letter or digit. A name or
+version that passes can be a file name and a management-URL segment, and can never walk
+out of a folder or into another model's URL. scripts/archive (command line and manifest),
+scripts/models and scripts/serve check every name and version here before any request or
+write. It also holds what the three commands share about mistakes: UsageError (exit 2)
+and a parser that answers a usage mistake in one line. It imports nothing heavy: the
+fast commands (`scripts/serve key`, `status`) use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+MAX_LENGTH = 64
+RULE = f"letters, digits, '_', '.' and '-', starting with a letter or digit, no '..', at most {MAX_LENGTH} characters"
+
+
+class UsageError(ValueError):
+    """What was typed breaks a rule (a name, an option, a value): the commands exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake answered in one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def check_name(value, what: str = "model name") -> str:
+    """`value` as a string if it follows the rule, else a UsageError naming it and the rule."""
+    text = "" if value is None else str(value)
+    if not PATTERN.fullmatch(text) or ".." in text or len(text) > MAX_LENGTH:
+        raise UsageError(f"{what} {text!r} is not allowed: use {RULE}")
+    return text
+
+
+def check_version(value) -> str:
+    return check_name(value, "version")
+
+
+def inside(folder: Path, name: str | Path) -> Path:
+    """folder/name, refused unless it resolves to a path inside `folder` (not the folder itself)."""
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise UsageError(f"{name} would be written outside {root}")
+    return path
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` through a private temporary file and a rename: readers see the
+    old bytes or the new ones, never half, and the file never exists with a wider mode."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
