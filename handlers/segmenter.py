@@ -11,6 +11,8 @@ class, the background) and its palette colours them for viewing. That is a few k
 TorchServe's stock segmenter answers with H x W x [class, probability] JSON (megabytes).
 The image is resized whole (no crop) to the model's input size; the logits are scaled back
 to the original size before the argmax (model_defs.preprocessing.logits_to_mask).
+`/explanations` answers with Integrated Gradients of a class over its predicted region
+(handlers/explain.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import base64
 import numpy as np
 import torch
 
+from handlers.explain import Explainer, explain_segmentation
 from handlers.vision import VisionHandler, extract_image_bytes
 from model_defs.preprocessing import (
     encode_png,
@@ -33,6 +36,10 @@ class ImageSegmenter(VisionHandler):
     def initialize(self, context):
         super().initialize(context)
         self.transform = segmentation_transform(self.data_config)
+        self.explainer = Explainer(self.model, self.data_config, self.handler_config, self.device)
+
+    def explain_one(self, row) -> dict:
+        return explain_segmentation(self, row)
 
     def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
         data = extract_image_bytes(row, self.max_bytes)
