@@ -1,5 +1,6 @@
 """Classification handler: `{label: probability}` for the top k, or every label over the
-threshold for a multi-label model.
+threshold for a multi-label model. `/explanations` answers with Integrated Gradients
+(handlers/explain.py).
 
 model-config.yaml (`handler:` section) sets `topk` (default 5, clamped to the number of
 classes) and, for multi-label models, `threshold` (default: the one in model.json).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from handlers.explain import Explainer, explain_classification
 from handlers.vision import VisionHandler
 
 
@@ -18,6 +20,10 @@ class ImageClassifier(VisionHandler):
         self.multi_label = bool(self.meta.get("multi_label", False))
         self.topk = max(1, min(int(self.handler_config.get("topk", 5)), len(self.classes)))
         self.threshold = float(self.handler_config.get("threshold", self.meta.get("threshold", 0.5)))
+        self.explainer = Explainer(self.model, self.data_config, self.handler_config, self.device)
+
+    def explain_one(self, row) -> dict:
+        return explain_classification(self, row)
 
     def postprocess(self, logits: torch.Tensor) -> list[dict[str, float]]:
         logits = logits.float().cpu()

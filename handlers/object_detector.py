@@ -11,11 +11,9 @@ An invalid value is a 400 for that request only, like an undecodable image.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from handlers.vision import RequestError, VisionHandler, extract_image_bytes
+from handlers.vision import RequestError, VisionHandler, extract_image_bytes, request_options
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input
 
@@ -43,20 +41,8 @@ def parse_option(name: str, value) -> float | int:
 
 
 def split_request(row: dict) -> tuple[dict, dict]:
-    """(row holding only the image, the per-request options found in it)."""
-    if not isinstance(row, dict):
-        return row, {}
-    options = {k: row[k] for k in OPTIONS if k in row}
-    row = {k: v for k, v in row.items() if k not in OPTIONS}
-    body = row.get("data", row.get("body"))
-    if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
-        try:
-            body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
-    if isinstance(body, dict):
-        options.update({k: body[k] for k in OPTIONS if k in body})
-        row = {"data": {k: v for k, v in body.items() if k not in OPTIONS}}
+    """(row holding only the image, the per-request options found in it, checked)."""
+    row, options = request_options(row, OPTIONS)
     return row, {k: parse_option(k, v) for k, v in options.items()}
 
 

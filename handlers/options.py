@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from handlers.runtimes import AUTOCAST_DTYPES, RUNTIMES
 
 AUTOCAST = tuple(AUTOCAST_DTYPES)
+EXPLAIN_BASELINES = ("mean", "black", "white", "blur")  # what Integrated Gradients starts from
+EXPLAIN_STEPS, EXPLAIN_MAX_STEPS = 32, 128  # its defaults
 
 
 REFUSAL = "refuses to load:"  # scripts/serve looks for these words in model_log.log
@@ -86,6 +88,10 @@ HANDLER_OPTIONS = {
     "score_threshold": Option(float, 0, 1),  # detection
     "max_detections": Option(int, 0, 1000),
     "max_n": Option(int, 1, 1024),  # generation
+    "explain_steps": Option(int, 1, 1024),  # Integrated Gradients (handlers/explain.py)
+    "explain_max_steps": Option(int, 1, 1024),
+    "explain_baseline": Option(str, choices=EXPLAIN_BASELINES),
+    "explain_memory_mb": Option(float, 1, 1 << 20, optional=True),
     "metrics": Option(bool),  # handler metrics on /metrics (handlers/metrics.py)
     "json_logs": Option(bool),  # one JSON line per batch and per refused item
 }
@@ -113,6 +119,9 @@ def check_handler_options(handler: dict, where: str = "handler option ") -> dict
     check_keys(handler, HANDLER_OPTIONS, where)
     for key, value in handler.items():
         HANDLER_OPTIONS[key].check(key, value, where)
+    steps, most = handler.get("explain_steps", EXPLAIN_STEPS), handler.get("explain_max_steps", EXPLAIN_MAX_STEPS)
+    if steps > most:
+        raise OptionError(f"{where}explain_steps ({steps}) must be at most explain_max_steps ({most})")
     sizes = handler.get("warmup_batch_sizes")
     if sizes is not None and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
         raise OptionError(f"{where}warmup_batch_sizes must be a list of whole numbers >= 1, got {sizes!r}")

@@ -14,6 +14,8 @@ to the original size before the argmax, one class at a time (`mask_at_size`): th
 as model_defs.preprocessing.logits_to_mask, in about 10 bytes a pixel whatever the number
 of classes, where scaling every class at once takes 4 bytes a pixel per class plus the
 argmax's 8 (scripts/memory_peak.py measures both).
+`/explanations` answers with Integrated Gradients of a class over its predicted region
+(handlers/explain.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from handlers.explain import Explainer, explain_segmentation
 from handlers.vision import VisionHandler, extract_image_bytes
 from model_defs.preprocessing import (
     encode_png,
@@ -52,6 +55,10 @@ class ImageSegmenter(VisionHandler):
     def initialize(self, context):
         super().initialize(context)
         self.transform = segmentation_transform(self.data_config)
+        self.explainer = Explainer(self.model, self.data_config, self.handler_config, self.device)
+
+    def explain_one(self, row) -> dict:
+        return explain_segmentation(self, row)
 
     def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
         data = extract_image_bytes(row, self.max_bytes)

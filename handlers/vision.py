@@ -124,6 +124,26 @@ def worker_device(gpu_id) -> torch.device:
     return torch.device("cuda", int(gpu_id))
 
 
+def request_options(row, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """(row holding only the image, the raw values of the options `names` found in it):
+    multipart fields arrive as the row's keys, JSON fields beside "data". (TorchServe 0.12
+    does not pass the URL query parameters of /predictions and /explanations on.)"""
+    if not isinstance(row, dict):
+        return row, {}
+    options = {k: row[k] for k in names if k in row}
+    row = {k: v for k, v in row.items() if k not in names}
+    body = row.get("data", row.get("body"))
+    if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
+        try:
+            body = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
+    if isinstance(body, dict):
+        options.update({k: body[k] for k in names if k in body})
+        row = {"data": {k: v for k, v in body.items() if k not in names}}
+    return row, options
+
+
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
@@ -252,28 +272,43 @@ class VisionHandler(BaseHandler):
     def postprocess(self, output: torch.Tensor) -> list:
         raise NotImplementedError
 
+    def explain_one(self, row) -> dict:
+        """The answer to one /explanations request; tasks that explain override this."""
+        raise RequestError(400, "ExplanationsUnsupported",
+                           f"this {self.meta['task']} model does not answer /explanations; use /predictions")
+
+    def predict(self, data: list) -> list:
+        """preprocess → inference → postprocess, each timed: one answer, or a RequestError, per item."""
+        with self.metrics.step("preprocess"):
+            batch, errors = self.preprocess(data)
+        with self.metrics.step("inference"):
+            output = self.inference(batch) if batch is not None else None
+        with self.metrics.step("postprocess"):
+            results = iter(self.postprocess(output) if batch is not None else [])
+        return [errors[idx] if idx in errors else next(results) for idx in range(len(data))]
+
     def handle(self, data, context):
-        """preprocess → inference → postprocess, with a per-item answer for bad items."""
+        """Predictions and explanations (handlers/explain.py), with a per-item answer for bad items."""
         self.context = context
+        from handlers.explain import explain_requests, explain_rows  # a module that imports this one
+
         self.metrics.begin(context, len(data))
         try:
-            with self.metrics.step("preprocess"):
-                batch, errors = self.preprocess(data)
-            with self.metrics.step("inference"):
-                output = self.inference(batch) if batch is not None else None
-            with self.metrics.step("postprocess"):
-                results = iter(self.postprocess(output) if batch is not None else [])
+            explain = explain_requests(context, len(data))
+            predict = [i for i in range(len(data)) if i not in explain]
+            results = dict(zip(predict, self.predict([data[i] for i in predict]) if predict else []))
+            results.update(zip(explain, explain_rows(self, [data[i] for i in explain])))
         except Exception as e:
             self.metrics.failed(e)  # TorchServe answers every item of the batch with a 5xx
             raise
-        answers = []
+        answers, errors = [], {}
         for idx in range(len(data)):
-            if idx in errors:
-                err = errors[idx]
-                logger.info("request %d of batch refused: %s", idx, err.message)
-                context.set_response_status(err.code, err.message, idx)
-                answers.append(err.body())
-            else:
-                answers.append(next(results))
+            result = results[idx]
+            if isinstance(result, RequestError):
+                logger.info("request %d of batch refused: %s", idx, result.message)
+                context.set_response_status(result.code, result.message, idx)
+                errors[idx] = result
+                result = result.body()
+            answers.append(result)
         self.metrics.end(errors)
         return answers
