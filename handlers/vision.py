@@ -25,6 +25,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
+from handlers import kserve
 from handlers.runtimes import load_runtime
 from model_defs.preprocessing import (
     DEFAULT_MAX_PIXELS,
@@ -249,6 +250,8 @@ class VisionHandler(BaseHandler):
 
     def handle(self, data, context):
         """preprocess → inference → postprocess, with a per-item answer for bad items."""
+        if kserve.is_kserve(data):  # KServe v1/v2 bodies: each of their images is one item here
+            return kserve.handle(self, data, context)
         start = time.time()
         self.context = context
         batch, errors = self.preprocess(data)
