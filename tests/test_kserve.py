@@ -15,7 +15,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from handlers import kserve
-from scripts import archive
+from scripts import archive, kserve as kserve_layout
 from scripts.serve import TorchServe, read_properties, ROOT
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, make_context
@@ -136,9 +136,19 @@ def server_v1(store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_v2(store, tmp_path_factory):
-    ts = start(store, tmp_path_factory, "kservev2")
-    yield ts
-    ts.stop()
+    """TorchServe as KServe starts it: from the layout scripts/kserve writes (model_snapshot,
+    service_envelope=kservev2, token authorization off), on free loopback ports here."""
+    layout = tmp_path_factory.mktemp("layout") / "kserve"
+    assert kserve_layout.main(["digits:1.0", "--out", str(layout), "--model-store", str(store)]) == 0
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve_kservev2"), model_store=layout / "model-store",
+                    config=layout / "config" / "config.properties", ports={})
+    assert ts.props["service_envelope"] == "kservev2" and ts.headers() == {}
+    ts.start([], timeout=240)  # the snapshot registers the model, not scripts/serve
+    try:
+        ts.wait_ready(["digits"], timeout=240)
+        yield ts
+    finally:
+        ts.stop()
 
 
 def test_v1_served_concurrently_equals_in_process(server_v1, trained_digits, digit_files):
