@@ -42,12 +42,15 @@ def merge(target: dict, patch: dict) -> None:
 
 
 def render(folder: Path) -> list[dict]:
-    """kustomize build, in Python, for what k8s/ uses: resources, patches, images, labels."""
+    """kustomize build, in Python, for what k8s/ uses: resources, configMapGenerator, patches, images, labels."""
     k = yaml.safe_load((folder / "kustomization.yaml").read_text())
     objects = []
     for resource in k.get("resources", []):
         path = folder / resource
         objects += render(path) if path.is_dir() else [o for o in yaml.safe_load_all(path.read_text()) if o]
+    for generator in k.get("configMapGenerator", []):
+        data = {Path(f).name: (folder / f).read_text() for f in generator["files"]}
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]}, "data": data})
     for patch in k.get("patches", []):
         body = yaml.safe_load((folder / patch["path"]).read_text())
         target = [o for o in objects if (o["kind"], o["metadata"]["name"]) == (body["kind"], body["metadata"]["name"])]
