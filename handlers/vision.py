@@ -26,6 +26,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from handlers.metrics import HandlerMetrics
 from handlers.options import refuse_bad_config
+from handlers import kserve
 from handlers.runtimes import load_runtime
 from model_defs.preprocessing import (
     DEFAULT_MAX_PIXELS,
@@ -289,6 +290,8 @@ class VisionHandler(BaseHandler):
 
     def handle(self, data, context):
         """Predictions and explanations (handlers/explain.py), with a per-item answer for bad items."""
+        if kserve.is_kserve(data):  # KServe v1/v2 bodies: each of their images is one item here
+            return kserve.handle(self, data, context)
         self.context = context
         from handlers.explain import explain_requests, explain_rows  # a module that imports this one
 

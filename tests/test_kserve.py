@@ -1,0 +1,212 @@
+"""KServe's v1 and v2 protocols: the handler's envelope in-process, then a real TorchServe
+started with each of TorchServe's envelopes (`service_envelope=kserve`, `kservev2`), asked
+through plain JSON (v1) and the real v2 client, `tritonclient.http` (JSON and binary data)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from handlers import kserve
+from scripts import archive, kserve as kserve_layout
+from scripts.serve import TorchServe, read_properties, ROOT
+from tests.conftest import classify_in_process
+from tests.test_handler import load_handler, make_context
+
+NOT_AN_IMAGE = b"this is not an image"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def digit_files(digits_dir):
+    return sorted((digits_dir / "test").rglob("*.png"))[::40][:6]
+
+
+def expected(run_dir, data: bytes, k: int):
+    probs = classify_in_process(run_dir, data)
+    top = probs.topk(k)
+    return [str(i) for i in top.indices.tolist()], top.values.tolist()
+
+
+# -- in-process: the envelope around the real handler --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def handler(trained_digits):
+    return load_handler(trained_digits, {"handler": {"topk": 3}})
+
+
+def run(handler, model_dir, rows):
+    ctx = make_context(model_dir, len(rows))
+    answers = handler.handle(rows, ctx)
+    return answers, [ctx.get_response_status(i)[0] for i in range(len(rows))]
+
+
+def v2_body(images: list[str], id_=None) -> dict:
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(images)], "data": images}]}
+    return {**body, "id": id_} if id_ else body
+
+
+def test_batch_of_v1_v2_and_plain_requests_each_answered(handler, trained_digits, digit_files):
+    data = [f.read_bytes() for f in digit_files]
+    rows = [
+        {"body": {"instances": [{"data": b64(data[0])}, b64(data[1])]}},  # v1, two images
+        {"body": json.dumps(v2_body([b64(data[2]), b64(NOT_AN_IMAGE), b64(data[3])], "r1")).encode()},  # v2 as bytes
+        {"body": data[4]},  # a plain request in the same batch
+        {"body": {"instances": [b64(NOT_AN_IMAGE)]}},  # v1, its only image bad
+        {"body": {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}},  # no images
+    ]
+    answers, codes = run(handler, trained_digits, rows)
+    assert codes == [200, 200, 200, 400, 400]
+    v1 = answers[0]["predictions"]
+    for answer, image in zip(v1, data[:2]):
+        labels, probs = expected(trained_digits, image, 3)
+        assert list(answer) == labels and np.allclose(list(answer.values()), probs, atol=1e-5)
+    v2 = answers[1]
+    assert v2["id"] == "r1" and v2["model_name"] == "test"
+    out = {o["name"]: o for o in v2["outputs"]}
+    assert out["labels"]["shape"] == [3, 3] and out["probabilities"]["datatype"] == "FP32"
+    labels = np.array(out["labels"]["data"]).reshape(3, 3)
+    probs = np.array(out["probabilities"]["data"]).reshape(3, 3)
+    for row, image in ((0, data[2]), (2, data[3])):
+        want_labels, want_probs = expected(trained_digits, image, 3)
+        assert list(labels[row]) == want_labels and np.allclose(probs[row], want_probs, atol=1e-5)
+    assert out["error"]["data"][0] == out["error"]["data"][2] == ""
+    assert out["error"]["data"][1]  # the bad image's own message; its neighbours were predicted
+    assert list(answers[2]) == expected(trained_digits, data[4], 3)[0]
+    assert "error" in answers[3] and answers[3]["code"] == 400
+    assert "no BYTES input" in answers[4]["error"]
+
+
+def test_triton_binary_body_is_read(handler, trained_digits, digit_files):
+    """The body tritonclient sends by default (JSON header, then length-prefixed bytes)."""
+    data = [f.read_bytes() for f in digit_files[:2]]
+    inp = triton.InferInput("images", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(data, dtype=object), binary_data=True)
+    body, json_size = triton.InferenceServerClient.generate_request_body([inp])
+    assert json_size is not None and json_size < len(body)
+    answers, codes = run(handler, trained_digits, [{"body": body}])
+    assert codes == [200]
+    out = {o["name"]: o for o in answers[0]["outputs"]}
+    assert np.array(out["labels"]["data"]).reshape(2, 3)[1].tolist() == expected(trained_digits, data[1], 3)[0]
+
+
+def test_plain_requests_do_not_go_through_the_envelope(digit_files):
+    assert not kserve.is_kserve([{"body": digit_files[0].read_bytes()}, {"body": b'{"data": "AAAA"}'}])
+    assert kserve.parse({"body": b'{"instances": []}'})[0] == "v1"
+
+
+# -- a real TorchServe with each envelope ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(trained_digits, tmp_path_factory):
+    store = tmp_path_factory.mktemp("kserve_store")
+    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
+                         "--batch-size", "8", "--max-batch-delay", "300", "--topk", "3"]) == 0
+    return store
+
+
+def start(store, tmp_path_factory, envelope: str) -> TorchServe:
+    run_dir = tmp_path_factory.mktemp(f"serve_{envelope}")
+    config = run_dir / "base.properties"
+    props = {**read_properties(ROOT / "config.properties"), "service_envelope": envelope}
+    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={})
+    ts.start(["digits"], timeout=240)
+    return ts
+
+
+@pytest.fixture(scope="module")
+def server_v1(store, tmp_path_factory):
+    ts = start(store, tmp_path_factory, "kserve")
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="module")
+def server_v2(store, tmp_path_factory):
+    """TorchServe as KServe starts it: from the layout scripts/kserve writes (model_snapshot,
+    service_envelope=kservev2, token authorization off), on free loopback ports here."""
+    layout = tmp_path_factory.mktemp("layout") / "kserve"
+    assert kserve_layout.main(["digits:1.0", "--out", str(layout), "--model-store", str(store)]) == 0
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve_kservev2"), model_store=layout / "model-store",
+                    config=layout / "config" / "config.properties", ports={})
+    assert ts.props["service_envelope"] == "kservev2" and ts.headers() == {}
+    ts.start([], timeout=240)  # the snapshot registers the model, not scripts/serve
+    try:
+        ts.wait_ready(["digits"], timeout=240)
+        yield ts
+    finally:
+        ts.stop()
+
+
+def test_v1_served_concurrently_equals_in_process(server_v1, trained_digits, digit_files):
+    url = f"{server_v1.url('inference')}/v1/models/digits:predict"
+
+    def ask(f):
+        body = {"instances": [{"data": b64(f.read_bytes())}, {"data": b64(NOT_AN_IMAGE)}]}
+        return requests.post(url, json=body, headers=server_v1.headers(), timeout=60)
+
+    with ThreadPoolExecutor(6) as pool:  # concurrent, so TorchServe puts them in one batch
+        answers = list(pool.map(ask, digit_files))
+    for f, r in zip(digit_files, answers):
+        assert r.status_code == 200, r.text
+        good, bad = r.json()["predictions"]
+        labels, probs = expected(trained_digits, f.read_bytes(), 3)
+        assert list(good) == labels and np.allclose(list(good.values()), probs, atol=1e-4)
+        assert bad["code"] == 400 and bad["type"] == "InvalidImage"
+    r = requests.post(url, json={"instances": [b64(NOT_AN_IMAGE)]}, headers=server_v1.headers(), timeout=60)
+    assert r.status_code == 400 and "error" in r.json()
+    # The bundle's plain endpoint still answers on the same server.
+    r = requests.post(f"{server_v1.url('inference')}/predictions/digits", data=digit_files[0].read_bytes(),
+                      headers=server_v1.headers(), timeout=60)
+    assert r.status_code == 200 and list(r.json()) == expected(trained_digits, digit_files[0].read_bytes(), 3)[0]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary_data"])
+def test_v2_through_tritonclient_equals_in_process(server_v2, trained_digits, digit_files, binary):
+    host = server_v2.url("inference").removeprefix("http://")
+    images = [f.read_bytes() for f in digit_files]
+
+    def ask(pair):
+        client = triton.InferenceServerClient(host, network_timeout=60)
+        batch = [pair[0], NOT_AN_IMAGE, pair[1]]
+        inp = triton.InferInput("images", [len(batch)], "BYTES")
+        payload = batch if binary else [b64(x) for x in batch]
+        inp.set_data_from_numpy(np.array(payload, dtype=object), binary_data=binary)
+        try:
+            return client.infer("digits", [inp], headers=server_v2.headers())
+        finally:
+            client.close()
+
+    pairs = list(zip(images[::2], images[1::2]))
+    with ThreadPoolExecutor(len(pairs)) as pool:
+        results = list(pool.map(ask, pairs))
+    for (a, b), result in zip(pairs, results):
+        labels, probs, errors = result.as_numpy("labels"), result.as_numpy("probabilities"), result.as_numpy("error")
+        assert labels.shape == probs.shape == (3, 3) and probs.dtype == np.float32 and errors.shape == (3,)
+        for row, image in ((0, a), (2, b)):
+            want_labels, want_probs = expected(trained_digits, image, 3)
+            assert [x.decode() if isinstance(x, bytes) else x for x in labels[row]] == want_labels
+            assert np.allclose(probs[row], want_probs, atol=1e-4)
+        assert errors[1] and not errors[0] and not errors[2]
+
+
+def test_v2_request_without_good_image_is_a_4xx(server_v2):
+    client = triton.InferenceServerClient(server_v2.url("inference").removeprefix("http://"))
+    inp = triton.InferInput("images", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([NOT_AN_IMAGE], dtype=object))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("digits", [inp], headers=server_v2.headers())
+    assert e.value.status() == "400" or "400" in str(e.value)

@@ -1,0 +1,94 @@
+"""scripts/kserve: KServe's storage layout from the catalog, and an InferenceService that
+KServe's own CRD schema accepts (checked offline against a trimmed copy in tests/schemas).
+A real TorchServe starting from such a layout is in test_kserve.py (the v2 server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from scripts import archive, kserve
+from scripts.catalog import Catalog, sha256_file
+from scripts.serve import read_properties
+
+SCHEMA = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve_inferenceservice_schema.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def store(trained_digits, tmp_path_factory):
+    store = tmp_path_factory.mktemp("layout_store")
+    assert archive.main([str(trained_digits), "--name", "digits", "--version", "1.0", "--model-store", str(store),
+                         "--workers", "2", "--batch-size", "4", "--max-batch-delay", "50"]) == 0
+    assert archive.main([str(trained_digits), "--name", "digits", "--version", "2.0", "--model-store", str(store),
+                         "--batch-size", "8"]) == 0
+    return store
+
+
+def test_layout_from_the_catalog(store, tmp_path):
+    out = tmp_path / "kserve"
+    assert kserve.main(["digits:1.0", "digits:2.0", "--default", "digits:2.0", "--out", str(out),
+                        "--model-store", str(store), "--protocol", "v1", "--gpus", "1", "--canary", "10"]) == 0
+    props = read_properties(out / "config" / "config.properties")
+    assert props["model_store"] == "/mnt/models/model-store" and props["service_envelope"] == "kserve"
+    assert props["disable_token_authorization"] == "true" and props["enable_model_api"] == "true"
+    snapshot = json.loads(props["model_snapshot"])
+    versions = snapshot["models"]["digits"]
+    assert snapshot["modelCount"] == 2 and set(versions) == {"1.0", "2.0"}
+    assert versions["2.0"]["defaultVersion"] and not versions["1.0"]["defaultVersion"]
+    assert (versions["1.0"]["minWorkers"], versions["1.0"]["batchSize"], versions["1.0"]["maxBatchDelay"]) == (2, 4, 50)
+    assert versions["2.0"]["batchSize"] == 8
+    catalog = Catalog(store)
+    for version, info in versions.items():
+        copied = out / "model-store" / info["marName"]
+        assert sha256_file(copied) == catalog.get("digits", version)["sha256"]
+    isvc = yaml.safe_load((out / "inferenceservice.yaml").read_text())
+    jsonschema.validate(isvc, SCHEMA)
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 10
+    assert predictor["model"]["protocolVersion"] == "v1" and predictor["model"]["modelFormat"]["name"] == "pytorch"
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_schema_catches_what_kserve_would_refuse_or_drop():
+    isvc = kserve.inference_service("digits", "v2", "pvc://x/y", gpus=0, cpu="1", memory="1Gi", canary=None,
+                                    min_replicas=1, max_replicas=2)
+    jsonschema.validate(isvc, SCHEMA)
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    assert "nvidia.com/gpu" not in isvc["spec"]["predictor"]["model"]["resources"]["limits"]
+    for broken in ({**isvc, "metadata": {"name": "Digits_1"}},
+                   {**isvc, "spec": {"predictor": {**isvc["spec"]["predictor"], "canaryTrafic": 5}}},
+                   {**isvc, "spec": {"predictor": {"model": {"protocolVersion": "v2"}, "minReplicas": "one"}}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, SCHEMA)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["digits"], "must be NAME:VERSION"),
+    (["digits:9.9"], "digits/9.9 is not in"),
+    (["digits:1.0", "--default", "digits:2.0"], "not among the versions listed"),
+    (["digits:1.0", "--canary", "150"], "--canary must be"),
+    (["digits:1.0", "--name", "Digits_v1"], "DNS-1035"),
+])
+def test_mistakes_get_one_line_and_write_nothing(store, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert kserve.main([*args, "--out", str(out), "--model-store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_changed_archive_is_refused(store, tmp_path, capsys):
+    victim = tmp_path / "store"
+    victim.mkdir()
+    for f in store.iterdir():
+        if f.is_file():
+            (victim / f.name).write_bytes(f.read_bytes())
+    mar = victim / Catalog(victim).get("digits", "2.0")["file"]
+    mar.write_bytes(mar.read_bytes() + b"\0")
+    out = tmp_path / "out"
+    assert kserve.main(["digits:1.0", "digits:2.0", "--out", str(out), "--model-store", str(victim)]) == 1
+    assert "sha256" in capsys.readouterr().err and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no staging left behind
