@@ -91,7 +91,7 @@ HANDLER_OPTIONS = {
     "explain_steps": Option(int, 1, 1024),  # Integrated Gradients (handlers/explain.py)
     "explain_max_steps": Option(int, 1, 1024),
     "explain_baseline": Option(str, choices=EXPLAIN_BASELINES),
-    "explain_memory_mb": Option(float, 1, 1 << 20, optional=True),
+    "explain_memory_mb": Option(float, 0.001, 1 << 20, optional=True),
     "metrics": Option(bool),  # handler metrics on /metrics (handlers/metrics.py)
     "json_logs": Option(bool),  # one JSON line per batch and per refused item
 }

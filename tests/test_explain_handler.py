@@ -66,7 +66,7 @@ def test_grid_adds_up_to_the_map():
     ({"explain_steps": 0}, "explain_steps must be a whole number from 1"),
     ({"explain_steps": 300}, r"explain_steps \(300\) must be at most explain_max_steps \(128\)"),
     ({"explain_baseline": "noise"}, "explain_baseline must be one of mean, black, white, blur"),
-    ({"explain_memory_mb": -1}, "explain_memory_mb must be a number from 1"),
+    ({"explain_memory_mb": -1}, "explain_memory_mb must be a number from 0.001"),
 ])
 def test_wrong_archive_settings_are_named(option, message):
     """The explanation settings are part of the one option schema (archive time and worker load)."""
