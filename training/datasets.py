@@ -32,6 +32,14 @@ class DatasetError(ValueError):
 
 
 @dataclass
+class Skipped:
+    """What a dataset yields for an image it cannot read: training goes on, and the run's
+    record names the file."""
+
+    path: Path
+
+
+@dataclass
 class Sample:
     path: Path
     labels: list[int]  # one class index, or several for a multi-label sample
@@ -222,6 +230,17 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, val
 
 
+def random_split(samples: list, fraction: float, seed: int, name: str) -> tuple[list, list]:
+    """Seeded (train, val) split of samples with no class to stratify by (detection, masks);
+    `name` is the dataset named in the error when too few images are left."""
+    shuffled = sorted(samples, key=str)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * fraction))
+    if n_val >= len(shuffled):
+        raise DatasetError(f"{name} has {len(shuffled)} image(s): too few to hold out a validation share")
+    return shuffled[n_val:], shuffled[:n_val]
+
+
 def split_source(fraction: float, seed: int) -> str:
     """How model.json records a stratified split (`val_source`), so it can be rebuilt later."""
     return f"stratified {fraction} of --data (seed {seed})"
@@ -234,11 +253,11 @@ def parse_split_source(text: str) -> tuple[float, int] | None:
 
 
 class ImageDataset(Dataset):
-    """Samples → (tensor, target). An unreadable image yields None (skipped and counted)."""
+    """Samples → (tensor, target). An unreadable image yields Skipped (dropped and named)."""
 
-    def __init__(self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform):
+    def __init__(self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform, load=load_image):
         self.samples, self.num_classes, self.multi_label = samples, num_classes, multi_label
-        self.channels, self.transform = channels, transform
+        self.channels, self.transform, self.load = channels, transform, load
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -253,15 +272,15 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         sample = self.samples[i]
         try:
-            image = load_image(sample.path, self.channels)
+            image = self.load(sample.path, self.channels)
         except (ValueError, OSError):
-            return None
+            return Skipped(sample.path)
         return self.transform(image), self.target(sample)
 
 
 def collate_skipping(batch: list):
     """Default collation of the readable items; also returns how many were skipped."""
-    good = [b for b in batch if b is not None]
+    good = [b for b in batch if not isinstance(b, Skipped)]
     skipped = len(batch) - len(good)
     if not good:
         return None, None, skipped
