@@ -1,13 +1,19 @@
 """Read an image-classification dataset in any of the three layouts people keep one in.
 
 - class folders:      root/<class>/<image>
-- labels.txt:         root/images/<image> + root/labels.txt ("file label" per line,
-                      space- or comma-separated; label = class index or class name)
+- labels.txt:         root/images/<image> + root/labels.txt ("file label" per line;
+                      label = class index or class name; several labels = multi-label)
 - one file per image: root/images/<stem>.<ext> + root/labels/<stem>.txt (one label, or
                       several for a multi-label dataset)
 
 For the two label-file layouts an optional root/classes.txt (one name per line) fixes the
 class names and their order; labels may then be indices into it or names from it.
+
+Separators, the same rule in both label layouts: a line that holds a tab is split on tabs;
+else one that holds a comma or semicolon is split on those; else it is split on whitespace.
+So a class name with spaces is written after a tab or a comma ("img.png<TAB>big cat",
+"img.png,big cat"), or listed in classes.txt: a label text that is a classes.txt name is
+taken whole ("img.png big cat").
 Every problem is a `DatasetError` whose message names the file or folder at fault.
 """
 
@@ -120,8 +126,15 @@ def _read_folders(root: Path, classes: list[str] | None) -> DatasetSpec:
     return spec
 
 
-def _split_labels(text: str) -> list[str]:
-    return [t for t in re.split(r"[\s,;]+", text.strip()) if t]
+def _split_fields(line: str, known: list[str] | None = None, skip: int = 0) -> list[str]:
+    """The fields of a label line (rule in the module docstring); after the first `skip`
+    fields, whitespace-separated words that together are a known class name stay whole."""
+    line = line.strip()
+    sep = "\t" if "\t" in line else "[,;]" if re.search("[,;]", line) else r"\s+"
+    fields = [t.strip() for t in re.split(sep, line) if t.strip()]
+    if sep == r"\s+" and known and " ".join(fields[skip:]) in known:
+        fields = fields[:skip] + [" ".join(fields[skip:])]
+    return fields
 
 
 def _read_classes_txt(root: Path) -> list[str] | None:
@@ -173,7 +186,7 @@ def _read_labels_txt(root: Path, classes: list[str] | None) -> DatasetSpec:
     for n, line in enumerate(labels_file.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = _split_labels(line)
+        parts = _split_fields(line, fixed, skip=1)
         where = f"{labels_file} line {n}"
         if len(parts) < 2:
             raise DatasetError(f"{where}: expected 'file label', got {line.strip()!r}")
@@ -199,7 +212,7 @@ def _read_label_files(root: Path, classes: list[str] | None) -> DatasetSpec:
         label_file = labels_dir / path.relative_to(images_dir).with_suffix(".txt")
         if not label_file.is_file():
             raise DatasetError(f"image {path} has no label file {label_file}")
-        tokens = _split_labels(label_file.read_text())
+        tokens = [t for line in label_file.read_text().splitlines() for t in _split_fields(line, fixed)]
         if not tokens:
             raise DatasetError(f"label file {label_file} is empty")
         raw.append((path, tokens, str(label_file)))

@@ -197,28 +197,31 @@ def builder_accepts(name: str, task: str, arg: str) -> bool:
     return arg in inspect.signature(get_entry(name, task=task).builder).parameters
 
 
-def check_out(args) -> dict | None:
-    """--out and --resume: a folder (not a file) that is new unless resumed or forced. Returns
-    the checkpoint to resume from."""
+def check_out(args) -> None:
+    """--out: a folder (not a file) that is new unless resumed or forced."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "checkpoint.pt" if path.is_dir() else path
-        if not path.is_file():
-            raise UsageError(f"--resume {args.resume}: {path} does not exist")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, not a torch file, pickled objects: all the same to the user
-            raise UsageError(f"--resume {path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
-        if not isinstance(ckpt, dict) or not {"model", "state", "optimizer"} <= set(ckpt):
-            raise UsageError(f"--resume {path} is not a checkpoint.pt written by these trainers")
-        ckpt["path"] = str(path)
-        return ckpt
-    if out.is_dir() and any(out.iterdir()) and not args.force:
+    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.force:
         raise UsageError(f"--out {out} already holds files; give --resume {out} to continue that run or --force to overwrite it")
-    return None
+
+
+def load_resume(args) -> dict | None:
+    """The checkpoint --resume names, checked."""
+    if not args.resume:
+        return None
+    path = Path(args.resume)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--resume {args.resume}: {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects: all the same to the user
+        raise UsageError(f"--resume {path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "state", "optimizer"} <= set(ckpt):
+        raise UsageError(f"--resume {path} is not a checkpoint.pt written by these trainers")
+    ckpt["path"] = str(path)
+    return ckpt
 
 
 # -- the pieces shared by every task -----------------------------------------------------
@@ -346,6 +349,7 @@ class Task:
         return default_collate(items)
 
     def sample_weights(self) -> list[float] | None:
+        """Per-image sampling weights for --balance."""
         return None
 
     def step(self, batch, models: dict, update) -> tuple[int, dict[str, float]]:
@@ -386,10 +390,10 @@ def cli(task: Task, argv: list[str] | None = None) -> int:
     try:
         fit(task, args)
     except (ValueError, KeyError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        log(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
         return 2
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log(f"error: {e}")
         return 1
     except KeyboardInterrupt:
         print("interrupted; continue with --resume <out>", file=sys.stderr)
@@ -400,7 +404,8 @@ def cli(task: Task, argv: list[str] | None = None) -> int:
 
 
 def log(message: str) -> None:
-    if dist.is_main():
+    """Print on rank 0 only (the environment tells the ranks apart before the group exists)."""
+    if dist.rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
 
 
@@ -413,6 +418,8 @@ def fit(task: Task, args) -> dict:
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
     if args.sync_bn and not dist.launched():
         raise UsageError("--sync-bn needs several processes; start the trainer with torchrun --nproc_per_node N")
     if getattr(args, "weights_path", None) and not Path(args.weights_path).is_file():
@@ -422,7 +429,16 @@ def fit(task: Task, args) -> dict:
     dist.init(device)
     stamp = dist.from_main(dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
     args.out = args.out or f"runs/{args.model}-{stamp}"
-    ckpt = check_out(args)
+    problem = None
+    if dist.is_main():  # rank 0 alone: the others would see the folder it is about to fill
+        try:
+            check_out(args)
+        except UsageError as e:
+            problem = str(e)
+    problem = dist.from_main(problem)
+    if problem:
+        raise UsageError(problem)
+    ckpt = load_resume(args)
     seed_everything(args.seed, args.deterministic)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -531,7 +547,10 @@ def fit(task: Task, args) -> dict:
         keys = sorted(sums)
         totals = dist.sum_over_ranks([seen] + [sums[k] for k in keys], device)
         train = {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
-        recalibrate_batchnorm(task, models, loader, args.bn_recalibration_batches, autocast, no_update)
+        if args.bn_recalibration_batches and any(has_batchnorm(m) for m in models.values()):
+            calibration = getattr(task, "calibration_set", task.train_set)
+            recalibrate_batchnorm(task, models, task.loader(calibration, dist.train_sampler(calibration, args.seed + epoch)),
+                                  args.bn_recalibration_batches, autocast, no_update)
 
         va, stop = {}, None
         if main:
@@ -602,7 +621,7 @@ def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, r
         return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
 
     line = f"epoch {epoch}/{epochs}  train {fmt(train)}"
-    if va:
+    if fmt(va):
         line += f"  |  val {fmt(va)}{' *' if improved else ''}"
     line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
     if skipped:
@@ -613,12 +632,12 @@ def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, r
 @torch.no_grad()
 def recalibrate_batchnorm(task: Task, models: dict, loader, batches: int, autocast, no_update) -> None:
     """Recompute every BatchNorm's running statistics as the cumulative average (momentum
-    None) over `batches` training batches in train mode, so the saved model's eval-mode
-    answers match the weights it has, however few steps an epoch had."""
+    None) over `batches` batches of training images in train mode (the task's
+    `calibration_set`: its training images as evaluation sees them, else its training set),
+    so the saved model's eval-mode answers match the weights it has, however few steps an
+    epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
     layers = [m for model in models.values() for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not layers or batches <= 0:
-        return
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()

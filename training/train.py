@@ -94,6 +94,7 @@ class Classification(engine.Task):
         self.train_set = ImageDataset(self.train_samples, len(classes), self.multi_label, cfg.channels,
                                       train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale), load)
         self.val_set = ImageDataset(val_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load)
+        self.calibration_set = ImageDataset(self.train_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load)
         self.meta = {
             "arch": args.model, "arch_args": arch_args, "task": "classification", "multi_label": self.multi_label,
             "threshold": args.threshold, "classes": classes, "preprocessing": cfg.to_dict(),

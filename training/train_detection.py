@@ -96,7 +96,7 @@ class Detection(engine.Task):
 
     def evaluate(self, model) -> dict:
         """mAP in the original images' pixels: predictions go back through boxes_to_original."""
-        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)  # rank 0 alone
         for images, _, indices in self.batches(self.loader(self.val_set), "val"):
             preds, truths = [], []
             for out, i in zip(model(images), indices):
