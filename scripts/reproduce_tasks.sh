@@ -5,6 +5,7 @@
 #
 #   scripts/reproduce_tasks.sh            # every task
 #   scripts/reproduce_tasks.sh detection  # one section (names below)
+#   scripts/reproduce_tasks.sh gpu        # GPU epoch times of every trainer (not part of "all")
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -12,6 +13,40 @@ cd "$ROOT"
 PY=.venv/bin/python
 ONLY="${1:-all}"
 want() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
+
+# -- gpu: every trainer for 2 epochs under torchrun, one process per GPU, --amp bf16 and fp16 --
+# Small generated data; prints the seconds of each epoch (metrics.csv) per task and AMP mode.
+if [ "$ONLY" = gpu ]; then
+    GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+    [ "$GPUS" -ge 1 ] || { echo "error: no CUDA GPU visible to torch" >&2; exit 2; }
+    $PY -m training.sample_data digits --out data/digits
+    [ -d data/gpu_det ] || $PY -m training.shapes --out data/gpu_det --layout voc --n 400 --size 128 --seed 0 --no-progress
+    [ -d data/gpu_masks ] || $PY -m training.shapes --out data/gpu_masks --layout masks --n 400 --size 128 --seed 0 --no-progress
+    RUN=(.venv/bin/torchrun --nproc_per_node "$GPUS")
+    COMMON=(--epochs 2 --device cuda --workers 4 --no-progress --force)
+    for AMP in bf16 fp16; do
+        "${RUN[@]}" -m training.train --data data/digits/train --val-data data/digits/test --model resnet_small --channels 1 \
+            --hflip-prob 0 --batch-size 64 --amp $AMP "${COMMON[@]}" --out runs/gpu/classification_$AMP
+        "${RUN[@]}" -m training.train_detection --data data/gpu_det --model fcos_regnet_x_400mf --input-size 128 \
+            --batch-size 8 --amp $AMP "${COMMON[@]}" --out runs/gpu/detection_$AMP
+        "${RUN[@]}" -m training.train_segmentation --data data/gpu_masks --model unet --input-size 96 --batch-size 8 \
+            --amp $AMP "${COMMON[@]}" --out runs/gpu/segmentation_$AMP
+        "${RUN[@]}" -m training.train_gan --data data/digits/train --batch-size 64 --amp $AMP "${COMMON[@]}" \
+            --out runs/gpu/generation_$AMP
+        "${RUN[@]}" -m training.train_simclr --data data/digits/train --eval-data data/digits/train \
+            --eval-val-data data/digits/test --channels 1 --hflip-prob 0 --batch-size 256 --amp $AMP "${COMMON[@]}" \
+            --out runs/gpu/embedding_$AMP
+    done
+    $PY - <<'PYEOF'
+import csv, json, pathlib
+for run in sorted(pathlib.Path("runs/gpu").iterdir()):
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    t = json.load(open(run / "model.json"))["training"]
+    print(f"{run.name:<22} {t['device']} x {t['processes']}, global batch {t['global_batch_size']}: "
+          f"epoch seconds {', '.join(r['seconds'] for r in rows)}")
+PYEOF
+    exit 0
+fi
 
 # -- detection: FCOS on RegNetX-400MF (the light detector), from scratch, VOC layout -------
 # --threads 1: on the shared 2-core machine one thread ran an epoch in ~25 s, two in ~220 s.

@@ -75,7 +75,7 @@ def best(run: Path) -> float:
 
 
 def test_two_processes_match_one_with_the_same_global_batch(digits_dir, tmp_path):
-    cmd = readme_command("training.train --data")
+    cmd = readme_command("runs/digits_4gpu")
     epochs = ["--epochs", "6", "--threads", "1"]
     two = tmp_path / "two"
     ddp = torchrun(resized(cmd, nproc_per_node=2, data=digits_dir / "train", val__data=digits_dir / "test",
@@ -94,7 +94,7 @@ def test_two_processes_match_one_with_the_same_global_batch(digits_dir, tmp_path
 
 
 def test_a_killed_two_process_run_resumes_and_finishes(digits_dir, tmp_path):
-    cmd = readme_command("--rdzv-endpoint")
+    cmd = readme_command("runs/digits_8gpu")
     out = tmp_path / "run"
     argv = resized(cmd, nnodes=1, nproc_per_node=2, data=digits_dir / "test", val__data=digits_dir / "test",
                    batch__size=16, out=out) + COMMON + ["--epochs", "4", "--threads", "1"]
@@ -104,7 +104,12 @@ def test_a_killed_two_process_run_resumes_and_finishes(digits_dir, tmp_path):
         assert run.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
     time.sleep(0.5)
-    os.killpg(run.pid, signal.SIGKILL)  # torchrun and both workers at once
+    # torchrun starts each worker in its own session: SIGKILL both workers, then torchrun
+    workers = [int(p) for p in Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=60)
     import torch
 
@@ -112,7 +117,7 @@ def test_a_killed_two_process_run_resumes_and_finishes(digits_dir, tmp_path):
     assert 1 <= done < 4
     log = finish(torchrun(resized(cmd, nnodes=1, nproc_per_node=2, data=digits_dir / "test", val__data=digits_dir / "test",
                                   batch__size=16, out=out) + COMMON + ["--epochs", "4", "--threads", "1", "--resume", str(out)]))
-    assert f"after epoch {done}" in log
+    assert f"after epoch {done}" in log, log[-3000:]
     epochs = [line.split()[1] for line in log.splitlines() if line.startswith("epoch ")]
     assert epochs == [f"{e}/4" for e in range(done + 1, 5)]  # only the lost epochs, each once (rank 0 prints)
     assert (out / "metrics.csv").read_text().count("\n") == 5
@@ -124,7 +129,7 @@ def ddp_detector(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_det")
     data = shapes.generate(root / "voc", "voc", 8, 128, seed=0, aspect=1.6, progress=False)
     out = root / "run"
-    argv = resized(readme_command("training.train_detection"), nproc_per_node=2, data=data, val__data=data,
+    argv = resized(readme_command("runs/shapes_det_4gpu"), nproc_per_node=2, data=data, val__data=data,
                    batch__size=2, out=out) + COMMON + ["--epochs", "1", "--threads", "1", "--pictures", "1"]
     log = finish(torchrun(argv))
     assert "x 2 processes" in log

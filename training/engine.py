@@ -80,7 +80,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
                    help="before each evaluation, recompute BatchNorm statistics (cumulative average) over this many training "
                         "batches in train mode; 0 disables (default: %(default)s)")
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
-                   help="mixed precision: bf16 (CPU or GPU) or fp16 with a GradScaler (GPU) (default: %(default)s)")
+                   help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) (default: %(default)s)")
     g = p.add_argument_group("run (every trainer)")
     g.add_argument("--out", default=None,
                    help="output folder; an existing one needs --resume or --force (default: runs/<model>-<UTC date-time>)")
@@ -414,8 +414,6 @@ def fit(task: Task, args) -> dict:
     check_ranges(args)
     task.check(args)
     device = resolve_device(args.device)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
     if args.sync_bn and device.type != "cuda":
@@ -498,7 +496,8 @@ def fit(task: Task, args) -> dict:
     grads = GradNormLog(out) if args.log_grad_norms and main else None
     acts = ActivationLog(out) if args.activation_stats and main else None
     meta = {**task.meta, "versions": task.meta.get("versions") or package_versions(),
-            "training": {"device": device.type, "processes": world, "global_batch_size": args.batch_size * world,
+            "training": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         "processes": world, "global_batch_size": args.batch_size * world,
                          "amp": args.amp, "optimizer": args.optimizer}}
 
     def update(loss: torch.Tensor, name: str = "model") -> None:
