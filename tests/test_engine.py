@@ -323,6 +323,26 @@ def test_grad_norms_flag_vanishing_and_exploding_layers():
     assert grad_flags(layer_grad_norms(model)).get("0") == "exploding"
 
 
+def test_weighted_sampler_splits_one_balanced_draw_over_the_ranks(monkeypatch):
+    from training import distributed
+
+    weights = [1.0] * 90 + [9.0] * 10  # 90 images of class a, 10 of class b: b 9x as likely each
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
+        sampler = distributed.WeightedDistributedSampler(weights, seed=3)
+        sampler.set_epoch(2)
+        draws[rank] = list(sampler)
+        assert len(draws[rank]) == len(sampler) == 50
+    both = draws[0] + draws[1]
+    assert 0.35 < sum(i >= 90 for i in both) / len(both) < 0.65  # classes drawn about equally often
+    assert draws[0] != draws[1]
+    g = torch.Generator().manual_seed(3 + 2)
+    whole = torch.multinomial(torch.tensor(weights, dtype=torch.double), 100, replacement=True, generator=g).tolist()
+    assert draws[0] == whole[0::2] and draws[1] == whole[1::2]  # one draw, split
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))

@@ -127,6 +127,23 @@ def test_gan_training_writes_the_generator_and_a_sample_grid_per_epoch(digits_di
     assert [im.size for im in images] == [(32, 32)] * 2
 
 
+def test_gan_resumes_both_networks_and_their_optimizers(digits_dir, tmp_path, capsys):
+    out = tmp_path / "gan"
+    argv = ["--data", str(digits_dir / "test"), "--out", str(out), "--width", "8", "--latent-dim", "16", "--batch-size", "64",
+            "--grid-size", "4", "--workers", "0", "--threads", "1", "--no-progress"]
+    assert train_gan.cli(argv + ["--epochs", "1"]) == 0
+    first = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(first["optimizer"]) == {"model", "disc"} and first["modules"]["disc"]
+    capsys.readouterr()
+    assert train_gan.cli(argv + ["--epochs", "2", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "after epoch 1" in err and "epoch 2/2" in err and "epoch 1/2" not in err
+    second = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert second["state"]["epoch"] == 2 and len(read_csv(out / "metrics.csv")) == 2
+    assert any(not torch.equal(first["modules"]["disc"][k], second["modules"]["disc"][k])
+               for k in first["modules"]["disc"] if first["modules"]["disc"][k].is_floating_point())
+
+
 def test_latent_vectors_depend_only_on_the_seed():
     assert torch.equal(latent_vectors(5, 4, 8), latent_vectors(5, 4, 8))
     assert not torch.equal(latent_vectors(5, 4, 8), latent_vectors(6, 4, 8))
