@@ -396,7 +396,7 @@ def cli(task: Task, argv: list[str] | None = None) -> int:
         log(f"error: {e}")
         return 1
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume <out>", file=sys.stderr)
+        log(f"interrupted; continue with --resume {args.out}")
         return 130
     finally:
         dist.close()
