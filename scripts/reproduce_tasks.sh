@@ -6,6 +6,7 @@
 #   scripts/reproduce_tasks.sh            # every task
 #   scripts/reproduce_tasks.sh detection  # one section (names below)
 #   scripts/reproduce_tasks.sh gpu        # GPU epoch times of every trainer (not part of "all")
+#   scripts/reproduce_tasks.sh cpu-epochs # the same commands on the CPU, 1 epoch, no AMP (not part of "all")
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,30 +17,36 @@ want() { [ "$ONLY" = all ] || [ "$ONLY" = "$1" ]; }
 
 # -- gpu: every trainer for 2 epochs under torchrun, one process per GPU, --amp bf16 and fp16 --
 # Small generated data; prints the seconds of each epoch (metrics.csv) per task and AMP mode.
-if [ "$ONLY" = gpu ]; then
-    GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
-    [ "$GPUS" -ge 1 ] || { echo "error: no CUDA GPU visible to torch" >&2; exit 2; }
+# cpu-epochs: the same commands in one CPU process, 1 epoch, no AMP (the baseline beside them).
+if [ "$ONLY" = gpu ] || [ "$ONLY" = cpu-epochs ]; then
+    if [ "$ONLY" = gpu ]; then
+        GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+        [ "$GPUS" -ge 1 ] || { echo "error: no CUDA GPU visible to torch" >&2; exit 2; }
+        DEVICE=cuda; EPOCHS=2; AMPS="bf16 fp16"; WORKERS=4; OUT=runs/gpu
+    else
+        GPUS=1; DEVICE=cpu; EPOCHS=1; AMPS=none; WORKERS=1; OUT=runs/cpu_epochs
+    fi
     $PY -m training.sample_data digits --out data/digits
     [ -d data/gpu_det ] || $PY -m training.shapes --out data/gpu_det --layout voc --n 400 --size 128 --seed 0 --no-progress
     [ -d data/gpu_masks ] || $PY -m training.shapes --out data/gpu_masks --layout masks --n 400 --size 128 --seed 0 --no-progress
     RUN=(.venv/bin/torchrun --nproc_per_node "$GPUS")
-    COMMON=(--epochs 2 --device cuda --workers 4 --no-progress --force)
-    for AMP in bf16 fp16; do
+    COMMON=(--epochs $EPOCHS --device $DEVICE --workers $WORKERS --no-progress --force)
+    for AMP in $AMPS; do
         "${RUN[@]}" -m training.train --data data/digits/train --val-data data/digits/test --model resnet_small --channels 1 \
-            --hflip-prob 0 --batch-size 64 --amp $AMP "${COMMON[@]}" --out runs/gpu/classification_$AMP
+            --hflip-prob 0 --batch-size 64 --amp $AMP "${COMMON[@]}" --out $OUT/classification_$AMP
         "${RUN[@]}" -m training.train_detection --data data/gpu_det --model fcos_regnet_x_400mf --input-size 128 \
-            --batch-size 8 --amp $AMP "${COMMON[@]}" --out runs/gpu/detection_$AMP
+            --batch-size 8 --amp $AMP "${COMMON[@]}" --out $OUT/detection_$AMP
         "${RUN[@]}" -m training.train_segmentation --data data/gpu_masks --model unet --input-size 96 --batch-size 8 \
-            --amp $AMP "${COMMON[@]}" --out runs/gpu/segmentation_$AMP
+            --amp $AMP "${COMMON[@]}" --out $OUT/segmentation_$AMP
         "${RUN[@]}" -m training.train_gan --data data/digits/train --batch-size 64 --amp $AMP "${COMMON[@]}" \
-            --out runs/gpu/generation_$AMP
+            --out $OUT/generation_$AMP
         "${RUN[@]}" -m training.train_simclr --data data/digits/train --eval-data data/digits/train \
             --eval-val-data data/digits/test --channels 1 --hflip-prob 0 --batch-size 256 --amp $AMP "${COMMON[@]}" \
-            --out runs/gpu/embedding_$AMP
+            --out $OUT/embedding_$AMP
     done
-    $PY - <<'PYEOF'
-import csv, json, pathlib
-for run in sorted(pathlib.Path("runs/gpu").iterdir()):
+    OUT=$OUT $PY - <<'PYEOF'
+import csv, json, os, pathlib
+for run in sorted(pathlib.Path(os.environ["OUT"]).iterdir()):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     t = json.load(open(run / "model.json"))["training"]
     print(f"{run.name:<22} {t['device']} x {t['processes']}, global batch {t['global_batch_size']}: "
