@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, read_meta, save_model_files, unwrap
+from model_defs.checkpoint import atomic_torch_save, atomic_write_bytes, read_meta, save_model_files, unwrap
 from training import distributed as dist
 from training.datasets import Skipped
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
@@ -55,7 +55,8 @@ class TrainingError(RuntimeError):
 # -- the shared flags -----------------------------------------------------------------------
 
 # Defaults a task may set to suit its models; every other shared flag has one default everywhere.
-TASK_DEFAULTS = {"epochs", "batch_size", "lr", "weight_decay", "patience", "clip_grad_norm", "warmup_epochs", "min_lr_ratio"}
+TASK_DEFAULTS = {"epochs", "batch_size", "lr", "weight_decay", "patience", "clip_grad_norm", "warmup_epochs", "min_lr_ratio",
+                 "bn_recalibration_batches"}
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaults) -> argparse.ArgumentParser:

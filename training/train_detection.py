@@ -50,7 +50,10 @@ class Detection(engine.Task):
         g.add_argument("--vflip-prob", type=float, default=0.0, help="vertical-flip probability in training (default: 0.0)")
         g.add_argument("--select-metric", default="map_50", choices=("map_50", "map"), help="validation metric that picks the saved epoch (default: map_50)")
         g.add_argument("--pictures", type=int, default=8, help="validation images drawn into detections.png at the end; 0 = none (default: 8)")
-        return engine.add_engine_args(p, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, clip_grad_norm=10.0)
+        # No BatchNorm recalibration by default: torchvision's detection references keep BatchNorm
+        # frozen, and a detector trained a few steps from scratch answers nothing once recalibrated.
+        return engine.add_engine_args(p, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, clip_grad_norm=10.0,
+                                      bn_recalibration_batches=0)
 
     def setup(self, args) -> None:
         self.monitor = self.metric_name = args.select_metric

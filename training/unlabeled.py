@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
