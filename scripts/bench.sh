@@ -29,7 +29,7 @@ if [ "$HAS_RUN" = 0 ]; then
     echo "== one-time: training ResNet-18 on the digits at 224 px for the benchmark (runs/digits_resnet18)" >&2
     $PY -m training.sample_data digits --out data/digits --size 32 >&2
     $PY -m training.train --data data/digits/train --model resnet18 --channels 3 --hflip-prob 0 \
-        --min-scale 0.8 --epochs 3 --batch-size 32 --lr 1e-3 --out runs/digits_resnet18 >&2
+        --min-scale 0.8 --epochs 3 --batch-size 32 --lr 1e-3 --out runs/digits_resnet18 --force >&2
   fi
   set -- --run runs/digits_resnet18 --runtime int8 "$@"
 fi

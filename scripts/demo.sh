@@ -30,7 +30,7 @@ $PY -m training.sample_data digits --out data/digits --size 32
 if [ "$RETRAIN" = 1 ] || [ ! -f runs/digits/model.json ]; then
   echo "== training a small CNN on data/digits/train (curves: runs/digits/curves.png)"
   $PY -m training.train --data data/digits/train --model small_cnn --channels 1 --hflip-prob 0 \
-      --min-scale 0.8 --epochs 15 --batch-size 64 --out runs/digits
+      --min-scale 0.8 --epochs 15 --batch-size 64 --out runs/digits --force
 else
   echo "== reusing the model in runs/digits (--retrain trains again)"
 fi

@@ -5,6 +5,7 @@
 #
 #   scripts/reproduce_tasks.sh            # every task
 #   scripts/reproduce_tasks.sh detection  # one section (names below)
+# Epoch times of every trainer on a GPU (or the CPU beside it): scripts/bench_train.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -35,7 +36,7 @@ if want segmentation; then
     $PY -m training.train_segmentation --data data/shapes_masks --model unet --input-size 96 --epochs 40 \
         --max-minutes 15 --batch-size 8 --workers 1 --threads 1 --out runs/unet_shapes --no-progress
     $PY -c "import json; m = json.load(open('runs/unet_shapes/model.json'))['metrics']; \
-print(f\"segmentation: val mIoU {m['best_val']:.3f}, pixel accuracy {m['pixel_accuracy']:.3f} (epoch {m['best_epoch']}, {m['training_minutes']:.1f} min)\")"
+print(f\"segmentation: val mIoU {m['best_val']:.3f}, pixel accuracy {m['pixel_accuracy']:.3f} (epoch {m['best_epoch']}, {m['train_seconds'] / 60:.1f} min)\")"
 fi
 
 # -- generation: DCGAN on the handwritten digits; the figure is the sample grid -------------
@@ -44,7 +45,7 @@ if want generation; then
     $PY -m training.sample_data digits --out data/digits
     # The score classifier (the demo's digit CNN) gives each epoch's samples an Inception Score.
     [ -f runs/digits/model.json ] || $PY -m training.train --data data/digits/train --model small_cnn --channels 1 \
-        --hflip-prob 0 --min-scale 0.8 --epochs 15 --batch-size 64 --out runs/digits --no-progress
+        --hflip-prob 0 --min-scale 0.8 --epochs 15 --batch-size 64 --out runs/digits --force --no-progress
     $PY -m training.train_gan --data data/digits/train --out runs/digits_gan --epochs 15 --workers 0 --threads 1 \
         --score-classifier runs/digits --no-progress
     $PY -c "import json; m = json.load(open('runs/digits_gan/model.json'))['metrics']; \

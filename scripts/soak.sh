@@ -30,7 +30,7 @@ if ! scripts/serve status >/dev/null 2>&1; then
   if [ ! -f runs/digits/model.json ]; then
     echo "== training a small CNN on data/digits/train (curves: runs/digits/curves.png)"
     $PY -m training.train --data data/digits/train --model small_cnn --channels 1 --hflip-prob 0 \
-        --min-scale 0.8 --epochs 15 --batch-size 64 --out runs/digits
+        --min-scale 0.8 --epochs 15 --batch-size 64 --out runs/digits --force
   fi
   scripts/archive runs/digits --name digits --batch-size 8 --max-batch-delay 5 --force
   scripts/serve stop >/dev/null || true

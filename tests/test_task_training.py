@@ -114,17 +114,34 @@ def test_gan_training_writes_the_generator_and_a_sample_grid_per_epoch(digits_di
         with Image.open(out / "samples" / f"epoch_{epoch:03d}.png") as grid:
             assert grid.size == (4 * 34 + 2, 4 * 34 + 2)  # 4 x 4 images of 32 px, 2 px padding
     rows = read_csv(out / "metrics.csv")
-    assert len(rows) == 2 and all(math.isfinite(float(r["d_loss"])) and math.isfinite(float(r["g_loss"])) for r in rows)
+    assert len(rows) == 2 and all(math.isfinite(float(r["train_d_loss"])) and math.isfinite(float(r["train_g_loss"])) for r in rows)
     # Inception Score with the digit classifier: 1 (one class, or no confidence) up to 10;
     # the real digits, which that classifier gets right, score far above the 2-epoch samples.
-    assert all(1 <= float(r["inception_score"]) <= 10 and 1 <= int(r["classes_covered"]) <= 10 for r in rows)
+    assert all(1 <= float(r["val_inception_score"]) <= 10 and 1 <= int(r["val_classes_covered"]) <= 10 for r in rows)
     assert meta["metrics"]["name"] == "inception_score" and meta["metrics"]["real_inception_score"] > 5
-    assert meta["metrics"]["inception_score"] == pytest.approx(float(rows[-1]["inception_score"]))
+    assert meta["metrics"]["inception_score"] == pytest.approx(float(rows[-1]["val_inception_score"]))
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
     with torch.no_grad():
         images = tensor_to_images(model(latent_vectors(3, 2, 16)), DataConfig.from_dict(meta["preprocessing"]))
     assert [im.size for im in images] == [(32, 32)] * 2
+
+
+def test_gan_resumes_both_networks_and_their_optimizers(digits_dir, tmp_path, capsys):
+    out = tmp_path / "gan"
+    argv = ["--data", str(digits_dir / "test"), "--out", str(out), "--width", "8", "--latent-dim", "16", "--batch-size", "64",
+            "--grid-size", "4", "--workers", "0", "--threads", "1", "--no-progress"]
+    assert train_gan.cli(argv + ["--epochs", "1"]) == 0
+    first = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(first["optimizer"]) == {"model", "disc"} and first["modules"]["disc"]
+    capsys.readouterr()
+    assert train_gan.cli(argv + ["--epochs", "2", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "after epoch 1" in err and "epoch 2/2" in err and "epoch 1/2" not in err
+    second = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert second["state"]["epoch"] == 2 and len(read_csv(out / "metrics.csv")) == 2
+    assert any(not torch.equal(first["modules"]["disc"][k], second["modules"]["disc"][k])
+               for k in first["modules"]["disc"] if first["modules"]["disc"][k].is_floating_point())
 
 
 def test_latent_vectors_depend_only_on_the_seed():
@@ -151,7 +168,7 @@ def test_simclr_training_reports_knn_accuracy(digits_dir, tmp_path):
     # Ten classes: chance is 0.1; even an untrained conv encoder separates digits far better.
     assert 0.3 < m["best_val"] <= 1 and 0.3 < m["untrained_knn_accuracy"] <= 1
     rows = read_csv(out / "metrics.csv")
-    assert len(rows) == 2 and max(float(r["knn_accuracy"]) for r in rows) == pytest.approx(m["best_val"])
+    assert len(rows) == 2 and max(float(r["val_knn_accuracy"]) for r in rows) == pytest.approx(m["best_val"])
     assert float(rows[0]["train_loss"]) < math.log(2 * 128 - 1) + 0.5
     with torch.no_grad():
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 32)

@@ -158,7 +158,7 @@ def test_trained_output_folder(trained_digits, digits_dir):
     assert m["name"] == "accuracy"
     assert m["epochs_run"] == 3 and len(rows) == 3
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert m["best_val"] == pytest.approx(max(float(r["val_metric"]) for r in rows))
+    assert m["best_val"] == pytest.approx(max(float(r["val_accuracy"]) for r in rows))
     assert int(rows[m["best_epoch"] - 1]["epoch"]) == m["best_epoch"]
 
     with Image.open(out / "curves.png") as img:
@@ -228,7 +228,7 @@ def test_resume_matches_uninterrupted_run(capsys, digits_dir, tmp_path):
     rows_full, rows_split = read_csv(full / "metrics.csv"), read_csv(split / "metrics.csv")
     assert len(rows_full) == len(rows_split) == 2
     for a, b in zip(rows_full, rows_split):
-        for col in ("epoch", "lr", "train_loss", "val_loss", "val_metric"):
+        for col in ("epoch", "lr", "train_loss", "val_loss", "val_accuracy"):
             assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-5, abs=1e-7), col
     meta = read_json(split / "model.json")
     assert meta["metrics"]["epochs_run"] == 2
@@ -271,7 +271,7 @@ def test_multi_label(capsys, digits_dir, tmp_path):
     assert meta["classes"] == ["one", "two", "zero"]
     assert meta["metrics"]["name"] == "f1"
     rows = read_csv(out / "metrics.csv")
-    assert len(rows) == 2 and all(0.0 <= float(r["val_metric"]) <= 1.0 for r in rows)
+    assert len(rows) == 2 and all(0.0 <= float(r["val_f1"]) <= 1.0 for r in rows)
     # The model has one output per class (sigmoid), and reloads.
     model, _ = load_trained(out)
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 3)

@@ -1,13 +1,19 @@
 """Read an image-classification dataset in any of the three layouts people keep one in.
 
 - class folders:      root/<class>/<image>
-- labels.txt:         root/images/<image> + root/labels.txt ("file label" per line,
-                      space- or comma-separated; label = class index or class name)
+- labels.txt:         root/images/<image> + root/labels.txt ("file label" per line;
+                      label = class index or class name; several labels = multi-label)
 - one file per image: root/images/<stem>.<ext> + root/labels/<stem>.txt (one label, or
                       several for a multi-label dataset)
 
 For the two label-file layouts an optional root/classes.txt (one name per line) fixes the
 class names and their order; labels may then be indices into it or names from it.
+
+Separators, the same rule in both label layouts: a line that holds a tab is split on tabs;
+else one that holds a comma or semicolon is split on those; else it is split on whitespace.
+So a class name with spaces is written after a tab or a comma ("img.png<TAB>big cat",
+"img.png,big cat"), or listed in classes.txt: a label text that is a classes.txt name is
+taken whole ("img.png big cat").
 Every problem is a `DatasetError` whose message names the file or folder at fault.
 """
 
@@ -29,6 +35,14 @@ LAYOUTS = ("auto", "folders", "labels_txt", "label_files")
 
 class DatasetError(ValueError):
     """Bad dataset input; the message names the file or folder."""
+
+
+@dataclass
+class Skipped:
+    """What a dataset yields for an image it cannot read: training goes on, and the run's
+    record names the file."""
+
+    path: Path
 
 
 @dataclass
@@ -112,8 +126,15 @@ def _read_folders(root: Path, classes: list[str] | None) -> DatasetSpec:
     return spec
 
 
-def _split_labels(text: str) -> list[str]:
-    return [t for t in re.split(r"[\s,;]+", text.strip()) if t]
+def _split_fields(line: str, known: list[str] | None = None, skip: int = 0) -> list[str]:
+    """The fields of a label line (rule in the module docstring); after the first `skip`
+    fields, whitespace-separated words that together are a known class name stay whole."""
+    line = line.strip()
+    sep = "\t" if "\t" in line else "[,;]" if re.search("[,;]", line) else r"\s+"
+    fields = [t.strip() for t in re.split(sep, line) if t.strip()]
+    if sep == r"\s+" and known and " ".join(fields[skip:]) in known:
+        fields = fields[:skip] + [" ".join(fields[skip:])]
+    return fields
 
 
 def _read_classes_txt(root: Path) -> list[str] | None:
@@ -165,7 +186,7 @@ def _read_labels_txt(root: Path, classes: list[str] | None) -> DatasetSpec:
     for n, line in enumerate(labels_file.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = _split_labels(line)
+        parts = _split_fields(line, fixed, skip=1)
         where = f"{labels_file} line {n}"
         if len(parts) < 2:
             raise DatasetError(f"{where}: expected 'file label', got {line.strip()!r}")
@@ -191,7 +212,7 @@ def _read_label_files(root: Path, classes: list[str] | None) -> DatasetSpec:
         label_file = labels_dir / path.relative_to(images_dir).with_suffix(".txt")
         if not label_file.is_file():
             raise DatasetError(f"image {path} has no label file {label_file}")
-        tokens = _split_labels(label_file.read_text())
+        tokens = [t for line in label_file.read_text().splitlines() for t in _split_fields(line, fixed)]
         if not tokens:
             raise DatasetError(f"label file {label_file} is empty")
         raw.append((path, tokens, str(label_file)))
@@ -222,6 +243,17 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
     return train, val
 
 
+def random_split(samples: list, fraction: float, seed: int, name: str) -> tuple[list, list]:
+    """Seeded (train, val) split of samples with no class to stratify by (detection, masks);
+    `name` is the dataset named in the error when too few images are left."""
+    shuffled = sorted(samples, key=str)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * fraction))
+    if n_val >= len(shuffled):
+        raise DatasetError(f"{name} has {len(shuffled)} image(s): too few to hold out a validation share")
+    return shuffled[n_val:], shuffled[:n_val]
+
+
 def split_source(fraction: float, seed: int) -> str:
     """How model.json records a stratified split (`val_source`), so it can be rebuilt later."""
     return f"stratified {fraction} of --data (seed {seed})"
@@ -234,11 +266,11 @@ def parse_split_source(text: str) -> tuple[float, int] | None:
 
 
 class ImageDataset(Dataset):
-    """Samples → (tensor, target). An unreadable image yields None (skipped and counted)."""
+    """Samples → (tensor, target). An unreadable image yields Skipped (dropped and named)."""
 
-    def __init__(self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform):
+    def __init__(self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform, load=load_image):
         self.samples, self.num_classes, self.multi_label = samples, num_classes, multi_label
-        self.channels, self.transform = channels, transform
+        self.channels, self.transform, self.load = channels, transform, load
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -253,15 +285,15 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         sample = self.samples[i]
         try:
-            image = load_image(sample.path, self.channels)
+            image = self.load(sample.path, self.channels)
         except (ValueError, OSError):
-            return None
+            return Skipped(sample.path)
         return self.transform(image), self.target(sample)
 
 
 def collate_skipping(batch: list):
     """Default collation of the readable items; also returns how many were skipped."""
-    good = [b for b in batch if b is not None]
+    good = [b for b in batch if not isinstance(b, Skipped)]
     skipped = len(batch) - len(good)
     if not good:
         return None, None, skipped

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
-from training.datasets import DatasetError
+from training.datasets import DatasetError, Skipped
 
 DETECTION_LAYOUTS = ("auto", "voc", "coco")
 IGNORE_INDEX = 255  # masks: pixels not scored (the VOC convention)
@@ -346,7 +346,7 @@ class DetectionDataset(Dataset):
     background), boxes in the pixel frame of the transformed image.
 
     `transform(image: PIL, boxes: tv_tensors.BoundingBoxes)` → (tensor, boxes); see
-    model_defs.preprocessing.detection_train_transform. An unreadable image yields None.
+    model_defs.preprocessing.detection_train_transform. An unreadable image yields Skipped.
     """
 
     def __init__(self, samples: list[DetSample], transform):
@@ -360,7 +360,7 @@ class DetectionDataset(Dataset):
         try:
             image = load_image(s.path, 3)
         except (ValueError, OSError):
-            return None
+            return Skipped(s.path)
         boxes = tv_tensors.BoundingBoxes(
             torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(image.height, image.width)
         )
@@ -372,7 +372,7 @@ class DetectionDataset(Dataset):
 class SegmentationDataset(Dataset):
     """MaskSample → (image, mask): tv_tensors.Image (uint8, C x H x W) and tv_tensors.Mask
     (int64, H x W), passed through `transforms(image, mask)` when given (torchvision v2
-    transforms move both together). An unreadable file yields None."""
+    transforms move both together). An unreadable file yields Skipped."""
 
     def __init__(self, samples: list[MaskSample], transforms=None, channels: int = 3):
         self.samples, self.transforms, self.channels = samples, transforms, channels
@@ -387,7 +387,7 @@ class SegmentationDataset(Dataset):
             with Image.open(s.mask) as m:
                 mask = np.asarray(m, dtype=np.uint8).copy()
         except (ValueError, OSError):
-            return None
+            return Skipped(s.image)
         image = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).reshape(image.height, image.width, -1).permute(2, 0, 1))
         mask = tv_tensors.Mask(torch.from_numpy(mask).long())
         if self.transforms is not None:

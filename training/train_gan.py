@@ -2,115 +2,128 @@
 
     python -m training.train_gan --data data/digits/train --out runs/gan --epochs 20
 
-Any folder of images works (class folders are read as one unlabeled pool). Each epoch
-draws a grid of the generator's images from the same fixed latent vectors to
-`samples/epoch_NNN.png` (so progress is visible epoch to epoch; `samples.png` is the
-latest) and records the losses and the discriminator's mean output on real and fake
-images in metrics.csv / curves.png. With --score-classifier (a classifier trained on the
-same kind of images, e.g. runs/digits from scripts/demo.sh) each epoch also gets a number:
-the Inception Score of 1,000 samples computed with that classifier, next to the score of
-the real images. `model.pt` is the generator's state_dict after the last epoch;
-model.json's arch_args hold the latent size the generator handler needs.
+Any folder of images works (class folders are read as one unlabeled pool). Each step is two
+updates: the discriminator on real + fake images, then the generator (non-saturating loss).
+Each epoch draws a grid of the generator's images from the same fixed latent vectors to
+`samples/epoch_NNN.png` (`samples.png` is the latest) and records the losses and the
+discriminator's mean output on real and fake images in metrics.csv / curves.png. With
+--score-classifier (a classifier trained on the same kind of images, e.g. runs/digits from
+scripts/demo.sh) each epoch also gets the Inception Score of --score-samples samples computed
+with that classifier, next to the score of the real images. `model.pt` is the generator after
+the last epoch; model.json's arch_args hold the latent size the generator handler needs.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from model_defs import get_entry, get_model
-from model_defs.checkpoint import data_config_from_meta, load_trained, save_model_files
+from model_defs import get_entry
+from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.generative import dcgan_discriminator, latent_vectors
 from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
-from training.common import add_run_args, package_versions, run_cli, start_run, write_metrics
-from training.unlabeled import UnlabeledImages, collate_images, find_images, fingerprint
+from training import engine
+from training.cache import decoder
+from training.datasets import Skipped
+from training.unlabeled import UnlabeledImages, find_images, fingerprint
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder of training images, searched recursively (required)")
-    p.add_argument("--model", default="dcgan", help="registered generation model (default: dcgan)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="1 = grey images, 3 = RGB (default: the model's data config, 1)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="generated image side, a power of two >= 8 (default: the model's data config, 32)")
-    p.add_argument("--latent-dim", type=int, default=64, help="length of the latent vector z (default: 64)")
-    p.add_argument("--width", type=int, default=64,
-                   help="channels of the generator's last and the discriminator's first layer (default: 64)")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the data (default: 20)")
-    p.add_argument("--batch-size", type=int, default=64, help="real images per step (default: 64)")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate of both networks (default: 2e-4, as in DCGAN)")
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default: 0.5, as in DCGAN)")
-    p.add_argument("--grid-size", type=int, default=64, help="images in each epoch's sample grid (default: 64)")
-    p.add_argument("--grid-seed", type=int, default=0, help="seed of the sample grid's fixed latent vectors (default: 0)")
-    p.add_argument("--score-classifier", default=None,
-                   help="a trained classifier's output folder (e.g. runs/digits) that scores each epoch's samples: "
-                        "Inception Score computed with it, and the classes it sees (default: None: no score)")
-    p.add_argument("--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="data-loading processes (default: min(2, cores))")
-    p.add_argument("--out", default="runs/gan", help="output folder (default: runs/gan)")
-    add_run_args(p)
-    return p
+class GAN(engine.Task):
+    name, metric_name, drop_last = "generation", "sample grid", True
+    panels = {"loss": ["train_d_loss", "train_g_loss"], "discriminator output": ["train_d_real", "train_d_fake"],
+              "Inception Score (score classifier)": ["val_inception_score"]}
 
+    def parser(self) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        g = p.add_argument_group("data and model")
+        g.add_argument("--data", required=True, help="folder of training images, searched recursively (required)")
+        g.add_argument("--model", default="dcgan", help="registered generation model (default: dcgan)")
+        g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 = grey images, 3 = RGB (default: the model's data config, 1)")
+        g.add_argument("--image-size", type=int, default=None, help="generated image side, a power of two >= 8 (default: the model's data config, 32)")
+        g.add_argument("--latent-dim", type=int, default=64, help="length of the latent vector z (default: 64)")
+        g.add_argument("--width", type=int, default=64, help="channels of the generator's last and the discriminator's first layer (default: 64)")
+        g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both networks (default: 0.5, as in DCGAN)")
+        g.add_argument("--grid-size", type=int, default=64, help="images in each epoch's sample grid (default: 64)")
+        g.add_argument("--grid-seed", type=int, default=0, help="seed of the sample grid's fixed latent vectors (default: 0)")
+        g.add_argument("--score-classifier", default=None,
+                       help="a trained classifier's output folder (e.g. runs/digits) that scores each epoch's samples: "
+                            "Inception Score computed with it, and the classes it sees (default: None: no score)")
+        g.add_argument("--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)")
+        # DCGAN's schedule: Adam (no weight decay) at a constant learning rate.
+        return engine.add_engine_args(p, cache=True, epochs=20, batch_size=64, lr=2e-4, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0)
 
-def train_one_epoch(gen, disc, loader, opt_g, opt_d, device, latent_dim, desc, no_progress) -> dict:
-    """One pass: a discriminator step on real + fake, then a non-saturating generator step."""
-    gen.train()
-    disc.train()
-    sums = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
-    steps, skipped = 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=True if no_progress else None, dynamic_ncols=True)
-    for real, n_skipped in bar:
-        skipped += n_skipped
-        if real is None:
-            continue
-        real = real.to(device)
-        n = real.shape[0]
-        fake = gen(torch.randn(n, latent_dim, device=device))
+    def check(self, args) -> None:
+        if args.image_size is not None and (args.image_size < 8 or args.image_size & (args.image_size - 1)):
+            raise engine.UsageError(f"--image-size must be a power of two >= 8, got {args.image_size}")
+        if not 0 <= args.beta1 < 1:
+            raise engine.UsageError(f"--beta1 must be >= 0 and < 1, got {args.beta1}")
 
-        logits_real, logits_fake = disc(real), disc(fake.detach())
-        d_loss = (F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real))
-                  + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake)))
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
+    def setup(self, args) -> None:
+        entry = get_entry(args.model, task="generation")
+        size = args.image_size or entry.data_config.input_size
+        self.cfg = cfg = entry.data_config.replace(channels=args.channels, input_size=size, resize_size=size)
+        self.model, arch_args = engine.build_model(args.model, "generation", [], latent_dim=args.latent_dim,
+                                                   channels=cfg.channels, image_size=size, width=args.width)
+        self.extra_modules = {"disc": dcgan_discriminator(channels=cfg.channels, image_size=size, width=args.width)}
+        self.optimizer_kwargs = {name: {"betas": (args.beta1, 0.999)} for name in ("model", "disc")}
+        paths = find_images(args.data)
+        self.scorer = SampleScorer(args.score_classifier, cfg) if args.score_classifier else None
+        # The training images go through the same resize/crop/normalize the data config names.
+        load = decoder(args.cache, cfg, Path(args.out) / "cache", paths)
+        self.train_set = UnlabeledImages(paths, cfg.channels, eval_transform(cfg), load=load)
+        self.fixed_z = latent_vectors(args.grid_seed, args.grid_size, args.latent_dim)
+        self.score_z = latent_vectors(args.grid_seed + 1, args.score_samples, args.latent_dim)
+        self.meta = {
+            "arch": args.model, "arch_args": arch_args, "task": "generation", "classes": [], "preprocessing": cfg.to_dict(),
+            "dataset": {"root": str(Path(args.data).resolve()), "layout": "unlabeled images",
+                        "train_images": len(paths), "fingerprint": fingerprint(args.data, paths)},
+        }
+        self.describe = lambda: f"{args.model}: {len(paths)} images, {cfg.channels}x{size}px, latent {args.latent_dim}"
+        if self.scorer is not None:
+            # Evenly spread over the sorted files, so class folders are all represented.
+            picks = torch.linspace(0, len(paths) - 1, min(len(paths), args.score_samples)).round().long().unique()
+            real = self.scorer(torch.stack([x for i in picks.tolist() if not isinstance(x := self.train_set[i], Skipped)]))
+            self.metric_name = "inception_score"
+            self.extra_metrics = {"score_classifier": str(Path(args.score_classifier).resolve()),
+                                  "real_inception_score": real["inception_score"]}
+            engine.log(f"real images: Inception Score {real['inception_score']:.2f}, {real['classes_covered']}/"
+                       f"{len(self.scorer.classes)} classes (the reference for the samples)")
 
-        logits_gen = disc(fake)
-        g_loss = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
+    def probe_input(self):
+        return self.fixed_z
 
-        steps += 1
-        sums["d_loss"] += d_loss.item()
-        sums["g_loss"] += g_loss.item()
-        sums["d_real"] += torch.sigmoid(logits_real).mean().item()
-        sums["d_fake"] += torch.sigmoid(logits_fake).mean().item()
-        bar.set_postfix(d=f"{sums['d_loss'] / steps:.3f}", g=f"{sums['g_loss'] / steps:.3f}")
-    return {k: v / max(1, steps) for k, v in sums.items()} | {"skipped": skipped}
+    def step(self, batch, models, update):
+        gen, disc, n = models["model"], models["disc"], len(batch)
+        fake = gen(torch.randn(n, self.args.latent_dim, device=batch.device))
+        logits = disc(torch.cat([batch, fake.detach()])).float()  # one pass: DDP allows one forward per backward
+        real_logits, fake_logits = logits[:n], logits[n:]
+        d_loss = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                  + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        update(d_loss, "disc")
+        gen_logits = disc(fake).float()
+        g_loss = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
+        update(g_loss, "model")
+        return n, {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "d_real": torch.sigmoid(real_logits).mean().item(),
+                   "d_fake": torch.sigmoid(fake_logits).mean().item()}
 
-
-@torch.no_grad()
-def sample_grid(gen: nn.Module, z: torch.Tensor, cfg, path: Path) -> None:
-    """The generator in eval mode (as served) on fixed latents, drawn as one PNG grid."""
-    gen.eval()
-    images = gen(z.to(next(gen.parameters()).device)).float().cpu()
-    mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std).view(1, -1, 1, 1)
-    nrow = max(1, round(len(z) ** 0.5))
-    torchvision.utils.save_image(images * std + mean, path, nrow=nrow, padding=2, pad_value=1.0)
+    def evaluate(self, gen) -> dict:
+        """The epoch's sample grid (generator in eval mode, as served) and its score."""
+        out = Path(self.args.out)
+        grid = out / "samples" / f"epoch_{self.epoch:03d}.png"
+        grid.parent.mkdir(exist_ok=True)
+        images = gen(self.fixed_z.to(self.device)).float().cpu()
+        mean, std = torch.tensor(self.cfg.mean).view(1, -1, 1, 1), torch.tensor(self.cfg.std).view(1, -1, 1, 1)
+        torchvision.utils.save_image(images * std + mean, grid, nrow=max(1, round(len(images) ** 0.5)), padding=2, pad_value=1.0)
+        (out / "samples.png").write_bytes(grid.read_bytes())
+        result = {"sample_grid": str(grid.relative_to(out))}
+        if self.scorer is not None:
+            result.update(self.scorer(torch.cat([gen(z.to(self.device)).float().cpu() for z in self.score_z.split(256)])))
+        return result
 
 
 class SampleScorer:
@@ -122,11 +135,9 @@ class SampleScorer:
     def __init__(self, run_dir: str, gen_cfg):
         self.model, meta = load_trained(run_dir)
         if meta["task"] != "classification":
-            raise ValueError(f"--score-classifier {run_dir} is a {meta['task']} model, not a classifier")
+            raise engine.UsageError(f"--score-classifier {run_dir} is a {meta['task']} model, not a classifier")
         self.cfg = data_config_from_meta(meta)
-        self.transform = eval_transform(self.cfg)
-        self.classes = meta["classes"]
-        self.gen_cfg = gen_cfg
+        self.transform, self.classes, self.gen_cfg = eval_transform(self.cfg), meta["classes"], gen_cfg
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict:
@@ -139,88 +150,12 @@ class SampleScorer:
         return {"inception_score": kl.mean().exp().item(), "classes_covered": int((share >= 0.01).sum())}
 
 
-def main(args) -> dict:
-    device = start_run(args)
-    entry = get_entry(args.model, task="generation")
-    size = args.image_size or entry.data_config.input_size
-    cfg = entry.data_config.replace(channels=args.channels, input_size=size, resize_size=size)
-    arch_args = {"latent_dim": args.latent_dim, "channels": cfg.channels, "image_size": size, "width": args.width}
-    gen = get_model(args.model, **arch_args).to(device)
-    disc = dcgan_discriminator(channels=cfg.channels, image_size=size, width=args.width).to(device)
-
-    paths = find_images(args.data)
-    scorer = SampleScorer(args.score_classifier, cfg) if args.score_classifier else None
-    out = Path(args.out)
-    (out / "samples").mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
-
-    # The training images go through the same resize/crop/normalize the data config names.
-    dataset = UnlabeledImages(paths, cfg.channels, eval_transform(cfg))
-    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    fixed_z = latent_vectors(args.grid_seed, args.grid_size, args.latent_dim)
-
-    meta = {
-        "arch": args.model,
-        "arch_args": arch_args,
-        "task": "generation",
-        "classes": [],
-        "preprocessing": cfg.to_dict(),
-        "dataset": {"root": str(Path(args.data).resolve()), "layout": "unlabeled images",
-                    "train_images": len(paths), "fingerprint": fingerprint(args.data, paths)},
-        "versions": package_versions(),
-    }
-    print(f"{args.model}: {len(paths)} images, {cfg.channels}x{size}px, latent {args.latent_dim}, on {device}",
-          file=sys.stderr)
-    score_z = latent_vectors(args.grid_seed + 1, args.score_samples, args.latent_dim)
-    real_score = None
-    if scorer is not None:
-        # Evenly spread over the sorted files, so class folders are all represented.
-        picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), args.score_samples)).round().long().unique()
-        real = torch.stack([x for i in picks.tolist() if (x := dataset[i]) is not None])
-        real_score = scorer(real)
-        print(f"real images: Inception Score {real_score['inception_score']:.2f}, "
-              f"{real_score['classes_covered']}/{len(scorer.classes)} classes (the reference for the samples)", file=sys.stderr)
-    history = []
-    for epoch in range(1, args.epochs + 1):
-        start = time.time()
-        generator = torch.Generator().manual_seed(args.seed + epoch)
-        loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) > args.batch_size,
-                            generator=generator, num_workers=args.workers, collate_fn=collate_images)
-        tr = train_one_epoch(gen, disc, loader, opt_g, opt_d, device, args.latent_dim,
-                             f"epoch {epoch}/{args.epochs}", args.no_progress)
-        grid = out / "samples" / f"epoch_{epoch:03d}.png"
-        sample_grid(gen, fixed_z, cfg, grid)
-        (out / "samples.png").write_bytes(grid.read_bytes())
-        row = {"epoch": epoch, "d_loss": tr["d_loss"], "g_loss": tr["g_loss"], "d_real": tr["d_real"],
-               "d_fake": tr["d_fake"], "skipped_images": tr["skipped"], "seconds": round(time.time() - start, 2)}
-        if scorer is not None:
-            gen.eval()
-            with torch.no_grad():
-                row.update(scorer(torch.cat([gen(z.to(device)).cpu() for z in score_z.split(256)])))
-        history.append(row)
-        meta["metrics"] = {"name": "sample grid", "sample_grid": f"samples/epoch_{epoch:03d}.png",
-                           "epochs_run": epoch, "final_d_loss": tr["d_loss"], "final_g_loss": tr["g_loss"],
-                           "final_d_real": tr["d_real"], "final_d_fake": tr["d_fake"],
-                           "skipped_images": sum(h["skipped_images"] for h in history)}
-        if scorer is not None:
-            meta["metrics"].update(name="inception_score", score_classifier=str(Path(args.score_classifier).resolve()),
-                                   inception_score=row["inception_score"], classes_covered=row["classes_covered"],
-                                   real_inception_score=real_score["inception_score"])
-        meta["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        save_model_files(out, gen, meta)
-        panels = {"loss": ["d_loss", "g_loss"], "discriminator output": ["d_real", "d_fake"]}
-        if scorer is not None:
-            panels["Inception Score (score classifier)"] = ["inception_score"]
-        write_metrics(out, history, panels)
-        scored = (f"  IS {row['inception_score']:.2f}, {row['classes_covered']} classes" if scorer is not None else "")
-        print(f"epoch {epoch}/{args.epochs}  D loss {tr['d_loss']:.3f}  G loss {tr['g_loss']:.3f}  "
-              f"D(real) {tr['d_real']:.2f}  D(fake) {tr['d_fake']:.2f}{scored}  {row['seconds']:.1f}s  -> {grid}", file=sys.stderr)
-    print(f"wrote {out}/model.pt (generator) and model.json; sample grids in {out}/samples/", file=sys.stderr)
-    return meta
-
-
 def cli(argv: list[str] | None = None) -> int:
-    return run_cli(main, get_args_parser(), argv)
+    return engine.cli(GAN(), argv)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    return GAN().parser()
 
 
 if __name__ == "__main__":

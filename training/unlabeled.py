@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
-from training.datasets import DatasetError, is_image
+from training.datasets import DatasetError, Skipped, is_image
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -39,28 +38,19 @@ def fingerprint(root: str | Path, paths: list[Path]) -> str:
 
 class UnlabeledImages(Dataset):
     """paths → transform(image), or `views` independent transforms of it (SimCLR's pairs).
-    An unreadable image yields None, dropped by `collate_images`."""
+    An unreadable image yields Skipped."""
 
-    def __init__(self, paths: list[Path], channels: int, transform, views: int = 1):
-        self.paths, self.channels, self.transform, self.views = paths, channels, transform, views
+    def __init__(self, paths: list[Path], channels: int, transform, views: int = 1, load=load_image):
+        self.paths, self.channels, self.transform, self.views, self.load = paths, channels, transform, views, load
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            image = load_image(self.paths[i], self.channels)
+            image = self.load(self.paths[i], self.channels)
         except (ValueError, OSError):
-            return None
+            return Skipped(self.paths[i])
         if self.views == 1:
             return self.transform(image)
         return tuple(self.transform(image) for _ in range(self.views))
-
-
-def collate_images(batch: list):
-    """Stack the readable items; returns (batch or None, number skipped)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return None, skipped
-    return torch.utils.data.default_collate(good), skipped

@@ -1,0 +1,168 @@
+"""Optional looks inside a training run, each off by default and written into the run folder:
+
+- `--log-grad-norms`: per-layer gradient norms averaged over each epoch's steps
+  (grad_norms.csv, grad_norms.png); layers under VANISHING or over EXPLODING are flagged.
+- `--activation-stats`: forward hooks on a fixed validation batch give each layer's output
+  mean, std and fraction of zeros (activations.csv, activations.png); a layer whose output
+  is (almost) all zeros is flagged dead.
+- `--profile N`: torch.profiler over N training steps: profile/trace.json (Chrome trace,
+  open in chrome://tracing or Perfetto) and profile/top_ops.txt (operators by time).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+VANISHING, EXPLODING = 1e-7, 1e3  # gradient norm of a layer
+DEAD = 0.99  # share of zeros in a layer's output
+
+
+def layer_name(param_name: str) -> str:
+    """'features.3.weight' -> 'features.3' (the module that owns the parameter)."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def layer_grad_norms(model: nn.Module) -> dict[str, float]:
+    """The L2 norm of each layer's gradients (all its parameters together)."""
+    squares: dict[str, float] = defaultdict(float)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            squares[layer_name(name)] += p.grad.detach().float().pow(2).sum().item()
+    return {k: v**0.5 for k, v in squares.items()}
+
+
+def grad_flags(norms: dict[str, float]) -> dict[str, str]:
+    return {k: "vanishing" if v < VANISHING else "exploding" for k, v in norms.items() if v < VANISHING or v > EXPLODING}
+
+
+class GradNormLog:
+    """Averages layer_grad_norms over an epoch's steps; writes one row per layer per epoch."""
+
+    def __init__(self, out: Path):
+        self.out, self.sums, self.steps, self.rows = out, defaultdict(float), 0, []
+
+    def record(self, model: nn.Module) -> None:
+        for k, v in layer_grad_norms(model).items():
+            self.sums[k] += v
+        self.steps += 1
+
+    def end_epoch(self, epoch: int) -> list[str]:
+        """Write the files; returns one warning line per flagged layer."""
+        norms = {k: v / max(1, self.steps) for k, v in self.sums.items()}
+        flags = grad_flags(norms)
+        self.rows += [{"epoch": epoch, "layer": k, "grad_norm": v, "flag": flags.get(k, "")} for k, v in norms.items()]
+        self.sums, self.steps = defaultdict(float), 0
+        write_rows(self.out / "grad_norms.csv", self.rows)
+        draw_per_layer(self.out / "grad_norms.png", self.rows, "grad_norm", "gradient norm per layer (log scale)", log=True)
+        return [f"gradient norm of {k} is {flags[k]} ({norms[k]:.2e})" for k in flags]
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, x) -> list[dict]:
+    """Mean, std and share of zeros of every leaf module's output on `x`, in call order."""
+    rows, hooks = [], []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                o = output.detach().float()
+                zeros = (o == 0).float().mean().item()
+                rows.append({"layer": name, "type": type(module).__name__, "mean": o.mean().item(),
+                             "std": o.std().item() if o.numel() > 1 else 0.0, "zero_fraction": zeros,
+                             "flag": ("dead ReLU" if "ReLU" in type(module).__name__ else "dead") if zeros >= DEAD else ""})
+        return fn
+
+    for name, m in model.named_modules():
+        if name and not any(True for _ in m.children()):
+            hooks.append(m.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return rows
+
+
+class ActivationLog:
+    def __init__(self, out: Path):
+        self.out, self.rows = out, []
+
+    def end_epoch(self, epoch: int, model: nn.Module, x) -> list[str]:
+        rows = [{"epoch": epoch, **r} for r in activation_stats(model, x)]
+        self.rows += rows
+        write_rows(self.out / "activations.csv", self.rows)
+        draw_per_layer(self.out / "activations.png", rows, "zero_fraction", f"share of zero outputs per layer, epoch {epoch}",
+                       second="std")
+        return [f"{r['layer']} ({r['type']}) is {r['flag']}: {r['zero_fraction']:.0%} of its outputs are 0" for r in rows if r["flag"]]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def draw_per_layer(path: Path, rows: list[dict], column: str, title: str, log: bool = False, second: str | None = None) -> None:
+    """Gradient norms: one line per layer over the epochs. Activations: bars per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if second is None:
+        by_layer = defaultdict(list)
+        for r in rows:
+            by_layer[r["layer"]].append((r["epoch"], r[column]))
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for layer, points in by_layer.items():
+            ax.plot(*zip(*points), "o-", label=layer)
+        ax.set(xlabel="epoch", title=title, yscale="log" if log else "linear")
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        fig, axes = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.35), 7), sharex=True)
+        names = [r["layer"] for r in rows]
+        for ax, col, t in ((axes[0], column, title), (axes[1], second, f"output {second} per layer")):
+            ax.bar(range(len(rows)), [r[col] for r in rows], color=["tab:red" if r["flag"] else "tab:blue" for r in rows])
+            ax.set(title=t)
+        axes[1].set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class StepProfiler:
+    """torch.profiler over the first `steps` training steps; files written when done."""
+
+    def __init__(self, out: Path, steps: int, cuda: bool):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.out, self.left = out / "profile", steps
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        self.prof = profile(activities=activities, record_shapes=True)
+        self.prof.__enter__()
+
+    def step(self) -> None:
+        if self.left <= 0:
+            return
+        self.left -= 1
+        if self.left == 0:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        self.out.mkdir(exist_ok=True)
+        self.prof.export_chrome_trace(str(self.out / "trace.json"))
+        sort = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in self.prof.events()) else "self_cpu_time_total"
+        (self.out / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
+        self.prof, self.left = None, 0

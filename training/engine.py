@@ -1,0 +1,653 @@
+"""The one training loop of every task, split the way torchvision's references/detection
+engine.py is: a trainer supplies a `Task` (its flags, data, model, one training step, its
+evaluation, its pictures) and `cli(task, argv)` does all the rest:
+
+- the shared flags, with one name, one default and one help text, all checked before
+  anything starts (a mistake is one line and exit 2, nothing written);
+- device (auto, cpu, cuda, cuda:N), seed and --deterministic, AMP (--amp bf16|fp16, with a
+  GradScaler for fp16), gradient clipping, AdamW with warm-up and cosine decay or SGD;
+- torchrun: DDP (gloo on CPU, NCCL on CUDA), a distributed sampler, --sync-bn; training
+  metrics summed over ranks, rank 0 evaluates and is the only one that writes;
+- BatchNorm recalibration before evaluating, best epoch, --patience, --max-minutes;
+- checkpoint.pt every epoch and --resume; metrics.csv, curves.png, model.pt + model.json;
+- the progress bar, the per-epoch line and the diagnostics of training.diagnostics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.data import DataLoader, default_collate
+from tqdm import tqdm
+
+from model_defs import get_entry, get_model
+from model_defs.checkpoint import atomic_torch_save, atomic_write_bytes, read_meta, save_model_files, unwrap
+from training import distributed as dist
+from training.datasets import Skipped
+from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
+
+
+class UsageError(ValueError):
+    """A wrong flag, value, path or name: one line on stderr, exit 2, nothing written."""
+
+
+class TrainingError(RuntimeError):
+    """The run itself failed (it diverged): one line on stderr, exit 1."""
+
+
+# -- the shared flags -----------------------------------------------------------------------
+
+# Defaults a task may set to suit its models; every other shared flag has one default everywhere.
+TASK_DEFAULTS = {"epochs", "batch_size", "lr", "weight_decay", "patience", "clip_grad_norm", "warmup_epochs", "min_lr_ratio",
+                 "bn_recalibration_batches"}
+
+
+def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaults) -> argparse.ArgumentParser:
+    unknown = set(defaults) - TASK_DEFAULTS
+    assert not unknown, unknown
+    g = p.add_argument_group("optimization (every trainer)")
+    g.add_argument("--epochs", type=int, default=10, help="maximum number of epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="images per step and process; under torchrun the global batch is this times the processes (default: %(default)s)")
+    g.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="AdamW, or SGD with --momentum (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; AdamW's beta1 (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (default: %(default)s)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length before the cosine decay (default: %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final learning rate as a share of --lr; 1 = constant (default: %(default)s)")
+    g.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip the gradient norm to this value; 0 disables (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop after this many epochs without a better validation metric; 0 disables (default: %(default)s)")
+    g.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop after the epoch that passes this many minutes of training; 0 = no limit (default: %(default)s)")
+    g.add_argument("--bn-recalibration-batches", type=int, default=50,
+                   help="before each evaluation, recompute BatchNorm statistics (cumulative average) over this many training "
+                        "batches in train mode; 0 disables (default: %(default)s)")
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) (default: %(default)s)")
+    g = p.add_argument_group("run (every trainer)")
+    g.add_argument("--out", default=None,
+                   help="output folder; an existing one needs --resume or --force (default: runs/<model>-<UTC date-time>)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint.pt, or the output folder holding it, to continue from with the same flags (default: None)")
+    g.add_argument("--force", action="store_true", help="write into an existing --out folder, replacing its files (default: off)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun each process takes its LOCAL_RANK's GPU (default: auto)")
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes (default: off)")
+    g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="data-loading processes (default: min(2, cores))")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for the split, initialization and augmentation (default: %(default)s)")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only (slower on GPU) (default: off)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)")
+    if cache:
+        g.add_argument("--cache", default="none", choices=("none", "memory", "disk"),
+                       help="keep decoded, resized images in memory or in <out>/cache so later epochs skip decoding; "
+                            "augmentation still runs every epoch (default: %(default)s)")
+    g = p.add_argument_group("diagnostics (every trainer, written into --out)")
+    g.add_argument("--log-grad-norms", action="store_true",
+                   help="per-layer gradient norms each epoch, vanishing/exploding layers flagged: grad_norms.csv/.png (default: off)")
+    g.add_argument("--activation-stats", action="store_true",
+                   help="per-layer output mean, std and share of zeros on a fixed validation batch, dead layers flagged: "
+                        "activations.csv/.png (default: off)")
+    g.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile the first N training steps: profile/trace.json (Chrome trace) and profile/top_ops.txt (default: 0, off)")
+    p.set_defaults(**defaults)
+    return p
+
+
+# (lowest, highest, lowest allowed, highest allowed) of every numeric flag of every trainer
+RANGES = {
+    "epochs": (1, None, True, True), "batch_size": (1, None, True, True), "input_size": (8, None, True, True),
+    "resize_size": (8, None, True, True), "image_size": (8, None, True, True), "latent_dim": (1, None, True, True),
+    "width": (1, None, True, True), "knn_k": (1, None, True, True), "grid_size": (1, None, True, True),
+    "score_samples": (2, None, True, True), "lr": (0, None, True, True), "weight_decay": (0, None, True, True),
+    "momentum": (0, 1, True, False), "warmup_epochs": (0, None, True, True), "min_lr_ratio": (0, 1, True, True),
+    "clip_grad_norm": (0, None, True, True), "patience": (0, None, True, True), "max_minutes": (0, None, True, True),
+    "workers": (0, None, True, True), "threads": (0, None, True, True), "bn_recalibration_batches": (0, None, True, True),
+    "profile": (0, None, True, True), "hflip_prob": (0, 1, True, True), "vflip_prob": (0, 1, True, True),
+    "min_scale": (0, 1, False, True), "label_smoothing": (0, 1, True, False), "threshold": (0, 1, False, False),
+    "val_fraction": (0, 1, False, False), "eval_val_fraction": (0, 1, False, False), "temperature": (0, None, False, True),
+    "jitter": (0, None, True, True), "rotation": (0, 180, True, True), "pictures": (0, None, True, True),
+    "vis_count": (0, None, True, True),
+}
+
+
+def check_ranges(args) -> None:
+    for dest, (lo, hi, lo_ok, hi_ok) in RANGES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        bad = (value < lo if lo_ok else value <= lo) or (hi is not None and (value > hi if hi_ok else value >= hi))
+        if bad or not math.isfinite(value):
+            low = f"{'>=' if lo_ok else '>'} {lo}"
+            want = f"{low} and {'<=' if hi_ok else '<'} {hi}" if hi is not None else low
+            raise UsageError(f"--{dest.replace('_', '-')} must be {want}, got {value}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto / cpu / cuda / cuda:N, refused with one line when it is not there."""
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        match = re.fullmatch(r"cuda", name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not match:
+        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu (or auto)")
+    if dist.launched():
+        if match[1] is not None:
+            raise UsageError(f"--device {name}: under torchrun give --device cuda (or auto); each process takes the GPU of its LOCAL_RANK")
+        index = dist.local_rank()
+    else:
+        index = int(match[1] or 0)
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def parse_model_args(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-arg expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_model(name: str, task: str, pairs: list[str], **fixed) -> tuple[nn.Module, dict]:
+    """A registered model of `task`, with the --model-arg pairs checked against its builder;
+    returns it and the keyword arguments that rebuild it."""
+    try:
+        entry = get_entry(name, task=task)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    params = inspect.signature(entry.builder).parameters
+    extra = parse_model_args(pairs)
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        for key in [*extra, *fixed]:
+            if key not in params:
+                raise UsageError(f"--model {name} takes no argument {key!r}; it takes {', '.join(params)}")
+    kwargs = {**fixed, **extra}
+    try:
+        return get_model(name, **kwargs), kwargs
+    except (TypeError, ValueError, RuntimeError, OSError) as e:
+        raise UsageError(f"--model {name} cannot be built with {kwargs}: {str(e).splitlines()[0]}") from None
+
+
+def builder_accepts(name: str, task: str, arg: str) -> bool:
+    return arg in inspect.signature(get_entry(name, task=task).builder).parameters
+
+
+def check_out(args) -> None:
+    """--out: a folder (not a file) that is new unless resumed or forced."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"--out {out} already holds files; give --resume {out} to continue that run or --force to overwrite it")
+
+
+def load_resume(args) -> dict | None:
+    """The checkpoint --resume names, checked."""
+    if not args.resume:
+        return None
+    path = Path(args.resume)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"--resume {args.resume}: {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, pickled objects: all the same to the user
+        raise UsageError(f"--resume {path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "state", "optimizer"} <= set(ckpt):
+        raise UsageError(f"--resume {path} is not a checkpoint.pt written by these trainers")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+# -- the pieces shared by every task -----------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def package_versions(*extra: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torchvision
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    for name in extra:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_metrics(out: Path, history: list[dict], panels: dict[str, list[str]]) -> None:
+    """metrics.csv (one row per epoch) and curves.png (one panel per entry of `panels`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    epochs = [h["epoch"] for h in history]
+    panels = {t: [c for c in cols if c in history[0]] for t, cols in panels.items()}
+    panels = {t: cols for t, cols in panels.items() if cols}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, columns) in zip(axes[0], panels.items()):
+        for column in columns:
+            ax.plot(epochs, [h[column] for h in history], "o-", label=column)
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+class SkipCollate:
+    """Collation that drops what a dataset could not read (`Skipped`) and names it:
+    returns (batch or None, [paths skipped])."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items: list):
+        good = [x for x in items if not isinstance(x, Skipped)]
+        return (self.collate(good) if good else None), [str(x.path) for x in items if isinstance(x, Skipped)]
+
+
+def to_device(x, device: torch.device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+class Task:
+    """What a trainer supplies. `setup` sets `model`, `train_set`, `meta` (and may add
+    `extra_modules`, trained beside the model but not saved in model.pt, e.g. the GAN's
+    discriminator); `step` runs one batch and calls `update(loss, name)` once per optimizer."""
+
+    name = ""  # model.json's "task"
+    metric_name = "loss"  # model.json's metrics "name"
+    monitor: str | None = None  # evaluate()'s key that picks the saved epoch (higher is better); None: the last epoch
+    drop_last = False  # drop a last incomplete batch (BatchNorm needs more than one image)
+    panels: dict[str, list[str]] = {}
+
+    def __init__(self):
+        self.extra_modules: dict[str, nn.Module] = {}
+        self.extra_metrics: dict = {}
+        self.skipped: list[str] = []
+        self.optimizer_kwargs: dict[str, dict] = {}
+        self.args = self.device = None
+
+    def parser(self) -> argparse.ArgumentParser:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The run's first line."""
+        return self.name
+
+    def check(self, args) -> None:
+        """Task-specific flag checks, before anything is read (raise UsageError)."""
+
+    def setup(self, args) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def collate(items):
+        return default_collate(items)
+
+    def sample_weights(self) -> list[float] | None:
+        """Per-image sampling weights for --balance."""
+        return None
+
+    def step(self, batch, models: dict, update) -> tuple[int, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict:
+        return {}
+
+    def probe_input(self):
+        """A fixed validation batch for --activation-stats."""
+        data = getattr(self, "val_set", None) or self.train_set
+        items = [x for x in (data[i] for i in range(min(16, len(data)))) if not isinstance(x, Skipped)]
+        return self.collate(items)[0]
+
+    def finish(self, out: Path) -> None:
+        """Pictures drawn from the saved model at the end."""
+
+    def loader(self, dataset, sampler=None, generator=None, drop_last=False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, shuffle=False, generator=generator,
+                          drop_last=drop_last, num_workers=self.args.workers, collate_fn=SkipCollate(type(self).collate),
+                          pin_memory=self.device.type == "cuda")
+
+    def batches(self, loader, desc: str = ""):
+        """The readable batches of `loader` behind a progress bar (rank 0); skipped files are noted."""
+        off = self.args.no_progress or not dist.is_main()
+        for batch, skipped in tqdm(loader, desc=desc, leave=False, disable=True if off else None, dynamic_ncols=True):
+            self.skipped += skipped
+            if batch is not None:
+                yield to_device(batch, self.device)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def cli(task: Task, argv: list[str] | None = None) -> int:
+    """Parse, check, train. Mistakes are one `error:` line and exit 2, a failed run exit 1."""
+    args = task.parser().parse_args(argv)
+    try:
+        fit(task, args)
+    except (ValueError, KeyError) as e:
+        log(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        return 2
+    except TrainingError as e:
+        log(f"error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log(f"interrupted; continue with --resume {args.out}")
+        return 130
+    finally:
+        dist.close()
+    return 0
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only (the environment tells the ranks apart before the group exists)."""
+    if dist.rank() == 0 and os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def fit(task: Task, args) -> dict:
+    """Train `task` with `args`; returns the final model.json (on rank 0)."""
+    check_ranges(args)
+    task.check(args)
+    device = resolve_device(args.device)
+    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
+    if args.sync_bn and not dist.launched():
+        raise UsageError("--sync-bn needs several processes; start the trainer with torchrun --nproc_per_node N")
+    if getattr(args, "weights_path", None) and not Path(args.weights_path).is_file():
+        raise UsageError(f"--weights-path {args.weights_path} does not exist")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init(device)
+    stamp = dist.from_main(dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    args.out = args.out or f"runs/{args.model}-{stamp}"
+    problem = None
+    if dist.is_main():  # rank 0 alone: the others would see the folder it is about to fill
+        try:
+            check_out(args)
+        except UsageError as e:
+            problem = str(e)
+    problem = dist.from_main(problem)
+    if problem:
+        raise UsageError(problem)
+    ckpt = load_resume(args)
+    seed_everything(args.seed, args.deterministic)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task.args, task.device = args, device
+    task.setup(args)
+    out, world, rank = Path(args.out), dist.world_size(), dist.rank()
+
+    models = {"model": task.model, **task.extra_modules}
+    for name, m in models.items():
+        m.to(device)
+        if args.sync_bn:
+            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        if world > 1 and any(p.requires_grad for p in m.parameters()):
+            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
+        models[name] = m
+    sampler = dist.train_sampler(task.train_set, args.seed, task.sample_weights() if getattr(args, "balance", False) else None)
+    drop_last = task.drop_last and len(sampler) > args.batch_size
+    steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
+    if steps < 10 and any(has_batchnorm(m) for m in models.values()):
+        log(f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} process(es) give only "
+            f"{steps} step(s) per epoch: too few for BatchNorm's running statistics to follow the weights; they are "
+            f"recalibrated before each evaluation, but a smaller --batch-size trains better")
+
+    optimizers, schedulers, scalers, params = {}, {}, {}, {}
+    for name, m in models.items():
+        params[name] = [p for p in m.parameters() if p.requires_grad]
+        if args.optimizer == "sgd":
+            optimizers[name] = torch.optim.SGD(params[name], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        else:
+            kw = {"betas": (args.momentum, 0.999), **task.optimizer_kwargs.get(name, {})}
+            optimizers[name] = torch.optim.AdamW(params[name], lr=args.lr, weight_decay=args.weight_decay, **kw)
+        schedulers[name] = cosine_with_warmup(optimizers[name], round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio)
+        scalers[name] = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "stale_epochs": 0, "history": [],
+             "train_seconds": 0.0, "train_cpu_seconds": 0.0, "skipped_files": []}
+    if ckpt is not None:
+        try:
+            unwrap(models["model"]).load_state_dict(ckpt["model"])
+            for name in task.extra_modules:
+                unwrap(models[name]).load_state_dict(ckpt["modules"][name])
+            for name in models:
+                optimizers[name].load_state_dict(ckpt["optimizer"][name])
+                schedulers[name].load_state_dict(ckpt["lr_scheduler"][name])
+                scalers[name].load_state_dict(ckpt["scaler"][name])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UsageError(f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})") from None
+        state = ckpt["state"]
+        log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    main = dist.is_main()
+    grads = GradNormLog(out) if args.log_grad_norms and main else None
+    acts = ActivationLog(out) if args.activation_stats and main else None
+    meta = {**task.meta, "versions": task.meta.get("versions") or package_versions(),
+            "training": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         "processes": world, "global_batch_size": args.batch_size * world,
+                         "amp": args.amp, "optimizer": args.optimizer}}
+
+    def update(loss: torch.Tensor, name: str = "model") -> None:
+        if not torch.isfinite(loss) and amp_dtype != torch.float16:
+            raise TrainingError(f"training diverged (loss {loss.item()}); try a lower --lr")
+        opt, scaler = optimizers[name], scalers[name]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad_norm or (grads and name == "model"):
+            scaler.unscale_(opt)
+        if grads and name == "model":
+            grads.record(unwrap(models[name]))
+        if args.clip_grad_norm:
+            nn.utils.clip_grad_norm_(params[name], args.clip_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        schedulers[name].step()
+
+    def no_update(loss, name="model") -> None:
+        pass
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: every input has been checked
+    log(f"{task.describe()}, on {device}" + (f" x {world} processes" if world > 1 else "")
+        + (f", AMP {args.amp}" if args.amp != "none" else ""))
+    profiler = StepProfiler(out, args.profile, device.type == "cuda") if args.profile and main else None
+    started_wall = time.time()
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        start, cpu_start = time.time(), time.process_time()
+        # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it.
+        torch.manual_seed(args.seed + epoch + 100_003 * rank)
+        sampler.set_epoch(epoch)
+        loader = task.loader(task.train_set, sampler, torch.Generator().manual_seed(args.seed + epoch), drop_last)
+        task.skipped, task.epoch = [], epoch
+        for m in models.values():
+            m.train()
+        sums, seen = defaultdict(float), 0
+        for batch in task.batches(loader, f"epoch {epoch}/{args.epochs} train"):
+            with autocast():
+                n, values = task.step(batch, models, update)
+            seen += n
+            for k, v in values.items():
+                sums[k] += v * n
+            if profiler:
+                profiler.step()
+        keys = sorted(sums)
+        totals = dist.sum_over_ranks([seen] + [sums[k] for k in keys], device)
+        train = {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
+        if args.bn_recalibration_batches and any(has_batchnorm(m) for m in models.values()):
+            calibration = getattr(task, "calibration_set", task.train_set)
+            recalibrate_batchnorm(task, models, task.loader(calibration, dist.train_sampler(calibration, args.seed + epoch)),
+                                  args.bn_recalibration_batches, autocast, no_update)
+
+        va, stop = {}, None
+        if main:
+            model = unwrap(models["model"]).eval()
+            with torch.no_grad(), autocast():
+                va = task.evaluate(model)
+        skipped = sorted(set(dist.gather_lists(task.skipped)))
+        if main:
+            seconds = time.time() - start
+            state["train_seconds"] += seconds
+            state["train_cpu_seconds"] += time.process_time() - cpu_start
+            state["skipped_files"] = sorted(set(state["skipped_files"]) | set(skipped))
+            row = {"epoch": epoch, "lr": optimizers["model"].param_groups[0]["lr"], **{f"train_{k}": v for k, v in train.items()},
+                   **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
+                   "skipped_images": len(skipped), "seconds": round(seconds, 2)}
+            state["history"].append(row)
+            state["epoch"] = epoch
+            improved = task.monitor is None or va[task.monitor] > state["best_metric"] or not state["best_epoch"]
+            if improved:
+                state.update(best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0)
+                meta["metrics"] = {"name": task.metric_name, "best_val": va.get(task.monitor), "best_epoch": epoch,
+                                   **va, **task.extra_metrics}
+                meta["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                save_model_files(out, models["model"], meta)
+            else:
+                state["stale_epochs"] += 1
+            atomic_torch_save({"model": unwrap(models["model"]).state_dict(),
+                               "modules": {n: unwrap(models[n]).state_dict() for n in task.extra_modules},
+                               "optimizer": {n: o.state_dict() for n, o in optimizers.items()},
+                               "lr_scheduler": {n: s.state_dict() for n, s in schedulers.items()},
+                               "scaler": {n: s.state_dict() for n, s in scalers.items()},
+                               "state": state, "args": vars(args)}, out / "checkpoint.pt")
+            write_metrics(out, state["history"], task.panels)
+            notes = []
+            if grads:
+                notes += grads.end_epoch(epoch)
+            if acts:
+                notes += acts.end_epoch(epoch, model, to_device(task.probe_input(), device))
+            log(epoch_line(epoch, args.epochs, train, va, improved, row, skipped))
+            for note in notes:
+                log(f"  warning: {note}")
+            if args.patience and state["stale_epochs"] >= args.patience and epoch < args.epochs:
+                stop = f"early stop: no better validation {task.monitor} for {args.patience} epochs"
+            elif args.max_minutes and time.time() - started_wall > args.max_minutes * 60 and epoch < args.epochs:
+                stop = f"stopping: --max-minutes {args.max_minutes:g} reached"
+        stop = dist.from_main(stop)
+        if stop:
+            log(stop)
+            break
+    if profiler:
+        profiler.finish()
+    if not main:
+        return {}
+    # model.json describes model.pt (the best epoch) and the whole run.
+    final = read_meta(out)
+    final["metrics"].update(epochs_run=state["epoch"], train_seconds=round(state["train_seconds"], 1),
+                            train_cpu_seconds=round(state["train_cpu_seconds"], 1),
+                            skipped_images=len(state["skipped_files"]), skipped_files=state["skipped_files"][:1000])
+    atomic_write_bytes(out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
+    task.finish(out)
+    best = f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; " if task.monitor else ""
+    log(f"{best}wrote {out}/model.pt and model.json")
+    return final
+
+
+def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict, skipped: list[str]) -> str:
+    def fmt(d):
+        return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
+
+    line = f"epoch {epoch}/{epochs}  train {fmt(train)}"
+    if fmt(va):
+        line += f"  |  val {fmt(va)}{' *' if improved else ''}"
+    line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+    if skipped:
+        line += f"  |  skipped {len(skipped)} unreadable: {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+    return line
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(task: Task, models: dict, loader, batches: int, autocast, no_update) -> None:
+    """Recompute every BatchNorm's running statistics as the cumulative average (momentum
+    None) over `batches` batches of training images in train mode (the task's
+    `calibration_set`: its training images as evaluation sees them, else its training set),
+    so the saved model's eval-mode answers match the weights it has, however few steps an
+    epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
+    layers = [m for model in models.values() for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    for model in models.values():
+        model.train()
+    for i, batch in enumerate(task.batches(loader, "BatchNorm recalibration")):
+        if i >= batches:
+            break
+        with autocast():
+            task.step(batch, models, no_update)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
