@@ -153,5 +153,5 @@ def test_visualize_draws_a_segmenters_mask():
               "classes": ["background", "rectangle", "ellipse"]}
     drawn = torch.from_numpy(np.array(render(image, answer)))
     assert (drawn[10, 20] > 0).any() and (drawn[25, 35] == 0).all()  # the class area is coloured, the background not
-    with pytest.raises(ValueError, match="neither detections nor a mask"):
+    with pytest.raises(ValueError, match="neither detections, a mask nor an explanation"):
         render(image, {"cat": 0.9})
