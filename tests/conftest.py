@@ -7,6 +7,7 @@ scikit-image's real pictures. Nothing is downloaded.
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,15 @@ def trained_digits(digits_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "digits"
     assert train_mod.cli(train_cli_args(digits_dir / "train", out, "--epochs", "3", "--batch-size", "32")) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def digits_model_dir(trained_digits, tmp_path_factory) -> Path:
+    """The trained digits model alone in a folder, as a worker's model_dir holds it."""
+    model_dir = tmp_path_factory.mktemp("digits_model")
+    for name in ("model.pt", "model.json"):
+        shutil.copy(trained_digits / name, model_dir / name)
+    return model_dir
 
 
 @pytest.fixture(scope="session")

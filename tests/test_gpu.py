@@ -16,7 +16,6 @@ Tolerances, on class probabilities against the CPU in fp32:
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -65,14 +64,6 @@ def assert_close(a: list[dict], b: list[dict], atol: float, top1_share: float = 
 
 
 @pytest.fixture(scope="module")
-def digits_dir_model(trained_digits, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("gpu_digits")
-    for name in ("model.pt", "model.json"):
-        shutil.copy(trained_digits / name, model_dir / name)
-    return model_dir
-
-
-@pytest.fixture(scope="module")
 def photo_model(tmp_path_factory):
     """ResNet-18 with random weights at 224 px (ImageNet preprocessing): real JPEGs reach nvJPEG."""
     torch.manual_seed(0)
@@ -98,18 +89,18 @@ def jpeg_rows(photos):
 
 
 @needs_cuda
-def test_gpu_fp32_answers_equal_cpu_answers(digits_dir_model, digit_rows):
-    cpu, config = handler_on(digits_dir_model, None)
-    gpu, _ = handler_on(digits_dir_model, 0)
+def test_gpu_fp32_answers_equal_cpu_answers(digits_model_dir, digit_rows):
+    cpu, config = handler_on(digits_model_dir, None)
+    gpu, _ = handler_on(digits_model_dir, 0)
     assert gpu.device == torch.device("cuda", 0) and next(gpu.model.parameters()).is_cuda
-    assert_close(answers(gpu, digits_dir_model, digit_rows, config),
-                 answers(cpu, digits_dir_model, digit_rows, config), FP32_ATOL)
+    assert_close(answers(gpu, digits_model_dir, digit_rows, config),
+                 answers(cpu, digits_model_dir, digit_rows, config), FP32_ATOL)
 
 
 @needs_cuda
 @pytest.mark.parametrize("autocast", ["bf16", "fp16"])
-def test_gpu_autocast_answers_stay_close_to_cpu_fp32(autocast, photo_model, jpeg_rows, digits_dir_model, digit_rows):
-    for model_dir, rows in ((digits_dir_model, digit_rows), (photo_model, jpeg_rows)):
+def test_gpu_autocast_answers_stay_close_to_cpu_fp32(autocast, photo_model, jpeg_rows, digits_model_dir, digit_rows):
+    for model_dir, rows in ((digits_model_dir, digit_rows), (photo_model, jpeg_rows)):
         cpu, config = handler_on(model_dir, None)
         gpu, _ = handler_on(model_dir, 0, {"autocast": autocast})
         assert gpu.runner.autocast == runtimes.AUTOCAST_DTYPES[autocast]
@@ -159,14 +150,14 @@ def test_onnx_runtime_cuda_provider_answers_like_eager(trained_digits, digits_di
 
 
 @needs_cuda
-def test_torchserve_gpu_worker_answers_like_the_cpu(trained_digits, digits_dir_model, digit_rows, tmp_path):
+def test_torchserve_gpu_worker_answers_like_the_cpu(trained_digits, digits_model_dir, digit_rows, tmp_path):
     store = tmp_path / "store"
     assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store), "--device", "gpu",
                          "--batch-size", "4", "--topk", "10"]) == 0
     config = yaml.safe_load(zipfile.ZipFile(store / "digits.mar").read("model-config.yaml"))
     assert config["deviceType"] == "gpu"
-    cpu, handler_config = handler_on(digits_dir_model, None)
-    expected = answers(cpu, digits_dir_model, digit_rows, handler_config)
+    cpu, handler_config = handler_on(digits_model_dir, None)
+    expected = answers(cpu, digits_model_dir, digit_rows, handler_config)
     ts = TorchServe(run_dir=tmp_path / "serve", model_store=store, ports={})
     try:
         ts.start(["digits"], timeout=300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 
 import pytest
 import torch
@@ -32,14 +31,6 @@ def run(handler, model_dir, rows, config=None):
     ctx = make_context(model_dir, len(rows), config)
     answers = handler.handle(rows, ctx)
     return answers, [ctx.get_response_status(i)[0] for i in range(len(rows))]
-
-
-@pytest.fixture(scope="module")
-def digits_model_dir(trained_digits, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("digits_model")
-    for name in ("model.pt", "model.json"):
-        shutil.copy(trained_digits / name, model_dir / name)
-    return model_dir
 
 
 @pytest.fixture(scope="module")
