@@ -483,15 +483,16 @@ class TorchServe:
                          f"see {self.run_dir / 'logs' / 'model_log.log'}\n{self.log_tail('model_log.log')}")
 
     def refusal(self, model: str, offset: int = 0) -> str | None:
-        """The refusal line a worker of name/version logged after `offset` in model_log.log."""
-        name, version = model.split("/")
+        """The refusal line a worker of `name/version` (or of any version of `name`) logged
+        after `offset` in model_log.log."""
+        name, _, version = model.partition("/")
         path = self.run_dir / "logs" / "model_log.log"
         if not path.is_file():
             return None
         with open(path, "rb") as f:
             f.seek(offset if path.stat().st_size >= offset else 0)
             text = f.read().decode(errors="replace")
-        tag = f"-{name}_{version}-"
+        tag = f"-{name}_{version}-" if version else f"-{name}_"
         for line in text.splitlines():
             if REFUSAL in line and tag in line:
                 return line.split(REFUSAL, 1)[1].strip()
