@@ -172,7 +172,9 @@ class VisionHandler(BaseHandler):
             torch.set_num_threads(self.threads_per_worker())
 
         self.model, self.meta = load_trained(model_dir, map_location=self.device)
-        self.model.to(self.device)
+        # Serving never needs the parameters' gradients (explanations take the input's), and
+        # freezing them before the runtime is built keeps torch.compile's guards unchanged.
+        self.model.to(self.device).requires_grad_(False)
         # handler option gpu_decode: JPEGs decoded by nvJPEG on the worker's GPU.
         self.decode_device = self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
         # Tasks that read plain images (not the segmenter, detector or generator) batch their decode.
