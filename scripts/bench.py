@@ -459,14 +459,14 @@ def ratios(result: dict) -> dict:
     return out
 
 
-def require_gpu() -> None:
+def require_gpu(what: str = "--device gpu", instead: str = "; use --device cpu") -> None:
     """Refuse, in one line that names what is missing, to measure a GPU that is not there."""
     import torch
 
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-        raise ValueError(f"--device gpu: torch {torch.__version__} ({build}) sees no CUDA device here "
-                         "(no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them); use --device cpu")
+        raise ValueError(f"{what}: torch {torch.__version__} ({build}) sees no CUDA device here "
+                         f"(no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them){instead}")
 
 
 def machine() -> str:

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --configs {','.join(unknown)!r} unknown; choose from: {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     try:
-        require_gpu()
+        require_gpu("bench_gpu measures a GPU", "; scripts/bench.sh measures the CPU")
         for m in models:
             get_entry(m, task="classification")
     except (ValueError, KeyError) as e:

@@ -25,6 +25,10 @@ while [ $# -gt 0 ]; do
     *) echo "error: unknown option $1; known: --device, --amp, --epochs, --tasks, --out, --help" >&2; exit 2 ;;
   esac
 done
+KNOWN="classification detection segmentation generation embedding"
+for task in ${TASKS//,/ }; do
+  case " $KNOWN " in *" $task "*) ;; *) echo "error: unknown task $task; known: $KNOWN" >&2; exit 2 ;; esac
+done
 NPROC=1
 if [ "$DEVICE" = cuda ]; then NPROC="$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')"; fi
 mkdir -p "$DATA" "$OUT"
@@ -41,7 +45,6 @@ declare -A CMD=(
   [embedding]="training.train_simclr --data $D/digits/train --eval-data $D/digits/train --eval-val-data $D/digits/test --channels 1 --hflip-prob 0"
 )
 for task in ${TASKS//,/ }; do
-  [ -n "${CMD[$task]:-}" ] || { echo "error: unknown task $task; known: ${!CMD[*]}" >&2; exit 2; }
   for amp in ${AMPS//,/ }; do
     run="$OUT/${task}_${DEVICE}_${amp}"
     rm -rf "$run"
