@@ -65,11 +65,15 @@ class ExplainConfig:
     memory_mb: float | None = None  # None: sized from the device
 
     @classmethod
-    def from_handler_config(cls, cfg: dict) -> "ExplainConfig":
+    def from_handler_config(cls, cfg: dict) -> ExplainConfig:
         """The archive's settings (checked by handlers/options.py when the worker loads)."""
         memory = cfg.get("explain_memory_mb")
-        return cls(int(cfg.get("explain_steps", cls.steps)), int(cfg.get("explain_max_steps", cls.max_steps)),
-                   str(cfg.get("explain_baseline", cls.baseline)), None if memory is None else float(memory))
+        return cls(
+            int(cfg.get("explain_steps", cls.steps)),
+            int(cfg.get("explain_max_steps", cls.max_steps)),
+            str(cfg.get("explain_baseline", cls.baseline)),
+            None if memory is None else float(memory),
+        )
 
 
 def parse_options(row, classes: list[str], cfg: ExplainConfig) -> tuple[dict, int | None, int]:
@@ -81,8 +85,9 @@ def parse_options(row, classes: list[str], cfg: ExplainConfig) -> tuple[dict, in
         name = str(options["target"])
         if name not in classes:
             shown = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
-            raise RequestError(400, "UnknownClass", f"target class {name!r} is not one of the model's "
-                                                    f"{len(classes)} classes: {shown}")
+            raise RequestError(
+                400, "UnknownClass", f"target class {name!r} is not one of the model's {len(classes)} classes: {shown}"
+            )
         target = classes.index(name)
     steps = cfg.steps
     if options.get("n_steps") is not None:
@@ -94,8 +99,11 @@ def parse_options(row, classes: list[str], cfg: ExplainConfig) -> tuple[dict, in
         except (TypeError, ValueError):
             raise RequestError(400, "InvalidOption", f"n_steps must be a whole number, got {value!r}") from None
         if not 1 <= steps <= cfg.max_steps:
-            raise RequestError(400, "InvalidOption", f"n_steps must be from 1 to {cfg.max_steps} "
-                                                    f"(explain_max_steps of this archive), got {steps}")
+            raise RequestError(
+                400,
+                "InvalidOption",
+                f"n_steps must be from 1 to {cfg.max_steps} (explain_max_steps of this archive), got {steps}",
+            )
     return row, target, steps
 
 
@@ -171,15 +179,25 @@ class Explainer:
         start = time.perf_counter()
         with torch.enable_grad():
             attributions, delta = IntegratedGradients(forward).attribute(
-                x[None], baselines=baseline[None], target=target, n_steps=steps,
-                internal_batch_size=batch, return_convergence_delta=True)
+                x[None],
+                baselines=baseline[None],
+                target=target,
+                n_steps=steps,
+                internal_batch_size=batch,
+                return_convergence_delta=True,
+            )
         with torch.no_grad():
             ends = forward(torch.stack([x, baseline]))
             ends = ends[:, target] if target is not None else ends
-        logger.info("integrated gradients: %d steps in internal batches of %d, %.2fs", steps, batch,
-                    time.perf_counter() - start)
-        return {"map": attributions[0].sum(0).detach().double().cpu(), "delta": float(delta[0]),
-                "output": float(ends[0]), "baseline_output": float(ends[1])}
+        logger.info(
+            "integrated gradients: %d steps in internal batches of %d, %.2fs", steps, batch, time.perf_counter() - start
+        )
+        return {
+            "map": attributions[0].sum(0).detach().double().cpu(),
+            "delta": float(delta[0]),
+            "output": float(ends[0]),
+            "baseline_output": float(ends[1]),
+        }
 
 
 # -- the answer ---------------------------------------------------------------------------
@@ -237,8 +255,16 @@ def heatmap_png(attr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def answer(result: dict, *, target: str, probability: float, steps: int, baseline: str,
-           size: tuple[int, int], box: tuple[float, float, float, float]) -> dict:
+def answer(
+    result: dict,
+    *,
+    target: str,
+    probability: float,
+    steps: int,
+    baseline: str,
+    size: tuple[int, int],
+    box: tuple[float, float, float, float],
+) -> dict:
     attr = result["map"]
     return {
         "method": "integrated_gradients",
@@ -272,8 +298,15 @@ def explain_classification(handler, row) -> dict:
     probs = torch.sigmoid(logits) if handler.multi_label else torch.softmax(logits, 0)
     target = int(logits.argmax()) if target is None else target
     result = explainer.attribute(explainer.model, x, target, steps)
-    return answer(result, target=handler.classes[target], probability=float(probs[target]), steps=steps,
-                  baseline=explainer.cfg.baseline, size=size, box=crop_box(size, handler.data_config))
+    return answer(
+        result,
+        target=handler.classes[target],
+        probability=float(probs[target]),
+        steps=steps,
+        baseline=explainer.cfg.baseline,
+        size=size,
+        box=crop_box(size, handler.data_config),
+    )
 
 
 def explain_segmentation(handler, row) -> dict:
@@ -290,8 +323,12 @@ def explain_segmentation(handler, row) -> dict:
         target = int(areas[1:].argmax()) + 1 if len(areas) > 1 and areas[1:].max() > 0 else 0
     if areas[target] == 0:
         present = ", ".join(handler.classes[i] for i in range(len(areas)) if areas[i] > 0)
-        raise RequestError(422, "ClassNotPredicted", f"class {handler.classes[target]!r} is predicted nowhere in "
-                                                    f"this image, so it has no region to explain; predicted: {present}")
+        raise RequestError(
+            422,
+            "ClassNotPredicted",
+            f"class {handler.classes[target]!r} is predicted nowhere in "
+            f"this image, so it has no region to explain; predicted: {present}",
+        )
     region = (predicted == target).float()
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -300,8 +337,15 @@ def explain_segmentation(handler, row) -> dict:
     probability = float((torch.softmax(logits, 0)[target] * region).sum() / region.sum())
     result = explainer.attribute(forward, x, None, steps)
     h, w = size
-    return answer(result, target=handler.classes[target], probability=probability, steps=steps,
-                  baseline=explainer.cfg.baseline, size=size, box=(0.0, 0.0, float(w), float(h)))
+    return answer(
+        result,
+        target=handler.classes[target],
+        probability=probability,
+        steps=steps,
+        baseline=explainer.cfg.baseline,
+        size=size,
+        box=(0.0, 0.0, float(w), float(h)),
+    )
 
 
 def explain_rows(handler, rows: list) -> list:

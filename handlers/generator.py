@@ -46,9 +46,13 @@ class ImageGenerator(VisionHandler):
             try:
                 payload = json.loads(payload)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise RequestError(400, "InvalidJSON", 'body is not JSON; send {"seed": int, "n": int} or {"latent": [[...]]}') from None
+                raise RequestError(
+                    400, "InvalidJSON", 'body is not JSON; send {"seed": int, "n": int} or {"latent": [[...]]}'
+                ) from None
         if not isinstance(payload, dict):
-            raise RequestError(400, "InvalidRequest", 'expected a JSON object {"seed": int, "n": int} or {"latent": [[...]]}')
+            raise RequestError(
+                400, "InvalidRequest", 'expected a JSON object {"seed": int, "n": int} or {"latent": [[...]]}'
+            )
         return payload
 
     def preprocess_one(self, row) -> tuple[torch.Tensor, dict]:
@@ -60,10 +64,16 @@ class ImageGenerator(VisionHandler):
             if not (isinstance(z, list) and z and all(isinstance(v, list) for v in z)):
                 raise RequestError(400, "InvalidLatent", '"latent" must be a list of vectors (lists of numbers)')
             if len(z) > self.max_n:
-                raise RequestError(400, "TooManyImages", f"{len(z)} latent vectors requested; at most {self.max_n} per request")
+                raise RequestError(
+                    400, "TooManyImages", f"{len(z)} latent vectors requested; at most {self.max_n} per request"
+                )
             for i, v in enumerate(z):
-                if len(v) != self.latent_dim or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
-                    raise RequestError(400, "InvalidLatent", f"latent vector {i} must hold {self.latent_dim} finite numbers")
+                if len(v) != self.latent_dim or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+                ):
+                    raise RequestError(
+                        400, "InvalidLatent", f"latent vector {i} must hold {self.latent_dim} finite numbers"
+                    )
             return torch.tensor(z, dtype=torch.float32), {"n": len(z), "latent_dim": self.latent_dim}
         seed, n = req.get("seed"), req.get("n", 1)
         if seed is None:

@@ -36,7 +36,4 @@ class ImageClassifier(VisionHandler):
             return answers
         probs = torch.softmax(logits, dim=1)
         top_p, top_i = probs.topk(self.topk, dim=1)
-        return [
-            {self.classes[i]: p for p, i in zip(ps, idx)}
-            for ps, idx in zip(top_p.tolist(), top_i.tolist())
-        ]
+        return [{self.classes[i]: p for p, i in zip(ps, idx)} for ps, idx in zip(top_p.tolist(), top_i.tolist())]

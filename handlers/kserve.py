@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import struct
 
-from ts.torch_handler.request_envelope import kserve as ts_kserve, kservev2 as ts_kservev2
+from ts.torch_handler.request_envelope import kserve as ts_kserve
+from ts.torch_handler.request_envelope import kservev2 as ts_kservev2
 
 
 def _pass_through(envelope, data, context):
@@ -78,33 +79,38 @@ def _v2_images(body: dict, tail: bytes) -> list:
     offset, images = 0, None
     for tensor in body["inputs"]:
         if not isinstance(tensor, dict):
-            raise KServeError("each of \"inputs\" must be an object with name, datatype, shape and data")
+            raise KServeError('each of "inputs" must be an object with name, datatype, shape and data')
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:  # tritonclient's binary data: each element is a uint32 length + bytes
-            chunk, offset, elements = tail[offset:offset + size], offset + size, []
+            chunk, offset, elements = tail[offset : offset + size], offset + size, []
             pos = 0
             while pos + 4 <= len(chunk):
                 (n,) = struct.unpack_from("<I", chunk, pos)
-                elements.append(chunk[pos + 4:pos + 4 + n])
+                elements.append(chunk[pos + 4 : pos + 4 + n])
                 pos += 4 + n
             if pos != len(chunk) or len(chunk) != size:
-                raise KServeError(f"input {tensor.get('name')!r}: binary data does not hold length-prefixed BYTES elements")
+                raise KServeError(
+                    f"input {tensor.get('name')!r}: binary data does not hold length-prefixed BYTES elements"
+                )
             tensor = {**tensor, "data": elements}
         if images is None and tensor.get("datatype") == "BYTES":
             data = tensor.get("data")
             while isinstance(data, list) and data and isinstance(data[0], list):
                 data = [x for row in data for x in row]
             if not isinstance(data, list):
-                raise KServeError(f"input {tensor.get('name')!r} has no \"data\" list")
+                raise KServeError(f'input {tensor.get("name")!r} has no "data" list')
             images = data
     if images is None:
-        raise KServeError("no BYTES input: send the images as a BYTES tensor of shape [N] "
-                          "(base64 strings in JSON, or raw bytes as binary data)")
+        raise KServeError(
+            "no BYTES input: send the images as a BYTES tensor of shape [N] "
+            "(base64 strings in JSON, or raw bytes as binary data)"
+        )
     return images
 
 
 def _v2_outputs(answers: list, errors: list[str]) -> list[dict]:
     """Classifier answers ({label: p}) as labels/probabilities tensors, others as JSON strings."""
+
     def tensor(name, datatype, shape, data):
         return {"name": name, "datatype": datatype, "shape": shape, "data": data}
 
@@ -192,7 +198,9 @@ def handle(handler, data: list, context) -> list:
             response = {"model_name": model.get("modelName"), "model_version": model.get("modelVersion")}
             if body.get("id"):
                 response["id"] = body["id"]
-            response["outputs"] = _v2_outputs([None if i in failed else answers[i] for i in slots],
-                                              [failed[i][1] if i in failed else "" for i in slots])
+            response["outputs"] = _v2_outputs(
+                [None if i in failed else answers[i] for i in slots],
+                [failed[i][1] if i in failed else "" for i in slots],
+            )
             out.append(response)
     return out

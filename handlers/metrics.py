@@ -63,8 +63,11 @@ def _declared_metrics(context) -> dict:
             except MetricsCacheKeyError:
                 missing.append(name)
     if missing:
-        logger.warning("metrics not declared in the server's metrics_config, not reported: %s "
-                       "(start TorchServe with monitoring/metrics.yaml)", ", ".join(missing))
+        logger.warning(
+            "metrics not declared in the server's metrics_config, not reported: %s "
+            "(start TorchServe with monitoring/metrics.yaml)",
+            ", ".join(missing),
+        )
     return found
 
 
@@ -91,8 +94,10 @@ class HandlerMetrics:
             if metric is None:
                 return
             dims = ",".join(f"{k}:{v}" for k, v in zip(metric.dimension_names, [*self.labels, *extra_labels]))
-            self.formats[key] = (f"[METRICS]{metric.metric_name}.{metric.unit}:",
-                                 f"|#{dims}|#type:{metric.metric_type.name}|#hostname:{self.host},")
+            self.formats[key] = (
+                f"[METRICS]{metric.metric_name}.{metric.unit}:",
+                f"|#{dims}|#type:{metric.metric_type.name}|#hostname:{self.host},",
+            )
         head, tail = self.formats[key]
         self.lines.append(f"{head}{value}{tail}{int(time.time())}")
 
@@ -146,12 +151,36 @@ class HandlerMetrics:
 
     def _log(self, errors: dict, seconds: float) -> None:
         ids = getattr(self.context, "request_ids", None) or {}
-        timings = {f"{step}_ms": round(s * 1000, 2) for step, s in self.seconds.items()} | {"batch_ms": round(seconds * 1000, 2)}
+        timings = {f"{step}_ms": round(s * 1000, 2) for step, s in self.seconds.items()} | {
+            "batch_ms": round(seconds * 1000, 2)
+        }
         base = {"model": self.model, "version": self.version}
         for idx, err in sorted(errors.items()):
-            request_log.info(json.dumps({"event": "refused", "request_id": ids.get(idx), **base, "status": err.code,
-                                         "error_type": err.type, "message": err.message, **timings}))
-        request_log.info(json.dumps({"event": "batch", **base, "request_ids": [ids.get(i) for i in range(self.size)],
-                                     "statuses": [errors[i].code if i in errors else 200 for i in range(self.size)],
-                                     "size": self.size, "answered": self.size - len(errors), "refused": len(errors),
-                                     "decode_fallbacks": self.fallbacks, **timings}))
+            request_log.info(
+                json.dumps(
+                    {
+                        "event": "refused",
+                        "request_id": ids.get(idx),
+                        **base,
+                        "status": err.code,
+                        "error_type": err.type,
+                        "message": err.message,
+                        **timings,
+                    }
+                )
+            )
+        request_log.info(
+            json.dumps(
+                {
+                    "event": "batch",
+                    **base,
+                    "request_ids": [ids.get(i) for i in range(self.size)],
+                    "statuses": [errors[i].code if i in errors else 200 for i in range(self.size)],
+                    "size": self.size,
+                    "answered": self.size - len(errors),
+                    "refused": len(errors),
+                    "decode_fallbacks": self.fallbacks,
+                    **timings,
+                }
+            )
+        )

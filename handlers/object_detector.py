@@ -36,7 +36,11 @@ def parse_option(name: str, value) -> float | int:
             raise RequestError(400, "InvalidOption", f"score_threshold must be between 0 and 1, got {number:g}")
         return number
     if number != int(number) or not 0 <= number <= MAX_DETECTIONS_LIMIT:
-        raise RequestError(400, "InvalidOption", f"max_detections must be a whole number from 0 to {MAX_DETECTIONS_LIMIT}, got {value!r}")
+        raise RequestError(
+            400,
+            "InvalidOption",
+            f"max_detections must be a whole number from 0 to {MAX_DETECTIONS_LIMIT}, got {value!r}",
+        )
     return int(number)
 
 

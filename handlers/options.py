@@ -137,8 +137,10 @@ def check_options(options: dict, where: str = "") -> dict:
     if most is not None and most < workers:
         raise OptionError(f"{where}max_workers ({most}) must be at least workers ({workers})")
     if out.get("runtime") == "int8" and out.get("device") == "gpu":
-        raise OptionError(f"{where}runtime int8 runs on the CPU only (x86 int8 kernels); use device cpu or auto, "
-                          "or another runtime for a GPU")
+        raise OptionError(
+            f"{where}runtime int8 runs on the CPU only (x86 int8 kernels); use device cpu or auto, "
+            "or another runtime for a GPU"
+        )
     if "runtime" in (out.get("handler") or {}):
         raise OptionError(f"{where}set the runtime with --runtime (the runtime option), not as a handler option")
     return out
@@ -146,7 +148,13 @@ def check_options(options: dict, where: str = "") -> dict:
 
 def check_model_config(config: dict) -> None:
     """A model-config.yaml as a worker reads it: TorchServe's numbers and the handler section."""
-    for key, low in (("minWorkers", 1), ("maxWorkers", 1), ("batchSize", 1), ("maxBatchDelay", 0), ("responseTimeout", 1)):
+    for key, low in (
+        ("minWorkers", 1),
+        ("maxWorkers", 1),
+        ("batchSize", 1),
+        ("maxBatchDelay", 0),
+        ("responseTimeout", 1),
+    ):
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise OptionError(f"model-config {key} must be a whole number >= {low}, got {value!r}")

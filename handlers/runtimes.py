@@ -52,15 +52,18 @@ def cpp_compiler() -> str | None:
 def require_cpp_compiler() -> None:
     """Refuse runtime compile, in one line, on a machine with no C++ compiler."""
     if cpp_compiler() is None:
-        raise RuntimeConfigError(f"runtime compile needs a C++ compiler for torch.compile on the CPU, "
-                                 f"and none of {', '.join(CPP_COMPILERS)} is installed")
+        raise RuntimeConfigError(
+            f"runtime compile needs a C++ compiler for torch.compile on the CPU, "
+            f"and none of {', '.join(CPP_COMPILERS)} is installed"
+        )
 
 
 class EagerRunner:
     """The PyTorch module itself, under inference_mode (and autocast / channels_last if set)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, *, channels_last: bool = True,
-                 autocast: str | None = None):
+    def __init__(
+        self, model: nn.Module, device: torch.device, *, channels_last: bool = True, autocast: str | None = None
+    ):
         if autocast and autocast not in AUTOCAST_DTYPES:
             raise RuntimeConfigError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, got {autocast!r}")
         self.device = device
@@ -73,8 +76,10 @@ class EagerRunner:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                                     enabled=self.autocast is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None),
+        ):
             return self.model(batch)
 
 
@@ -169,6 +174,7 @@ def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device
     start = time.time()
     batch_sizes = handler_config.get("warmup_batch_sizes") or [1]
     warm_up(runner, model_dir, batch_sizes, device)
-    logger.info("runtime %s ready on %s, warmed up at batch sizes %s in %.1fs", kind, device, batch_sizes,
-                time.time() - start)
+    logger.info(
+        "runtime %s ready on %s, warmed up at batch sizes %s in %.1fs", kind, device, batch_sizes, time.time() - start
+    )
     return runner

@@ -43,7 +43,7 @@ def mask_at_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     best = F.interpolate(logits[None, :1].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     better = torch.empty(size, dtype=torch.bool)
     for c in range(1, logits.shape[0]):
-        plane = F.interpolate(logits[None, c:c + 1].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        plane = F.interpolate(logits[None, c : c + 1].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
         torch.gt(plane, best, out=better)  # strictly greater: a tie keeps the lower class, as argmax does
         label.masked_fill_(better, c)
         torch.maximum(best, plane, out=best)
@@ -80,11 +80,13 @@ class ImageSegmenter(VisionHandler):
             mask = mask_at_size(item_logits, size)
             # torch counts the uint8 mask as it is; np.bincount would copy it to int64 first (8 bytes a pixel)
             counts = torch.bincount(torch.from_numpy(mask).view(-1), minlength=len(self.classes)).numpy()
-            answers.append({
-                "mask": base64.b64encode(encode_png(mask_to_image(mask, len(self.classes)))).decode(),
-                "width": size[1],
-                "height": size[0],
-                "classes": self.classes,
-                "fractions": {name: round(float(c) / mask.size, 6) for name, c in zip(self.classes, counts)},
-            })
+            answers.append(
+                {
+                    "mask": base64.b64encode(encode_png(mask_to_image(mask, len(self.classes)))).decode(),
+                    "width": size[1],
+                    "height": size[0],
+                    "classes": self.classes,
+                    "fractions": {name: round(float(c) / mask.size, 6) for name, c in zip(self.classes, counts)},
+                }
+            )
         return answers

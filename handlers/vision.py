@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from model_defs.checkpoint import data_config_from_meta, load_trained
+from handlers import kserve
 from handlers.metrics import HandlerMetrics
 from handlers.options import refuse_bad_config
-from handlers import kserve
 from handlers.runtimes import load_runtime
+from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.preprocessing import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -69,7 +69,9 @@ def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
         # A multipart form whose file field has another name ("file", "image", ...).
         field, payload = next(((k, v) for k, v in row.items() if isinstance(v, (bytes, bytearray))), (None, None))
     if payload is None:
-        raise RequestError(400, "EmptyBody", "request has no body: send image bytes, a multipart file or JSON {\"data\": base64}")
+        raise RequestError(
+            400, "EmptyBody", 'request has no body: send image bytes, a multipart file or JSON {"data": base64}'
+        )
     if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{":
         try:
             payload = json.loads(payload)
@@ -77,30 +79,37 @@ def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
             raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
     if isinstance(payload, dict):
         if "data" not in payload:
-            raise RequestError(400, "InvalidJSON", "JSON body has no \"data\" field (expected {\"data\": \"<base64 image>\"})")
+            raise RequestError(
+                400, "InvalidJSON", 'JSON body has no "data" field (expected {"data": "<base64 image>"})'
+            )
         payload = payload["data"]
         if not isinstance(payload, str):
-            raise RequestError(400, "InvalidJSON", "JSON field \"data\" must be a base64 string")
+            raise RequestError(400, "InvalidJSON", 'JSON field "data" must be a base64 string')
     elif isinstance(payload, str):
         # TorchServe hands a text/* body over as a string: base64 is accepted, anything else is text.
         try:
             payload = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError(400, "InvalidImage", "request body is text, not an image: send the image bytes "
-                               "(e.g. Content-Type: image/png), a multipart file or JSON {\"data\": base64}") from None
+            raise RequestError(
+                400,
+                "InvalidImage",
+                "request body is text, not an image: send the image bytes "
+                '(e.g. Content-Type: image/png), a multipart file or JSON {"data": base64}',
+            ) from None
     if isinstance(payload, str):
         try:
             payload = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError(400, "InvalidBase64", "\"data\" is not valid base64") from None
+            raise RequestError(400, "InvalidBase64", '"data" is not valid base64') from None
     if not isinstance(payload, (bytes, bytearray)):
         raise RequestError(400, "InvalidRequest", f"unsupported request payload of type {type(payload).__name__}")
     if len(payload) == 0:
-        where = "request body" if field in ("body", None) else f"multipart field \"{field}\""
+        where = "request body" if field in ("body", None) else f'multipart field "{field}"'
         raise RequestError(400, "EmptyBody", f"image data is empty: {where} has 0 bytes")
     if max_bytes is not None and len(payload) > max_bytes:
-        raise RequestError(413, "PayloadTooLarge",
-                           f"image data is {len(payload):,} bytes, over the limit of max_bytes={max_bytes:,}")
+        raise RequestError(
+            413, "PayloadTooLarge", f"image data is {len(payload):,} bytes, over the limit of max_bytes={max_bytes:,}"
+        )
     return bytes(payload)
 
 
@@ -119,8 +128,9 @@ def worker_device(gpu_id) -> torch.device:
     if gpu_id is None:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        logger.warning("TorchServe assigned GPU %s but torch %s sees no CUDA device: running on the CPU",
-                       gpu_id, torch.__version__)
+        logger.warning(
+            "TorchServe assigned GPU %s but torch %s sees no CUDA device: running on the CPU", gpu_id, torch.__version__
+        )
         return torch.device("cpu")
     return torch.device("cuda", int(gpu_id))
 
@@ -176,14 +186,18 @@ class VisionHandler(BaseHandler):
         # freezing them before the runtime is built keeps torch.compile's guards unchanged.
         self.model.to(self.device).requires_grad_(False)
         # handler option gpu_decode: JPEGs decoded by nvJPEG on the worker's GPU.
-        self.decode_device = self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
+        self.decode_device = (
+            self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
+        )
         # Tasks that read plain images (not the segmenter, detector or generator) batch their decode.
         self.batch_decode = self.decode_device != "cpu" and type(self).preprocess_one is VisionHandler.preprocess_one
         if self.handler_config.get("gpu_decode") and self.device.type != "cuda":
             logger.warning("handler option gpu_decode is set but this worker runs on the CPU: decoding on the CPU")
         # Tasks whose model takes a plain image batch run it through the archive's runtime;
         # the detector (a list of images) and the generator (latent vectors) call the model.
-        self.runner = load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None
+        self.runner = (
+            load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None
+        )
         self.classes = list(self.meta["classes"])
         self.data_config = data_config_from_meta(self.meta)
         self.transform = eval_transform(self.data_config)
@@ -191,7 +205,10 @@ class VisionHandler(BaseHandler):
         self.initialized = True
         logger.info(
             "loaded %s (%s) on %s with %d torch thread(s)",
-            self.meta["arch"], self.meta["task"], self.device, torch.get_num_threads(),
+            self.meta["arch"],
+            self.meta["task"],
+            self.device,
+            torch.get_num_threads(),
         )
 
     def threads_per_worker(self) -> int:
@@ -206,8 +223,13 @@ class VisionHandler(BaseHandler):
     def read_image(self, data: bytes, channels: int) -> torch.Tensor:
         """Decode one request's image to uint8 (C, H, W) within the archive's pixel limit."""
         try:
-            return load_image_tensor(data, channels, max_pixels=self.max_pixels, device=self.decode_device,
-                                     on_fallback=self.metrics and self.metrics.decode_fallback)
+            return load_image_tensor(
+                data,
+                channels,
+                max_pixels=self.max_pixels,
+                device=self.decode_device,
+                on_fallback=self.metrics and self.metrics.decode_fallback,
+            )
         except ImageDecodeError as e:
             raise image_error(e) from None
 
@@ -242,8 +264,13 @@ class VisionHandler(BaseHandler):
                 payloads[idx] = extract_image_bytes(row, self.max_bytes)
             except RequestError as e:
                 errors[idx] = e
-        images = load_image_tensors(list(payloads.values()), self.data_config.channels, self.max_pixels,
-                                    self.decode_device, on_fallback=self.metrics and self.metrics.decode_fallback)
+        images = load_image_tensors(
+            list(payloads.values()),
+            self.data_config.channels,
+            self.max_pixels,
+            self.decode_device,
+            on_fallback=self.metrics and self.metrics.decode_fallback,
+        )
         by_size: dict[tuple, list[int]] = {}
         decoded = {}
         for idx, image in zip(payloads, images):
@@ -277,8 +304,11 @@ class VisionHandler(BaseHandler):
 
     def explain_one(self, row) -> dict:
         """The answer to one /explanations request; tasks that explain override this."""
-        raise RequestError(400, "ExplanationsUnsupported",
-                           f"this {self.meta['task']} model does not answer /explanations; use /predictions")
+        raise RequestError(
+            400,
+            "ExplanationsUnsupported",
+            f"this {self.meta['task']} model does not answer /explanations; use /predictions",
+        )
 
     def predict(self, data: list) -> list:
         """preprocess → inference → postprocess, each timed: one answer, or a RequestError, per item."""

@@ -1,14 +1,20 @@
 """Model definitions and the one registry every other part of the bundle builds models from.
 
-    from model_defs import get_model, get_entry, list_models
-    model = get_model("small_cnn", num_classes=10, in_channels=1)
+from model_defs import get_model, get_entry, list_models
+model = get_model("small_cnn", num_classes=10, in_channels=1)
 """
 
-from model_defs.registry import DataConfig, ModelEntry, get_entry, get_model, list_models, register_model
-
 # Importing the architecture modules registers their models.
-from model_defs import cnn, resnet, vit, convnext  # noqa: E402,F401
-from model_defs import segmentation, generative, embedding  # noqa: E402,F401
-from model_defs import detection  # noqa: E402,F401
+from model_defs import (  # noqa: E402,F401  # noqa: E402,F401
+    cnn,
+    convnext,
+    detection,  # noqa: E402,F401
+    embedding,
+    generative,
+    resnet,
+    segmentation,
+    vit,
+)
+from model_defs.registry import DataConfig, ModelEntry, get_entry, get_model, list_models, register_model
 
 __all__ = ["DataConfig", "ModelEntry", "get_entry", "get_model", "list_models", "register_model"]

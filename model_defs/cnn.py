@@ -13,7 +13,6 @@ import torch.nn as nn
 from model_defs.registry import SMALL_IMAGE, register_model
 
 
-
 class SmallCNN(nn.Module):
     """Two conv blocks, pooled to a fixed 4x4 grid, then a two-layer classifier."""
 

@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model_defs.registry import DataConfig, register_model
-from model_defs.registry import SMALL_IMAGE
+from model_defs.registry import SMALL_IMAGE, DataConfig, register_model
 from model_defs.transfer import adapt_torchvision_classifier
 
 # torchvision's ConvNeXt-Tiny weights are evaluated with a 236 px resize and a 224 px crop.
@@ -67,7 +66,9 @@ class ConvNeXt(nn.Module):
         layers = []
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             if i > 0:
-                layers.append(nn.Sequential(LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], dim, kernel_size=2, stride=2)))
+                layers.append(
+                    nn.Sequential(LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], dim, kernel_size=2, stride=2))
+                )
             layers.append(nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(depth)]))
         self.stages = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(dims[-1])

@@ -45,18 +45,29 @@ def _size_kwargs(image_size: int) -> dict:
 
 
 @register_model(task="detection", data_config=DETECTION_320, test_kwargs=_TEST)
-def fasterrcnn_mobilenet_320(num_classes: int = 3, image_size: int = 320, score_thresh: float = 0.01,
-                             detections_per_img: int = 100, representation_size: int = 256,
-                             rpn_post_nms_top_n_train: int = 300, box_batch_size_per_image: int = 128) -> nn.Module:
+def fasterrcnn_mobilenet_320(
+    num_classes: int = 3,
+    image_size: int = 320,
+    score_thresh: float = 0.01,
+    detections_per_img: int = 100,
+    representation_size: int = 256,
+    rpn_post_nms_top_n_train: int = 300,
+    box_batch_size_per_image: int = 128,
+) -> nn.Module:
     """Faster R-CNN, MobileNetV3-Large FPN backbone, CPU-light (torchvision), random init."""
     # Lighter than torchvision's defaults where CPU training time goes: a 256-wide box head
     # (not 1024: the first FC alone is 12.8M multiply-adds per RoI), 300 RPN proposals and
     # 128 sampled RoIs per image in training (not 2000 and 512). Inference keeps 150 proposals.
     model = fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes + 1,
-        box_score_thresh=score_thresh, box_detections_per_img=detections_per_img,
-        rpn_pre_nms_top_n_train=2 * rpn_post_nms_top_n_train, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        box_batch_size_per_image=box_batch_size_per_image, **_size_kwargs(image_size),
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes + 1,
+        box_score_thresh=score_thresh,
+        box_detections_per_img=detections_per_img,
+        rpn_pre_nms_top_n_train=2 * rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        box_batch_size_per_image=box_batch_size_per_image,
+        **_size_kwargs(image_size),
     )
     resolution = model.roi_heads.box_roi_pool.output_size[0]
     model.roi_heads.box_head = TwoMLPHead(model.backbone.out_channels * resolution**2, representation_size)
@@ -65,12 +76,17 @@ def fasterrcnn_mobilenet_320(num_classes: int = 3, image_size: int = 320, score_
 
 
 @register_model(task="detection", data_config=DETECTION_512, test_kwargs=_TEST)
-def fasterrcnn_resnet50(num_classes: int = 3, image_size: int = 512, score_thresh: float = 0.01,
-                        detections_per_img: int = 100) -> nn.Module:
+def fasterrcnn_resnet50(
+    num_classes: int = 3, image_size: int = 512, score_thresh: float = 0.01, detections_per_img: int = 100
+) -> nn.Module:
     """Faster R-CNN, ResNet-50 FPN backbone (torchvision), random init."""
     return fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes + 1,
-        box_score_thresh=score_thresh, box_detections_per_img=detections_per_img, **_size_kwargs(image_size),
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes + 1,
+        box_score_thresh=score_thresh,
+        box_detections_per_img=detections_per_img,
+        **_size_kwargs(image_size),
     )
 
 
@@ -93,21 +109,37 @@ class RegNetFPN(nn.Module):
 
 
 @register_model(task="detection", data_config=DETECTION_512, test_kwargs=_TEST)
-def fcos_regnet_x_400mf(num_classes: int = 3, image_size: int = 512, fpn_channels: int = 128,
-                        score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100) -> nn.Module:
+def fcos_regnet_x_400mf(
+    num_classes: int = 3,
+    image_size: int = 512,
+    fpn_channels: int = 128,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    detections_per_img: int = 100,
+) -> nn.Module:
     """FCOS on RegNetX-400MF c3-c5 + FPN p3-p5 (torchvision FCOS head and loss), random init."""
     # One "anchor" per location, sized to the level's stride: FCOS uses them only for its
     # centre sampling and per-level size ranges (p3 up to 64 px, p4 64-128, p5 beyond).
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,)), aspect_ratios=((1.0,),) * 3)
     return FCOS(
-        RegNetFPN(fpn_channels), num_classes=num_classes + 1, anchor_generator=anchors,
-        score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+        RegNetFPN(fpn_channels),
+        num_classes=num_classes + 1,
+        anchor_generator=anchors,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
         **_size_kwargs(image_size),
     )
 
 
-def detect_answers(output: dict, scale: tuple[float, float], size: tuple[int, int], classes: list[str],
-                   score_threshold: float, max_detections: int) -> list[dict]:
+def detect_answers(
+    output: dict,
+    scale: tuple[float, float],
+    size: tuple[int, int],
+    classes: list[str],
+    score_threshold: float,
+    max_detections: int,
+) -> list[dict]:
     """One image's torchvision output → [{"label", "score", "box": [x1, y1, x2, y2]}], best
     first, boxes in the original image's pixels (`size` = (width, height))."""
     scores = output["scores"].detach().float().cpu()
@@ -116,7 +148,10 @@ def detect_answers(output: dict, scale: tuple[float, float], size: tuple[int, in
     boxes = boxes_to_original(output["boxes"][keep], scale, size)
     labels = output["labels"][keep].tolist()
     return [
-        {"label": classes[k - 1] if 0 < k <= len(classes) else str(k), "score": round(float(scores[i]), 6),
-         "box": [round(v, 2) for v in box]}
+        {
+            "label": classes[k - 1] if 0 < k <= len(classes) else str(k),
+            "score": round(float(scores[i]), 6),
+            "box": [round(v, 2) for v in box],
+        }
         for i, k, box in zip(keep.tolist(), labels, boxes.tolist())
     ]

@@ -66,8 +66,12 @@ def _backbone(name: str, in_channels: int, layers, widths) -> tuple[nn.Module, i
     raise ValueError(f"unknown SimCLR backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
-@register_model("simclr", task="embedding", data_config=SMALL_IMAGE,
-                test_kwargs={"widths": (8, 16, 32), "proj_hidden": 32, "proj_dim": 16})
+@register_model(
+    "simclr",
+    task="embedding",
+    data_config=SMALL_IMAGE,
+    test_kwargs={"widths": (8, 16, 32), "proj_hidden": 32, "proj_dim": 16},
+)
 def simclr(
     *,
     in_channels: int = 3,

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from model_defs.registry import DataConfig
 
@@ -42,8 +41,10 @@ def check_pixels(what: str, size: tuple[int, int], max_pixels: int | None) -> No
     """Refuse an image of more than `max_pixels` (width x height), known from its header."""
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLargeError(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
-                                 f"max_pixels={max_pixels:,}; send a smaller image")
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"max_pixels={max_pixels:,}; send a smaller image"
+        )
 
 
 def decode_image(source: bytes | bytearray | str | Path, max_pixels: int | None = None) -> Image.Image:
@@ -125,8 +126,13 @@ def fast_jpeg_mode(data: bytes | bytearray, channels: int, max_pixels: int | Non
     return ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
 
 
-def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | None = None,
-                      device: str | torch.device = "cpu", on_fallback: Callable[[], None] | None = None) -> torch.Tensor:
+def load_image_tensor(
+    data: bytes | bytearray,
+    channels: int,
+    max_pixels: int | None = None,
+    device: str | torch.device = "cpu",
+    on_fallback: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Image bytes → uint8 tensor (C, H, W) with the pixels `load_image` gives, faster.
 
     What the handlers call on every request. An upright RGB or grey JPEG (most requests)
@@ -153,9 +159,13 @@ def load_image_tensor(data: bytes | bytearray, channels: int, max_pixels: int | 
     return image
 
 
-def load_image_tensors(datas: list[bytes], channels: int, max_pixels: int | None = None,
-                       device: str | torch.device = "cuda",
-                       on_fallback: Callable[[], None] | None = None) -> list[torch.Tensor | ImageDecodeError]:
+def load_image_tensors(
+    datas: list[bytes],
+    channels: int,
+    max_pixels: int | None = None,
+    device: str | torch.device = "cuda",
+    on_fallback: Callable[[], None] | None = None,
+) -> list[torch.Tensor | ImageDecodeError]:
     """Many requests' images at once, each as `load_image_tensor` gives it, or its error in its place.
 
     The upright JPEGs go to nvJPEG in one batched call on `device` (per image, a GPU worker
@@ -173,8 +183,11 @@ def load_image_tensors(datas: list[bytes], channels: int, max_pixels: int | None
             out[i] = e
     if fast:
         try:
-            decoded = decode_jpeg([torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in fast],
-                                  mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg(
+                [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in fast],
+                mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB,
+                device=device,
+            )
         except RuntimeError:  # one corrupt JPEG fails the whole call: find it one by one
             decoded = [None] * len(fast)
         for i, tensor in zip(fast, decoded):
@@ -249,12 +262,17 @@ def segmentation_train_transform(cfg: DataConfig, *, hflip_prob: float = 0.5, mi
     size = (cfg.input_size, cfg.input_size)
     steps = [v2.Resize(size, interpolation=_interpolation(cfg), antialias=True)]
     if min_scale < 1:
-        steps.append(v2.RandomResizedCrop(size, scale=(min_scale, 1.0), ratio=(1.0, 1.0),
-                                          interpolation=_interpolation(cfg), antialias=True))
+        steps.append(
+            v2.RandomResizedCrop(
+                size, scale=(min_scale, 1.0), ratio=(1.0, 1.0), interpolation=_interpolation(cfg), antialias=True
+            )
+        )
     if hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(hflip_prob))
-    steps += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-              v2.Normalize(cfg.mean, cfg.std)]
+    steps += [
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        v2.Normalize(cfg.mean, cfg.std),
+    ]
     return v2.Compose(steps)
 
 
@@ -269,8 +287,19 @@ def logits_to_mask(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def class_palette(num_classes: int) -> list[int]:
     """A flat PIL palette: background black, then well-separated colours (tab10, then hashed)."""
-    base = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    base = [
+        (0, 0, 0),
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ]
     colours = [base[i] if i < len(base) else ((i * 97) % 256, (i * 57) % 256, (i * 151) % 256) for i in range(256)]
     return [c for rgb in colours for c in rgb]
 
@@ -301,12 +330,15 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def simclr_view_transform(cfg: DataConfig, *, min_scale: float = 0.3, hflip_prob: float = 0.5,
-                          jitter: float = 0.4, rotation: float = 0.0) -> v2.Compose:
+def simclr_view_transform(
+    cfg: DataConfig, *, min_scale: float = 0.3, hflip_prob: float = 0.5, jitter: float = 0.4, rotation: float = 0.0
+) -> v2.Compose:
     """One random SimCLR view of a PIL image: random resized crop, flip, colour jitter
     (brightness/contrast only on grey), random grey (RGB), optional small rotation."""
-    steps = [v2.PILToTensor(),
-             v2.RandomResizedCrop(cfg.input_size, scale=(min_scale, 1.0), interpolation=_interpolation(cfg), antialias=True)]
+    steps = [
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(cfg.input_size, scale=(min_scale, 1.0), interpolation=_interpolation(cfg), antialias=True),
+    ]
     if rotation:
         steps.append(v2.RandomRotation(rotation))
     if hflip_prob > 0:
@@ -381,4 +413,6 @@ def detection_eval_transform(max_size: int):
         return x, v2.functional.resize(boxes, [x.shape[1], x.shape[2]])
 
     return transform
+
+
 # ==== end of detection section ====

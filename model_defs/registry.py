@@ -9,8 +9,8 @@ the exact architecture from those alone.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch.nn as nn
 
@@ -36,9 +36,7 @@ class DataConfig:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError(
-                f"mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}"
-            )
+            raise ValueError(f"mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")
         if self.resize_size < self.input_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
 
@@ -46,14 +44,14 @@ class DataConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
+    def from_dict(cls, d: dict) -> DataConfig:
         d = dict(d)
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
 
-    def replace(self, **changes) -> "DataConfig":
+    def replace(self, **changes) -> DataConfig:
         """A copy with some fields changed; mean/std follow a change of channels."""
         changes = {k: v for k, v in changes.items() if v is not None}
         channels = changes.get("channels", self.channels)
@@ -124,8 +122,9 @@ def get_entry(name: str, task: str | None = None) -> ModelEntry:
         known = ", ".join(sorted(_REGISTRY))
         raise KeyError(f"unknown model {name!r}; registered models: {known}") from None
     if task is not None and entry.task != task:
-        raise ValueError(f"model {name} is a {entry.task} model, not a {task} model "
-                         f"({task} models: {', '.join(list_models(task))})")
+        raise ValueError(
+            f"model {name} is a {entry.task} model, not a {task} model ({task} models: {', '.join(list_models(task))})"
+        )
     return entry
 
 

@@ -15,7 +15,6 @@ from model_defs.registry import IMAGENET, SMALL_IMAGE, register_model
 from model_defs.transfer import adapt_torchvision_classifier
 
 
-
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut (a 1x1 conv-BN projection when the shape changes)."""
 

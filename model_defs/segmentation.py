@@ -87,8 +87,7 @@ class OutOnly(nn.Module):
         return self.model(x)["out"]
 
 
-@register_model("unet", task="segmentation", data_config=SEGMENTATION_IMAGE,
-                test_kwargs={"depth": 2, "width": 8})
+@register_model("unet", task="segmentation", data_config=SEGMENTATION_IMAGE, test_kwargs={"depth": 2, "width": 8})
 def unet(*, num_classes: int = 2, in_channels: int = 3, depth: int = 4, width: int = 16) -> nn.Module:
     """U-Net: double-conv encoder, up-convolutions with skip connections; depth and width set."""
     return UNet(num_classes=num_classes, in_channels=in_channels, depth=depth, width=width)

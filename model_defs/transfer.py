@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 
-
 def load_state_dict_file(model: nn.Module, weights_path: str) -> None:
     """Load a local state_dict file into `model`; errors name the file."""
     path = Path(weights_path)

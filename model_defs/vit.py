@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from model_defs.registry import register_model
-from model_defs.registry import IMAGENET, SMALL_IMAGE
+from model_defs.registry import IMAGENET, SMALL_IMAGE, register_model
 from model_defs.transfer import adapt_torchvision_classifier
 
 

@@ -65,8 +65,16 @@ HANDLERS = {
 }
 CODE_PACKAGES = ("model_defs", "handlers")
 OPTIONS = {  # model-config settings, their defaults and the flag that sets each
-    "workers": 1, "max_workers": None, "batch_size": 8, "max_batch_delay": 10, "response_timeout": 120,
-    "device": "auto", "topk": 5, "torch_threads": 0, "runtime": "eager", "handler": {},
+    "workers": 1,
+    "max_workers": None,
+    "batch_size": 8,
+    "max_batch_delay": 10,
+    "response_timeout": 120,
+    "device": "auto",
+    "topk": 5,
+    "torch_threads": 0,
+    "runtime": "eager",
+    "handler": {},
 }
 
 
@@ -146,9 +154,18 @@ def stage_extra_files(stage: Path, run_dir: Path, meta: dict) -> Path:
     return extra
 
 
-def plan_archive(run_dir: Path, name: str, model_store: Path, options: dict | None = None, *,
-                 version: str | None = None, force: bool = False, task: str | None = None,
-                 serving_run_dir: Path | None = None, where: str = "") -> dict:
+def plan_archive(
+    run_dir: Path,
+    name: str,
+    model_store: Path,
+    options: dict | None = None,
+    *,
+    version: str | None = None,
+    force: bool = False,
+    task: str | None = None,
+    serving_run_dir: Path | None = None,
+    where: str = "",
+) -> dict:
     """Everything build_archive checks, with nothing written: what would be built, where, and
     whether it is new, unchanged or a --force replacement. Raises what build_archive would."""
     name = check_name(name)
@@ -177,14 +194,27 @@ def plan_archive(run_dir: Path, name: str, model_store: Path, options: dict | No
     entries = Catalog(store).load()
     key = f"{name}/{version}"
     known = entries.get(key)
-    plan = {"name": name, "version": version, "file": file_name, "run_dir": run_dir, "meta": meta,
-            "config": config, "config_text": config_text, "inputs": inputs, "known": known}
+    plan = {
+        "name": name,
+        "version": version,
+        "file": file_name,
+        "run_dir": run_dir,
+        "meta": meta,
+        "config": config,
+        "config_text": config_text,
+        "inputs": inputs,
+        "known": known,
+    }
     holder = next((k for k, e in entries.items() if e["file"] == file_name and k != key), None)
     if holder:  # never, even with --force: that would silently change another version
         raise CatalogError(f"{file_name} already holds {holder} in {store}; give another --name or --version")
     if known and not force:
-        if (known["inputs_sha256"] == inputs and known["file"] == file_name and target.is_file()
-                and sha256_file(target) == known["sha256"]):
+        if (
+            known["inputs_sha256"] == inputs
+            and known["file"] == file_name
+            and target.is_file()
+            and sha256_file(target) == known["sha256"]
+        ):
             return {**plan, "status": "unchanged"}
         if known["inputs_sha256"] != inputs:
             why = f"in {known['file']}, built from other inputs"
@@ -192,14 +222,22 @@ def plan_archive(run_dir: Path, name: str, model_store: Path, options: dict | No
             why = f"in {known['file']}"
         else:
             why = f"its archive {file_name} " + ("changed since it was built" if target.is_file() else "is missing")
-        raise CatalogError(f"{key} already exists ({why}); give a new --version, or --force to replace it "
-                           f"(scripts/archive --remove {name} {version} drops it)")
+        raise CatalogError(
+            f"{key} already exists ({why}); give a new --version, or --force to replace it "
+            f"(scripts/archive --remove {name} {version} drops it)"
+        )
     if not known and target.exists() and not force:
-        raise CatalogError(f"{target} already exists and is not in the catalog; pass --force to replace it, "
-                           "or scripts/archive --verify --repair to set it aside")
+        raise CatalogError(
+            f"{target} already exists and is not in the catalog; pass --force to replace it, "
+            "or scripts/archive --verify --repair to set it aside"
+        )
     if force:
-        refuse_if_served(store, {key} | ({f"file {known['file']}"} if known else set()) | {f"file {file_name}"},
-                         serving_run_dir, "replace")
+        refuse_if_served(
+            store,
+            {key} | ({f"file {known['file']}"} if known else set()) | {f"file {file_name}"},
+            serving_run_dir,
+            "replace",
+        )
     return {**plan, "status": "replaced" if known or target.exists() else "new"}
 
 
@@ -211,14 +249,26 @@ def refuse_if_served(store: Path, wanted: set[str], serving_run_dir: Path | None
     hits = sorted(k for k, file in served.items() if k in wanted or f"file {file}" in wanted)
     if hits:
         name, version = hits[0].split("/")
-        raise CatalogError(f"{hits[0]} is served from this store (run folder {run_dir}); refusing to {action} "
-                           f"it: unregister it first with scripts/models unregister {name} {version}")
+        raise CatalogError(
+            f"{hits[0]} is served from this store (run folder {run_dir}); refusing to {action} "
+            f"it: unregister it first with scripts/models unregister {name} {version}"
+        )
 
 
-def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | None = None, *,
-                  version: str | None = None, force: bool = False, task: str | None = None,
-                  val_data: Path | None = None, calibration_images: int = 256, max_accuracy_drop: float = 1.0,
-                  serving_run_dir: Path | None = None) -> dict:
+def build_archive(
+    run_dir: Path,
+    name: str,
+    model_store: Path,
+    options: dict | None = None,
+    *,
+    version: str | None = None,
+    force: bool = False,
+    task: str | None = None,
+    val_data: Path | None = None,
+    calibration_images: int = 256,
+    max_accuracy_drop: float = 1.0,
+    serving_run_dir: Path | None = None,
+) -> dict:
     """Build (or skip, when unchanged) one archive; returns its catalog entry plus `status`.
 
     Without `version` the file is <name>.mar holding version 1.0; with it,
@@ -233,8 +283,9 @@ def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | N
 
     start = time.time()
     model_store = Path(model_store)
-    plan = plan_archive(run_dir, name, model_store, options, version=version, force=force, task=task,
-                        serving_run_dir=serving_run_dir)
+    plan = plan_archive(
+        run_dir, name, model_store, options, version=version, force=force, task=task, serving_run_dir=serving_run_dir
+    )
     name, version, file_name, meta, run_dir = plan["name"], plan["version"], plan["file"], plan["meta"], plan["run_dir"]
     if plan["status"] == "unchanged":
         return {**plan["known"], "status": "unchanged", "seconds": round(time.time() - start, 2)}
@@ -242,28 +293,46 @@ def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | N
     runtime = config["handler"]["runtime"]
     target = inside(model_store, file_name)
     inner = {
-        "name": name, "version": version, "task": meta["task"], "arch": meta["arch"],
-        "source": {"run": str(run_dir), "dataset_fingerprint": meta.get("dataset", {}).get("fingerprint"),
-                   "metrics": meta.get("metrics", {}), "trained": meta.get("created")},
+        "name": name,
+        "version": version,
+        "task": meta["task"],
+        "arch": meta["arch"],
+        "source": {
+            "run": str(run_dir),
+            "dataset_fingerprint": meta.get("dataset", {}).get("fingerprint"),
+            "metrics": meta.get("metrics", {}),
+            "trained": meta.get("created"),
+        },
         "inputs_sha256": plan["inputs"],
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=model_store) as tmp:
         stage = Path(tmp)
         extra = stage_extra_files(stage, run_dir, meta)
         if runtime != "eager":
-            inner["runtime"] = optimized_runtime(run_dir, meta, extra, config, val_data=val_data,
-                                                 calibration_images=calibration_images,
-                                                 max_accuracy_drop=max_accuracy_drop)
+            inner["runtime"] = optimized_runtime(
+                run_dir,
+                meta,
+                extra,
+                config,
+                val_data=val_data,
+                calibration_images=calibration_images,
+                max_accuracy_drop=max_accuracy_drop,
+            )
         (extra / INNER_FILE).write_text(json.dumps(inner, indent=2) + "\n")
         (stage / "model-config.yaml").write_text(config_text)
         out_dir = stage / "out"
         out_dir.mkdir()
         config = ModelArchiverConfig(
-            model_name=name, handler=str(ROOT / "handlers" / HANDLERS[meta["task"]]), version=version,
-            serialized_file=str(run_dir / "model.pt"), extra_files=str(extra), export_path=str(out_dir),
-            config_file=str(stage / "model-config.yaml"), force=True,
+            model_name=name,
+            handler=str(ROOT / "handlers" / HANDLERS[meta["task"]]),
+            version=version,
+            serialized_file=str(run_dir / "model.pt"),
+            extra_files=str(extra),
+            export_path=str(out_dir),
+            config_file=str(stage / "model-config.yaml"),
+            force=True,
         )
         # The archiver stages files in $TMPDIR/<name>: give it a private one.
         old_tempdir, tempfile.tempdir = tempfile.tempdir, str(stage)
@@ -281,7 +350,11 @@ def build_archive(run_dir: Path, name: str, model_store: Path, options: dict | N
     old = plan["known"]
     if old and old["file"] != file_name:  # --force under another file name: the old file goes
         inside(model_store, old["file"]).unlink(missing_ok=True)
-    return {**entry, "status": "built" if plan["status"] == "new" else "replaced", "seconds": round(time.time() - start, 2)}
+    return {
+        **entry,
+        "status": "built" if plan["status"] == "new" else "replaced",
+        "seconds": round(time.time() - start, 2),
+    }
 
 
 def optimized_runtime(run_dir: Path, meta: dict, extra: Path, config: dict, **check) -> dict:
@@ -291,8 +364,9 @@ def optimized_runtime(run_dir: Path, meta: dict, extra: Path, config: dict, **ch
 
     model, _ = load_trained(run_dir)
     try:
-        return prepare_runtime(config["handler"]["runtime"], model, meta, extra, config["handler"],
-                               batch_size=config["batchSize"], **check)
+        return prepare_runtime(
+            config["handler"]["runtime"], model, meta, extra, config["handler"], batch_size=config["batchSize"], **check
+        )
     except RuntimeCheckError as e:
         raise ArchiveError(str(e)) from None
 
@@ -346,32 +420,73 @@ def load_manifest(path: Path) -> list[dict]:
         options = {**defaults, **config}
         model_config(options, where)  # every option checked now, before any build starts
         run = Path(str(m["run"]))
-        entries.append({"name": key[0], "version": key[1], "task": m.get("task"),
-                        "run": run if run.is_absolute() else (Path(path).parent / run).resolve(),
-                        "options": options})
+        entries.append(
+            {
+                "name": key[0],
+                "version": key[1],
+                "task": m.get("task"),
+                "run": run if run.is_absolute() else (Path(path).parent / run).resolve(),
+                "options": options,
+            }
+        )
     return entries
 
 
-def _build_entry(entry: dict, model_store: Path, force: bool, serving_run_dir: Path | None = None,
-                 dry_run: bool = False) -> dict:
+def _build_entry(
+    entry: dict, model_store: Path, force: bool, serving_run_dir: Path | None = None, dry_run: bool = False
+) -> dict:
     """One manifest entry, in a worker process: a result row, never an exception."""
     start = time.time()
     try:
         if dry_run:
-            plan = plan_archive(entry["run"], entry["name"], model_store, entry["options"], version=entry["version"],
-                                force=force, task=entry["task"], serving_run_dir=serving_run_dir)
+            plan = plan_archive(
+                entry["run"],
+                entry["name"],
+                model_store,
+                entry["options"],
+                version=entry["version"],
+                force=force,
+                task=entry["task"],
+                serving_run_dir=serving_run_dir,
+            )
             status = {"new": "would build", "replaced": "would replace", "unchanged": "unchanged"}[plan["status"]]
-            return {"name": plan["name"], "version": plan["version"], "file": plan["file"], "status": status,
-                    "config": plan["config"], "seconds": round(time.time() - start, 2)}
-        return build_archive(entry["run"], entry["name"], model_store, entry["options"], version=entry["version"],
-                             force=force, task=entry["task"], serving_run_dir=serving_run_dir)
+            return {
+                "name": plan["name"],
+                "version": plan["version"],
+                "file": plan["file"],
+                "status": status,
+                "config": plan["config"],
+                "seconds": round(time.time() - start, 2),
+            }
+        return build_archive(
+            entry["run"],
+            entry["name"],
+            model_store,
+            entry["options"],
+            version=entry["version"],
+            force=force,
+            task=entry["task"],
+            serving_run_dir=serving_run_dir,
+        )
     except (ArchiveError, CatalogError, OSError, ValueError) as e:
-        return {"name": entry["name"], "version": entry["version"], "status": "failed",
-                "error": str(e), "seconds": round(time.time() - start, 2)}
+        return {
+            "name": entry["name"],
+            "version": entry["version"],
+            "status": "failed",
+            "error": str(e),
+            "seconds": round(time.time() - start, 2),
+        }
 
 
-def build_manifest(path: Path, model_store: Path, *, force: bool = False, jobs: int | None = None,
-                   serving_run_dir: Path | None = None, dry_run: bool = False) -> list[dict]:
+def build_manifest(
+    path: Path,
+    model_store: Path,
+    *,
+    force: bool = False,
+    jobs: int | None = None,
+    serving_run_dir: Path | None = None,
+    dry_run: bool = False,
+) -> list[dict]:
     from tqdm import tqdm
 
     entries = load_manifest(path)
@@ -405,53 +520,143 @@ def print_table(results: list[dict]) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="scripts/archive", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("training", nargs="?", metavar="run_dir", help="training output folder holding model.pt and model.json")
-    p.add_argument("--manifest", default=None, help="YAML manifest of many models to archive in parallel (default: none)")
-    p.add_argument("--verify", action="store_true", help="check every archive in the store against the catalog and exit (default: off)")
-    p.add_argument("--repair", action="store_true",
-                   help="with --verify: make the catalog and the store agree, dropping entries whose archive is gone and "
-                        f"moving changed or uncatalogued archives to {REJECTED}/ (refused while served) (default: off)")
-    p.add_argument("--remove", nargs=2, metavar=("NAME", "VERSION"), default=None,
-                   help="drop a version from the catalog and delete its archive (refused while served) (default: none)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check everything and show what would be built, writing nothing (default: off)")
-    p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR),
-                   help="the run folder of the server whose serving record protects archives from --force, --remove "
-                        "and --repair (default: .serve/)")
-    p.add_argument("--jobs", type=int, default=None, help="parallel builds for --manifest (default: the number of cores)")
+    p.add_argument(
+        "training", nargs="?", metavar="run_dir", help="training output folder holding model.pt and model.json"
+    )
+    p.add_argument(
+        "--manifest", default=None, help="YAML manifest of many models to archive in parallel (default: none)"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every archive in the store against the catalog and exit (default: off)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --verify: make the catalog and the store agree, dropping entries whose archive is gone and "
+        f"moving changed or uncatalogued archives to {REJECTED}/ (refused while served) (default: off)",
+    )
+    p.add_argument(
+        "--remove",
+        nargs=2,
+        metavar=("NAME", "VERSION"),
+        default=None,
+        help="drop a version from the catalog and delete its archive (refused while served) (default: none)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and show what would be built, writing nothing (default: off)",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=str(DEFAULT_RUN_DIR),
+        help="the run folder of the server whose serving record protects archives from --force, --remove "
+        "and --repair (default: .serve/)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=None, help="parallel builds for --manifest (default: the number of cores)"
+    )
     p.add_argument("--name", default=None, help="model name (default: the training folder's name)")
-    p.add_argument("--version", default=None,
-                   help="model version; when given the file is <name>-<version>.mar so versions live side by side "
-                        "(default: version 1.0 in <name>.mar)")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"), help="where archives and the catalog live (default: model_store/)")
-    p.add_argument("--workers", type=int, default=OPTIONS["workers"], help="workers TorchServe starts for the model (minWorkers) (default: 1)")
-    p.add_argument("--max-workers", type=int, default=None, help="most workers it may scale to (maxWorkers) (default: --workers)")
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch threads per worker; 0 = cores / workers, so workers x threads fit the machine (default: 0)")
-    p.add_argument("--batch-size", type=int, default=OPTIONS["batch_size"], help="most requests TorchServe batches into one call (default: 8)")
-    p.add_argument("--max-batch-delay", type=int, default=OPTIONS["max_batch_delay"], help="ms TorchServe waits to fill a batch (default: 10)")
-    p.add_argument("--response-timeout", type=int, default=OPTIONS["response_timeout"], help="seconds before a worker is deemed stuck (default: 120)")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="where the workers run: auto = a GPU if TorchServe sees one (default: auto)")
-    p.add_argument("--topk", type=int, default=OPTIONS["topk"], help="classes returned per image, clamped to the number of classes (default: 5)")
-    p.add_argument("--runtime", default="eager", metavar="{" + ",".join(RUNTIMES) + "}",
-                   help="how workers run the model: eager PyTorch, a frozen TorchScript trace, ONNX Runtime, "
-                        "int8 static quantization (CPU) or torch.compile in the worker; all but eager are checked "
-                        "against eager on the validation set before the archive is written (default: eager)")
-    p.add_argument("--val-data", default=None,
-                   help="validation dataset folder for that check (default: the run's own validation split, "
-                        "rebuilt from model.json)")
-    p.add_argument("--calibration-images", type=int, default=256,
-                   help="training-split images int8 calibrates its activation ranges on (default: 256)")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
-                   help="refuse the archive when the runtime's top-1 is more than this many percentage points "
-                        "below eager's (default: 1.0)")
-    p.add_argument("--handler-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra setting for the handler section of model-config.yaml, value parsed as YAML "
-                        "(e.g. score_threshold=0.5); repeatable (default: none)")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild even when unchanged, and replace the archive of an existing name and version "
-                        "(never one that is served) (default: off)")
+    p.add_argument(
+        "--version",
+        default=None,
+        help="model version; when given the file is <name>-<version>.mar so versions live side by side "
+        "(default: version 1.0 in <name>.mar)",
+    )
+    p.add_argument(
+        "--model-store",
+        default=str(ROOT / "model_store"),
+        help="where archives and the catalog live (default: model_store/)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=OPTIONS["workers"],
+        help="workers TorchServe starts for the model (minWorkers) (default: 1)",
+    )
+    p.add_argument(
+        "--max-workers", type=int, default=None, help="most workers it may scale to (maxWorkers) (default: --workers)"
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads per worker; 0 = cores / workers, so workers x threads fit the machine (default: 0)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=OPTIONS["batch_size"],
+        help="most requests TorchServe batches into one call (default: 8)",
+    )
+    p.add_argument(
+        "--max-batch-delay",
+        type=int,
+        default=OPTIONS["max_batch_delay"],
+        help="ms TorchServe waits to fill a batch (default: 10)",
+    )
+    p.add_argument(
+        "--response-timeout",
+        type=int,
+        default=OPTIONS["response_timeout"],
+        help="seconds before a worker is deemed stuck (default: 120)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where the workers run: auto = a GPU if TorchServe sees one (default: auto)",
+    )
+    p.add_argument(
+        "--topk",
+        type=int,
+        default=OPTIONS["topk"],
+        help="classes returned per image, clamped to the number of classes (default: 5)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="eager",
+        metavar="{" + ",".join(RUNTIMES) + "}",
+        help="how workers run the model: eager PyTorch, a frozen TorchScript trace, ONNX Runtime, "
+        "int8 static quantization (CPU) or torch.compile in the worker; all but eager are checked "
+        "against eager on the validation set before the archive is written (default: eager)",
+    )
+    p.add_argument(
+        "--val-data",
+        default=None,
+        help="validation dataset folder for that check (default: the run's own validation split, "
+        "rebuilt from model.json)",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=256,
+        help="training-split images int8 calibrates its activation ranges on (default: 256)",
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="refuse the archive when the runtime's top-1 is more than this many percentage points "
+        "below eager's (default: 1.0)",
+    )
+    p.add_argument(
+        "--handler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra setting for the handler section of model-config.yaml, value parsed as YAML "
+        "(e.g. score_threshold=0.5); repeatable (default: none)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even when unchanged, and replace the archive of an existing name and version "
+        "(never one that is served) (default: off)",
+    )
     return p
 
 
@@ -465,24 +670,40 @@ def options_from_args(args) -> dict:
             handler[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ArchiveError(f"--handler-option {key}: {value!r} is not a readable value") from None
-    return {"workers": args.workers, "max_workers": args.max_workers, "batch_size": args.batch_size,
-            "max_batch_delay": args.max_batch_delay, "response_timeout": args.response_timeout,
-            "device": args.device, "topk": args.topk, "torch_threads": args.torch_threads, "runtime": args.runtime,
-            "handler": handler}
+    return {
+        "workers": args.workers,
+        "max_workers": args.max_workers,
+        "batch_size": args.batch_size,
+        "max_batch_delay": args.max_batch_delay,
+        "response_timeout": args.response_timeout,
+        "device": args.device,
+        "topk": args.topk,
+        "torch_threads": args.torch_threads,
+        "runtime": args.runtime,
+        "handler": handler,
+    }
 
 
-FLAGS = {"workers": "--workers", "max_workers": "--max-workers", "batch_size": "--batch-size",
-         "max_batch_delay": "--max-batch-delay", "response_timeout": "--response-timeout", "topk": "--topk",
-         "torch_threads": "--torch-threads", "device": "--device", "runtime": "--runtime"}
+FLAGS = {
+    "workers": "--workers",
+    "max_workers": "--max-workers",
+    "batch_size": "--batch-size",
+    "max_batch_delay": "--max-batch-delay",
+    "response_timeout": "--response-timeout",
+    "topk": "--topk",
+    "torch_threads": "--torch-threads",
+    "device": "--device",
+    "runtime": "--runtime",
+}
 
 
 def as_flags(message: str) -> str:
     """An option error in the words of the command line (--max-workers, not max_workers)."""
     if message.startswith("handler option "):
-        return "--handler-option " + message[len("handler option "):]
+        return "--handler-option " + message[len("handler option ") :]
     key = message.split(" ", 1)[0]
     if key in FLAGS:
-        message = FLAGS[key] + message[len(key):]
+        message = FLAGS[key] + message[len(key) :]
         message = re.sub(r"at least (\w+) \(", lambda m: f"at least {FLAGS.get(m[1], m[1])} (", message)
     return message
 
@@ -495,7 +716,9 @@ def verify(store: Path, repair: bool, run_dir: Path) -> int:
     print(f"{len(catalog.load())} catalogued archive(s) checked, {len(problems)} problem(s)")
     if not problems or not repair:
         return 1 if problems else 0
-    refuse_if_served(store, {p.key for p in problems if p.key} | {f"file {p.file}" for p in problems}, run_dir, "repair")
+    refuse_if_served(
+        store, {p.key for p in problems if p.key} | {f"file {p.file}" for p in problems}, run_dir, "repair"
+    )
     for action in catalog.repair(problems):
         print(action)
     left = catalog.problems()
@@ -519,8 +742,9 @@ def run(args) -> int:
     if args.manifest:
         if args.training:
             raise ArchiveError(f"give a training folder or --manifest, not both (got {args.training})")
-        results = build_manifest(Path(args.manifest), store, force=args.force, jobs=args.jobs,
-                                 serving_run_dir=run_dir, dry_run=args.dry_run)
+        results = build_manifest(
+            Path(args.manifest), store, force=args.force, jobs=args.jobs, serving_run_dir=run_dir, dry_run=args.dry_run
+        )
         print_table(results)
         for r in results:
             if r.get("config"):  # --dry-run: what each archive's model-config.yaml would say
@@ -539,14 +763,29 @@ def run(args) -> int:
     except ArchiveError as e:
         raise ArchiveError(as_flags(str(e))) from None
     if args.dry_run:
-        plan = plan_archive(folder, name, store, options, version=args.version, force=args.force, serving_run_dir=run_dir)
-        status = {"new": "would build", "replaced": "would replace", "unchanged": "unchanged, would keep"}[plan["status"]]
-        print(f"{status} {store / plan['file']} ({plan['name']} {plan['version']}, {plan['meta']['task']}); "
-              f"model-config: {json.dumps(plan['config'])}")
+        plan = plan_archive(
+            folder, name, store, options, version=args.version, force=args.force, serving_run_dir=run_dir
+        )
+        status = {"new": "would build", "replaced": "would replace", "unchanged": "unchanged, would keep"}[
+            plan["status"]
+        ]
+        print(
+            f"{status} {store / plan['file']} ({plan['name']} {plan['version']}, {plan['meta']['task']}); "
+            f"model-config: {json.dumps(plan['config'])}"
+        )
         return 0
-    result = build_archive(folder, name, store, options, version=args.version, force=args.force,
-                           val_data=args.val_data, calibration_images=args.calibration_images,
-                           max_accuracy_drop=args.max_accuracy_drop, serving_run_dir=run_dir)
+    result = build_archive(
+        folder,
+        name,
+        store,
+        options,
+        version=args.version,
+        force=args.force,
+        val_data=args.val_data,
+        calibration_images=args.calibration_images,
+        max_accuracy_drop=args.max_accuracy_drop,
+        serving_run_dir=run_dir,
+    )
     path = store / result["file"]
     what = {"unchanged": "unchanged, kept", "replaced": "replaced"}.get(result["status"], "wrote")
     print(f"{what} {path} ({result['size'] / 1e6:.1f} MB, sha256 {result['sha256'][:12]})")

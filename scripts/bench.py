@@ -86,8 +86,14 @@ def random_weights_run(arch: str, out: Path, num_classes: int = 10, classes: lis
     classes = classes or [f"class_{i}" for i in range(num_classes)]
     num_classes = len(classes)
     model = get_model(arch, num_classes=num_classes)
-    meta = {"arch": arch, "arch_args": {"num_classes": num_classes}, "task": entry.task, "classes": classes,
-            "preprocessing": entry.data_config.to_dict(), "note": "random weights, for speed measurements only"}
+    meta = {
+        "arch": arch,
+        "arch_args": {"num_classes": num_classes},
+        "task": entry.task,
+        "classes": classes,
+        "preprocessing": entry.data_config.to_dict(),
+        "note": "random weights, for speed measurements only",
+    }
     save_model_files(out, model, meta)
     return out
 
@@ -104,8 +110,12 @@ def percentiles_ms(latencies: list[float]) -> dict:
 
 def summary(latencies: list[float], errors: int, seconds: float, items: int | None = None) -> dict:
     done = items if items is not None else len(latencies)
-    return {"throughput": round(done / seconds, 2), "requests": len(latencies) + errors, "errors": errors,
-            **percentiles_ms(latencies)}
+    return {
+        "throughput": round(done / seconds, 2),
+        "requests": len(latencies) + errors,
+        "errors": errors,
+        **percentiles_ms(latencies),
+    }
 
 
 def unpack_handler(mar: Path, dest: Path, torch_threads: int | None = None, gpu: int | None = None):
@@ -123,8 +133,15 @@ def unpack_handler(mar: Path, dest: Path, torch_threads: int | None = None, gpu:
         config["handler"] = {**config.get("handler", {}), "torch_threads": torch_threads}
     task = json.loads((dest / "model.json").read_text())["task"]
     handler = {"classification": ImageClassifier, "detection": ObjectDetector}[task]()
-    ctx = Context(mar.stem, str(dest), {"model": {"modelName": mar.stem}}, int(config["batchSize"]), gpu,
-                  "0.12.0", model_yaml_config=config)
+    ctx = Context(
+        mar.stem,
+        str(dest),
+        {"model": {"modelName": mar.stem}},
+        int(config["batchSize"]),
+        gpu,
+        "0.12.0",
+        model_yaml_config=config,
+    )
     handler.initialize(ctx)
     return handler, config
 
@@ -249,8 +266,9 @@ def open_loop(url: str, headers: dict, image: bytes, rate: float, seconds: float
     return summary(latencies, errors[0], time.perf_counter() - start) | {"rate": rate}
 
 
-def serve_and_load(name: str, store: Path, run_dir: Path, config: Path, image: bytes, args,
-                   expect_top1: str | None) -> dict:
+def serve_and_load(
+    name: str, store: Path, run_dir: Path, config: Path, image: bytes, args, expect_top1: str | None
+) -> dict:
     """Start a server for one archive, run every load against it, stop it."""
     ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={})
     ts.start([name], timeout=300)
@@ -284,18 +302,29 @@ def stock_archive(run: Path, store: Path, work: Path, name: str = "stock") -> No
 
     meta = json.loads((run / "model.json").read_text())
     if meta["arch"] not in STOCK_LAYOUTS:
-        raise ValueError(f"the stock comparison needs a run of {' or '.join(STOCK_LAYOUTS)} (torchvision's layout), "
-                         f"got {meta['arch']}")
+        raise ValueError(
+            f"the stock comparison needs a run of {' or '.join(STOCK_LAYOUTS)} (torchvision's layout), "
+            f"got {meta['arch']}"
+        )
     block, layers = STOCK_LAYOUTS[meta["arch"]]
     stage = work / name
     stage.mkdir(parents=True, exist_ok=True)
-    (stage / "model.py").write_text(STOCK_MODEL_FILE.format(arch=meta["arch"], block=block, layers=layers,
-                                                            num_classes=len(meta["classes"])))
+    (stage / "model.py").write_text(
+        STOCK_MODEL_FILE.format(arch=meta["arch"], block=block, layers=layers, num_classes=len(meta["classes"]))
+    )
     (stage / "index_to_name.json").write_text(json.dumps({str(i): c for i, c in enumerate(meta["classes"])}))
-    generate_model_archive(ModelArchiverConfig(
-        model_name=name, handler="image_classifier", version="1.0", model_file=str(stage / "model.py"),
-        serialized_file=str(run / "model.pt"), extra_files=str(stage / "index_to_name.json"),
-        export_path=str(store), force=True))
+    generate_model_archive(
+        ModelArchiverConfig(
+            model_name=name,
+            handler="image_classifier",
+            version="1.0",
+            model_file=str(stage / "model.py"),
+            serialized_file=str(run / "model.pt"),
+            extra_files=str(stage / "index_to_name.json"),
+            export_path=str(store),
+            force=True,
+        )
+    )
 
 
 def stock_config(work: Path) -> Path:
@@ -314,7 +343,9 @@ def table(rows: list[tuple]) -> str:
     head = ("what", "load", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors")
     cells = [head] + [tuple("-" if v is None else str(v) for v in row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
+    )
 
 
 def report_rows(result: dict) -> list[tuple]:
@@ -372,7 +403,10 @@ def bench_detector(args, image: bytes, work: Path, store: Path, config: Path) ->
     build_archive(run, "detector", store, {"batch_size": 1, "max_batch_delay": 0}, force=True)
     handler, _ = unpack_handler(store / "detector.mar", work / "detector_unpacked", torch_threads=os.cpu_count())
     input_size = handler.data_config.input_size
-    print(f"detector: {json.loads((run / 'model.json').read_text())['arch']} ({weights} weights) at {input_size} px", flush=True)
+    print(
+        f"detector: {json.loads((run / 'model.json').read_text())['arch']} ({weights} weights) at {input_size} px",
+        flush=True,
+    )
     bare_result = bare(handler, image, 1, args.duration)
     ts = TorchServe(run_dir=work / "serve_detector", model_store=store, config=config, ports={})
     ts.start(["detector"], timeout=300)
@@ -407,8 +441,14 @@ def run_bench(args) -> dict:
         args.workers = 1 if on_gpu else os.cpu_count() or 1
     if args.batch_size is None:
         args.batch_size = 8 if on_gpu else 2
-    options = {"workers": args.workers, "batch_size": args.batch_size, "max_batch_delay": args.max_batch_delay,
-               "torch_threads": args.torch_threads, "device": args.device, "handler": {}}
+    options = {
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "max_batch_delay": args.max_batch_delay,
+        "torch_threads": args.torch_threads,
+        "device": args.device,
+        "handler": {},
+    }
     if args.runtime != "eager":
         options["runtime"] = args.runtime
     if args.autocast:
@@ -417,15 +457,28 @@ def run_bench(args) -> dict:
         options["handler"]["gpu_decode"] = True
     build_archive(run, "served", store, options, force=True)
 
-    result = {"model": meta["arch"], "weights": "trained" if args.run else "random", "runtime": args.runtime,
-              "image": "skimage chelsea 451x300 JPEG", "machine": machine(), "duration_s": args.duration,
-              "config": yaml.safe_load(zipfile.ZipFile(store / "served.mar").read("model-config.yaml"))}
+    result = {
+        "model": meta["arch"],
+        "weights": "trained" if args.run else "random",
+        "runtime": args.runtime,
+        "image": "skimage chelsea 451x300 JPEG",
+        "machine": machine(),
+        "duration_s": args.duration,
+        "config": yaml.safe_load(zipfile.ZipFile(store / "served.mar").read("model-config.yaml")),
+    }
     # Bare is the best this machine does in-process: torch gets every core.
-    handler, config = unpack_handler(store / "served.mar", work / "served_unpacked", torch_threads=os.cpu_count(),
-                                     gpu=0 if args.device != "cpu" and torch.cuda.is_available() else None)
+    handler, config = unpack_handler(
+        store / "served.mar",
+        work / "served_unpacked",
+        torch_threads=os.cpu_count(),
+        gpu=0 if args.device != "cpu" and torch.cuda.is_available() else None,
+    )
     result["preprocess_ms"] = preprocessing_ms(handler, image)
-    print(f"bare handler in-process ({handler.threads_per_worker()} torch threads), "
-          f"preprocessing {result['preprocess_ms']} ms/image", flush=True)
+    print(
+        f"bare handler in-process ({handler.threads_per_worker()} torch threads), "
+        f"preprocessing {result['preprocess_ms']} ms/image",
+        flush=True,
+    )
     batches = sorted({1, int(config["batchSize"])})
     result["bare"] = [bare(handler, image, b, args.duration) for b in batches]
     expect = next(iter(handler.handle([{"body": image}], request_context(1))[0]))
@@ -465,8 +518,10 @@ def require_gpu(what: str = "--device gpu", instead: str = "; use --device cpu")
 
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-        raise ValueError(f"{what}: torch {torch.__version__} ({build}) sees no CUDA device here "
-                         f"(no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them){instead}")
+        raise ValueError(
+            f"{what}: torch {torch.__version__} ({build}) sees no CUDA device here "
+            f"(no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them){instead}"
+        )
 
 
 def machine() -> str:
@@ -479,24 +534,51 @@ def machine() -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="training output folder to serve (default: random weights of --model)")
-    p.add_argument("--model", default="resnet18", help="registered classifier to build with random weights when no --run (default: resnet18)")
-    p.add_argument("--runtime", default="eager", help="runtime of our archive: eager, torchscript, onnx, int8, compile (default: eager)")
-    p.add_argument("--autocast", choices=("bf16", "fp16"), default=None, help="run our model under autocast (default: off)")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
-                   help="our workers' device: auto = the GPU where there is one; gpu on a GPU host (default: auto)")
-    p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG) in our handler (default: off)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="our archive's workers (default: one per core on the CPU, 1 on a GPU)")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per worker, 0 = cores / workers (default: 0)")
-    p.add_argument("--batch-size", type=int, default=None, help="our archive's batchSize (default: 2 on the CPU, 8 on a GPU)")
+    p.add_argument(
+        "--model",
+        default="resnet18",
+        help="registered classifier to build with random weights when no --run (default: resnet18)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="eager",
+        help="runtime of our archive: eager, torchscript, onnx, int8, compile (default: eager)",
+    )
+    p.add_argument(
+        "--autocast", choices=("bf16", "fp16"), default=None, help="run our model under autocast (default: off)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="our workers' device: auto = the GPU where there is one; gpu on a GPU host (default: auto)",
+    )
+    p.add_argument(
+        "--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG) in our handler (default: off)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="our archive's workers (default: one per core on the CPU, 1 on a GPU)"
+    )
+    p.add_argument(
+        "--torch-threads", type=int, default=0, help="torch threads per worker, 0 = cores / workers (default: 0)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="our archive's batchSize (default: 2 on the CPU, 8 on a GPU)"
+    )
     p.add_argument("--max-batch-delay", type=int, default=5, help="our archive's maxBatchDelay in ms (default: 5)")
     p.add_argument("--clients", default="1,4,16", help="closed-loop client counts, comma-separated (default: 1,4,16)")
     p.add_argument("--rate", type=float, default=8.0, help="open-loop request rate per second; 0 skips it (default: 8)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock-handler comparison (default: off)")
     p.add_argument("--no-detector", action="store_true", help="skip the detector latency (default: off)")
-    p.add_argument("--detector", default="auto", help="detection run to time (default: runs/shapes_det if trained, else random FCOS)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where bench.json and bench.png go (default: runs/bench)")
+    p.add_argument(
+        "--detector",
+        default="auto",
+        help="detection run to time (default: runs/shapes_det if trained, else random FCOS)",
+    )
+    p.add_argument(
+        "--out", default=str(ROOT / "runs" / "bench"), help="where bench.json and bench.png go (default: runs/bench)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the archives and server logs under --out (default: off)")
     return p
 
@@ -520,8 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "bench.png")
     print()
-    print(f"{result['model']} ({result['weights']} weights, runtime {result['runtime']}) on {result['machine']}; "
-          f"preprocessing {result['preprocess_ms']} ms per 451x300 JPEG")
+    print(
+        f"{result['model']} ({result['weights']} weights, runtime {result['runtime']}) on {result['machine']}; "
+        f"preprocessing {result['preprocess_ms']} ms per 451x300 JPEG"
+    )
     print(table(report_rows(result)))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     r = result["ratios"]

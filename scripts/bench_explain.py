@@ -51,17 +51,30 @@ def measure(arch: str, image: bytes, steps: list[int], work: Path, rounds: int, 
         raise RuntimeError(f"{arch}: the explanation failed: {answer}")
     ms = interleaved(calls, rounds, seconds)
     base = ms["prediction"]
-    batches = {n: handler.explainer.internal_batch_size(handler.transform(handler.read_image(image, 3)), n) for n in steps}
-    return [{"model": arch, "call": name, "n_steps": None if name == "prediction" else steps[i - 1],
-             "internal_batch": None if name == "prediction" else batches[steps[i - 1]],
-             "ms_per_image": round(v, 1), "x_prediction": round(v / base, 1)}
-            for i, (name, v) in enumerate(ms.items())]
+    batches = {
+        n: handler.explainer.internal_batch_size(handler.transform(handler.read_image(image, 3)), n) for n in steps
+    }
+    return [
+        {
+            "model": arch,
+            "call": name,
+            "n_steps": None if name == "prediction" else steps[i - 1],
+            "internal_batch": None if name == "prediction" else batches[steps[i - 1]],
+            "ms_per_image": round(v, 1),
+            "x_prediction": round(v / base, 1),
+        }
+        for i, (name, v) in enumerate(ms.items())
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["small_cnn", "resnet18"],
-                   help="registered classifiers to measure, random weights (default: small_cnn resnet18)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["small_cnn", "resnet18"],
+        help="registered classifiers to measure, random weights (default: small_cnn resnet18)",
+    )
     p.add_argument("--steps", nargs="+", type=int, default=[8, 32], help="n_steps values to time (default: 8 32)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default: 3)")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per call kind per round (default: 2.0)")
@@ -71,11 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     unknown = [m for m in args.models if m not in list_models(task="classification")]
     if unknown:
-        print(f"error: --models: {unknown[0]!r} is not a registered classifier; see python -m model_defs", file=sys.stderr)
+        print(
+            f"error: --models: {unknown[0]!r} is not a registered classifier; see python -m model_defs", file=sys.stderr
+        )
         return 2
     if min(args.steps) < 1 or max(args.steps) > 128:
-        print(f"error: --steps must be from 1 to 128 (the handler's default explain_max_steps), got {args.steps}",
-              file=sys.stderr)
+        print(
+            f"error: --steps must be from 1 to 128 (the handler's default explain_max_steps), got {args.steps}",
+            file=sys.stderr,
+        )
         return 2
     image, rows = cat_jpeg(), []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure(arch, image, sorted(set(args.steps)), Path(tmp), args.rounds, args.seconds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explain.json").write_text(json.dumps({"image": "451x300 JPEG", "threads": os.cpu_count(), "rows": rows},
-                                                 indent=2) + "\n")
+    (out / "explain.json").write_text(
+        json.dumps({"image": "451x300 JPEG", "threads": os.cpu_count(), "rows": rows}, indent=2) + "\n"
+    )
     print(f"\n{'model':12} {'call':14} {'internal batch':>14} {'ms/image':>9} {'x prediction':>13}")
     for r in rows:
-        print(f"{r['model']:12} {r['call']:14} {r['internal_batch'] or '-':>14} {r['ms_per_image']:9.1f} "
-              f"{r['x_prediction']:12.1f}x")
+        print(
+            f"{r['model']:12} {r['call']:14} {r['internal_batch'] or '-':>14} {r['ms_per_image']:9.1f} "
+            f"{r['x_prediction']:12.1f}x"
+        )
     print(f"wrote {out / 'explain.json'}")
     return 0
 

@@ -33,11 +33,11 @@ import numpy as np
 
 from scripts.bench import (
     ROOT,
+    STOCK_LAYOUTS,
     bare,
     cat_jpeg,
     closed_loop_raw,
     machine,
-    STOCK_LAYOUTS,
     random_weights_run,
     require_gpu,
     stock_archive,
@@ -62,13 +62,25 @@ def gpu_info() -> dict:
     """The GPU, its driver and the CUDA torch was built with, for the report."""
     import torch
 
-    info = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-            "torch": torch.__version__, "cuda": torch.version.cuda}
+    info = {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     try:
         import subprocess
 
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        info["driver"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except (OSError, IndexError, subprocess.SubprocessError):
         info["driver"] = "unknown (nvidia-smi did not answer)"
     return info
@@ -147,8 +159,16 @@ def load_processes(url: str, headers: dict, image: bytes, clients: int, seconds:
     processes = max(1, min(processes, clients))
     share = [clients // processes + (i < clients % processes) for i in range(processes)]
     with ProcessPoolExecutor(processes) as pool:
-        parts = list(pool.map(closed_loop_raw, [url] * processes, [headers] * processes, [image] * processes,
-                              share, [seconds] * processes))
+        parts = list(
+            pool.map(
+                closed_loop_raw,
+                [url] * processes,
+                [headers] * processes,
+                [image] * processes,
+                share,
+                [seconds] * processes,
+            )
+        )
     latencies = [t for lat, _ in parts for t in lat]
     return summary(latencies, sum(e for _, e in parts), seconds) | {"clients": clients}
 
@@ -169,34 +189,48 @@ def bench_model(arch: str, args, work: Path, store: Path, image: bytes) -> dict:
         if label not in args.configs:
             continue
         if runtime == "onnx" and not onnx_on_gpu():
-            result["configs"][label] = {"skipped": "onnxruntime here has no CUDAExecutionProvider "
-                                                   "(install onnxruntime-gpu on GPU hosts)"}
+            result["configs"][label] = {
+                "skipped": "onnxruntime here has no CUDAExecutionProvider (install onnxruntime-gpu on GPU hosts)"
+            }
             continue
         name = f"{arch}_{label.replace(' ', '_')}"
-        options = {"workers": 1, "batch_size": best, "max_batch_delay": args.max_batch_delay, "device": "gpu",
-                   "runtime": runtime, "handler": handler_opts}
+        options = {
+            "workers": 1,
+            "batch_size": best,
+            "max_batch_delay": args.max_batch_delay,
+            "device": "gpu",
+            "runtime": runtime,
+            "handler": handler_opts,
+        }
         print(f"{arch} {label}: archiving", flush=True)
         build_archive(run, name, store, options, force=True, val_data=val if runtime != "eager" else None)
         handler, config = unpack_handler(store / f"{name}.mar", work / f"unpacked_{name}", gpu=0)
         shape = (3, handler.data_config.input_size, handler.data_config.input_size)
-        row = {"runtime": runtime, "handler": handler_opts,
-               "model": [model_only(handler.runner, shape, b, args.duration / 2) for b in args.batches],
-               "bare": [bare(handler, image, b, args.duration) for b in args.batches]}
+        row = {
+            "runtime": runtime,
+            "handler": handler_opts,
+            "model": [model_only(handler.runner, shape, b, args.duration / 2) for b in args.batches],
+            "bare": [bare(handler, image, b, args.duration) for b in args.batches],
+        }
         if not any("stages" in c for c in result["configs"].values()):
             row["stages"] = stage_ms(handler, image)
         result["configs"][label] = row
         del handler
         torch.cuda.empty_cache()
         best_bare = max(row["bare"], key=lambda r: r["throughput"])
-        print(f"  best bare {best_bare['throughput']} img/s at batch {best_bare['batch']}, "
-              f"model alone {max(r['throughput'] for r in row['model'])} img/s", flush=True)
+        print(
+            f"  best bare {best_bare['throughput']} img/s at batch {best_bare['batch']}, "
+            f"model alone {max(r['throughput'] for r in row['model'])} img/s",
+            flush=True,
+        )
     return result
 
 
 def best_config(result: dict) -> tuple[str, dict]:
     """The bare configuration with the highest throughput, and its best row."""
-    rows = [(label, max(c["bare"], key=lambda r: r["throughput"])) for label, c in result["configs"].items()
-            if "bare" in c]
+    rows = [
+        (label, max(c["bare"], key=lambda r: r["throughput"])) for label, c in result["configs"].items() if "bare" in c
+    ]
     return max(rows, key=lambda lr: lr[1]["throughput"])
 
 
@@ -215,9 +249,15 @@ def bench_served(results: list[dict], args, work: Path, store: Path, image: byte
         run = work / f"run_{arch}"
         result["served"] = {"config": label, "bare_at_batch": row, "runs": []}
         for workers in args.served_workers:
-            options = {"workers": workers, "batch_size": row["batch"], "max_batch_delay": args.max_batch_delay,
-                       "device": "gpu", "runtime": runtime, "torch_threads": max(1, cores // workers),
-                       "handler": handler_opts}
+            options = {
+                "workers": workers,
+                "batch_size": row["batch"],
+                "max_batch_delay": args.max_batch_delay,
+                "device": "gpu",
+                "runtime": runtime,
+                "torch_threads": max(1, cores // workers),
+                "handler": handler_opts,
+            }
             name = f"served_{arch}_w{workers}"
             build_archive(run, name, store, options, force=True, val_data=work / "val" if runtime != "eager" else None)
             result["served"]["runs"].append({"workers": workers, "options": options})
@@ -233,11 +273,16 @@ def bench_served(results: list[dict], args, work: Path, store: Path, image: byte
         headers = ts.headers("inference")
         for where, name in loads:
             url = f"{ts.url('inference')}/predictions/{name}"
-            print(f"{name}: {args.clients} clients over {args.load_processes} processes, {args.duration * 4:g} s",
-                  flush=True)
+            print(
+                f"{name}: {args.clients} clients over {args.load_processes} processes, {args.duration * 4:g} s",
+                flush=True,
+            )
             where["load"] = load_processes(url, headers, image, args.clients, args.duration * 4, args.load_processes)
-            print(f"  {where['load']['throughput']} img/s, p50 {where['load']['p50']} ms, "
-                  f"p99 {where['load']['p99']} ms, {where['load']['errors']} errors", flush=True)
+            print(
+                f"  {where['load']['throughput']} img/s, p50 {where['load']['p50']} ms, "
+                f"p99 {where['load']['p99']} ms, {where['load']['errors']} errors",
+                flush=True,
+            )
     finally:
         ts.stop()
 
@@ -255,14 +300,28 @@ def report_rows(results: list[dict]) -> list[tuple]:
                 rows.append((f"{r['arch']} {label}", c["skipped"], None, None, None, None, None))
                 continue
             for m, b in zip(c["model"], c["bare"]):
-                rows.append((f"{r['arch']} {label}", f"batch {b['batch']} (model alone {m['throughput']}/s)",
-                             b["throughput"], b["p50"], b["p90"], b["p99"], b["errors"]))
-        served = [(f"{r['arch']} served ({r['served']['config']}, {x['workers']} worker(s))", x["load"])
-                  for x in r.get("served", {}).get("runs", []) if "load" in x]
+                rows.append(
+                    (
+                        f"{r['arch']} {label}",
+                        f"batch {b['batch']} (model alone {m['throughput']}/s)",
+                        b["throughput"],
+                        b["p50"],
+                        b["p90"],
+                        b["p99"],
+                        b["errors"],
+                    )
+                )
+        served = [
+            (f"{r['arch']} served ({r['served']['config']}, {x['workers']} worker(s))", x["load"])
+            for x in r.get("served", {}).get("runs", [])
+            if "load" in x
+        ]
         if "load" in r.get("stock", {}):
             served.append((f"{r['arch']} stock (TorchServe defaults)", r["stock"]["load"]))
-        rows += [(what, f"{s['clients']} clients", s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"])
-                 for what, s in served]
+        rows += [
+            (what, f"{s['clients']} clients", s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"])
+            for what, s in served
+        ]
     return rows
 
 
@@ -286,14 +345,25 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     for ax, r in zip(axes[0], results):
         for label, c in r["configs"].items():
             if "bare" in c:
-                ax.plot([b["batch"] for b in c["bare"]], [b["throughput"] for b in c["bare"]], "o-", label=f"bare {label}")
+                ax.plot(
+                    [b["batch"] for b in c["bare"]], [b["throughput"] for b in c["bare"]], "o-", label=f"bare {label}"
+                )
         eager = next(c for c in r["configs"].values() if "model" in c)
-        ax.plot([m["batch"] for m in eager["model"]], [m["throughput"] for m in eager["model"]], "k--",
-                label="model alone (first config)")
+        ax.plot(
+            [m["batch"] for m in eager["model"]],
+            [m["throughput"] for m in eager["model"]],
+            "k--",
+            label="model alone (first config)",
+        )
         best = best_served(r)
         if best is not None:
-            ax.plot([best["options"]["batch_size"]], [best["load"]["throughput"]], "*", markersize=14,
-                    label=f"served, {best['workers']} worker(s) (REST)")
+            ax.plot(
+                [best["options"]["batch_size"]],
+                [best["load"]["throughput"]],
+                "*",
+                markersize=14,
+                label=f"served, {best['workers']} worker(s) (REST)",
+            )
         if "load" in r.get("stock", {}):
             ax.plot([1], [r["stock"]["load"]["throughput"]], "x", markersize=14, label="stock handler (REST)")
         ax.set_xscale("log", base=2)
@@ -310,18 +380,38 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="resnet18,resnet50", help="registered classifiers, comma-separated (default: resnet18,resnet50)")
+    p.add_argument(
+        "--models",
+        default="resnet18,resnet50",
+        help="registered classifiers, comma-separated (default: resnet18,resnet50)",
+    )
     p.add_argument("--batches", default="1,8,32,64", help="batch sizes of the bare rows (default: 1,8,32,64)")
-    p.add_argument("--duration", type=float, default=1.5, help="seconds per bare measurement; served loads run 4x it (default: 1.5)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=1.5,
+        help="seconds per bare measurement; served loads run 4x it (default: 1.5)",
+    )
     p.add_argument("--max-batch-delay", type=int, default=5, help="archives' maxBatchDelay in ms (default: 5)")
-    p.add_argument("--served-workers", default="1,2", help="our workers on the GPU when served, one archive per count (default: 1,2)")
+    p.add_argument(
+        "--served-workers",
+        default="1,2",
+        help="our workers on the GPU when served, one archive per count (default: 1,2)",
+    )
     p.add_argument("--no-stock", action="store_true", help="skip the stock handler (default: off)")
     p.add_argument("--clients", type=int, default=128, help="closed-loop clients against the server (default: 128)")
     p.add_argument("--load-processes", type=int, default=4, help="processes the clients are spread over (default: 4)")
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"bare configurations to run, comma-separated (default: all: {', '.join(CONFIGS)})")
+    p.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"bare configurations to run, comma-separated (default: all: {', '.join(CONFIGS)})",
+    )
     p.add_argument("--no-served", action="store_true", help="bare rows only, no TorchServe (default: off)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench_gpu"), help="where bench_gpu.json and .png go (default: runs/bench_gpu)")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "runs" / "bench_gpu"),
+        help="where bench_gpu.json and .png go (default: runs/bench_gpu)",
+    )
     return p
 
 
@@ -333,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         args.served_workers = sorted({int(w) for w in args.served_workers.split(",") if w.strip()})
     except ValueError:
-        print(f"error: --batches and --served-workers expect numbers like 1,8,32, got {args.batches!r}, "
-              f"{args.served_workers!r}", file=sys.stderr)
+        print(
+            f"error: --batches and --served-workers expect numbers like 1,8,32, got {args.batches!r}, "
+            f"{args.served_workers!r}",
+            file=sys.stderr,
+        )
         return 2
     from model_defs import get_entry
 
@@ -356,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     store.mkdir()
     image = cat_jpeg()
     info = gpu_info() | {"machine": machine()}
-    print(f"{info['gpu']} x{info['gpus']}, driver {info['driver']}, torch {info['torch']} (CUDA {info['cuda']})", flush=True)
+    print(
+        f"{info['gpu']} x{info['gpus']}, driver {info['driver']}, torch {info['torch']} (CUDA {info['cuda']})",
+        flush=True,
+    )
     results = []
     for m in models:  # written as it goes, so a run cut short still leaves its figures
         results.append(bench_model(m, args, work, store, image))

@@ -46,8 +46,13 @@ def run_bench(args) -> dict:
         store.mkdir()
         run = random_weights_run(args.model, work / "run")
         for side, handler in SIDES.items():
-            options = {"workers": args.workers or os.cpu_count() or 1, "batch_size": args.batch_size,
-                       "max_batch_delay": 5, "device": "cpu", "handler": handler}
+            options = {
+                "workers": args.workers or os.cpu_count() or 1,
+                "batch_size": args.batch_size,
+                "max_batch_delay": 5,
+                "device": "cpu",
+                "handler": handler,
+            }
             build_archive(run, side, store, options, force=True)
         image = cat_jpeg()
         ts = TorchServe(run_dir=work / "serve", model_store=store, ports={})
@@ -64,9 +69,11 @@ def run_bench(args) -> dict:
                 closed_loop(urls[side], headers, image, args.clients, args.warmup)
             rounds = {side: [] for side in SIDES}
             for r in range(args.rounds):
-                for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
-                    print(f"  round {r + 1}/{args.rounds}: {side} metrics, {args.clients} clients, "
-                          f"{args.duration:g} s", flush=True)
+                for side in list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]:
+                    print(
+                        f"  round {r + 1}/{args.rounds}: {side} metrics, {args.clients} clients, {args.duration:g} s",
+                        flush=True,
+                    )
                     cpu, served = server_cpu_seconds(ts), requests_served(ts, side)
                     m = closed_loop(urls[side], headers, image, args.clients, args.duration)
                     cpu, served = server_cpu_seconds(ts) - cpu, requests_served(ts, side) - served
@@ -80,12 +87,20 @@ def run_bench(args) -> dict:
     ratio = total["with"] / total["without"]
     per_round = [w["throughput"] / wo["throughput"] for w, wo in zip(rounds["with"], rounds["without"])]
     cpu = {side: statistics.median(m["server_cpu_ms_per_request"] for m in ms) for side, ms in rounds.items()}
-    return {"model": args.model, "machine": machine(), "clients": args.clients, "duration_s": args.duration,
-            "batch_size": args.batch_size, "rounds": rounds, "with_over_without": round(ratio, 4),
-            "overhead_percent": round((1 - ratio) * 100, 2),
-            "round_ratios": [round(r, 3) for r in per_round], "median_round_ratio": round(statistics.median(per_round), 3),
-            "server_cpu_ms_per_request": {side: round(v, 3) for side, v in cpu.items()},
-            "cpu_overhead_percent": round((cpu["with"] / cpu["without"] - 1) * 100, 2)}
+    return {
+        "model": args.model,
+        "machine": machine(),
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "batch_size": args.batch_size,
+        "rounds": rounds,
+        "with_over_without": round(ratio, 4),
+        "overhead_percent": round((1 - ratio) * 100, 2),
+        "round_ratios": [round(r, 3) for r in per_round],
+        "median_round_ratio": round(statistics.median(per_round), 3),
+        "server_cpu_ms_per_request": {side: round(v, 3) for side, v in cpu.items()},
+        "cpu_overhead_percent": round((cpu["with"] / cpu["without"] - 1) * 100, 2),
+    }
 
 
 def server_cpu_seconds(ts: TorchServe) -> float:
@@ -129,14 +144,18 @@ def plot(result: dict, path: Path) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18", help="registered classifier, built with random weights (default: resnet18)")
+    p.add_argument(
+        "--model", default="resnet18", help="registered classifier, built with random weights (default: resnet18)"
+    )
     p.add_argument("--workers", type=int, default=None, help="workers per archive (default: one per core)")
     p.add_argument("--batch-size", type=int, default=2, help="batchSize of both archives (default: 2)")
     p.add_argument("--clients", type=int, default=4, help="closed-loop clients (default: 4)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per round and side (default: 10)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds per side (default: 6)")
     p.add_argument("--warmup", type=float, default=20.0, help="seconds of unmeasured load per side first (default: 20)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where bench_metrics.json and .png go (default: runs/bench)")
+    p.add_argument(
+        "--out", default=str(ROOT / "runs" / "bench"), help="where bench_metrics.json and .png go (default: runs/bench)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the archives and server logs under --out (default: off)")
     return p
 
@@ -144,8 +163,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.clients < 1 or args.rounds < 1 or args.duration <= 0 or args.batch_size < 1 or args.warmup <= 0:
-        print("error: --clients, --rounds and --batch-size need at least 1, --duration and --warmup a positive number",
-              file=sys.stderr)
+        print(
+            "error: --clients, --rounds and --batch-size need at least 1, --duration and --warmup a positive number",
+            file=sys.stderr,
+        )
         return 2
     try:
         result = run_bench(args)
@@ -156,17 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "bench_metrics.png")
     print(f"\n{result['model']} on {result['machine']}, {args.clients} clients, batch size {args.batch_size}")
-    print(f"{'round':<6} {'with req/s':>10} {'without req/s':>13} {'with p99 ms':>11} {'without p99 ms':>14} "
-          f"{'with CPU ms/req':>15} {'without CPU ms/req':>18}")
+    print(
+        f"{'round':<6} {'with req/s':>10} {'without req/s':>13} {'with p99 ms':>11} {'without p99 ms':>14} "
+        f"{'with CPU ms/req':>15} {'without CPU ms/req':>18}"
+    )
     for i, (w, wo) in enumerate(zip(result["rounds"]["with"], result["rounds"]["without"]), 1):
-        print(f"{i:<6} {w['throughput']:>10.2f} {wo['throughput']:>13.2f} {w['p99']:>11} {wo['p99']:>14} "
-              f"{w['server_cpu_ms_per_request']:>15.3f} {wo['server_cpu_ms_per_request']:>18.3f}")
+        print(
+            f"{i:<6} {w['throughput']:>10.2f} {wo['throughput']:>13.2f} {w['p99']:>11} {wo['p99']:>14} "
+            f"{w['server_cpu_ms_per_request']:>15.3f} {wo['server_cpu_ms_per_request']:>18.3f}"
+        )
     print(f"wrote {out / 'bench_metrics.json'} and {out / 'bench_metrics.png'}")
-    print(f"round ratios (with/without): {' '.join(f'{r:.3f}' for r in result['round_ratios'])}, "
-          f"median {result['median_round_ratio']:.3f}")
+    print(
+        f"round ratios (with/without): {' '.join(f'{r:.3f}' for r in result['round_ratios'])}, "
+        f"median {result['median_round_ratio']:.3f}"
+    )
     cpu = result["server_cpu_ms_per_request"]
-    print(f"server CPU per request (median of rounds): with {cpu['with']:.3f} ms, without {cpu['without']:.3f} ms, "
-          f"{result['cpu_overhead_percent']:+.1f}%")
+    print(
+        f"server CPU per request (median of rounds): with {cpu['with']:.3f} ms, without {cpu['without']:.3f} ms, "
+        f"{result['cpu_overhead_percent']:+.1f}%"
+    )
     print(f"with/without={result['with_over_without']:.3f} overhead={result['overhead_percent']:.1f}%")
     return 0
 

@@ -57,28 +57,42 @@ def preprocessing_steps(image: bytes, cfg, rounds: int) -> list[dict]:
 
     from model_defs.preprocessing import eval_transform, load_image, load_image_tensor
 
-    stock = v1.Compose([v1.Resize(cfg.resize_size), v1.CenterCrop(cfg.input_size), v1.ToTensor(),
-                        v1.Normalize(cfg.mean, cfg.std)])  # what TorchServe's image_classifier does
+    stock = v1.Compose(
+        [v1.Resize(cfg.resize_size), v1.CenterCrop(cfg.input_size), v1.ToTensor(), v1.Normalize(cfg.mean, cfg.std)]
+    )  # what TorchServe's image_classifier does
     ours = eval_transform(cfg)
-    ms = interleaved({
-        "stock: PIL decode + PIL resize on float (torchvision v1)": lambda: stock(Image.open(io.BytesIO(image)).convert("RGB")),
-        "PIL decode + resize on uint8 (torchvision v2)": lambda: ours(load_image(image, cfg.channels)),
-        "torchvision.io decode + resize on uint8 (served)": lambda: ours(load_image_tensor(image, cfg.channels)),
-    }, rounds, 0.5)
+    ms = interleaved(
+        {
+            "stock: PIL decode + PIL resize on float (torchvision v1)": lambda: stock(
+                Image.open(io.BytesIO(image)).convert("RGB")
+            ),
+            "PIL decode + resize on uint8 (torchvision v2)": lambda: ours(load_image(image, cfg.channels)),
+            "torchvision.io decode + resize on uint8 (served)": lambda: ours(load_image_tensor(image, cfg.channels)),
+        },
+        rounds,
+        0.5,
+    )
     base = next(iter(ms.values()))
     return [{"step": k, "ms": round(v, 3), "speedup": round(base / v, 2)} for k, v in ms.items()]
 
 
 def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: float) -> list[dict]:
-    variants = {"eager, NCHW": ("eager", {"channels_last": False}), "eager, channels_last": ("eager", {}),
-                "torchscript": ("torchscript", {}), "onnx": ("onnx", {}), "int8": ("int8", {})}
+    variants = {
+        "eager, NCHW": ("eager", {"channels_last": False}),
+        "eager, channels_last": ("eager", {}),
+        "torchscript": ("torchscript", {}),
+        "onnx": ("onnx", {}),
+        "int8": ("int8", {}),
+    }
     if cpp_compiler():
         variants["compile"] = ("compile", {})
     handlers, checks = {}, {}
     for i, (name, (runtime, handler_options)) in enumerate(variants.items()):
         print(f"  building {name}", flush=True)
         store = work / f"store{i}"
-        entry = build_archive(run, "m", store, {"runtime": runtime, "batch_size": 2, "handler": handler_options}, force=True)
+        entry = build_archive(
+            run, "m", store, {"runtime": runtime, "batch_size": 2, "handler": handler_options}, force=True
+        )
         checks[name] = entry.get("runtime")
         handlers[name], _ = unpack_handler(store / "m.mar", work / f"unpacked{i}", torch_threads=os.cpu_count())
 
@@ -92,16 +106,27 @@ def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: flo
         base = next(iter(ms.values()))
         for name, v in ms.items():
             check = checks[name] or {}
-            out.append({"step": name, "batch": batch, "img_per_s": round(batch * 1000 / v, 1),
-                        "speedup": round(base / v, 2), "top1": check.get("top1"), "eager_top1": check.get("eager_top1"),
-                        "agreement": check.get("agreement")})
+            out.append(
+                {
+                    "step": name,
+                    "batch": batch,
+                    "img_per_s": round(batch * 1000 / v, 1),
+                    "speedup": round(base / v, 2),
+                    "top1": check.get("top1"),
+                    "eager_top1": check.get("eager_top1"),
+                    "agreement": check.get("agreement"),
+                }
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=str(ROOT / "runs" / "digits_resnet18"),
-                   help="trained classifier whose validation split checks each runtime (default: runs/digits_resnet18)")
+    p.add_argument(
+        "--run",
+        default=str(ROOT / "runs" / "digits_resnet18"),
+        help="trained classifier whose validation split checks each runtime (default: runs/digits_resnet18)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (default: 5)")
     p.add_argument("--seconds", type=float, default=1.5, help="seconds per runtime per round (default: 1.5)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where steps.json goes (default: runs/bench)")
@@ -124,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "steps.json").write_text(json.dumps({"run": str(run), "preprocessing": pre, "runtimes": runtimes}, indent=2) + "\n")
+    (out / "steps.json").write_text(
+        json.dumps({"run": str(run), "preprocessing": pre, "runtimes": runtimes}, indent=2) + "\n"
+    )
     print(f"\n{'preprocessing':58} {'ms':>7} {'speedup':>8}")
     for r in pre:
         print(f"{r['step']:58} {r['ms']:7.2f} {r['speedup']:7.2f}x")
-    print(f"\n{'runtime (handler, ' + str(os.cpu_count()) + ' threads)':24} {'batch':>5} {'img/s':>7} {'speedup':>8} {'top-1':>7} {'eager':>7} {'agree':>7}")
+    print(
+        f"\n{'runtime (handler, ' + str(os.cpu_count()) + ' threads)':24} {'batch':>5} {'img/s':>7} {'speedup':>8} {'top-1':>7} {'eager':>7} {'agree':>7}"
+    )
     for r in runtimes:
         acc = [f"{r[k]:7.2f}" if r[k] is not None else f"{'-':>7}" for k in ("top1", "eager_top1", "agreement")]
         print(f"{r['step']:24} {r['batch']:5} {r['img_per_s']:7.1f} {r['speedup']:7.2f}x {' '.join(acc)}")

@@ -66,7 +66,9 @@ class Catalog:
         try:
             return json.loads(self.path.read_text())["archives"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise CatalogError(f"{self.path} is damaged ({e}); rebuild it with scripts/archive --manifest ... --force") from None
+            raise CatalogError(
+                f"{self.path} is damaged ({e}); rebuild it with scripts/archive --manifest ... --force"
+            ) from None
 
     @contextmanager
     def editing(self):
@@ -99,8 +101,10 @@ class Catalog:
             raise CatalogError(f"{name}/{version}: archive {mar} is missing")
         actual = sha256_file(mar)
         if actual != entry["sha256"]:
-            raise CatalogError(f"{name}/{version}: {mar.name} has sha256 {actual[:12]}…, the catalog says "
-                               f"{entry['sha256'][:12]}…; the archive changed since it was built, refusing it")
+            raise CatalogError(
+                f"{name}/{version}: {mar.name} has sha256 {actual[:12]}…, the catalog says "
+                f"{entry['sha256'][:12]}…; the archive changed since it was built, refusing it"
+            )
         return mar
 
     def problems(self) -> list[Problem]:
@@ -120,9 +124,15 @@ class Catalog:
             except CatalogError as e:
                 problems.append(Problem(key, entry["file"], str(e)))
                 continue
-            fields = [f for f in sorted(set(inner) | (set(entry) - {"file", "sha256", "size"})) if inner.get(f) != entry.get(f)]
+            fields = [
+                f
+                for f in sorted(set(inner) | (set(entry) - {"file", "sha256", "size"}))
+                if inner.get(f) != entry.get(f)
+            ]
             if fields:
-                problems.append(Problem(key, entry["file"], f"{fields[0]!r} inside {entry['file']} differs from the catalog"))
+                problems.append(
+                    Problem(key, entry["file"], f"{fields[0]!r} inside {entry['file']} differs from the catalog")
+                )
         catalogued = {e["file"] for e in entries.values()}
         for mar in sorted(self.store.glob("*.mar")):
             if mar.name not in catalogued:

@@ -78,9 +78,13 @@ def archive_config(mar: Path) -> dict:
     with zipfile.ZipFile(mar) as z:
         config = yaml.safe_load(z.read("model-config.yaml")) if "model-config.yaml" in z.namelist() else {}
     workers = int(config.get("minWorkers", 1))
-    return {"minWorkers": workers, "maxWorkers": int(config.get("maxWorkers", workers)),
-            "batchSize": int(config.get("batchSize", 1)), "maxBatchDelay": int(config.get("maxBatchDelay", 100)),
-            "responseTimeout": int(config.get("responseTimeout", 120))}
+    return {
+        "minWorkers": workers,
+        "maxWorkers": int(config.get("maxWorkers", workers)),
+        "batchSize": int(config.get("batchSize", 1)),
+        "maxBatchDelay": int(config.get("maxBatchDelay", 100)),
+        "responseTimeout": int(config.get("responseTimeout", 120)),
+    }
 
 
 def model_snapshot(catalog: Catalog, versions: list[tuple[str, str]], defaults: dict[str, str]) -> dict:
@@ -89,12 +93,25 @@ def model_snapshot(catalog: Catalog, versions: list[tuple[str, str]], defaults: 
         entry = catalog.get(name, version)
         mar = catalog.store / entry["file"]
         models.setdefault(name, {})[version] = {
-            "defaultVersion": defaults[name] == version, "marName": entry["file"], **archive_config(mar)}
+            "defaultVersion": defaults[name] == version,
+            "marName": entry["file"],
+            **archive_config(mar),
+        }
     return {"name": "startup.cfg", "modelCount": sum(len(v) for v in models.values()), "models": models}
 
 
-def inference_service(name: str, protocol: str, storage_uri: str, *, gpus: int, cpu: str, memory: str,
-                      canary: int | None, min_replicas: int, max_replicas: int) -> dict:
+def inference_service(
+    name: str,
+    protocol: str,
+    storage_uri: str,
+    *,
+    gpus: int,
+    cpu: str,
+    memory: str,
+    canary: int | None,
+    min_replicas: int,
+    max_replicas: int,
+) -> dict:
     resources = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
     if gpus:
         resources["limits"]["nvidia.com/gpu"] = gpus
@@ -102,14 +119,29 @@ def inference_service(name: str, protocol: str, storage_uri: str, *, gpus: int, 
     predictor = {"minReplicas": min_replicas, "maxReplicas": max_replicas}
     if canary is not None:
         predictor["canaryTrafficPercent"] = canary
-    predictor["model"] = {"modelFormat": {"name": "pytorch"}, "protocolVersion": protocol,
-                          "storageUri": storage_uri, "resources": resources}
-    return {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-            "metadata": {"name": name}, "spec": {"predictor": predictor}}
+    predictor["model"] = {
+        "modelFormat": {"name": "pytorch"},
+        "protocolVersion": protocol,
+        "storageUri": storage_uri,
+        "resources": resources,
+    }
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {"predictor": predictor},
+    }
 
 
-def write_layout(out: Path, catalog: Catalog, versions: list[tuple[str, str]], protocol: str,
-                 defaults: dict[str, str], isvc: dict, force: bool = False) -> None:
+def write_layout(
+    out: Path,
+    catalog: Catalog,
+    versions: list[tuple[str, str]],
+    protocol: str,
+    defaults: dict[str, str],
+    isvc: dict,
+    force: bool = False,
+) -> None:
     """Check every archive, then write the layout in a staging folder and move it into place."""
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force")
@@ -133,13 +165,19 @@ def write_layout(out: Path, catalog: Catalog, versions: list[tuple[str, str]], p
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/kserve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/kserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("versions", nargs="+", metavar="NAME:VERSION", help="catalogued model versions to serve")
     p.add_argument("--out", required=True, help="folder to write the layout into (copied to the storage URI)")
     p.add_argument("--protocol", choices=("v1", "v2"), default="v2", help="KServe protocol (default: v2)")
-    p.add_argument("--default", action="append", default=[], metavar="NAME:VERSION",
-                   help="a model's default version (default: the first listed for each model)")
+    p.add_argument(
+        "--default",
+        action="append",
+        default=[],
+        metavar="NAME:VERSION",
+        help="a model's default version (default: the first listed for each model)",
+    )
     p.add_argument("--name", help="InferenceService name (default: the first model's name)")
     p.add_argument("--storage-uri", help="where the layout is copied (default: pvc://kserve-models/<name>)")
     p.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu per replica (default: 0)")
@@ -147,9 +185,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="2Gi", help="memory request and limit per replica (default: 2Gi)")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=3)
-    p.add_argument("--canary", type=int, metavar="PERCENT",
-                   help="roll this out as a canary: the new revision takes PERCENT of the traffic")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"), help="the catalogued store (default: model_store/)")
+    p.add_argument(
+        "--canary",
+        type=int,
+        metavar="PERCENT",
+        help="roll this out as a canary: the new revision takes PERCENT of the traffic",
+    )
+    p.add_argument(
+        "--model-store", default=str(ROOT / "model_store"), help="the catalogued store (default: model_store/)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -172,12 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus < 0 or not 1 <= args.min_replicas <= args.max_replicas:
             raise UsageError("--gpus must be >= 0 and 1 <= --min-replicas <= --max-replicas")
         name = args.name or versions[0][0]
-        isvc = inference_service(name, args.protocol, args.storage_uri or f"pvc://kserve-models/{name}",
-                                 gpus=args.gpus, cpu=args.cpu, memory=args.memory, canary=args.canary,
-                                 min_replicas=args.min_replicas, max_replicas=args.max_replicas)
+        isvc = inference_service(
+            name,
+            args.protocol,
+            args.storage_uri or f"pvc://kserve-models/{name}",
+            gpus=args.gpus,
+            cpu=args.cpu,
+            memory=args.memory,
+            canary=args.canary,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+        )
         if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
-            raise UsageError(f"InferenceService name {name!r} must be lower-case letters, digits and '-' "
-                             "(a DNS-1035 label); give one with --name")
+            raise UsageError(
+                f"InferenceService name {name!r} must be lower-case letters, digits and '-' "
+                "(a DNS-1035 label); give one with --name"
+            )
         catalog = Catalog(Path(args.model_store))
         for version in versions:
             catalog.get(*version)
@@ -189,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CatalogError) as e:  # an archive that changed since it was catalogued
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
-    print(f"wrote {args.out}: config/config.properties, model-store/ ({len(versions)} archive(s)), inferenceservice.yaml")
+    print(
+        f"wrote {args.out}: config/config.properties, model-store/ ({len(versions)} archive(s)), inferenceservice.yaml"
+    )
     return 0
 
 

@@ -27,14 +27,34 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TASKS = {  # task: (arch, arch_args, classes, preprocessing, handler module.class)
-    "classification": ("small_cnn", {"num_classes": 3, "in_channels": 3}, ["a", "b", "c"],
-                       {"input_size": 32, "resize_size": 36, "channels": 3}, "handlers.image_classifier.ImageClassifier"),
-    "detection": ("fasterrcnn_mobilenet_320", {"num_classes": 3, "image_size": 128}, ["background", "a", "b"],
-                  {"input_size": 128, "resize_size": 128, "channels": 3}, "handlers.object_detector.ObjectDetector"),
-    "segmentation": ("unet", {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8}, ["bg", "a", "b", "c"],
-                     {"input_size": 64, "resize_size": 64, "channels": 3}, "handlers.segmenter.ImageSegmenter"),
-    "embedding": ("simclr", {"in_channels": 3, "widths": [8, 16, 32], "proj_hidden": 32, "proj_dim": 16}, [],
-                  {"input_size": 32, "resize_size": 36, "channels": 3}, "handlers.embedder.ImageEmbedder"),
+    "classification": (
+        "small_cnn",
+        {"num_classes": 3, "in_channels": 3},
+        ["a", "b", "c"],
+        {"input_size": 32, "resize_size": 36, "channels": 3},
+        "handlers.image_classifier.ImageClassifier",
+    ),
+    "detection": (
+        "fasterrcnn_mobilenet_320",
+        {"num_classes": 3, "image_size": 128},
+        ["background", "a", "b"],
+        {"input_size": 128, "resize_size": 128, "channels": 3},
+        "handlers.object_detector.ObjectDetector",
+    ),
+    "segmentation": (
+        "unet",
+        {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
+        ["bg", "a", "b", "c"],
+        {"input_size": 64, "resize_size": 64, "channels": 3},
+        "handlers.segmenter.ImageSegmenter",
+    ),
+    "embedding": (
+        "simclr",
+        {"in_channels": 3, "widths": [8, 16, 32], "proj_hidden": 32, "proj_dim": 16},
+        [],
+        {"input_size": 32, "resize_size": 36, "channels": 3},
+        "handlers.embedder.ImageEmbedder",
+    ),
 }
 
 
@@ -92,9 +112,14 @@ def measure(task: str, model_dir: Path, image: Path, pixels: int, baseline: bool
     ctx = context(1)
     handler.handle([{"body": data}], ctx)
     peak = status_bytes("VmHWM")
-    return {"task": task, "baseline": baseline, "status": ctx.get_response_status(0)[0],
-            "rss_before_mb": round(before / 2**20, 1), "peak_mb": round(peak / 2**20, 1),
-            "request_peak_mb": round((peak - before) / 2**20, 1)}
+    return {
+        "task": task,
+        "baseline": baseline,
+        "status": ctx.get_response_status(0)[0],
+        "rss_before_mb": round(before / 2**20, 1),
+        "peak_mb": round(peak / 2**20, 1),
+        "request_peak_mb": round((peak - before) / 2**20, 1),
+    }
 
 
 def save_models(root: Path) -> dict[str, Path]:
@@ -107,18 +132,35 @@ def save_models(root: Path) -> dict[str, Path]:
     for task, (arch, args, classes, pre, _) in TASKS.items():
         torch.manual_seed(0)
         out[task] = root / task
-        save_model_files(out[task], get_model(arch, **args), {"arch": arch, "arch_args": args, "task": task,
-                                                              "classes": classes,
-                                                              "preprocessing": DataConfig(**pre).to_dict()})
+        save_model_files(
+            out[task],
+            get_model(arch, **args),
+            {
+                "arch": arch,
+                "arch_args": args,
+                "task": task,
+                "classes": classes,
+                "preprocessing": DataConfig(**pre).to_dict(),
+            },
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/memory_peak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/memory_peak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--megapixels", type=float, default=40, help="image size = each handler's max_pixels (default: 40)")
-    p.add_argument("--work", default=str(ROOT / "runs" / "memory_peak"), help="folder for the models and the image (default: runs/memory_peak)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "memory_peak.json"), help="results as JSON (default: runs/memory_peak.json)")
+    p.add_argument(
+        "--work",
+        default=str(ROOT / "runs" / "memory_peak"),
+        help="folder for the models and the image (default: runs/memory_peak)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "runs" / "memory_peak.json"),
+        help="results as JSON (default: runs/memory_peak.json)",
+    )
     p.add_argument("--one", nargs=2, metavar=("TASK", "MODE"), help=argparse.SUPPRESS)  # a child process's own run
     args = p.parse_args(argv)
     work, pixels = Path(args.work), int(args.megapixels * 1_000_000)
@@ -133,20 +175,42 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     runs = [(t, "served") for t in TASKS] + [("segmentation", "baseline")]
     for task, mode in runs:
-        out = subprocess.run([sys.executable, "-m", "scripts.memory_peak", "--megapixels", str(args.megapixels),
-                              "--work", str(work), "--one", task, mode], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.memory_peak",
+                "--megapixels",
+                str(args.megapixels),
+                "--work",
+                str(work),
+                "--one",
+                task,
+                mode,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             print(f"error: {task} ({mode}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
             return 1
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{task:<15} {mode:<9} HTTP {r['status']}  peak during the request +{r['request_peak_mb']:.0f} MB "
-              f"(process peak {r['peak_mb']:.0f} MB)", flush=True)
+        print(
+            f"{task:<15} {mode:<9} HTTP {r['status']}  peak during the request +{r['request_peak_mb']:.0f} MB "
+            f"(process peak {r['peak_mb']:.0f} MB)",
+            flush=True,
+        )
     served = next(r for r in results if r["task"] == "segmentation" and not r["baseline"])
     base = next(r for r in results if r["baseline"])
     ratio = served["request_peak_mb"] / base["request_peak_mb"] if base["request_peak_mb"] else None
-    report = {"megapixels": args.megapixels, "image_bytes": image.stat().st_size, "results": results,
-              "segmentation_served_over_all_classes_at_once": ratio and round(ratio, 3)}
+    report = {
+        "megapixels": args.megapixels,
+        "image_bytes": image.stat().st_size,
+        "results": results,
+        "segmentation_served_over_all_classes_at_once": ratio and round(ratio, 3),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"segmentation request peak: served / all classes at once = {ratio:.2f}" if ratio else "no ratio")

@@ -47,15 +47,28 @@ def status(ts: TorchServe, catalog: Catalog) -> dict:
     for name in ts.models():
         default = default_version(ts, name)
         for v in ts.versions(name):
-            served.append({
-                "name": name, "version": v["modelVersion"], "default": v["modelVersion"] == default,
-                "workers": [{"id": w["id"], "status": w["status"], "pid": w.get("pid")} for w in v.get("workers", [])],
-                "min_workers": v["minWorkers"], "max_workers": v["maxWorkers"], "batch_size": v["batchSize"],
-                "max_batch_delay": v["maxBatchDelay"], "device": v.get("deviceType", "cpu"), "file": v["modelUrl"],
-            })
+            served.append(
+                {
+                    "name": name,
+                    "version": v["modelVersion"],
+                    "default": v["modelVersion"] == default,
+                    "workers": [
+                        {"id": w["id"], "status": w["status"], "pid": w.get("pid")} for w in v.get("workers", [])
+                    ],
+                    "min_workers": v["minWorkers"],
+                    "max_workers": v["maxWorkers"],
+                    "batch_size": v["batchSize"],
+                    "max_batch_delay": v["maxBatchDelay"],
+                    "device": v.get("deviceType", "cpu"),
+                    "file": v["modelUrl"],
+                }
+            )
     keys = {(s["name"], s["version"]) for s in served}
-    not_served = [{"name": e["name"], "version": e["version"], "file": e["file"], "sha256": e["sha256"]}
-                  for e in catalog.load().values() if (e["name"], e["version"]) not in keys]
+    not_served = [
+        {"name": e["name"], "version": e["version"], "file": e["file"], "sha256": e["sha256"]}
+        for e in catalog.load().values()
+        if (e["name"], e["version"]) not in keys
+    ]
     return {"served": served, "not_served": not_served, "refused_at_start": ts.refused()}
 
 
@@ -63,8 +76,18 @@ def print_status(report: dict) -> None:
     rows = [("model", "version", "default", "workers", "min-max", "batch", "delay", "device")]
     for s in report["served"]:
         ready = sum(w["status"] == "READY" for w in s["workers"])
-        rows.append((s["name"], s["version"], "*" if s["default"] else "", f"{ready}/{len(s['workers'])} ready",
-                     f"{s['min_workers']}-{s['max_workers']}", str(s["batch_size"]), f"{s['max_batch_delay']} ms", s["device"]))
+        rows.append(
+            (
+                s["name"],
+                s["version"],
+                "*" if s["default"] else "",
+                f"{ready}/{len(s['workers'])} ready",
+                f"{s['min_workers']}-{s['max_workers']}",
+                str(s["batch_size"]),
+                f"{s['max_batch_delay']} ms",
+                s["device"],
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -122,14 +145,20 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
     p.add_argument("--run-dir", default=d(str(DEFAULT_RUN_DIR)), help="the server's run folder (default: .serve/)")
-    p.add_argument("--model-store", default=d(str(ROOT / "model_store")), help="archives and their catalog (default: model_store/)")
+    p.add_argument(
+        "--model-store", default=d(str(ROOT / "model_store")), help="archives and their catalog (default: model_store/)"
+    )
     p.add_argument("--json", action="store_true", default=d(False), help="print JSON instead of tables (default: off)")
     return p
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="scripts/models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        parents=[global_options(True)])
+    p = OneLineParser(
+        prog="scripts/models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options(True)],
+    )
     sub = p.add_subparsers(dest="command", required=True)
     common = [global_options(False)]
 
@@ -140,19 +169,40 @@ def get_args_parser() -> argparse.ArgumentParser:
         return c
 
     command("status", "served models and versions, default, workers, batching, device; catalogued but not served")
-    s = command("register", "register a catalogued version (sha256-checked) and wait for its workers", "name", "version")
-    s.add_argument("--workers", type=int, default=None, help="initial workers, 1 to the machine's cores (default: the archive's minWorkers)")
+    s = command(
+        "register", "register a catalogued version (sha256-checked) and wait for its workers", "name", "version"
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="initial workers, 1 to the machine's cores (default: the archive's minWorkers)",
+    )
     s = command("promote", "make a version the default", "name", "version")
-    s.add_argument("--if-better", action="store_true", help="refuse if the version is less accurate than the default on --data (default: off)")
+    s.add_argument(
+        "--if-better",
+        action="store_true",
+        help="refuse if the version is less accurate than the default on --data (default: off)",
+    )
     s.add_argument("--data", default=None, help="labelled image folder for --if-better (default: none)")
     command("rollback", "make the previous default the default again", "name")
     s = command("scale", "set a version's minimum and maximum workers", "name")
     s.add_argument("version", nargs="?", default=None, help="(default: the default version)")
     s.add_argument("--min", type=int, required=True, help="minimum workers, 0 or more")
-    s.add_argument("--max", type=int, required=True,
-                   help="maximum workers, 1 to what the machine's cores fit (cores / the model's torch threads)")
+    s.add_argument(
+        "--max",
+        type=int,
+        required=True,
+        help="maximum workers, 1 to what the machine's cores fit (cores / the model's torch threads)",
+    )
     command("unregister", "remove a version (not the default while others exist)", "name", "version")
-    s = command("compare", "accuracy, agreement and latency of two versions on a labelled folder", "name", "version_a", "version_b")
+    s = command(
+        "compare",
+        "accuracy, agreement and latency of two versions on a labelled folder",
+        "name",
+        "version_a",
+        "version_b",
+    )
     s.add_argument("--data", required=True, help="labelled image folder (any dataset layout)")
     s.add_argument("--clients", type=int, default=4, help="concurrent requests (default: 4)")
     return p
@@ -179,19 +229,25 @@ def check_workers(ts: TorchServe, name: str, version: str, low: int, high: int) 
     cores = os.cpu_count() or 1
     most = max(1, cores // threads)
     if high > most:
-        raise UsageError(f"--max {high} is more workers than this machine runs for {name} {version}: at most {most} "
-                         f"({cores} cores / {threads} torch thread(s) per worker)")
+        raise UsageError(
+            f"--max {high} is more workers than this machine runs for {name} {version}: at most {most} "
+            f"({cores} cores / {threads} torch thread(s) per worker)"
+        )
 
 
 def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
     """Do the command; returns (JSON result, line for people)."""
     if args.command == "register":
         if args.workers is not None and not 1 <= args.workers <= (os.cpu_count() or 1):
-            raise UsageError(f"--workers must be from 1 to {os.cpu_count() or 1} (this machine's cores), got {args.workers}")
+            raise UsageError(
+                f"--workers must be from 1 to {os.cpu_count() or 1} (this machine's cores), got {args.workers}"
+            )
         mar = catalog.checked_archive(args.name, args.version)
         version = ts.register(args.name, mar.name, workers=args.workers, version=args.version)
-        return ({"registered": args.name, "version": version, "file": mar.name, "default": default_version(ts, args.name)},
-                f"registered {args.name} {version} from {mar.name}; default is {default_version(ts, args.name)}")
+        return (
+            {"registered": args.name, "version": version, "file": mar.name, "default": default_version(ts, args.name)},
+            f"registered {args.name} {version} from {mar.name}; default is {default_version(ts, args.name)}",
+        )
     if args.command == "promote":
         if args.version not in registered_versions(ts, args.name):
             raise OpsError(f"{args.name} {args.version} is not registered; register it first")
@@ -203,21 +259,33 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
             report = compare(ts, args.name, [current, args.version], Path(args.data))
             old, new = (report["versions"][v]["accuracy"] for v in (current, args.version))
             if new < old:
-                raise OpsError(f"not promoting {args.name} {args.version}: accuracy {new:.3f} < {old:.3f} of the default {current}")
+                raise OpsError(
+                    f"not promoting {args.name} {args.version}: accuracy {new:.3f} < {old:.3f} of the default {current}"
+                )
         ts.set_default(args.name, args.version)
-        return ({"model": args.name, "default": args.version, "previous": current, "compare": report},
-                f"{args.name}: default is now {args.version} (was {current})")
+        return (
+            {"model": args.name, "default": args.version, "previous": current, "compare": report},
+            f"{args.name}: default is now {args.version} (was {current})",
+        )
     if args.command == "rollback":
         current, previous = ts.rollback(args.name)
-        return {"model": args.name, "default": previous, "previous": current}, f"{args.name}: default is back to {previous} (was {current})"
+        return {
+            "model": args.name,
+            "default": previous,
+            "previous": current,
+        }, f"{args.name}: default is back to {previous} (was {current})"
     if args.command == "scale":
         version = args.version or default_version(ts, args.name)
         if version not in registered_versions(ts, args.name):
-            raise OpsError(f"{args.name} {version} is not registered (registered: {', '.join(registered_versions(ts, args.name))})")
+            raise OpsError(
+                f"{args.name} {version} is not registered (registered: {', '.join(registered_versions(ts, args.name))})"
+            )
         check_workers(ts, args.name, version, args.min, args.max)
         ts.scale(args.name, version, args.min, args.max)
-        return ({"model": args.name, "version": version, "min_workers": args.min, "max_workers": args.max},
-                f"{args.name} {version}: workers {args.min}-{args.max}")
+        return (
+            {"model": args.name, "version": version, "min_workers": args.min, "max_workers": args.max},
+            f"{args.name} {version}: workers {args.min}-{args.max}",
+        )
     if args.command == "unregister":
         versions = registered_versions(ts, args.name)
         if args.version not in versions:
@@ -225,8 +293,10 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
         default = default_version(ts, args.name)
         others = [v for v in versions if v != args.version]
         if args.version == default and others:
-            raise OpsError(f"{args.name} {args.version} is the default version; promote another version first "
-                           f"(e.g. scripts/models promote {args.name} {others[-1]})")
+            raise OpsError(
+                f"{args.name} {args.version} is the default version; promote another version first "
+                f"(e.g. scripts/models promote {args.name} {others[-1]})"
+            )
         ts.unregister(args.name, args.version)
         return {"model": args.name, "unregistered": args.version}, f"unregistered {args.name} {args.version}"
     if args.command == "compare":

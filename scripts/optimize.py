@@ -48,8 +48,10 @@ class RuntimeCheckError(ValueError):
 def check_supported(kind: str, task: str) -> None:
     """Refuse, before any work, a runtime this model or machine cannot have."""
     if kind != "eager" and task not in SUPPORTED_TASKS:
-        raise RuntimeCheckError(f"runtime {kind} is for {', '.join(SUPPORTED_TASKS)} models only; "
-                                f"this is a {task} model: archive it with --runtime eager")
+        raise RuntimeCheckError(
+            f"runtime {kind} is for {', '.join(SUPPORTED_TASKS)} models only; "
+            f"this is a {task} model: archive it with --runtime eager"
+        )
     if kind == "compile":
         try:
             require_cpp_compiler()
@@ -87,8 +89,10 @@ def recorded_split(meta: dict) -> tuple[list[Sample], list[Sample]]:
     else:
         train, val = spec.samples, read_dataset(ds["val_source"], layout, classes=meta["classes"]).samples
     if (len(train), len(val)) != (ds.get("train_images", len(train)), ds.get("val_images", len(val))):
-        raise DatasetError(f"{ds['root']} changed since training: {len(train)} train / {len(val)} validation "
-                           f"images now, model.json says {ds['train_images']} / {ds['val_images']}")
+        raise DatasetError(
+            f"{ds['root']} changed since training: {len(train)} train / {len(val)} validation "
+            f"images now, model.json says {ds['train_images']} / {ds['val_images']}"
+        )
     return train, val
 
 
@@ -118,8 +122,9 @@ def check_images(meta: dict, kind: str, val_data: Path | None, calibration_image
 def image_batches(samples: list[Sample], meta: dict, batch_size: int):
     """(images, targets) batches, preprocessed exactly as the handler does (load_image + eval_transform)."""
     cfg = data_config_from_meta(meta)
-    dataset = ImageDataset(samples, len(meta["classes"]), bool(meta.get("multi_label")), cfg.channels,
-                           eval_transform(cfg))
+    dataset = ImageDataset(
+        samples, len(meta["classes"]), bool(meta.get("multi_label")), cfg.channels, eval_transform(cfg)
+    )
     for images, targets, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping):
         if images is not None:
             yield images, targets
@@ -139,13 +144,26 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Export with a dynamic batch dimension: the dynamo exporter, else the TorchScript-based one."""
     common = dict(input_names=["input"], output_names=["output"], verbose=False)
     try:
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), **common)
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            **common,
+        )
     except Exception as e:  # noqa: BLE001 - any failure of the new exporter: try the old one
         warnings.warn(f"dynamo ONNX export failed ({type(e).__name__}: {e}); using dynamo=False")
         with quiet_deprecations():
-            torch.onnx.export(model.eval(), (example,), str(path), dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, **common)
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                str(path),
+                dynamo=False,
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                **common,
+            )
 
 
 def save_int8(model: nn.Module, example: torch.Tensor, calibration, path: Path) -> None:
@@ -198,13 +216,27 @@ def compare(eager, runner, batches, multi_label: bool) -> dict:
         max_diff = max(max_diff, (p_eager - p_runtime).abs().max().item())
     if not n:
         raise RuntimeCheckError("no readable validation images for the accuracy check")
-    return {"images": n, "eager_top1": 100 * eager_hits / n, "top1": 100 * hits / n,
-            "agreement": 100 * agree / n, "max_prob_diff": max_diff}
+    return {
+        "images": n,
+        "eager_top1": 100 * eager_hits / n,
+        "top1": 100 * hits / n,
+        "agreement": 100 * agree / n,
+        "max_prob_diff": max_diff,
+    }
 
 
-def prepare_runtime(kind: str, model: nn.Module, meta: dict, folder: Path, handler_config: dict, *,
-                    batch_size: int, val_data: Path | None = None, calibration_images: int = 256,
-                    max_accuracy_drop: float = 1.0) -> dict:
+def prepare_runtime(
+    kind: str,
+    model: nn.Module,
+    meta: dict,
+    folder: Path,
+    handler_config: dict,
+    *,
+    batch_size: int,
+    val_data: Path | None = None,
+    calibration_images: int = 256,
+    max_accuracy_drop: float = 1.0,
+) -> dict:
     """Build `kind`'s file into `folder` (the archive root) and check it against eager on CPU.
 
     Returns the record archive.json keeps; raises RuntimeCheckError when the runtime loses
@@ -235,19 +267,30 @@ def prepare_runtime(kind: str, model: nn.Module, meta: dict, folder: Path, handl
     except Exception as e:  # noqa: BLE001 - e.g. a batch size the exported file cannot take
         raise RuntimeCheckError(f"runtime {kind} failed on the validation images: {one_line(e)}") from e
     drop = record["eager_top1"] - record["top1"]
-    record = {"kind": kind, "images": record["images"], "eager_top1": round(record["eager_top1"], 2),
-              "top1": round(record["top1"], 2), "agreement": round(record["agreement"], 2),
-              "max_prob_diff": float(f"{record['max_prob_diff']:.3g}"), "seconds": round(time.time() - start, 1),
-              "validation": source, **({"calibration_images": len(calibration)} if kind == "int8" else {})}
+    record = {
+        "kind": kind,
+        "images": record["images"],
+        "eager_top1": round(record["eager_top1"], 2),
+        "top1": round(record["top1"], 2),
+        "agreement": round(record["agreement"], 2),
+        "max_prob_diff": float(f"{record['max_prob_diff']:.3g}"),
+        "seconds": round(time.time() - start, 1),
+        "validation": source,
+        **({"calibration_images": len(calibration)} if kind == "int8" else {}),
+    }
     if drop > max_accuracy_drop:
-        raise RuntimeCheckError(f"runtime {kind} loses {drop:.2f} points of top-1 on {record['images']} validation "
-                                f"images (eager {record['eager_top1']:.2f}%, {kind} {record['top1']:.2f}%), more than "
-                                f"--max-accuracy-drop {max_accuracy_drop:g}; no archive written")
+        raise RuntimeCheckError(
+            f"runtime {kind} loses {drop:.2f} points of top-1 on {record['images']} validation "
+            f"images (eager {record['eager_top1']:.2f}%, {kind} {record['top1']:.2f}%), more than "
+            f"--max-accuracy-drop {max_accuracy_drop:g}; no archive written"
+        )
     return record
 
 
 def summary(record: dict) -> str:
     """One line for the command line."""
-    return (f"runtime {record['kind']}: top-1 {record['top1']:.2f}% vs eager {record['eager_top1']:.2f}%, "
-            f"agreement {record['agreement']:.2f}%, max prob diff {record['max_prob_diff']:.2g} "
-            f"on {record['images']} validation images ({record['seconds']:.1f}s)")
+    return (
+        f"runtime {record['kind']}: top-1 {record['top1']:.2f}% vs eager {record['eager_top1']:.2f}%, "
+        f"agreement {record['agreement']:.2f}%, max prob diff {record['max_prob_diff']:.2g} "
+        f"on {record['images']} validation images ({record['seconds']:.1f}s)"
+    )

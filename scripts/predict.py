@@ -32,7 +32,9 @@ class Answer(NamedTuple):
         return next(iter(self.body), None) if self.status == 200 else None
 
 
-def predict_files(ts: TorchServe, model: str, paths: list[Path], clients: int = 4, version: str | None = None) -> list[Answer]:
+def predict_files(
+    ts: TorchServe, model: str, paths: list[Path], clients: int = 4, version: str | None = None
+) -> list[Answer]:
     """One answer per file, in order; `version` targets /predictions/{model}/{version}."""
     url = f"{ts.url('inference')}/predictions/{model}" + (f"/{version}" if version else "")
     headers = ts.headers("inference")
@@ -55,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="a dataset folder (class folders, labels.txt or labels/) or image files")
     p.add_argument("--model", required=True, help="served model name")
-    p.add_argument("--run-dir", default=str(ROOT / ".serve"), help="the server's run folder, for its address and token (default: .serve/)")
+    p.add_argument(
+        "--run-dir",
+        default=str(ROOT / ".serve"),
+        help="the server's run folder, for its address and token (default: .serve/)",
+    )
     p.add_argument("--clients", type=int, default=4, help="concurrent requests (default: 4)")
     p.add_argument("--show", type=int, default=8, help="predictions to print (default: 8)")
     args = p.parse_args(argv)
@@ -82,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'image':<40} {'true':>6}  prediction (probability)")
     for i in range(0, len(paths), step)[: args.show]:
         a = answers[i]
-        shown = f"{a.top1} ({a.body[a.top1]:.3f})" if a.top1 is not None else f"HTTP {a.status}: {a.body.get('message')}"
+        shown = (
+            f"{a.top1} ({a.body[a.top1]:.3f})" if a.top1 is not None else f"HTTP {a.status}: {a.body.get('message')}"
+        )
         print(f"{str(paths[i].relative_to(first) if truth else paths[i]):<40} {truth[i] if truth else '':>6}  {shown}")
     failed = sum(a.status != 200 for a in answers)
     if failed:

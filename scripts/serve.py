@@ -87,15 +87,29 @@ def archive_manifest(mar: Path) -> dict:
         workers = config.get("minWorkers", 1)
         most = config.get("maxWorkers", workers)
         version = str(manifest["model"]["modelVersion"])
-    except (OSError, zipfile.BadZipFile, KeyError, TypeError, json.JSONDecodeError, yaml.YAMLError, AttributeError) as e:
+    except (
+        OSError,
+        zipfile.BadZipFile,
+        KeyError,
+        TypeError,
+        json.JSONDecodeError,
+        yaml.YAMLError,
+        AttributeError,
+    ) as e:
         raise ServeError(f"{mar} is not a readable model archive ({e})") from None
     for key, value in (("minWorkers", workers), ("maxWorkers", most)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ServeError(f"{mar.name} declares {key} {value!r} in model-config.yaml; a model needs at least 1 "
-                             "worker: rebuild it with scripts/archive --workers N (N >= 1)")
+            raise ServeError(
+                f"{mar.name} declares {key} {value!r} in model-config.yaml; a model needs at least 1 "
+                "worker: rebuild it with scripts/archive --workers N (N >= 1)"
+            )
     handler = config.get("handler") if isinstance(config.get("handler"), dict) else {}
-    return {"version": version, "min_workers": workers, "max_workers": max(workers, most),
-            "torch_threads": handler.get("torch_threads") or 0}
+    return {
+        "version": version,
+        "min_workers": workers,
+        "max_workers": max(workers, most),
+        "torch_threads": handler.get("torch_threads") or 0,
+    }
 
 
 class ServingState:
@@ -130,8 +144,13 @@ class ServingState:
 class TorchServe:
     """One TorchServe instance: its config, run folder, ports and token keys."""
 
-    def __init__(self, run_dir: Path | None = None, model_store: Path | None = None,
-                 config: Path | None = None, ports: dict[str, int] | None = None):
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        model_store: Path | None = None,
+        config: Path | None = None,
+        ports: dict[str, int] | None = None,
+    ):
         self.run_dir = Path(run_dir or DEFAULT_RUN_DIR).resolve()
         self.config_path = Path(config or ROOT / "config.properties")
         if not self.config_path.is_file():
@@ -162,8 +181,10 @@ class TorchServe:
         """Every (host, port) the server binds: the three HTTP APIs and the two gRPC ones."""
         out = {api: (urlparse(self.url(api)).hostname, urlparse(self.url(api)).port) for api in ADDRESS_KEYS}
         for api, key in GRPC_PORT_KEYS.items():
-            out[api] = (self.props.get(f"{api}_address", "127.0.0.1"),
-                        int(self.props.get(key, 7070 if api == "grpc_inference" else 7071)))
+            out[api] = (
+                self.props.get(f"{api}_address", "127.0.0.1"),
+                int(self.props.get(key, 7070 if api == "grpc_inference" else 7071)),
+            )
         return out
 
     @property
@@ -214,7 +235,9 @@ class TorchServe:
             alive = proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
-        return alive and "org.pytorch.serve.ModelServer" in cmdline and str(self.run_dir / "config.properties") in cmdline
+        return (
+            alive and "org.pytorch.serve.ModelServer" in cmdline and str(self.run_dir / "config.properties") in cmdline
+        )
 
     def stale_pid_note(self) -> str:
         """For an error line: a pid file naming a process that is not this run folder's server."""
@@ -222,7 +245,11 @@ class TorchServe:
             pid = int((self.run_dir / "tmp" / ".model_server.pid").read_text().strip())
         except (OSError, ValueError):
             return ""
-        return "" if self._is_ours(pid) else f" (its pid file names pid {pid}, not this run folder's TorchServe: left alone)"
+        return (
+            ""
+            if self._is_ours(pid)
+            else f" (its pid file names pid {pid}, not this run folder's TorchServe: left alone)"
+        )
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -266,8 +293,11 @@ class TorchServe:
 
     def _check_catalogued(self, entries: dict, name: str, version: str | None, file: str) -> str | None:
         """Why the archive `file` may not be served as name/version (None when it may)."""
-        entry = entries.get(f"{name}/{version}") if version else next(
-            (e for e in entries.values() if e["file"] == file), None)
+        entry = (
+            entries.get(f"{name}/{version}")
+            if version
+            else next((e for e in entries.values() if e["file"] == file), None)
+        )
         if entry is None:
             return None if version is None else f"{name}/{version} is not in the catalog; refusing {file}"
         if entry["file"] != file:
@@ -292,15 +322,21 @@ class TorchServe:
         """
         names = [check_name(m) for m in models or []]
         if shutil.which("java") is None:
-            raise ServeError("Java 17 was not found on PATH; TorchServe's frontend needs it. "
-                             "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17.")
+            raise ServeError(
+                "Java 17 was not found on PATH; TorchServe's frontend needs it. "
+                "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17."
+            )
         if self.is_running():
-            raise ServeError(f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
-                             "stop it first with scripts/serve stop")
+            raise ServeError(
+                f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
+                "stop it first with scripts/serve stop"
+            )
         for api, (host, port) in self.listen_ports().items():
             if not port_is_free(host, port):
-                raise ServeError(f"port {port} on {host} ({api} API) is already in use; stop what holds it "
-                                 f"or choose other ports in {self.config_path.name}")
+                raise ServeError(
+                    f"port {port} on {host} ({api} API) is already in use; stop what holds it "
+                    f"or choose other ports in {self.config_path.name}"
+                )
         saved = self.state.load()["models"]
         entries = Catalog(self.model_store).load()
         plan, refused = [], []
@@ -317,8 +353,10 @@ class TorchServe:
         missing = [file for _, file in wanted if not (self.model_store / file).is_file()]
         if missing:
             have = sorted(p.stem for p in self.model_store.glob("*.mar"))
-            raise ServeError(f"no archive {missing[0]} in {self.model_store} (there: {', '.join(have) or 'none'}); "
-                             "build it with scripts/archive")
+            raise ServeError(
+                f"no archive {missing[0]} in {self.model_store} (there: {', '.join(have) or 'none'}); "
+                "build it with scripts/archive"
+            )
         recorded = {info["file"] for m in saved.values() for info in m["versions"].values()}
         for name, file in dict.fromkeys(wanted):
             if file not in recorded:
@@ -330,14 +368,30 @@ class TorchServe:
 
         self._make_run_dir()
         self.key_file.unlink(missing_ok=True)
-        cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--log-config", str(LOG_CONFIG),
-               "--ts-config", str(self._write_config()), "--model-store", str(self.model_store)]
+        cmd = [
+            str(Path(sys.executable).parent / "torchserve"),
+            "--start",
+            "--ncs",
+            "--log-config",
+            str(LOG_CONFIG),
+            "--ts-config",
+            str(self._write_config()),
+            "--model-store",
+            str(self.model_store),
+        ]
         # The launcher's own output goes to a file, not a pipe we would wait on; the logs
         # themselves are written by log4j2 (scripts/log4j2.xml).
         console = self.run_dir / "logs" / "console.log"
         with open(console, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as log:
-            code = subprocess.run(cmd, cwd=self.run_dir, env=self._env(), stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, umask=0o077).returncode
+            code = subprocess.run(
+                cmd,
+                cwd=self.run_dir,
+                env=self._env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                umask=0o077,
+            ).returncode
         if code != 0:
             raise ServeError(f"torchserve --start failed (exit {code}); see {console}")
         self.wait_ready([], timeout)
@@ -348,7 +402,9 @@ class TorchServe:
                     entry = next((e for e in entries.values() if e["file"] == file), None)
                     self.register(name, file, timeout=timeout, version=entry and entry["version"])
                 else:  # restoring: the record already holds this version
-                    self.register(name, file, workers=info["min_workers"], timeout=timeout, record=False, version=version)
+                    self.register(
+                        name, file, workers=info["min_workers"], timeout=timeout, record=False, version=version
+                    )
                     if info["max_workers"] != info["min_workers"]:
                         self.scale(name, version, info["min_workers"], info["max_workers"], record=False)
                     served.add((name, version))
@@ -368,10 +424,17 @@ class TorchServe:
             # A damaged archive of the store: say so, rather than TorchServe's "Failed to save model".
             archive_manifest(self.model_store / params["url"])
         try:
-            r = requests.request(method, self.url("management") + path, params=params or None,
-                                 headers=self.headers("management"), timeout=600)
+            r = requests.request(
+                method,
+                self.url("management") + path,
+                params=params or None,
+                headers=self.headers("management"),
+                timeout=600,
+            )
         except requests.ConnectionError:
-            raise ServeError(f"TorchServe is not answering at {self.url('management')}; start it with scripts/serve start") from None
+            raise ServeError(
+                f"TorchServe is not answering at {self.url('management')}; start it with scripts/serve start"
+            ) from None
         try:
             body = r.json()
         except ValueError:
@@ -385,8 +448,16 @@ class TorchServe:
         """Every registered version of `name` with its workers (GET /models/{name}/all)."""
         return self.manage("GET", f"/models/{check_name(name)}/all")
 
-    def register(self, name: str, file: str, *, workers: int | None = None, timeout: float = 180,
-                 record: bool = True, version: str | None = None) -> str:
+    def register(
+        self,
+        name: str,
+        file: str,
+        *,
+        workers: int | None = None,
+        timeout: float = 180,
+        record: bool = True,
+        version: str | None = None,
+    ) -> str:
         """Register an archive of the store under `name` and wait for its workers; returns its
         version. A worker that refuses to load fails this at once, and the half-registered
         version is removed again; the record changes only on success."""
@@ -409,9 +480,14 @@ class TorchServe:
             raise
         if record:
             with self.state.editing() as state:
-                model = state["models"].setdefault(name, {"versions": {}, "default": info["version"], "previous_defaults": []})
-                model["versions"][info["version"]] = {"file": file, "min_workers": workers,
-                                                      "max_workers": max(workers, info["max_workers"])}
+                model = state["models"].setdefault(
+                    name, {"versions": {}, "default": info["version"], "previous_defaults": []}
+                )
+                model["versions"][info["version"]] = {
+                    "file": file,
+                    "min_workers": workers,
+                    "max_workers": max(workers, info["max_workers"]),
+                }
         return info["version"]
 
     def set_default(self, name: str, version: str, *, record: bool = True) -> None:
@@ -438,8 +514,13 @@ class TorchServe:
         return current, previous
 
     def scale(self, name: str, version: str, min_workers: int, max_workers: int, *, record: bool = True) -> None:
-        self.manage("PUT", f"/models/{check_name(name)}/{check_version(version)}", min_worker=min_workers,
-                    max_worker=max_workers, synchronous="true")
+        self.manage(
+            "PUT",
+            f"/models/{check_name(name)}/{check_version(version)}",
+            min_worker=min_workers,
+            max_worker=max_workers,
+            synchronous="true",
+        )
         if record:
             with self.state.editing() as state:
                 recorded = state["models"].get(name, {}).get("versions", {}).get(version)
@@ -465,22 +546,29 @@ class TorchServe:
         offset = model_log.stat().st_size if model_log.is_file() else 0
         while time.time() < deadline:
             if not self.is_running() and time.time() > deadline - timeout + 5:
-                raise ServeError(f"TorchServe exited during start-up; see {self.run_dir / 'logs' / 'ts_log.log'}\n{self.log_tail()}")
+                raise ServeError(
+                    f"TorchServe exited during start-up; see {self.run_dir / 'logs' / 'ts_log.log'}\n{self.log_tail()}"
+                )
             for model in pending:
                 line = self.refusal(model, offset)
                 if line:
                     raise ServeError(f"{model} refused to load: {line}")
             try:
-                pending = [m for m in pending if not any(
-                    w.get("status") == "READY" for d in self.describe(m) for w in d.get("workers", []))]
+                pending = [
+                    m
+                    for m in pending
+                    if not any(w.get("status") == "READY" for d in self.describe(m) for w in d.get("workers", []))
+                ]
                 self.manage("GET", "/models")  # the frontend answers
                 if not pending:
                     return
             except (ServeError, json.JSONDecodeError, KeyError):
                 pass
             time.sleep(0.5)
-        raise ServeError(f"model(s) {', '.join(pending)} not ready after {timeout:.0f}s; "
-                         f"see {self.run_dir / 'logs' / 'model_log.log'}\n{self.log_tail('model_log.log')}")
+        raise ServeError(
+            f"model(s) {', '.join(pending)} not ready after {timeout:.0f}s; "
+            f"see {self.run_dir / 'logs' / 'model_log.log'}\n{self.log_tail('model_log.log')}"
+        )
 
     def refusal(self, model: str, offset: int = 0) -> str | None:
         """The refusal line a worker of `name/version` (or of any version of `name`) logged
@@ -508,8 +596,14 @@ class TorchServe:
         pid = self.pid()
         if pid is None:
             return False
-        subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=self.run_dir,
-                       env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "torchserve"), "--stop"],
+            cwd=self.run_dir,
+            env=self._env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.time() + timeout
         while time.time() < deadline and self._is_ours(pid):
             time.sleep(0.3)
@@ -520,8 +614,12 @@ class TorchServe:
     def refresh_key(self, kind: str) -> str:
         """New `kind` key through TorchServe's token API (authorized by the API key); the
         server rewrites key_file.json, and the old key stops working."""
-        r = requests.get(self.url("management") + "/token", params={"type": kind},
-                         headers={"Authorization": f"Bearer {self.key('API')}"}, timeout=30)
+        r = requests.get(
+            self.url("management") + "/token",
+            params={"type": kind},
+            headers={"Authorization": f"Bearer {self.key('API')}"},
+            timeout=30,
+        )
         if r.status_code != 200:
             raise ServeError(f"TorchServe refused a new {kind} key: {' '.join(r.text.split())} (HTTP {r.status_code})")
         return self.key(kind)
@@ -550,33 +648,63 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
     copy on each subcommand has no defaults, so it only overrides what was given."""
     p = argparse.ArgumentParser(add_help=False)
     d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
-    p.add_argument("--run-dir", default=d(str(DEFAULT_RUN_DIR)),
-                   help="folder for the server's config, logs, keys and serving record (default: .serve/)")
-    p.add_argument("--config", default=d(str(ROOT / "config.properties")),
-                   help="TorchServe config to start from (default: config.properties)")
+    p.add_argument(
+        "--run-dir",
+        default=d(str(DEFAULT_RUN_DIR)),
+        help="folder for the server's config, logs, keys and serving record (default: .serve/)",
+    )
+    p.add_argument(
+        "--config",
+        default=d(str(ROOT / "config.properties")),
+        help="TorchServe config to start from (default: config.properties)",
+    )
     p.add_argument("--model-store", default=d(None), help="folder of .mar files (default: model_store from the config)")
     return p
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="scripts/serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        parents=[global_options(True)])
+    p = OneLineParser(
+        prog="scripts/serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options(True)],
+    )
     sub = p.add_subparsers(dest="command", required=True)
     common = [global_options(False)]
     s = sub.add_parser("start", parents=common, help="start TorchServe and wait until its models are ready")
-    s.add_argument("--models", default=None,
-                   help="comma-separated model names to add, each served from <name>.mar; 'all' for every catalogued "
-                        "version; what this run folder served before is always restored (default: that, else all)")
-    s.add_argument("--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)")
+    s.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated model names to add, each served from <name>.mar; 'all' for every catalogued "
+        "version; what this run folder served before is always restored (default: that, else all)",
+    )
+    s.add_argument(
+        "--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)"
+    )
     sub.add_parser("stop", parents=common, help="stop the TorchServe of this run folder")
-    sub.add_parser("status", parents=common, help="say whether it runs, where, which models it serves and what it refused")
-    k = sub.add_parser("key", parents=common, help="print the current token key, for curl -H 'Authorization: Bearer KEY'")
-    k.add_argument("kind", nargs="?", default="inference", choices=("inference", "management", "API"),
-                   help="which key (default: inference)")
-    k.add_argument("--header", action="store_true",
-                   help="print 'Authorization: Bearer KEY', for curl -H @<(scripts/serve key --header) (default: off)")
-    k.add_argument("--refresh", action="store_true",
-                   help="get a new key from the running server (TorchServe's token API) first (default: off)")
+    sub.add_parser(
+        "status", parents=common, help="say whether it runs, where, which models it serves and what it refused"
+    )
+    k = sub.add_parser(
+        "key", parents=common, help="print the current token key, for curl -H 'Authorization: Bearer KEY'"
+    )
+    k.add_argument(
+        "kind",
+        nargs="?",
+        default="inference",
+        choices=("inference", "management", "API"),
+        help="which key (default: inference)",
+    )
+    k.add_argument(
+        "--header",
+        action="store_true",
+        help="print 'Authorization: Bearer KEY', for curl -H @<(scripts/serve key --header) (default: off)",
+    )
+    k.add_argument(
+        "--refresh",
+        action="store_true",
+        help="get a new key from the running server (TorchServe's token API) first (default: off)",
+    )
     return p
 
 
@@ -585,8 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     each refusal is one line on stderr."""
     args = get_args_parser().parse_args(argv)
     try:
-        ts = TorchServe(run_dir=Path(args.run_dir), model_store=args.model_store and Path(args.model_store),
-                        config=Path(args.config))
+        ts = TorchServe(
+            run_dir=Path(args.run_dir),
+            model_store=args.model_store and Path(args.model_store),
+            config=Path(args.config),
+        )
         if args.command == "start":
             everything = args.models == "all"
             models = None if args.models is None or everything else [m for m in args.models.split(",") if m]
@@ -597,8 +728,10 @@ def main(argv: list[str] | None = None) -> int:
             refused = ts.start(models, timeout=args.timeout, everything=everything)
             for line in refused:
                 print(f"refused: {line}", file=sys.stderr)
-            print(f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
-                  f"(management {ts.url('management')}); stop it with scripts/serve stop")
+            print(
+                f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
+                f"(management {ts.url('management')}); stop it with scripts/serve stop"
+            )
             return 1 if refused else 0
         if args.command == "stop":
             if not ts.stop():

@@ -55,7 +55,9 @@ def bad_payload(kind: str, rng: random.Random, good: bytes) -> tuple[bytes, dict
     if kind == "text":
         return b"this is plain text, not an image " * rng.randint(1, 20), {"Content-Type": "text/plain"}
     if kind == "json_without_data":
-        return json.dumps({"image": "no data field", "n": rng.randint(0, 99)}).encode(), {"Content-Type": "application/json"}
+        return json.dumps({"image": "no data field", "n": rng.randint(0, 99)}).encode(), {
+            "Content-Type": "application/json"
+        }
     if kind == "empty":
         return b"", {}
     raise ValueError(kind)
@@ -75,15 +77,23 @@ def rss_sample(ts: TorchServe, model: str, t0: float) -> dict:
             rss[pid] = psutil.Process(pid).memory_info().rss
         except (psutil.Error, TypeError, ValueError):
             rss[pid] = 0
-    return {"t": round(time.monotonic() - t0, 1), "pids": pids, "frontend_pid": ts.pid(),
-            "rss_bytes": sum(rss[p] for p in pids), "per_pid": {str(k): v for k, v in rss.items()}}
+    return {
+        "t": round(time.monotonic() - t0, 1),
+        "pids": pids,
+        "frontend_pid": ts.pid(),
+        "rss_bytes": sum(rss[p] for p in pids),
+        "per_pid": {str(k): v for k, v in rss.items()},
+    }
 
 
 def restarts(samples: list[dict]) -> list[str]:
     """One line per change of the worker pids between samples: a worker that died and was
     started again by TorchServe."""
-    return [f"at {b['t']:g} s worker pid(s) {a['pids']} became {b['pids']}"
-            for a, b in zip(samples, samples[1:]) if a["pids"] != b["pids"]]
+    return [
+        f"at {b['t']:g} s worker pid(s) {a['pids']} became {b['pids']}"
+        for a, b in zip(samples, samples[1:])
+        if a["pids"] != b["pids"]
+    ]
 
 
 def growth_by_process(samples: list[dict]) -> dict[str, float]:
@@ -91,8 +101,11 @@ def growth_by_process(samples: list[dict]) -> dict[str, float]:
     present in both: "frontend" and "worker <pid>"."""
     first, last = samples[0], samples[-1]
     roles = {str(first.get("frontend_pid")): "frontend", **{str(p): f"worker {p}" for p in first["pids"]}}
-    return {role: round(100.0 * (last["per_pid"][pid] - first["per_pid"][pid]) / first["per_pid"][pid], 2)
-            for pid, role in roles.items() if first["per_pid"].get(pid) and last["per_pid"].get(pid)}
+    return {
+        role: round(100.0 * (last["per_pid"][pid] - first["per_pid"][pid]) / first["per_pid"][pid], 2)
+        for pid, role in roles.items()
+        if first["per_pid"].get(pid) and last["per_pid"].get(pid)
+    }
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
@@ -102,8 +115,19 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 class Client(threading.Thread):
     """One closed-loop client: sends, waits for the answer, records it, sends again."""
 
-    def __init__(self, index: int, url: str, headers: dict, goods: list[Path], bad_share: float,
-                 seed: int, stop_at: float, timeout: float, sink: list, lock: threading.Lock):
+    def __init__(
+        self,
+        index: int,
+        url: str,
+        headers: dict,
+        goods: list[Path],
+        bad_share: float,
+        seed: int,
+        stop_at: float,
+        timeout: float,
+        sink: list,
+        lock: threading.Lock,
+    ):
         super().__init__(name=f"soak-client-{index}", daemon=True)
         self.rng = random.Random(seed * 1000 + index)
         self.url, self.headers, self.goods = url, headers, goods
@@ -160,30 +184,52 @@ def summarize(records: list, seconds: float) -> dict:
         "bad_total": sum(by_kind["bad"].values()),
         "bad_4xx": sum(n for s, n in by_kind["bad"].items() if 400 <= s < 500),
         "bad_5xx": sum(n for s, n in by_kind["bad"].items() if s >= 500),
-        "latency_ms": {"good_p50": percentile_ms(good_lat, 50), "good_p99": percentile_ms(good_lat, 99),
-                       "good_max": percentile_ms(good_lat, 100), "bad_p50": percentile_ms(bad_lat, 50),
-                       "bad_p99": percentile_ms(bad_lat, 99)},
+        "latency_ms": {
+            "good_p50": percentile_ms(good_lat, 50),
+            "good_p99": percentile_ms(good_lat, 99),
+            "good_max": percentile_ms(good_lat, 100),
+            "bad_p50": percentile_ms(bad_lat, 50),
+            "bad_p99": percentile_ms(bad_lat, 99),
+        },
     }
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", help="served model to load (default: digits)")
-    p.add_argument("--duration", type=float, default=180,
-                   help="seconds of load, after the warm-up (default: 180); the RSS growth limit "
-                        f"is enforced only from {RSS_CHECK_MIN_SECONDS} s")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=180,
+        help="seconds of load, after the warm-up (default: 180); the RSS growth limit "
+        f"is enforced only from {RSS_CHECK_MIN_SECONDS} s",
+    )
     p.add_argument("--clients", type=int, default=8, help="concurrent closed-loop client threads (default: 8)")
-    p.add_argument("--bad-share", type=float, default=0.25,
-                   help="fraction of requests that carry a bad payload, 0..1 (default: 0.25)")
-    p.add_argument("--run-dir", default=str(ROOT / ".serve"),
-                   help="the server's run folder, for its address and token (default: .serve/)")
-    p.add_argument("--data", default=str(ROOT / "data" / "digits" / "test"),
-                   help="folder of good images, searched recursively (default: data/digits/test)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "soak.json"),
-                   help="where to write the results as JSON (default: runs/soak.json)")
+    p.add_argument(
+        "--bad-share",
+        type=float,
+        default=0.25,
+        help="fraction of requests that carry a bad payload, 0..1 (default: 0.25)",
+    )
+    p.add_argument(
+        "--run-dir",
+        default=str(ROOT / ".serve"),
+        help="the server's run folder, for its address and token (default: .serve/)",
+    )
+    p.add_argument(
+        "--data",
+        default=str(ROOT / "data" / "digits" / "test"),
+        help="folder of good images, searched recursively (default: data/digits/test)",
+    )
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "runs" / "soak.json"),
+        help="where to write the results as JSON (default: runs/soak.json)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the clients' RNGs (default: 0)")
-    p.add_argument("--warmup", type=int, default=50,
-                   help="good requests sent before the RSS baseline is taken (default: 50)")
+    p.add_argument(
+        "--warmup", type=int, default=50, help="good requests sent before the RSS baseline is taken (default: 50)"
+    )
     p.add_argument("--rss-every", type=float, default=30, help="seconds between RSS samples (default: 30)")
     p.add_argument("--timeout", type=float, default=30, help="per-request timeout in seconds (default: 30)")
     return p
@@ -194,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.bad_share <= 1 or args.clients < 1 or args.duration <= 0:
         print("error: need --clients >= 1, --duration > 0 and 0 <= --bad-share <= 1", file=sys.stderr)
         return 2
-    goods = sorted(p for p in Path(args.data).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+    goods = sorted(
+        p
+        for p in Path(args.data).rglob("*")
+        if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    )
     if not goods:
         print(f"error: no images under {args.data}", file=sys.stderr)
         return 2
@@ -220,15 +270,20 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     t0 = time.monotonic()
     samples = [rss_sample(ts, args.model, t0)]
-    print(f"soak: {args.model} (batchSize {info.get('batchSize')}, {len(samples[0]['pids'])} worker(s), "
-          f"RSS {samples[0]['rss_bytes'] / 2**20:.1f} MiB) at {url}: {args.clients} clients for {args.duration:g} s, "
-          f"{args.bad_share:.0%} bad requests", flush=True)
+    print(
+        f"soak: {args.model} (batchSize {info.get('batchSize')}, {len(samples[0]['pids'])} worker(s), "
+        f"RSS {samples[0]['rss_bytes'] / 2**20:.1f} MiB) at {url}: {args.clients} clients for {args.duration:g} s, "
+        f"{args.bad_share:.0%} bad requests",
+        flush=True,
+    )
 
     records: list = []
     lock = threading.Lock()
     stop_at = t0 + args.duration
-    clients = [Client(i, url, headers, goods, args.bad_share, args.seed, stop_at, args.timeout, records, lock)
-               for i in range(args.clients)]
+    clients = [
+        Client(i, url, headers, goods, args.bad_share, args.seed, stop_at, args.timeout, records, lock)
+        for i in range(args.clients)
+    ]
     for c in clients:
         c.start()
     next_line, next_rss = 10.0, args.rss_every
@@ -245,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 n = len(records)
                 bad_good = sum(1 for k, _, s, _ in records if k == "good" and s != 200)
-            print(f"  [{min(elapsed, args.duration):5.0f}/{args.duration:g} s] {n} requests, "
-                  f"{n / elapsed:.1f}/s, good non-200: {bad_good}", flush=True)
+            print(
+                f"  [{min(elapsed, args.duration):5.0f}/{args.duration:g} s] {n} requests, "
+                f"{n / elapsed:.1f}/s, good non-200: {bad_good}",
+                flush=True,
+            )
             next_line += 10
     seconds = time.monotonic() - t0
     try:
@@ -266,18 +324,37 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"{summary['good_not_200']} good request(s) not answered 200")
     failures += [f"worker restarted: {line}" for line in restarted]
     if rss_checked:
-        failures += [f"{role} RSS grew {pct:.1f}% (limit {RSS_LIMIT_PERCENT:g}%)"
-                     for role, pct in per_process.items() if not pct < RSS_LIMIT_PERCENT]
+        failures += [
+            f"{role} RSS grew {pct:.1f}% (limit {RSS_LIMIT_PERCENT:g}%)"
+            for role, pct in per_process.items()
+            if not pct < RSS_LIMIT_PERCENT
+        ]
     result = {
-        "config": {"model": args.model, "duration": args.duration, "clients": args.clients,
-                   "bad_share": args.bad_share, "seed": args.seed, "warmup": args.warmup,
-                   "data": str(args.data), "url": url, "batch_size": info.get("batchSize"),
-                   "max_batch_delay": info.get("maxBatchDelay"), "cpu_count": psutil.cpu_count()},
+        "config": {
+            "model": args.model,
+            "duration": args.duration,
+            "clients": args.clients,
+            "bad_share": args.bad_share,
+            "seed": args.seed,
+            "warmup": args.warmup,
+            "data": str(args.data),
+            "url": url,
+            "batch_size": info.get("batchSize"),
+            "max_batch_delay": info.get("maxBatchDelay"),
+            "cpu_count": psutil.cpu_count(),
+        },
         **summary,
-        "rss": {"before_warmup_bytes": before["rss_bytes"], "start_bytes": start_rss, "end_bytes": end_rss,
-                "growth_percent": round(growth, 2), "growth_percent_by_process": per_process,
-                "checked": rss_checked, "workers_restarted": bool(restarted), "restarts": restarted,
-                "samples": samples},
+        "rss": {
+            "before_warmup_bytes": before["rss_bytes"],
+            "start_bytes": start_rss,
+            "end_bytes": end_rss,
+            "growth_percent": round(growth, 2),
+            "growth_percent_by_process": per_process,
+            "checked": rss_checked,
+            "workers_restarted": bool(restarted),
+            "restarts": restarted,
+            "samples": samples,
+        },
         "failures": failures,
         "passed": not failures,
     }
@@ -286,17 +363,27 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     lat = summary["latency_ms"]
-    rows = [("requests", summary["requests"]), ("seconds", summary["seconds"]),
-            ("throughput", f"{summary['throughput_rps']} req/s")]
+    rows = [
+        ("requests", summary["requests"]),
+        ("seconds", summary["seconds"]),
+        ("throughput", f"{summary['throughput_rps']} req/s"),
+    ]
     rows += [(f"good HTTP {s}", n) for s, n in summary["status_counts"]["good"].items()]
     rows += [(f"bad HTTP {s}", n) for s, n in summary["status_counts"]["bad"].items()]
-    rows += [(f"  bad {b}", ", ".join(f"{s}: {n}" for s, n in c.items()) or "-")
-             for b, c in summary["bad_status_by_payload"].items()]
-    rows += [("good p50 / p99 / max", f"{lat['good_p50']} / {lat['good_p99']} / {lat['good_max']} ms"),
-             ("bad p50 / p99", f"{lat['bad_p50']} / {lat['bad_p99']} ms"),
-             ("worker RSS start", f"{start_rss / 2**20:.1f} MiB (before warm-up {before['rss_bytes'] / 2**20:.1f} MiB)"),
-             ("worker RSS end", f"{end_rss / 2**20:.1f} MiB"),
-             ("worker RSS growth", f"{growth:+.2f}%" + ("" if rss_checked else f" (limit checked from {RSS_CHECK_MIN_SECONDS} s)"))]
+    rows += [
+        (f"  bad {b}", ", ".join(f"{s}: {n}" for s, n in c.items()) or "-")
+        for b, c in summary["bad_status_by_payload"].items()
+    ]
+    rows += [
+        ("good p50 / p99 / max", f"{lat['good_p50']} / {lat['good_p99']} / {lat['good_max']} ms"),
+        ("bad p50 / p99", f"{lat['bad_p50']} / {lat['bad_p99']} ms"),
+        ("worker RSS start", f"{start_rss / 2**20:.1f} MiB (before warm-up {before['rss_bytes'] / 2**20:.1f} MiB)"),
+        ("worker RSS end", f"{end_rss / 2**20:.1f} MiB"),
+        (
+            "worker RSS growth",
+            f"{growth:+.2f}%" + ("" if rss_checked else f" (limit checked from {RSS_CHECK_MIN_SECONDS} s)"),
+        ),
+    ]
     rows += [(f"  {role} RSS growth", f"{pct:+.2f}%") for role, pct in per_process.items()]
     rows += [("workers restarted", "; ".join(restarted) if restarted else "no")]
     width = max(len(k) for k, _ in rows)
@@ -306,9 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     for f in failures:
         print(f"FAILED: {f}", file=sys.stderr)
     print(f"results: {out}")
-    print(f"soak: {summary['requests']} requests, good 5xx={summary['good_5xx']}, "
-          f"bad 4xx={summary['bad_4xx']}/{summary['bad_total']}, p50={lat['good_p50']}ms p99={lat['good_p99']}ms, "
-          f"RSS growth={growth:.1f}%")
+    print(
+        f"soak: {summary['requests']} requests, good 5xx={summary['good_5xx']}, "
+        f"bad 4xx={summary['bad_4xx']}/{summary['bad_total']}, p50={lat['good_p50']}ms p99={lat['good_p99']}ms, "
+        f"RSS growth={growth:.1f}%"
+    )
     return 1 if failures else 0
 
 

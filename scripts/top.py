@@ -79,13 +79,21 @@ def served_versions(ts: TorchServe) -> list[dict]:
         default = ts.describe(name)[0]["modelVersion"]
         for v in ts.versions(name):
             workers = v.get("workers", [])
-            out.append({"model": name, "version": v["modelVersion"], "default": v["modelVersion"] == default,
-                        "workers_ready": sum(w.get("status") == "READY" for w in workers), "workers": len(workers)})
+            out.append(
+                {
+                    "model": name,
+                    "version": v["modelVersion"],
+                    "default": v["modelVersion"] == default,
+                    "workers_ready": sum(w.get("status") == "READY" for w in workers),
+                    "workers": len(workers),
+                }
+            )
     return out
 
 
 def report(served: list[dict], before: Samples, after: Samples, seconds: float) -> list[dict]:
     """Per version, what happened between two scrapes `seconds` apart."""
+
     def delta(name, **labels):
         return total(after, name, **labels) - total(before, name, **labels)
 
@@ -106,11 +114,18 @@ def report(served: list[dict], before: Samples, after: Samples, seconds: float) 
         queued_us = sum(delta("ts_queue_latency_microseconds", model_name=v["model"], model_version=a) for a in asked)
         requests_in = sum(delta("ts_inference_requests_total", model_name=v["model"], model_version=a) for a in asked)
         starts = total(after, WORKER_STARTS, **labels)
-        rows.append({**v, "requests_per_s": round(items / seconds, 2), "error_ratio": round(refused / items, 4) if items else None,
-                     "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-                     "p99_ms": None if p99 is None else round(p99 * 1000, 1),
-                     "worker_starts": int(starts), "restarts": max(0, int(starts) - v["workers"]),
-                     "queue_ms": round(queued_us / requests_in / 1000, 1) if requests_in else None})
+        rows.append(
+            {
+                **v,
+                "requests_per_s": round(items / seconds, 2),
+                "error_ratio": round(refused / items, 4) if items else None,
+                "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+                "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+                "worker_starts": int(starts),
+                "restarts": max(0, int(starts) - v["workers"]),
+                "queue_ms": round(queued_us / requests_in / 1000, 1) if requests_in else None,
+            }
+        )
     return rows
 
 
@@ -121,8 +136,11 @@ def snapshot(ts: TorchServe, last: tuple[Samples, float] | None, interval: float
         time.sleep(interval)
     now = scrape(ts), time.monotonic()
     seconds = now[1] - last[1]
-    report_ = {"time": round(time.time(), 3), "seconds": round(seconds, 3),
-               "versions": report(served_versions(ts), last[0], now[0], seconds)}
+    report_ = {
+        "time": round(time.time(), 3),
+        "seconds": round(seconds, 3),
+        "versions": report(served_versions(ts), last[0], now[0], seconds),
+    }
     return report_, now
 
 
@@ -132,12 +150,23 @@ def table(snap: dict) -> str:
 
     rows = [("model", "version", "req/s", "err%", "p50 ms", "p99 ms", "workers", "restarts", "queue ms")]
     for r in snap["versions"]:
-        rows.append((r["model"], r["version"] + ("*" if r["default"] else ""), f"{r['requests_per_s']:.1f}",
-                     show(None if r["error_ratio"] is None else r["error_ratio"] * 100, "{:.1f}"),
-                     show(r["p50_ms"]), show(r["p99_ms"]), f"{r['workers_ready']}/{r['workers']}", str(r["restarts"]),
-                     show(r["queue_ms"])))
+        rows.append(
+            (
+                r["model"],
+                r["version"] + ("*" if r["default"] else ""),
+                f"{r['requests_per_s']:.1f}",
+                show(None if r["error_ratio"] is None else r["error_ratio"] * 100, "{:.1f}"),
+                show(r["p50_ms"]),
+                show(r["p99_ms"]),
+                f"{r['workers_ready']}/{r['workers']}",
+                str(r["restarts"]),
+                show(r["queue_ms"]),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     stamp = time.strftime("%H:%M:%S", time.localtime(snap["time"]))
     return f"scripts/top  {stamp}  over {snap['seconds']:.1f} s  (* default version)\n" + "\n".join(lines)
 

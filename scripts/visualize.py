@@ -40,8 +40,10 @@ def draw_explanation(image: Image.Image, answer: dict, target: int = 320) -> Ima
     grey = image.convert("L").convert("RGBA").resize(size, Image.Resampling.BILINEAR)
     grey = Image.blend(grey, Image.new("RGBA", size, (255, 255, 255, 255)), 0.3)  # lighter, so colours stand out
     drawn = Image.alpha_composite(grey, heat.resize(size, Image.Resampling.BILINEAR))
-    caption = (f"{answer['target']}  p={answer['probability']:.3f}  IG {answer['n_steps']} steps from "
-               f"{answer['baseline']}  delta {answer['convergence_delta']:+.4f}")
+    caption = (
+        f"{answer['target']}  p={answer['probability']:.3f}  IG {answer['n_steps']} steps from "
+        f"{answer['baseline']}  delta {answer['convergence_delta']:+.4f}"
+    )
     sheet = Image.new("RGB", (size[0], size[1] + 18), (255, 255, 255))
     sheet.paste(drawn.convert("RGB"), (0, 18))
     ImageDraw.Draw(sheet).text((4, 3), caption, fill=(0, 0, 0))
@@ -66,13 +68,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file to send")
     p.add_argument("--model", required=True, help="served model name (required)")
     p.add_argument("--out", default=None, help="PNG to write (default: <image stem>_<model>.png next to the image)")
-    p.add_argument("--run-dir", default=str(ROOT / ".serve"), help="the server's run folder, for its address and token (default: .serve/)")
-    p.add_argument("--score-threshold", type=float, default=None, help="detectors: lowest score drawn (default: the model's configured one)")
-    p.add_argument("--max-detections", type=int, default=None, help="detectors: most boxes drawn (default: the model's configured one)")
-    p.add_argument("--explain", action="store_true",
-                   help="ask /explanations and draw the Integrated Gradients heatmap (classifiers, segmenters) (default: off)")
+    p.add_argument(
+        "--run-dir",
+        default=str(ROOT / ".serve"),
+        help="the server's run folder, for its address and token (default: .serve/)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="detectors: lowest score drawn (default: the model's configured one)",
+    )
+    p.add_argument(
+        "--max-detections",
+        type=int,
+        default=None,
+        help="detectors: most boxes drawn (default: the model's configured one)",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="ask /explanations and draw the Integrated Gradients heatmap (classifiers, segmenters) (default: off)",
+    )
     p.add_argument("--target", default=None, help="with --explain: the class to explain (default: the top class)")
-    p.add_argument("--steps", type=int, default=None, help="with --explain: IG steps (default: the archive's explain_steps)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="with --explain: IG steps (default: the archive's explain_steps)"
+    )
     return p
 
 
@@ -88,11 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         data = path.read_bytes()
         image = load_image(data, 3)
         ts = TorchServe(run_dir=Path(args.run_dir))
-        fields = {k: str(v) for k, v in (("score_threshold", args.score_threshold), ("max_detections", args.max_detections),
-                                         ("target", args.target), ("n_steps", args.steps)) if v is not None}
+        fields = {
+            k: str(v)
+            for k, v in (
+                ("score_threshold", args.score_threshold),
+                ("max_detections", args.max_detections),
+                ("target", args.target),
+                ("n_steps", args.steps),
+            )
+            if v is not None
+        }
         route = "explanations" if args.explain else "predictions"
-        r = requests.post(f"{ts.url('inference')}/{route}/{args.model}", headers=ts.headers("inference"),
-                          files={"data": (path.name, data)}, data=fields, timeout=120)
+        r = requests.post(
+            f"{ts.url('inference')}/{route}/{args.model}",
+            headers=ts.headers("inference"),
+            files={"data": (path.name, data)},
+            data=fields,
+            timeout=120,
+        )
         if r.status_code != 200:
             raise ValueError(f"TorchServe answered {r.status_code}: {r.text.strip()[:300]}")
         render(image, r.json()).save(out)

@@ -31,8 +31,22 @@ def digits_dir(tmp_path_factory) -> Path:
 
 
 def train_cli_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data", str(data), "--out", str(out), "--model", "small_cnn", "--channels", "1",
-            "--hflip-prob", "0", "--workers", "0", "--no-progress", *extra]
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "small_cnn",
+        "--channels",
+        "1",
+        "--hflip-prob",
+        "0",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -25,15 +25,40 @@ def store_listing(store: Path) -> list[str]:
 
 def test_archive_holds_weights_metadata_code_labels_and_config(trained_digits, tmp_path):
     store = tmp_path / "store"
-    code = archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--batch-size", "4", "--max-batch-delay", "20", "--workers", "2", "--topk", "3", "--device", "cpu"])
+    code = archive.main(
+        [
+            str(trained_digits),
+            "--name",
+            "digits",
+            "--model-store",
+            str(store),
+            "--batch-size",
+            "4",
+            "--max-batch-delay",
+            "20",
+            "--workers",
+            "2",
+            "--topk",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     assert store_listing(store) == [".catalog.lock", "catalog.json", "digits.mar"]  # no temporary files left
     with zipfile.ZipFile(store / "digits.mar") as z:
         names = set(z.namelist())
-        assert {"model.pt", "model.json", "index_to_name.json", "model-config.yaml", "image_classifier.py",
-                "handlers/vision.py", "model_defs/registry.py", "model_defs/preprocessing.py",
-                "MAR-INF/MANIFEST.json"} <= names
+        assert {
+            "model.pt",
+            "model.json",
+            "index_to_name.json",
+            "model-config.yaml",
+            "image_classifier.py",
+            "handlers/vision.py",
+            "model_defs/registry.py",
+            "model_defs/preprocessing.py",
+            "MAR-INF/MANIFEST.json",
+        } <= names
         assert not any("__pycache__" in n for n in names)
         assert z.read("model.pt") == (trained_digits / "model.pt").read_bytes()
         labels = json.loads(z.read("index_to_name.json"))
@@ -57,7 +82,10 @@ def test_unchanged_inputs_are_skipped_and_changed_ones_need_force(trained_digits
     assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2"]) == 1
     assert "--force" in capsys.readouterr().err
     assert (store / "d.mar").read_bytes() == before
-    assert archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2", "--force"]) == 0
+    assert (
+        archive.main([str(trained_digits), "--name", "d", "--model-store", str(store), "--batch-size", "2", "--force"])
+        == 0
+    )
     assert (store / "d.mar").read_bytes() != before
 
 
@@ -105,8 +133,11 @@ def test_incomplete_training_output_is_refused_and_nothing_is_written(trained_di
 
 
 def test_cli_wrapper_prints_one_line_no_traceback(tmp_path):
-    out = subprocess.run([str(ROOT / "scripts" / "archive"), str(tmp_path / "missing"), "--model-store", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "archive"), str(tmp_path / "missing"), "--model-store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "does not exist" in out.stderr
 
@@ -127,16 +158,32 @@ def test_a_failure_while_building_leaves_no_partial_archive(trained_digits, tmp_
 def test_help_explains_every_flag():
     out = subprocess.run([sys.executable, "-m", "scripts.archive", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0
-    for flag in ("--name", "--version", "--model-store", "--workers", "--batch-size", "--max-batch-delay",
-                 "--device", "--topk", "--force", "--torch-threads"):
+    for flag in (
+        "--name",
+        "--version",
+        "--model-store",
+        "--workers",
+        "--batch-size",
+        "--max-batch-delay",
+        "--device",
+        "--topk",
+        "--force",
+        "--torch-threads",
+    ):
         assert flag in out.stdout
 
 
 def test_dry_run_shows_what_would_be_built_and_writes_nothing(trained_digits, tmp_path, capsys):
     store = tmp_path / "store"
     manifest = tmp_path / "models.yaml"
-    manifest.write_text(yaml.safe_dump({"defaults": {"batch_size": 4}, "models": [
-        {"name": "d", "version": "2.0", "run": str(trained_digits), "config": {"workers": 2}}]}))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"batch_size": 4},
+                "models": [{"name": "d", "version": "2.0", "run": str(trained_digits), "config": {"workers": 2}}],
+            }
+        )
+    )
     assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would build" in out and '"minWorkers": 2' in out and '"batchSize": 4' in out and "d-2.0.mar" in out

@@ -43,11 +43,14 @@ def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys):
     assert "bare" in printed and "stock" in printed and "p99 ms" in printed
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--clients", "four"], "--clients expects numbers"),
-    (["--clients", "0"], "at least 1"),
-    (["--run", "/nonexistent/run"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--clients", "four"], "--clients expects numbers"),
+        (["--clients", "0"], "at least 1"),
+        (["--run", "/nonexistent/run"], "does not exist"),
+    ],
+)
 def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys, args, words):
     assert bench.main([*args, "--out", str(tmp_path)]) in (1, 2)
     err = capsys.readouterr().err.strip()

@@ -37,9 +37,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for i, name in enumerate(("r1", "r2")):
         torch.manual_seed(i)
         out[name] = tmp_path_factory.mktemp(name)
-        save_model_files(out[name], get_model("small_cnn", num_classes=3, in_channels=1),
-                         {"arch": "small_cnn", "arch_args": {"num_classes": 3, "in_channels": 1},
-                          "task": "classification", "classes": ["x", "y", "z"], "preprocessing": cfg.to_dict()})
+        save_model_files(
+            out[name],
+            get_model("small_cnn", num_classes=3, in_channels=1),
+            {
+                "arch": "small_cnn",
+                "arch_args": {"num_classes": 3, "in_channels": 1},
+                "task": "classification",
+                "classes": ["x", "y", "z"],
+                "preprocessing": cfg.to_dict(),
+            },
+        )
     return out
 
 
@@ -51,11 +59,21 @@ def cli(*argv) -> tuple[int, str, str]:
 
 
 def snapshot(store: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in store.iterdir() if p.is_file() and p.name != ".catalog.lock"} if store.exists() else {}
+    return (
+        {p.name: p.read_bytes() for p in store.iterdir() if p.is_file() and p.name != ".catalog.lock"}
+        if store.exists()
+        else {}
+    )
 
 
 step = st.one_of(
-    st.tuples(st.just("archive"), st.sampled_from(NAMES), st.sampled_from(VERSIONS), st.sampled_from(("r1", "r2")), st.booleans()),
+    st.tuples(
+        st.just("archive"),
+        st.sampled_from(NAMES),
+        st.sampled_from(VERSIONS),
+        st.sampled_from(("r1", "r2")),
+        st.booleans(),
+    ),
     st.tuples(st.just("remove"), st.sampled_from(NAMES), st.sampled_from(("1.0", "2.0"))),
     st.tuples(st.just("delete"), st.integers(0, 5)),
     st.tuples(st.just("corrupt"), st.integers(0, 5)),
@@ -78,7 +96,13 @@ def test_the_catalog_and_the_store_never_disagree_silently(runs, steps):
             if op[0] == "archive":
                 _, name, version, run, force = op
                 key, file = f"{name}/{version or '1.0'}", f"{name}.mar" if version is None else f"{name}-{version}.mar"
-                argv = [runs[run], "--name", name, *(["--version", version] if version else []), *(["--force"] if force else [])]
+                argv = [
+                    runs[run],
+                    "--name",
+                    name,
+                    *(["--version", version] if version else []),
+                    *(["--force"] if force else []),
+                ]
                 code, out, err = cli(*argv, *common)
                 known = model.get(key)
                 if known and not force:

@@ -124,8 +124,7 @@ def test_label_files_single_label(cat, tmp_path):
 
 
 def test_label_files_multi_label_sorted(cat, tmp_path):
-    root = make_label_files(cat, tmp_path / "ds", {"a": "2\n0\n", "b": "1", "c": "2 1"},
-                            classes=["sky", "tree", "car"])
+    root = make_label_files(cat, tmp_path / "ds", {"a": "2\n0\n", "b": "1", "c": "2 1"}, classes=["sky", "tree", "car"])
     spec = read_dataset(root)
     assert spec.multi_label
     assert spec.classes == ["sky", "tree", "car"]

@@ -18,8 +18,7 @@ from skimage.measure import regionprops
 from torchvision import tv_tensors
 
 from model_defs.preprocessing import detection_eval_transform, detection_train_transform
-from training import shapes
-from training import train_detection
+from training import shapes, train_detection
 from training.datasets import DatasetError
 from training.det_datasets import DetectionDataset, SegmentationDataset, read_coco, read_detection, read_masks, read_voc
 
@@ -31,7 +30,9 @@ N, SIZE = 6, 96
 def generated(tmp_path_factory) -> dict[str, Path]:
     """The same seed in all three layouts."""
     root = tmp_path_factory.mktemp("shapes")
-    return {layout: shapes.generate(root / layout, layout, N, SIZE, seed=3, progress=False) for layout in shapes.LAYOUTS}
+    return {
+        layout: shapes.generate(root / layout, layout, N, SIZE, seed=3, progress=False) for layout in shapes.LAYOUTS
+    }
 
 
 @pytest.fixture
@@ -100,7 +101,9 @@ def test_aspect_option_gives_several_sizes_with_the_longer_side_fixed(tmp_path):
 
 
 def test_cli_help_and_bad_arguments(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "training.shapes", *a], cwd=REPO, capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "training.shapes", *a], cwd=REPO, capture_output=True, text=True
+    )  # noqa: E731
     help_text = run("--help")
     assert help_text.returncode == 0 and "(default: voc)" in help_text.stdout
     bad = run("--out", str(tmp_path / "x"), "--n", "0")
@@ -152,7 +155,9 @@ def test_voc_unknown_class_names_the_file(voc):
     xml = voc / "Annotations" / "00003.xml"
     name = next(c for c in shapes.CLASSES if f"<name>{c}</name>" in xml.read_text())
     edit_xml(xml, f"<name>{name}</name>", "<name>hexagon</name>")
-    with pytest.raises(DatasetError, match=r"00003\.xml object \d+: class 'hexagon' is not one of the 3 classes \(classes\.txt\)"):
+    with pytest.raises(
+        DatasetError, match=r"00003\.xml object \d+: class 'hexagon' is not one of the 3 classes \(classes\.txt\)"
+    ):
         read_voc(voc)
 
 
@@ -194,7 +199,10 @@ def edit_coco(root: Path, change) -> None:
 
 def test_coco_unknown_category_names_the_file_and_image(coco):
     edit_coco(coco, lambda d: d["annotations"][0].update(category_id=9))
-    with pytest.raises(DatasetError, match=r"annotations\.json annotation id 1 \(00000\.jpg\): category_id 9 is not one of the categories \[1, 2, 3\]"):
+    with pytest.raises(
+        DatasetError,
+        match=r"annotations\.json annotation id 1 \(00000\.jpg\): category_id 9 is not one of the categories \[1, 2, 3\]",
+    ):
         read_coco(coco)
 
 
@@ -274,7 +282,9 @@ def test_detection_dataset_scales_and_flips_boxes_with_the_image(generated):
     torch.testing.assert_close(target["boxes"], torch.tensor(spec.samples[0].boxes) * 2)
     assert target["labels"].tolist() == [k + 1 for k in spec.samples[0].labels]  # 0 is the background
     flipped, ftarget, _ = DetectionDataset(spec.samples, detection_train_transform(96, hflip_prob=1.0))[0]
-    expected = torch.tensor(spec.samples[0].boxes)[:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([SIZE, 0, SIZE, 0])
+    expected = torch.tensor(spec.samples[0].boxes)[:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor(
+        [SIZE, 0, SIZE, 0]
+    )
     torch.testing.assert_close(ftarget["boxes"], expected)
 
 
@@ -289,9 +299,32 @@ def test_trainer_refuses_a_bad_annotation_with_one_line(voc, capsys):
 
 def test_trainer_reads_the_coco_layout_end_to_end(coco, tmp_path):
     out = tmp_path / "run"
-    assert train_detection.cli(["--data", str(coco), "--val-fraction", "0.34", "--model", "fasterrcnn_mobilenet_320",
-                                "--input-size", "96", "--epochs", "1", "--batch-size", "4", "--workers", "0",
-                                "--pictures", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        train_detection.cli(
+            [
+                "--data",
+                str(coco),
+                "--val-fraction",
+                "0.34",
+                "--model",
+                "fasterrcnn_mobilenet_320",
+                "--input-size",
+                "96",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--pictures",
+                "1",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "model.json").read_text())
     assert meta["task"] == "detection" and meta["dataset"]["layout"] == "coco"
     assert meta["dataset"]["train_images"] + meta["dataset"]["val_images"] == N and meta["dataset"]["val_images"] == 2

@@ -57,7 +57,9 @@ def test_detect_answers_maps_clips_and_labels(size):
     assert answers[0]["score"] == pytest.approx(0.9)
     tol = 0.01 + 0.5 / min(scale)
     assert answers[0]["box"][2:] == [w, h]  # clipped to the original image
-    assert answers[0]["box"][0] == pytest.approx(w / 4, abs=tol) and answers[0]["box"][1] == pytest.approx(h / 4, abs=tol)
+    assert answers[0]["box"][0] == pytest.approx(w / 4, abs=tol) and answers[0]["box"][1] == pytest.approx(
+        h / 4, abs=tol
+    )
     assert answers[1]["box"] == pytest.approx([0, 0, w / 2, h / 2], abs=tol)
     assert len(detect_answers(output, scale, size, ["a", "b", "c"], 0.0, 1)) == 1
     assert detect_answers(output, scale, size, ["a", "b", "c"], 0.95, 10) == []
@@ -73,13 +75,16 @@ def test_request_options_from_json_and_multipart_fields():
     assert split_request({"body": b"\xff\xd8jpeg"}) == ({"body": b"\xff\xd8jpeg"}, {})
 
 
-@pytest.mark.parametrize("name,value,message", [
-    ("score_threshold", b"high", "score_threshold must be a number, got 'high'"),
-    ("score_threshold", 1.5, "score_threshold must be between 0 and 1, got 1.5"),
-    ("max_detections", "2.5", "max_detections must be a whole number"),
-    ("max_detections", -1, "max_detections must be a whole number"),
-    ("max_detections", True, "max_detections must be a number"),
-])
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("score_threshold", b"high", "score_threshold must be a number, got 'high'"),
+        ("score_threshold", 1.5, "score_threshold must be between 0 and 1, got 1.5"),
+        ("max_detections", "2.5", "max_detections must be a whole number"),
+        ("max_detections", -1, "max_detections must be a whole number"),
+        ("max_detections", True, "max_detections must be a number"),
+    ],
+)
 def test_bad_request_options_are_a_400(name, value, message):
     with pytest.raises(RequestError) as excinfo:
         parse_option(name, value)

@@ -32,17 +32,54 @@ def det_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def det_run(det_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("det_run") / "run"
-    assert train_detection.cli(["--data", str(det_data), "--out", str(out), "--input-size", "128", "--epochs", "1",
-                                "--batch-size", "4", "--workers", "0", "--pictures", "2", "--no-progress"]) == 0
+    assert (
+        train_detection.cli(
+            [
+                "--data",
+                str(det_data),
+                "--out",
+                str(out),
+                "--input-size",
+                "128",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--pictures",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def det_server(det_run, tmp_path_factory):
     store = tmp_path_factory.mktemp("det_store")
-    assert archive.main([str(det_run), "--name", "shapes", "--model-store", str(store), "--batch-size", "4",
-                         "--max-batch-delay", "200", "--handler-option", f"score_threshold={CONFIG_THRESHOLD}",
-                         "--handler-option", f"max_detections={CONFIG_MAX}"]) == 0
+    assert (
+        archive.main(
+            [
+                str(det_run),
+                "--name",
+                "shapes",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "4",
+                "--max-batch-delay",
+                "200",
+                "--handler-option",
+                f"score_threshold={CONFIG_THRESHOLD}",
+                "--handler-option",
+                f"max_detections={CONFIG_MAX}",
+            ]
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("det_serve"), model_store=store, ports={})
     ts.start(["shapes"], timeout=240)
     yield ts
@@ -50,8 +87,9 @@ def det_server(det_run, tmp_path_factory):
 
 
 def predict(ts, data=None, **kw):
-    return requests.post(f"{ts.url('inference')}/predictions/shapes", data=data, headers=ts.headers("inference"),
-                         timeout=120, **kw)
+    return requests.post(
+        f"{ts.url('inference')}/predictions/shapes", data=data, headers=ts.headers("inference"), timeout=120, **kw
+    )
 
 
 def in_process(run_dir, data: bytes, score_threshold=CONFIG_THRESHOLD, max_detections=CONFIG_MAX) -> list[dict]:
@@ -68,8 +106,16 @@ def assert_same(served: list[dict], expected: list[dict]) -> None:
     assert len(served) == len(expected), (served, expected)
     left = list(expected)
     for d in served:
-        match = next((e for e in left if e["label"] == d["label"] and abs(e["score"] - d["score"]) < 1e-4
-                      and all(abs(a - b) <= 1.0 for a, b in zip(e["box"], d["box"]))), None)
+        match = next(
+            (
+                e
+                for e in left
+                if e["label"] == d["label"]
+                and abs(e["score"] - d["score"]) < 1e-4
+                and all(abs(a - b) <= 1.0 for a, b in zip(e["box"], d["box"]))
+            ),
+            None,
+        )
         assert match is not None, (d, expected)
         left.remove(match)
 
@@ -104,9 +150,14 @@ def test_per_request_options_json_and_multipart(det_server, det_run, det_data, p
     buf = io.BytesIO()
     photos["chelsea"].save(buf, format="JPEG")  # a real 451x300 photo, another size again
     data = buf.getvalue()
-    as_json = predict(det_server, json={"data": base64.b64encode(data).decode(), "score_threshold": 0.0, "max_detections": 3})
-    multipart = predict(det_server, files={"data": ("cat.jpg", data, "image/jpeg")},
-                        data={"score_threshold": "0", "max_detections": "3"})
+    as_json = predict(
+        det_server, json={"data": base64.b64encode(data).decode(), "score_threshold": 0.0, "max_detections": 3}
+    )
+    multipart = predict(
+        det_server,
+        files={"data": ("cat.jpg", data, "image/jpeg")},
+        data={"score_threshold": "0", "max_detections": "3"},
+    )
     expected = in_process(det_run, data, 0.0, 3)
     assert len(expected) == 3
     for how, r in (("json", as_json), ("multipart", multipart)):
@@ -118,7 +169,11 @@ def test_per_request_options_json_and_multipart(det_server, det_run, det_data, p
 def test_bad_items_get_400_while_their_batch_mates_succeed(det_server, det_data):
     good = sorted((det_data / "JPEGImages").glob("*.jpg"))[:3]
     img = base64.b64encode(good[0].read_bytes()).decode()
-    bad = [b"not an image", {"json": {"data": img, "score_threshold": 2}}, {"json": {"data": img, "max_detections": "many"}}]
+    bad = [
+        b"not an image",
+        {"json": {"data": img, "score_threshold": 2}},
+        {"json": {"data": img, "max_detections": "many"}},
+    ]
     jobs = [{"data": f.read_bytes()} for f in good] + [b if isinstance(b, dict) else {"data": b} for b in bad]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda kw: predict(det_server, **kw), jobs))
@@ -132,8 +187,24 @@ def test_visualize_draws_the_served_boxes(det_server, det_data, tmp_path):
 
     image = sorted((det_data / "JPEGImages").glob("*.jpg"))[0]
     out = tmp_path / "boxes.png"
-    assert visualize.main([str(image), "--model", "shapes", "--run-dir", str(det_server.run_dir),
-                           "--score-threshold", "0", "--max-detections", "3", "--out", str(out)]) == 0
+    assert (
+        visualize.main(
+            [
+                str(image),
+                "--model",
+                "shapes",
+                "--run-dir",
+                str(det_server.run_dir),
+                "--score-threshold",
+                "0",
+                "--max-detections",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     drawn, original = Image.open(out).convert("RGB"), Image.open(image).convert("RGB")
     zoom = 320 / max(original.size)  # small images are drawn enlarged so the labels stay readable
     assert zoom > 1 and drawn.size == (round(original.width * zoom), round(original.height * zoom))
@@ -149,8 +220,10 @@ def test_visualize_draws_a_segmenters_mask():
     image = Image.new("RGB", (40, 30), (0, 0, 0))
     mask = torch.zeros(30, 40, dtype=torch.uint8)
     mask[5:15, 10:30] = 2
-    answer = {"mask": base64.b64encode(encode_png(Image.fromarray(mask.numpy(), "L"))).decode(),
-              "classes": ["background", "rectangle", "ellipse"]}
+    answer = {
+        "mask": base64.b64encode(encode_png(Image.fromarray(mask.numpy(), "L"))).decode(),
+        "classes": ["background", "rectangle", "ellipse"],
+    }
     drawn = torch.from_numpy(np.array(render(image, answer)))
     assert (drawn[10, 20] > 0).any() and (drawn[25, 35] == 0).all()  # the class area is coloured, the background not
     with pytest.raises(ValueError, match="neither detections, a mask nor an explanation"):

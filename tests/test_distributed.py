@@ -60,8 +60,9 @@ def resized(command: str, **sizes) -> list[str]:
 
 def torchrun(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 900) -> str:
@@ -78,15 +79,43 @@ def test_two_processes_match_one_with_the_same_global_batch(digits_dir, tmp_path
     cmd = readme_command("runs/digits_4gpu")
     epochs = ["--epochs", "6", "--threads", "1"]
     two = tmp_path / "two"
-    ddp = torchrun(resized(cmd, nproc_per_node=2, data=digits_dir / "train", val__data=digits_dir / "test",
-                           batch__size=32, out=two) + COMMON + epochs)
+    ddp = torchrun(
+        resized(
+            cmd, nproc_per_node=2, data=digits_dir / "train", val__data=digits_dir / "test", batch__size=32, out=two
+        )
+        + COMMON
+        + epochs
+    )
     log = finish(ddp)
     assert "on cpu x 2 processes" in log and "epoch 6/6" in log
     one = tmp_path / "one"
-    single = subprocess.run([sys.executable, "-m", "training.train", "--data", str(digits_dir / "train"),
-                             "--val-data", str(digits_dir / "test"), "--model", "small_cnn", "--channels", "1",
-                             "--hflip-prob", "0", "--batch-size", "64", "--out", str(one), *COMMON, *epochs],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--data",
+            str(digits_dir / "train"),
+            "--val-data",
+            str(digits_dir / "test"),
+            "--model",
+            "small_cnn",
+            "--channels",
+            "1",
+            "--hflip-prob",
+            "0",
+            "--batch-size",
+            "64",
+            "--out",
+            str(one),
+            *COMMON,
+            *epochs,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert single.returncode == 0, single.stderr
     meta = json.loads((two / "model.json").read_text())
     assert meta["training"]["processes"] == 2 and meta["training"]["global_batch_size"] == 64
@@ -96,8 +125,19 @@ def test_two_processes_match_one_with_the_same_global_batch(digits_dir, tmp_path
 def test_a_killed_two_process_run_resumes_and_finishes(digits_dir, tmp_path):
     cmd = readme_command("runs/digits_8gpu")
     out = tmp_path / "run"
-    argv = resized(cmd, nnodes=1, nproc_per_node=2, data=digits_dir / "test", val__data=digits_dir / "test",
-                   batch__size=16, out=out) + COMMON + ["--epochs", "4", "--threads", "1"]
+    argv = (
+        resized(
+            cmd,
+            nnodes=1,
+            nproc_per_node=2,
+            data=digits_dir / "test",
+            val__data=digits_dir / "test",
+            batch__size=16,
+            out=out,
+        )
+        + COMMON
+        + ["--epochs", "4", "--threads", "1"]
+    )
     run = torchrun(argv)
     deadline = time.time() + 600
     while not (out / "checkpoint.pt").exists():
@@ -115,8 +155,21 @@ def test_a_killed_two_process_run_resumes_and_finishes(digits_dir, tmp_path):
 
     done = torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"]
     assert 1 <= done < 4
-    log = finish(torchrun(resized(cmd, nnodes=1, nproc_per_node=2, data=digits_dir / "test", val__data=digits_dir / "test",
-                                  batch__size=16, out=out) + COMMON + ["--epochs", "4", "--threads", "1", "--resume", str(out)]))
+    log = finish(
+        torchrun(
+            resized(
+                cmd,
+                nnodes=1,
+                nproc_per_node=2,
+                data=digits_dir / "test",
+                val__data=digits_dir / "test",
+                batch__size=16,
+                out=out,
+            )
+            + COMMON
+            + ["--epochs", "4", "--threads", "1", "--resume", str(out)]
+        )
+    )
     assert f"after epoch {done}" in log, log[-3000:]
     epochs = [line.split()[1] for line in log.splitlines() if line.startswith("epoch ")]
     assert epochs == [f"{e}/4" for e in range(done + 1, 5)]  # only the lost epochs, each once (rank 0 prints)
@@ -129,8 +182,13 @@ def ddp_detector(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_det")
     data = shapes.generate(root / "voc", "voc", 8, 128, seed=0, aspect=1.6, progress=False)
     out = root / "run"
-    argv = resized(readme_command("runs/shapes_det_4gpu"), nproc_per_node=2, data=data, val__data=data,
-                   batch__size=2, out=out) + COMMON + ["--epochs", "1", "--threads", "1", "--pictures", "1"]
+    argv = (
+        resized(
+            readme_command("runs/shapes_det_4gpu"), nproc_per_node=2, data=data, val__data=data, batch__size=2, out=out
+        )
+        + COMMON
+        + ["--epochs", "1", "--threads", "1", "--pictures", "1"]
+    )
     log = finish(torchrun(argv))
     assert "x 2 processes" in log
     return out, data
@@ -141,13 +199,29 @@ def test_a_two_process_detector_archives_and_serves(ddp_detector, tmp_path_facto
     meta = json.loads((run / "model.json").read_text())
     assert meta["task"] == "detection" and meta["training"]["processes"] == 2
     store = tmp_path_factory.mktemp("ddp_store")
-    assert archive.main([str(run), "--name", "ddpshapes", "--model-store", str(store),
-                         "--handler-option", "score_threshold=0", "--handler-option", "max_detections=10"]) == 0
+    assert (
+        archive.main(
+            [
+                str(run),
+                "--name",
+                "ddpshapes",
+                "--model-store",
+                str(store),
+                "--handler-option",
+                "score_threshold=0",
+                "--handler-option",
+                "max_detections=10",
+            ]
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("ddp_serve"), model_store=store, ports={})
     ts.start(["ddpshapes"], timeout=240)
     try:
         image = sorted((data / "JPEGImages").glob("*"))[0].read_bytes()
-        r = requests.post(f"{ts.url('inference')}/predictions/ddpshapes", data=image, headers=ts.headers("inference"), timeout=120)
+        r = requests.post(
+            f"{ts.url('inference')}/predictions/ddpshapes", data=image, headers=ts.headers("inference"), timeout=120
+        )
         assert r.status_code == 200, r.text
         expected = in_process(run, image, 0.0, 10)
         assert expected, "the detector answered nothing: nothing to compare"

@@ -126,22 +126,31 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("trainer,extra,words", MISTAKES, ids=[f"{m[0]}:{' '.join(m[1])}" for m in MISTAKES])
-def test_a_mistake_is_one_line_exit_2_and_writes_nothing(trainer, extra, words, small, masks, voc, labels_txt_data,
-                                                         digits_dir, tmp_path, capsys):
+def test_a_mistake_is_one_line_exit_2_and_writes_nothing(
+    trainer, extra, words, small, masks, voc, labels_txt_data, digits_dir, tmp_path, capsys
+):
     if "cuda:99" in extra and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "model.pt").write_bytes(b"keep")
     (tmp_path / "truncated").mkdir()
-    torch.save({"model": {"w": torch.zeros(1000)}, "state": {}, "optimizer": {}}, tmp_path / "truncated" / "checkpoint.pt")
+    torch.save(
+        {"model": {"w": torch.zeros(1000)}, "state": {}, "optimizer": {}}, tmp_path / "truncated" / "checkpoint.pt"
+    )
     data = (tmp_path / "truncated" / "checkpoint.pt").read_bytes()
     (tmp_path / "truncated" / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     torch.save({"weights": torch.zeros(1)}, tmp_path / "not_a_checkpoint.pt")
     one_class = subset(digits_dir, tmp_path / "one_class", {"4": 5})
-    fill = {"tmp": str(tmp_path), "labels_txt": str(labels_txt_data), "one_class": str(one_class),
-            "a_file": str(tmp_path / "a_file"), "existing": str(tmp_path / "existing"),
-            "truncated": str(tmp_path / "truncated"), "not_a_checkpoint": str(tmp_path / "not_a_checkpoint.pt")}
+    fill = {
+        "tmp": str(tmp_path),
+        "labels_txt": str(labels_txt_data),
+        "one_class": str(one_class),
+        "a_file": str(tmp_path / "a_file"),
+        "existing": str(tmp_path / "existing"),
+        "truncated": str(tmp_path / "truncated"),
+        "not_a_checkpoint": str(tmp_path / "not_a_checkpoint.pt"),
+    }
     extra = [e.format(**fill) for e in extra]
     out = tmp_path / "out"
     module, base = {
@@ -187,7 +196,11 @@ def test_amp_trains_and_resumes_on_the_cpu(amp, small, tmp_path, capsys):
     assert f"AMP {amp}" in err and json.loads((out / "model.json").read_text())["training"]["amp"] == amp
     scaler = torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]["model"]
     assert (scaler.get("scale", 0) > 0) == (amp == "fp16")  # a GradScaler for fp16 only
-    code, err = run_cli(train, train_cli_args(small, out, "--epochs", "2", "--batch-size", "8", "--amp", amp, "--resume", str(out)), capsys)
+    code, err = run_cli(
+        train,
+        train_cli_args(small, out, "--epochs", "2", "--batch-size", "8", "--amp", amp, "--resume", str(out)),
+        capsys,
+    )
     assert code == 0 and "epoch 2/2" in err, err
 
 
@@ -274,8 +287,21 @@ def test_batchnorm_recalibration_makes_eval_mode_match_batch_statistics(digits_d
     flags = ("--model", "lenet5_bn", "--epochs", "3", "--batch-size", "64", "--val-data", str(data), "--lr", "2e-2")
     runs = {}
     for name, extra in (("recalibrated", ()), ("plain", ("--bn-recalibration-batches", "0"))):
-        argv = ["--data", str(data), "--out", str(tmp_path / name), "--channels", "1", "--hflip-prob", "0",
-                "--workers", "0", "--no-progress", *flags, *extra]
+        argv = [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / name),
+            "--channels",
+            "1",
+            "--hflip-prob",
+            "0",
+            "--workers",
+            "0",
+            "--no-progress",
+            *flags,
+            *extra,
+        ]
         code, err = run_cli(train, argv, capsys)
         assert code == 0, err
         assert "warning:" in err and "2 step(s) per epoch" in err
@@ -350,7 +376,9 @@ def read_csv(path):
 
 def test_diagnostics_written_into_the_run_folder(small, tmp_path, capsys):
     out = tmp_path / "o"
-    argv = train_cli_args(small, out, "--epochs", "2", "--batch-size", "8", "--log-grad-norms", "--activation-stats", "--profile", "3")
+    argv = train_cli_args(
+        small, out, "--epochs", "2", "--batch-size", "8", "--log-grad-norms", "--activation-stats", "--profile", "3"
+    )
     code, err = run_cli(train, argv, capsys)
     assert code == 0, err
     model = get_model("small_cnn", num_classes=3, in_channels=1)
@@ -359,7 +387,9 @@ def test_diagnostics_written_into_the_run_folder(small, tmp_path, capsys):
     assert {r["layer"] for r in grads} == layers_with_params and {r["epoch"] for r in grads} == {"1", "2"}
     assert all(float(r["grad_norm"]) > 0 for r in grads)
     acts = read_csv(out / "activations.csv")
-    assert [r["layer"] for r in acts if r["epoch"] == "1"] == [n for n, m in model.named_modules() if n and not list(m.children())]
+    assert [r["layer"] for r in acts if r["epoch"] == "1"] == [
+        n for n, m in model.named_modules() if n and not list(m.children())
+    ]
     for name in ("grad_norms.png", "activations.png"):
         with Image.open(out / name) as img:
             img.verify()
@@ -383,7 +413,9 @@ def test_cache_decodes_each_image_once_and_augmentation_still_varies(mode, small
     real = cache_mod.load_image
     monkeypatch.setattr(cache_mod, "load_image", lambda p, c: calls.append(p) or real(p, c))
     out = tmp_path / "o"
-    code, err = run_cli(train, train_cli_args(small, out, "--epochs", "3", "--batch-size", "8", "--cache", mode), capsys)
+    code, err = run_cli(
+        train, train_cli_args(small, out, "--epochs", "3", "--batch-size", "8", "--cache", mode), capsys
+    )
     assert code == 0, err
     n = len(list(small.glob("*/*.png")))
     assert len(calls) == n  # once each, over three epochs of training and validation

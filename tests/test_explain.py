@@ -38,7 +38,9 @@ DELTA_TOLERANCE = (0.05, 0.05)
 def write_one_shape_dataset(out, n: int, seed: int):
     """Shapes on photos, one per image, as images/ + labels.txt (+ the masks, kept beside)."""
     root = generate(out, "masks", n=n, size=SIZE, seed=seed, max_shapes=1, progress=False, shape_size=(0.4, 0.6))
-    lines = [f"{m.name} {CLASSES[int(np.asarray(Image.open(m)).max()) - 1]}" for m in sorted((root / "masks").glob("*.png"))]
+    lines = [
+        f"{m.name} {CLASSES[int(np.asarray(Image.open(m)).max()) - 1]}" for m in sorted((root / "masks").glob("*.png"))
+    ]
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     return root
@@ -48,10 +50,40 @@ def write_one_shape_dataset(out, n: int, seed: int):
 def shapes_run(tmp_path_factory):
     data = write_one_shape_dataset(tmp_path_factory.mktemp("shapes") / "train", n=1500, seed=0)
     out = tmp_path_factory.mktemp("shapes_run") / "run"
-    assert train_mod.cli(["--data", str(data), "--layout", "labels_txt", "--model", "small_cnn", "--channels", "3",
-                          "--input-size", str(SIZE), "--resize-size", str(SIZE), "--min-scale", "1.0",
-                          "--epochs", "20", "--batch-size", "32", "--lr", "3e-3", "--workers", "0", "--seed", "0",
-                          "--no-progress", "--out", str(out)]) == 0
+    assert (
+        train_mod.cli(
+            [
+                "--data",
+                str(data),
+                "--layout",
+                "labels_txt",
+                "--model",
+                "small_cnn",
+                "--channels",
+                "3",
+                "--input-size",
+                str(SIZE),
+                "--resize-size",
+                str(SIZE),
+                "--min-scale",
+                "1.0",
+                "--epochs",
+                "20",
+                "--batch-size",
+                "32",
+                "--lr",
+                "3e-3",
+                "--workers",
+                "0",
+                "--seed",
+                "0",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -65,8 +97,10 @@ def held_out(held_out_dir):
     """Images the classifier never saw, with their labels and masks."""
     root = held_out_dir
     labels = dict(line.split() for line in (root / "labels.txt").read_text().splitlines())
-    return [(p.read_bytes(), labels[p.name], np.asarray(Image.open(root / "masks" / p.name)) > 0)
-            for p in sorted((root / "images").glob("*.png"))]
+    return [
+        (p.read_bytes(), labels[p.name], np.asarray(Image.open(root / "masks" / p.name)) > 0)
+        for p in sorted((root / "images").glob("*.png"))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +110,15 @@ def seg_run(tmp_path_factory):
     _perturb_batchnorm(seg)
     with torch.no_grad():  # an untrained head predicts background everywhere: make the masks vary
         seg.head.weight.mul_(20)
-    return _save(tmp_path_factory.mktemp("seg"), seg, "unet", {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
-                 "segmentation", SHAPE_CLASSES, DataConfig(input_size=64, resize_size=64, channels=3))
+    return _save(
+        tmp_path_factory.mktemp("seg"),
+        seg,
+        "unet",
+        {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
+        "segmentation",
+        SHAPE_CLASSES,
+        DataConfig(input_size=64, resize_size=64, channels=3),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +127,25 @@ def server(shapes_run, seg_run, held_out_dir, tmp_path_factory):
     common = ["--model-store", str(store), "--batch-size", "4", "--max-batch-delay", "200"]
     assert archive.main([str(shapes_run), "--name", "shapes", *common]) == 0
     # The int8 archive is here for its explanations, not its accuracy: a short check, no gate.
-    assert archive.main([str(shapes_run), "--name", "shapes_int8", "--runtime", "int8", "--calibration-images", "32",
-                         "--val-data", str(held_out_dir), "--max-accuracy-drop", "100", *common]) == 0
+    assert (
+        archive.main(
+            [
+                str(shapes_run),
+                "--name",
+                "shapes_int8",
+                "--runtime",
+                "int8",
+                "--calibration-images",
+                "32",
+                "--val-data",
+                str(held_out_dir),
+                "--max-accuracy-drop",
+                "100",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert archive.main([str(seg_run), "--name", "seg", *common]) == 0
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("explain_serve"), model_store=store, ports={})
     ts.start(["shapes", "shapes_int8", "seg"], timeout=300)
@@ -148,7 +206,7 @@ def test_explanation_of_the_top_class_with_a_map_of_the_image_size(server, held_
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
         assert len(answer["grid"]["values"]) == 8 and all(len(row) == 8 for row in answer["grid"]["values"])
         outside = np.ones((height, width), bool)
-        outside[round(y1):round(y2), round(x1):round(x2)] = False
+        outside[round(y1) : round(y2), round(x1) : round(x2)] = False
         assert alpha[outside].max(initial=0) == 0  # pixels the model never saw carry nothing
         assert alpha[~outside].max() > 200  # and the map is drawn where it did look
     assert (x1, x2) != (0, width)  # chelsea's sides were cropped off
@@ -194,8 +252,10 @@ def test_a_class_named_in_json_or_a_form_field_is_explained(server, held_out):
 
 def test_an_unknown_class_gets_400_naming_it(server, held_out):
     data = held_out[0][0]
-    for r in (explain(server, "shapes", data, target="hexagon"),
-              post(server, "explanations/shapes", files={"data": ("img.png", data)}, data={"target": "hexagon"})):
+    for r in (
+        explain(server, "shapes", data, target="hexagon"),
+        post(server, "explanations/shapes", files={"data": ("img.png", data)}, data={"target": "hexagon"}),
+    ):
         assert r.status_code == 400, r.text
         body = r.json()
         assert body["type"] == "UnknownClass" and "'hexagon'" in body["message"] and "rectangle" in body["message"]
@@ -235,7 +295,7 @@ def test_bad_images_get_their_own_400_while_batch_mates_are_explained(server, he
     for data, r in zip(good, answers):
         assert r.status_code == 200, r.text
         assert r.json()["target"] == list(post(server, "predictions/shapes", data).json())[0]
-    for r in answers[len(good):]:
+    for r in answers[len(good) :]:
         assert r.status_code == 400, r.text
         assert set(r.json()) == {"code", "type", "message"}
 

@@ -9,8 +9,12 @@ from scripts import bench_explain
 
 
 def test_bench_times_explanations_against_predictions(tmp_path, capsys):
-    assert bench_explain.main(["--models", "small_cnn", "--steps", "2", "4", "--rounds", "1", "--seconds", "0.05",
-                               "--out", str(tmp_path)]) == 0
+    assert (
+        bench_explain.main(
+            ["--models", "small_cnn", "--steps", "2", "4", "--rounds", "1", "--seconds", "0.05", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "explain.json").read_text())["rows"]
     assert [r["call"] for r in rows] == ["prediction", "IG 2 steps", "IG 4 steps"]
     assert all(r["ms_per_image"] > 0 for r in rows) and rows[0]["x_prediction"] == 1.0

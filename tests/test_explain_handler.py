@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.options import OptionError, check_handler_options
 from handlers.explain import crop_box, grid_sums
+from handlers.options import OptionError, check_handler_options
 from handlers.segmenter import ImageSegmenter
 from handlers.vision import VisionHandler
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
 from model_defs.preprocessing import eval_transform
 from tests.conftest import encode
-from tests.test_task_serving import SHAPE_CLASSES
 from tests.test_handler import load_handler, make_context
+from tests.test_task_serving import SHAPE_CLASSES
 
 
 def explain_run(handler, rows):
@@ -34,8 +34,10 @@ def explain_run(handler, rows):
 
 
 def test_workers_that_never_explain_do_not_import_captum():
-    code = ("import sys, handlers.image_classifier, handlers.segmenter, handlers.object_detector; "
-            "sys.exit('captum' in sys.modules)")
+    code = (
+        "import sys, handlers.image_classifier, handlers.segmenter, handlers.object_detector; "
+        "sys.exit('captum' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -45,7 +47,7 @@ def test_crop_box_is_the_part_eval_transform_keeps(size):
     h, w = size
     x1, y1, x2, y2 = crop_box(size, cfg)
     inside = torch.zeros(1, h, w, dtype=torch.uint8)
-    inside[:, round(y1):round(y2), round(x1):round(x2)] = 255
+    inside[:, round(y1) : round(y2), round(x1) : round(x2)] = 255
     # All the model sees is inside the box (its edges blur into the black by a pixel)...
     assert eval_transform(cfg)(inside)[0, 1:-1, 1:-1].min() > 0.9
     # ...and the box is no bigger: input_size pixels of the image resized to resize_size.
@@ -62,12 +64,15 @@ def test_grid_adds_up_to_the_map():
     assert np.array(grid_sums(torch.ones(3, 5, dtype=torch.float64))).shape == (3, 5)
 
 
-@pytest.mark.parametrize("option, message", [
-    ({"explain_steps": 0}, "explain_steps must be a whole number from 1"),
-    ({"explain_steps": 300}, r"explain_steps \(300\) must be at most explain_max_steps \(128\)"),
-    ({"explain_baseline": "noise"}, "explain_baseline must be one of mean, black, white, blur"),
-    ({"explain_memory_mb": -1}, "explain_memory_mb must be a number from 0.001"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"explain_steps": 0}, "explain_steps must be a whole number from 1"),
+        ({"explain_steps": 300}, r"explain_steps \(300\) must be at most explain_max_steps \(128\)"),
+        ({"explain_baseline": "noise"}, "explain_baseline must be one of mean, black, white, blur"),
+        ({"explain_memory_mb": -1}, "explain_memory_mb must be a number from 0.001"),
+    ],
+)
 def test_wrong_archive_settings_are_named(option, message):
     """The explanation settings are part of the one option schema (archive time and worker load)."""
     with pytest.raises(OptionError, match=message):
@@ -80,9 +85,17 @@ def rgb_model_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("rgb_explain")
     cfg = DataConfig(input_size=32, resize_size=36, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = get_model("small_cnn", num_classes=3, in_channels=3)
-    save_model_files(model_dir, model, {"arch": "small_cnn", "arch_args": {"num_classes": 3, "in_channels": 3},
-                                        "task": "classification", "classes": ["cat", "cup", "rocket"],
-                                        "preprocessing": cfg.to_dict()})
+    save_model_files(
+        model_dir,
+        model,
+        {
+            "arch": "small_cnn",
+            "arch_args": {"num_classes": 3, "in_channels": 3},
+            "task": "classification",
+            "classes": ["cat", "cup", "rocket"],
+            "preprocessing": cfg.to_dict(),
+        },
+    )
     return model_dir
 
 
@@ -103,8 +116,11 @@ def test_a_task_without_explanations_answers_400_naming_it(tmp_path, photos):
     torch.manual_seed(0)
     cfg = DataConfig(input_size=32, resize_size=32, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     args = {"in_channels": 3, "widths": [8, 16, 32], "proj_hidden": 32, "proj_dim": 16}
-    save_model_files(tmp_path, get_model("simclr", **args), {"arch": "simclr", "arch_args": args, "task": "embedding",
-                                                             "classes": [], "preprocessing": cfg.to_dict()})
+    save_model_files(
+        tmp_path,
+        get_model("simclr", **args),
+        {"arch": "simclr", "arch_args": args, "task": "embedding", "classes": [], "preprocessing": cfg.to_dict()},
+    )
     from handlers.embedder import ImageEmbedder
 
     handler = ImageEmbedder()
@@ -119,14 +135,23 @@ def test_segmenter_refuses_a_class_it_predicts_nowhere(tmp_path, photos):
     seg = get_model("unet", num_classes=4, in_channels=3, depth=2, width=8)
     with torch.no_grad():
         seg.head.bias[3] = -1e4  # "triangle" is never predicted
-    save_model_files(tmp_path, seg, {"arch": "unet", "arch_args": {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
-                                     "task": "segmentation", "classes": SHAPE_CLASSES,
-                                     "preprocessing": DataConfig(input_size=32, resize_size=32, channels=3).to_dict()})
+    save_model_files(
+        tmp_path,
+        seg,
+        {
+            "arch": "unet",
+            "arch_args": {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
+            "task": "segmentation",
+            "classes": SHAPE_CLASSES,
+            "preprocessing": DataConfig(input_size=32, resize_size=32, channels=3).to_dict(),
+        },
+    )
     handler = ImageSegmenter()
     handler.initialize(make_context(tmp_path, 1))
     data = encode(photos["coffee"], "JPEG")
-    answers, statuses = explain_run(handler, [{"body": {"data": base64.b64encode(data).decode(),
-                                                        "target": "triangle"}}, {"body": data}])
+    answers, statuses = explain_run(
+        handler, [{"body": {"data": base64.b64encode(data).decode(), "target": "triangle"}}, {"body": data}]
+    )
     assert statuses == [422, 200]
     assert "'triangle' is predicted nowhere" in answers[0]["message"]
     assert answers[1]["target"] != "triangle" and answers[1]["width"] == 600

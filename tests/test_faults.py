@@ -25,8 +25,13 @@ def small_subset(digits_dir: Path, dest: Path, per_class: int = 25) -> Path:
 
 
 def train(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "training.train", *argv], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.train", *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(digits_dir, tmp_path):
@@ -54,10 +59,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(digits_dir, tmp_path
     log = resumed.stderr.read()
     assert f"resumed from {out / 'checkpoint.pt'} after epoch {done}" in log
     # It trained only the epochs that were lost, not the whole run again.
-    assert [line.split()[1] for line in log.splitlines() if line.startswith("epoch ")] == [f"{e}/4" for e in range(done + 1, 5)]
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("epoch ")] == [
+        f"{e}/4" for e in range(done + 1, 5)
+    ]
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     b = torch.load(out / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
-    assert (out / "metrics.csv").read_text() .count("\n") == 5  # header + the four epochs, none twice
+    assert (out / "metrics.csv").read_text().count("\n") == 5  # header + the four epochs, none twice

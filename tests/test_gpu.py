@@ -69,9 +69,18 @@ def photo_model(tmp_path_factory):
     torch.manual_seed(0)
     model_dir = tmp_path_factory.mktemp("gpu_resnet")
     classes = ["cat", "astronaut", "coffee", "camera"]
-    save_model_files(model_dir, get_model("resnet18", num_classes=4),
-                     {"arch": "resnet18", "arch_args": {"num_classes": 4}, "task": "classification",
-                      "classes": classes, "preprocessing": IMAGENET.to_dict(), "multi_label": False})
+    save_model_files(
+        model_dir,
+        get_model("resnet18", num_classes=4),
+        {
+            "arch": "resnet18",
+            "arch_args": {"num_classes": 4},
+            "task": "classification",
+            "classes": classes,
+            "preprocessing": IMAGENET.to_dict(),
+            "multi_label": False,
+        },
+    )
     return model_dir
 
 
@@ -93,8 +102,11 @@ def test_gpu_fp32_answers_equal_cpu_answers(digits_model_dir, digit_rows):
     cpu, config = handler_on(digits_model_dir, None)
     gpu, _ = handler_on(digits_model_dir, 0)
     assert gpu.device == torch.device("cuda", 0) and next(gpu.model.parameters()).is_cuda
-    assert_close(answers(gpu, digits_model_dir, digit_rows, config),
-                 answers(cpu, digits_model_dir, digit_rows, config), FP32_ATOL)
+    assert_close(
+        answers(gpu, digits_model_dir, digit_rows, config),
+        answers(cpu, digits_model_dir, digit_rows, config),
+        FP32_ATOL,
+    )
 
 
 @needs_cuda
@@ -104,8 +116,9 @@ def test_gpu_autocast_answers_stay_close_to_cpu_fp32(autocast, photo_model, jpeg
         cpu, config = handler_on(model_dir, None)
         gpu, _ = handler_on(model_dir, 0, {"autocast": autocast})
         assert gpu.runner.autocast == runtimes.AUTOCAST_DTYPES[autocast]
-        assert_close(answers(gpu, model_dir, rows, config), answers(cpu, model_dir, rows, config),
-                     HALF_ATOL, top1_share=0.95)
+        assert_close(
+            answers(gpu, model_dir, rows, config), answers(cpu, model_dir, rows, config), HALF_ATOL, top1_share=0.95
+        )
 
 
 @needs_cuda
@@ -120,7 +133,9 @@ def test_nvjpeg_decode_matches_cpu_decode(photo_model, jpeg_rows):
     cpu, config = handler_on(photo_model, None)
     gpu, _ = handler_on(photo_model, 0, {"gpu_decode": True})
     assert gpu.decode_device == torch.device("cuda", 0)
-    assert_close(answers(gpu, photo_model, jpeg_rows, config), answers(cpu, photo_model, jpeg_rows, config), DECODE_ATOL)
+    assert_close(
+        answers(gpu, photo_model, jpeg_rows, config), answers(cpu, photo_model, jpeg_rows, config), DECODE_ATOL
+    )
 
 
 @needs_cuda
@@ -134,12 +149,30 @@ def test_batch_crosses_to_the_gpu_in_one_pinned_copy(photo_model, jpeg_rows, mon
 
 
 @needs_cuda
-@pytest.mark.skipif(not HAS_CUDA or "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
-                    reason="this onnxruntime has no CUDAExecutionProvider (GPU hosts install onnxruntime-gpu)")
+@pytest.mark.skipif(
+    not HAS_CUDA or "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="this onnxruntime has no CUDAExecutionProvider (GPU hosts install onnxruntime-gpu)",
+)
 def test_onnx_runtime_cuda_provider_answers_like_eager(trained_digits, digits_dir, tmp_path, digit_rows):
     store = tmp_path / "store"
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store), "--runtime", "onnx",
-                         "--device", "gpu", "--topk", "10"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--runtime",
+                "onnx",
+                "--device",
+                "gpu",
+                "--topk",
+                "10",
+            ]
+        )
+        == 0
+    )
     model_dir = tmp_path / "unpacked"
     with zipfile.ZipFile(store / "digits.mar") as z:
         z.extractall(model_dir)
@@ -152,8 +185,24 @@ def test_onnx_runtime_cuda_provider_answers_like_eager(trained_digits, digits_di
 @needs_cuda
 def test_torchserve_gpu_worker_answers_like_the_cpu(trained_digits, digits_model_dir, digit_rows, tmp_path):
     store = tmp_path / "store"
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store), "--device", "gpu",
-                         "--batch-size", "4", "--topk", "10"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--device",
+                "gpu",
+                "--batch-size",
+                "4",
+                "--topk",
+                "10",
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load(zipfile.ZipFile(store / "digits.mar").read("model-config.yaml"))
     assert config["deviceType"] == "gpu"
     cpu, handler_config = handler_on(digits_model_dir, None)
@@ -161,8 +210,15 @@ def test_torchserve_gpu_worker_answers_like_the_cpu(trained_digits, digits_model
     ts = TorchServe(run_dir=tmp_path / "serve", model_store=store, ports={})
     try:
         ts.start(["digits"], timeout=300)
-        served = [requests.post(f"{ts.url('inference')}/predictions/digits", data=row["body"],
-                                headers=ts.headers("inference"), timeout=60) for row in digit_rows]
+        served = [
+            requests.post(
+                f"{ts.url('inference')}/predictions/digits",
+                data=row["body"],
+                headers=ts.headers("inference"),
+                timeout=60,
+            )
+            for row in digit_rows
+        ]
         log = ts.log_tail("model_log.log", 400)
     finally:
         ts.stop()
@@ -183,13 +239,15 @@ def test_batched_decode_answers_like_one_at_a_time_with_bad_items_in_place(photo
     rotated = photos["chelsea"].convert("RGB")
     exif = Image.Exif()
     exif[0x0112] = 6
-    rows = [{"body": encode(photos["chelsea"].convert("RGB"), "JPEG", quality=90)},
-            {"body": b"\xff\xd8\xff\xe0 not really a jpeg"},
-            {"body": encode(photos["astronaut"].convert("RGB"), "JPEG", quality=80)},
-            {"body": encode(photos["coffee"], "PNG")},
-            {"body": b""},
-            {"body": encode(rotated, "JPEG", exif=exif.tobytes())},
-            {"body": encode(photos["chelsea"].convert("RGB"), "JPEG", quality=70)}]
+    rows = [
+        {"body": encode(photos["chelsea"].convert("RGB"), "JPEG", quality=90)},
+        {"body": b"\xff\xd8\xff\xe0 not really a jpeg"},
+        {"body": encode(photos["astronaut"].convert("RGB"), "JPEG", quality=80)},
+        {"body": encode(photos["coffee"], "PNG")},
+        {"body": b""},
+        {"body": encode(rotated, "JPEG", exif=exif.tobytes())},
+        {"body": encode(photos["chelsea"].convert("RGB"), "JPEG", quality=70)},
+    ]
     handler, config = handler_on(photo_model, None)
     one_by_one, errors_one = handler.preprocess(rows)
     handler.batch_decode = True  # what gpu_decode on a GPU turns on; decode_device stays the CPU here
@@ -221,8 +279,22 @@ def test_onnx_runner_asks_for_the_cuda_provider_first_with_faked_cuda(trained_di
     import onnxruntime as ort
 
     store = tmp_path / "store"
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--runtime", "onnx", "--device", "gpu"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--runtime",
+                "onnx",
+                "--device",
+                "gpu",
+            ]
+        )
+        == 0
+    )
     with zipfile.ZipFile(store / "digits.mar") as z:
         z.extract("model.onnx", tmp_path)
     seen = {}
@@ -244,8 +316,24 @@ def test_onnx_runner_asks_for_the_cuda_provider_first_with_faked_cuda(trained_di
 
 def test_gpu_archive_config_and_refusals(trained_digits, tmp_path, capsys):
     store = tmp_path / "store"
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store), "--device", "gpu",
-                         "--handler-option", "autocast=fp16", "--handler-option", "gpu_decode=true"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--device",
+                "gpu",
+                "--handler-option",
+                "autocast=fp16",
+                "--handler-option",
+                "gpu_decode=true",
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load(zipfile.ZipFile(store / "digits.mar").read("model-config.yaml"))
     assert config["deviceType"] == "gpu"
     assert config["handler"]["autocast"] == "fp16" and config["handler"]["gpu_decode"] in (True, "true")

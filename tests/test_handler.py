@@ -15,8 +15,9 @@ from tests.conftest import classify_in_process, encode, image_variants
 
 
 def make_context(model_dir, n_requests: int, config: dict | None = None) -> Context:
-    ctx = Context("test", str(model_dir), {"model": {"modelName": "test"}}, 8, None, "0.12.0",
-                  model_yaml_config=config or {})
+    ctx = Context(
+        "test", str(model_dir), {"model": {"modelName": "test"}}, 8, None, "0.12.0", model_yaml_config=config or {}
+    )
     ctx.request_processor = [RequestProcessor({}) for _ in range(n_requests)]
     return ctx
 
@@ -40,9 +41,18 @@ def rgb_model_dir(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("rgb_model")
     cfg = DataConfig(input_size=32, resize_size=32, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = get_model("small_cnn", num_classes=4, in_channels=3)
-    save_model_files(model_dir, model, {"arch": "small_cnn", "arch_args": {"num_classes": 4, "in_channels": 3},
-                                        "task": "classification", "classes": ["cat", "dog", "cup", "face"],
-                                        "preprocessing": cfg.to_dict(), "multi_label": False})
+    save_model_files(
+        model_dir,
+        model,
+        {
+            "arch": "small_cnn",
+            "arch_args": {"num_classes": 4, "in_channels": 3},
+            "task": "classification",
+            "classes": ["cat", "dog", "cup", "face"],
+            "preprocessing": cfg.to_dict(),
+            "multi_label": False,
+        },
+    )
     return model_dir
 
 

@@ -34,9 +34,26 @@ MAX_BYTES = 200_000
 @pytest.fixture(scope="module")
 def server(trained_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("hard_store")
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--batch-size", "4", "--max-batch-delay", "200",
-                         "--handler-option", f"max_pixels={MAX_PIXELS}", "--handler-option", f"max_bytes={MAX_BYTES}"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "4",
+                "--max-batch-delay",
+                "200",
+                "--handler-option",
+                f"max_pixels={MAX_PIXELS}",
+                "--handler-option",
+                f"max_bytes={MAX_BYTES}",
+            ]
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("hard_serve"), model_store=store, ports={})
     ts.start(["digits"], timeout=240)
     yield ts
@@ -90,9 +107,19 @@ def test_bad_requests_get_a_clear_4xx_beside_good_ones_and_the_worker_survives(s
         "json bad base64": (dict(json={"data": "!!! not base64 !!!"}), 400, ["base64"]),
         "multipart empty file": (dict(files={"data": ("empty.png", b"", "image/png")}), 400, ["empty", '"data"']),
         "text/plain body": (dict(data=b"hello, this is a note", content_type="text/plain"), 400, ["not an image"]),
-        "pdf": (dict(data=b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n%%EOF\n", content_type="application/pdf"), 400, ["not an image"]),
-        "svg": (dict(data=b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'></svg>",
-                     content_type="image/svg+xml"), 400, ["not an image"]),
+        "pdf": (
+            dict(data=b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n%%EOF\n", content_type="application/pdf"),
+            400,
+            ["not an image"],
+        ),
+        "svg": (
+            dict(
+                data=b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'></svg>",
+                content_type="image/svg+xml",
+            ),
+            400,
+            ["not an image"],
+        ),
         "decompression bomb": (dict(data=bomb, content_type="image/png"), 413, ["2000x1000", "1,000,000"]),
         "over max_bytes": (dict(data=os.urandom(MAX_BYTES + 100_000)), 413, ["300,000 bytes", "max_bytes=200,000"]),
     }
@@ -133,8 +160,22 @@ def test_a_corrupt_archive_is_refused_while_the_model_keeps_serving(server, trai
     assert "digits_bad" not in server.models()
 
     # A catalogued version whose archive changed afterwards: scripts/models refuses it by sha256.
-    assert archive.main([str(trained_digits), "--name", "digits", "--version", "2.0", "--model-store", str(store),
-                         "--batch-size", "4"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--version",
+                "2.0",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     mar = store / "digits-2.0.mar"
     data = mar.read_bytes()
     mar.write_bytes(data[: len(data) // 2])
@@ -142,7 +183,9 @@ def test_a_corrupt_archive_is_refused_while_the_model_keeps_serving(server, trai
     code = models.main(["--run-dir", str(server.run_dir), "--model-store", str(store), "register", "digits", "2.0"])
     err = capsys.readouterr().err
     with capsys.disabled():
-        print(f"\ntruncated .mar: {refusal}\nscripts/models register of a corrupted version: exit {code}: {err.strip()}")
+        print(
+            f"\ntruncated .mar: {refusal}\nscripts/models register of a corrupted version: exit {code}: {err.strip()}"
+        )
     assert code == 1 and "sha256" in err and "digits-2.0.mar" in err
     assert [v["modelVersion"] for v in server.versions("digits")] == ["1.0"]
     assert post(server, good).status_code == 200
@@ -215,9 +258,11 @@ def test_kill_9_of_the_worker_under_load_loses_few_requests(server, digits_dir):
     failed = [r for r in results if r[2] != 200]
     after = [r for r in results if back_at and r[0] > back_at + 0.5]
     seconds = None if back_at is None else round(back_at - killed_at, 1)
-    print(f"kill -9 under load ({clients} clients): {len(results)} requests, {len(failed)} failed "
-          f"({sorted({str(r[2]) for r in failed})}), answering 200 again {seconds} s after the kill "
-          f"with worker pid {worker_pid(server)} (was {old_pid})")
+    print(
+        f"kill -9 under load ({clients} clients): {len(results)} requests, {len(failed)} failed "
+        f"({sorted({str(r[2]) for r in failed})}), answering 200 again {seconds} s after the kill "
+        f"with worker pid {worker_pid(server)} (was {old_pid})"
+    )
     assert back_at is not None, "the model did not answer 200 within 60 s of its worker being killed"
     assert worker_pid(server) != old_pid
     assert len(failed) <= clients * 2, failed

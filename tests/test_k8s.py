@@ -30,7 +30,11 @@ def merge(target: dict, patch: dict) -> None:
         old = target.get(key)
         if isinstance(old, dict) and isinstance(value, dict):
             merge(old, value)
-        elif isinstance(old, list) and isinstance(value, list) and all(isinstance(x, dict) and "name" in x for x in old + value):
+        elif (
+            isinstance(old, list)
+            and isinstance(value, list)
+            and all(isinstance(x, dict) and "name" in x for x in old + value)
+        ):
             by_name = {x["name"]: x for x in old}
             for item in value:
                 if item["name"] in by_name:
@@ -95,7 +99,10 @@ def test_a_wrong_field_fails_validation():
 
 def test_overlays_differ_where_they_should():
     cpu, gpu = (by_kind(render(K8S / "overlays" / o)) for o in OVERLAYS)
-    (cpu_c,), (gpu_c,) = cpu["Deployment"]["spec"]["template"]["spec"]["containers"], gpu["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (cpu_c,), (gpu_c,) = (
+        cpu["Deployment"]["spec"]["template"]["spec"]["containers"],
+        gpu["Deployment"]["spec"]["template"]["spec"]["containers"],
+    )
     assert "nvidia.com/gpu" not in cpu_c["resources"]["limits"]
     assert gpu_c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert gpu_c["image"].endswith("-cuda") and cpu_c["image"].endswith("-cpu")
@@ -109,8 +116,12 @@ def test_objects_refer_to_each_other(overlay):
     o = by_kind(render(K8S / "overlays" / overlay))
     deployment, pod = o["Deployment"], o["Deployment"]["spec"]["template"]
     labels = pod["metadata"]["labels"]
-    for selector in (o["Service"]["spec"]["selector"], o["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
-                     o["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        o["Service"]["spec"]["selector"],
+        o["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+        o["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= labels.items()
     assert o["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     (container,) = pod["spec"]["containers"]
@@ -120,8 +131,11 @@ def test_objects_refer_to_each_other(overlay):
     assert volumes["config"]["configMap"]["name"] == o["ConfigMap"]["metadata"]["name"]
     # The probes ask /ping on TorchServe's inference port, which answers them without a key
     # only because token authorization is off in the ConfigMap (the documented posture).
-    props = dict(line.split("=", 1) for line in o["ConfigMap"]["data"]["config.properties"].splitlines()
-                 if line and not line.startswith("#"))
+    props = dict(
+        line.split("=", 1)
+        for line in o["ConfigMap"]["data"]["config.properties"].splitlines()
+        if line and not line.startswith("#")
+    )
     assert props["inference_address"].endswith(f":{ports['http']}")
     assert props["disable_token_authorization"] == "true" and props["enable_model_api"] == "false"
     assert props["management_address"].startswith("http://127.0.0.1")
@@ -132,8 +146,13 @@ def test_objects_refer_to_each_other(overlay):
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl here: the Python render stands alone")
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_python_render_equals_kubectl_kustomize(overlay):
-    out = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
     assert sorted(render(K8S / "overlays" / overlay), key=key) == sorted(yaml.safe_load_all(out), key=key)
 
@@ -156,7 +175,9 @@ def test_probe_posture_on_a_real_torchserve(trained_digits, digits_dir, tmp_path
         image = next((digits_dir / "test").rglob("*.png")).read_bytes()
         r = requests.post(f"{ts.url('inference')}/predictions/digits", data=image, timeout=60)
         assert r.status_code == 200 and len(r.json()) == 5
-        r = requests.post(f"{ts.url('management')}/models", params={"url": "digits.mar", "model_name": "again"}, timeout=30)
+        r = requests.post(
+            f"{ts.url('management')}/models", params={"url": "digits.mar", "model_name": "again"}, timeout=30
+        )
         assert r.status_code >= 400
     finally:
         ts.stop()

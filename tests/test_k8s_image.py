@@ -53,13 +53,17 @@ def test_java_non_root_user_and_healthcheck_on_the_inference_port():
     assert props["model_store"] == "/models" and any(op == "COPY" and arg.endswith(" /models/") for op, arg in steps)
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["frob"], {}, "command must be build or run"),
-    (["build", "--bogus"], {}, "unknown option '--bogus'"),
-    (["run", "--port", "http"], {}, "--port must be a number"),
-    (["build"], {"IMAGE_TOOL": "kaniko"}, "is not docker, podman or buildah"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["frob"], {}, "command must be build or run"),
+        (["build", "--bogus"], {}, "unknown option '--bogus'"),
+        (["run", "--port", "http"], {}, "--port must be a number"),
+        (["build"], {"IMAGE_TOOL": "kaniko"}, "is not docker, podman or buildah"),
+    ],
+)
 def test_image_script_mistakes_get_one_line(args, env, message):
-    r = subprocess.run([str(ROOT / "scripts" / "image"), *args], capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=30)
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "image"), *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=30
+    )
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1

@@ -15,8 +15,9 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from handlers import kserve
-from scripts import archive, kserve as kserve_layout
-from scripts.serve import TorchServe, read_properties, ROOT
+from scripts import archive
+from scripts import kserve as kserve_layout
+from scripts.serve import ROOT, TorchServe, read_properties
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, make_context
 
@@ -112,8 +113,24 @@ def test_plain_requests_do_not_go_through_the_envelope(digit_files):
 @pytest.fixture(scope="module")
 def store(trained_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("kserve_store")
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--batch-size", "8", "--max-batch-delay", "300", "--topk", "3"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "8",
+                "--max-batch-delay",
+                "300",
+                "--topk",
+                "3",
+            ]
+        )
+        == 0
+    )
     return store
 
 
@@ -140,8 +157,12 @@ def server_v2(store, tmp_path_factory):
     service_envelope=kservev2, token authorization off), on free loopback ports here."""
     layout = tmp_path_factory.mktemp("layout") / "kserve"
     assert kserve_layout.main(["digits:1.0", "--out", str(layout), "--model-store", str(store)]) == 0
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve_kservev2"), model_store=layout / "model-store",
-                    config=layout / "config" / "config.properties", ports={})
+    ts = TorchServe(
+        run_dir=tmp_path_factory.mktemp("serve_kservev2"),
+        model_store=layout / "model-store",
+        config=layout / "config" / "config.properties",
+        ports={},
+    )
     assert ts.props["service_envelope"] == "kservev2" and ts.headers() == {}
     ts.start([], timeout=240)  # the snapshot registers the model, not scripts/serve
     try:
@@ -169,8 +190,12 @@ def test_v1_served_concurrently_equals_in_process(server_v1, trained_digits, dig
     r = requests.post(url, json={"instances": [b64(NOT_AN_IMAGE)]}, headers=server_v1.headers(), timeout=60)
     assert r.status_code == 400 and "error" in r.json()
     # The bundle's plain endpoint still answers on the same server.
-    r = requests.post(f"{server_v1.url('inference')}/predictions/digits", data=digit_files[0].read_bytes(),
-                      headers=server_v1.headers(), timeout=60)
+    r = requests.post(
+        f"{server_v1.url('inference')}/predictions/digits",
+        data=digit_files[0].read_bytes(),
+        headers=server_v1.headers(),
+        timeout=60,
+    )
     assert r.status_code == 200 and list(r.json()) == expected(trained_digits, digit_files[0].read_bytes(), 3)[0]
 
 

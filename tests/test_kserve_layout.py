@@ -21,17 +21,68 @@ SCHEMA = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve_inferencese
 @pytest.fixture(scope="module")
 def store(trained_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("layout_store")
-    assert archive.main([str(trained_digits), "--name", "digits", "--version", "1.0", "--model-store", str(store),
-                         "--workers", "2", "--batch-size", "4", "--max-batch-delay", "50"]) == 0
-    assert archive.main([str(trained_digits), "--name", "digits", "--version", "2.0", "--model-store", str(store),
-                         "--batch-size", "8"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--version",
+                "1.0",
+                "--model-store",
+                str(store),
+                "--workers",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-batch-delay",
+                "50",
+            ]
+        )
+        == 0
+    )
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--version",
+                "2.0",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     return store
 
 
 def test_layout_from_the_catalog(store, tmp_path):
     out = tmp_path / "kserve"
-    assert kserve.main(["digits:1.0", "digits:2.0", "--default", "digits:2.0", "--out", str(out),
-                        "--model-store", str(store), "--protocol", "v1", "--gpus", "1", "--canary", "10"]) == 0
+    assert (
+        kserve.main(
+            [
+                "digits:1.0",
+                "digits:2.0",
+                "--default",
+                "digits:2.0",
+                "--out",
+                str(out),
+                "--model-store",
+                str(store),
+                "--protocol",
+                "v1",
+                "--gpus",
+                "1",
+                "--canary",
+                "10",
+            ]
+        )
+        == 0
+    )
     props = read_properties(out / "config" / "config.properties")
     assert props["model_store"] == "/mnt/models/model-store" and props["service_envelope"] == "kserve"
     assert props["disable_token_authorization"] == "true" and props["enable_model_api"] == "true"
@@ -54,25 +105,31 @@ def test_layout_from_the_catalog(store, tmp_path):
 
 
 def test_schema_catches_what_kserve_would_refuse_or_drop():
-    isvc = kserve.inference_service("digits", "v2", "pvc://x/y", gpus=0, cpu="1", memory="1Gi", canary=None,
-                                    min_replicas=1, max_replicas=2)
+    isvc = kserve.inference_service(
+        "digits", "v2", "pvc://x/y", gpus=0, cpu="1", memory="1Gi", canary=None, min_replicas=1, max_replicas=2
+    )
     jsonschema.validate(isvc, SCHEMA)
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
     assert "nvidia.com/gpu" not in isvc["spec"]["predictor"]["model"]["resources"]["limits"]
-    for broken in ({**isvc, "metadata": {"name": "Digits_1"}},
-                   {**isvc, "spec": {"predictor": {**isvc["spec"]["predictor"], "canaryTrafic": 5}}},
-                   {**isvc, "spec": {"predictor": {"model": {"protocolVersion": "v2"}, "minReplicas": "one"}}}):
+    for broken in (
+        {**isvc, "metadata": {"name": "Digits_1"}},
+        {**isvc, "spec": {"predictor": {**isvc["spec"]["predictor"], "canaryTrafic": 5}}},
+        {**isvc, "spec": {"predictor": {"model": {"protocolVersion": "v2"}, "minReplicas": "one"}}},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, SCHEMA)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["digits"], "must be NAME:VERSION"),
-    (["digits:9.9"], "digits/9.9 is not in"),
-    (["digits:1.0", "--default", "digits:2.0"], "not among the versions listed"),
-    (["digits:1.0", "--canary", "150"], "--canary must be"),
-    (["digits:1.0", "--name", "Digits_v1"], "DNS-1035"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["digits"], "must be NAME:VERSION"),
+        (["digits:9.9"], "digits/9.9 is not in"),
+        (["digits:1.0", "--default", "digits:2.0"], "not among the versions listed"),
+        (["digits:1.0", "--canary", "150"], "--canary must be"),
+        (["digits:1.0", "--name", "Digits_v1"], "DNS-1035"),
+    ],
+)
 def test_mistakes_get_one_line_and_write_nothing(store, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     assert kserve.main([*args, "--out", str(out), "--model-store", str(store)]) == 2

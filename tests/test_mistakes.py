@@ -18,9 +18,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -38,9 +38,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def tiny_run(out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     cfg = DataConfig(input_size=16, resize_size=16, channels=1, mean=(0.5,), std=(0.5,))
-    save_model_files(out, get_model("small_cnn", num_classes=3, in_channels=1),
-                     {"arch": "small_cnn", "arch_args": {"num_classes": 3, "in_channels": 1},
-                      "task": "classification", "classes": ["x", "y", "z"], "preprocessing": cfg.to_dict()})
+    save_model_files(
+        out,
+        get_model("small_cnn", num_classes=3, in_channels=1),
+        {
+            "arch": "small_cnn",
+            "arch_args": {"num_classes": 3, "in_channels": 1},
+            "task": "classification",
+            "classes": ["x", "y", "z"],
+            "preprocessing": cfg.to_dict(),
+        },
+    )
     return out
 
 
@@ -56,8 +64,14 @@ def handmade(store: Path, source: str, name: str, edit: Callable[[dict], None]) 
                 edit(config)
                 data = yaml.safe_dump(config).encode()
             zout.writestr(item, data)
-    entry = {**Catalog(store).load()["digits/1.0"], "name": name, "version": "1.0", "file": target.name,
-             "sha256": sha256_file(target), "size": target.stat().st_size}
+    entry = {
+        **Catalog(store).load()["digits/1.0"],
+        "name": name,
+        "version": "1.0",
+        "file": target.name,
+        "sha256": sha256_file(target),
+        "size": target.stat().st_size,
+    }
     Catalog(store).record(entry)
 
 
@@ -68,8 +82,11 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("mistakes")
     r1, r2 = tiny_run(root / "r1", 1), tiny_run(root / "r2", 2)
     store, run_dir = root / "store", root / "serve"
-    for argv in ([r1, "--name", "digits"], [r2, "--name", "digits", "--version", "2.0"],
-                 [r1, "--name", "digits", "--version", "3.0", "--batch-size", "2"]):
+    for argv in (
+        [r1, "--name", "digits"],
+        [r2, "--name", "digits", "--version", "2.0"],
+        [r1, "--name", "digits", "--version", "3.0", "--batch-size", "2"],
+    ):
         assert archive.main([str(a) for a in argv] + ["--model-store", str(store), "--run-dir", str(run_dir)]) == 0
     handmade(store, "digits.mar", "badopt", lambda c: c["handler"].update(max_pixels="abc"))
     handmade(store, "digits.mar", "noworkers", lambda c: c.update(minWorkers=-2))
@@ -78,16 +95,30 @@ def world(tmp_path_factory):
     ts.register("digits", "digits-2.0.mar", timeout=240)
     other = root / "other.properties"  # a second server's config on free ports: it is never started
     props = (ROOT / "config.properties").read_text()
-    for key, port in (("8080", free_port()), ("8081", free_port()), ("8082", free_port()),
-                      ("7070", free_port()), ("7071", free_port())):
+    for key, port in (
+        ("8080", free_port()),
+        ("8081", free_port()),
+        ("8082", free_port()),
+        ("7070", free_port()),
+        ("7071", free_port()),
+    ):
         props = props.replace(f":{key}", f":{port}").replace(f"port={key}", f"port={port}")
     other.write_text(props)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     stale = root / "stale"  # a run folder whose pid file names a process that is not TorchServe
     (stale / "tmp").mkdir(parents=True)
     (stale / "tmp" / ".model_server.pid").write_text(str(sleeper.pid))
-    yield {"root": root, "store": store, "run_dir": run_dir, "ts": ts, "r1": r1, "r2": r2, "other": other,
-           "stale": stale, "sleeper": sleeper}
+    yield {
+        "root": root,
+        "store": store,
+        "run_dir": run_dir,
+        "ts": ts,
+        "r1": r1,
+        "r2": r2,
+        "other": other,
+        "stale": stale,
+        "sleeper": sleeper,
+    }
     sleeper.kill()
     sleeper.wait()
     ts.stop()
@@ -115,6 +146,7 @@ def manifest_case(id_, doc, words, readme=""):
     def setup(world):
         path = manifest(world, doc)
         return lambda: path.unlink(missing_ok=True)
+
     return Case(id_, "archive", ["--manifest", "{root}/manifest.yaml"], 2, words, setup=setup, readme=readme)
 
 
@@ -128,6 +160,7 @@ def tamper(file: str):
         original = path.read_bytes()
         path.write_bytes(original + b"changed")
         return lambda: path.write_bytes(original)
+
     return setup
 
 
@@ -152,66 +185,196 @@ def sleeper_alive(world):
 A, S, M = "archive", "serve", "models"
 CASES = [
     # -- scripts/archive: names and versions -------------------------------------------------
-    Case("archive name with a slash", A, ["{r2}", "--name", "a/b"], 2, ["model name 'a/b'", "letters, digits"],
-         readme="`scripts/archive runs/x --name a/b`"),
+    Case(
+        "archive name with a slash",
+        A,
+        ["{r2}", "--name", "a/b"],
+        2,
+        ["model name 'a/b'", "letters, digits"],
+        readme="`scripts/archive runs/x --name a/b`",
+    ),
     Case("archive name with ..", A, ["{r2}", "--name", "zz..x"], 2, ["model name 'zz..x'", "no '..'"]),
     Case("archive name starting with -", A, ["{r2}", "--name=-x"], 2, ["model name '-x'"]),
     Case("archive name too long", A, ["{r2}", "--name", "n" * 65], 2, ["at most 64"]),
-    Case("archive version escaping the store", A, ["{r2}", "--name", "vt", "--version", "1/../../../x"], 2,
-         ["version '1/../../../x'"], readme="`--version '1/../../../x'` (or `''`)"),
+    Case(
+        "archive version escaping the store",
+        A,
+        ["{r2}", "--name", "vt", "--version", "1/../../../x"],
+        2,
+        ["version '1/../../../x'"],
+        readme="`--version '1/../../../x'` (or `''`)",
+    ),
     Case("archive empty version", A, ["{r2}", "--name", "vt", "--version", ""], 2, ["version ''"]),
     # -- scripts/archive: options ---------------------------------------------------------------
-    Case("negative workers", A, ["{r2}", "--name", "n", "--workers", "-2"], 2, ["--workers", "from 1 to 64", "-2"],
-         readme="`--workers -2`"),
+    Case(
+        "negative workers",
+        A,
+        ["{r2}", "--name", "n", "--workers", "-2"],
+        2,
+        ["--workers", "from 1 to 64", "-2"],
+        readme="`--workers -2`",
+    ),
     Case("zero workers", A, ["{r2}", "--name", "n", "--workers", "0"], 2, ["--workers"]),
-    Case("batch size 0", A, ["{r2}", "--name", "n", "--batch-size", "0"], 2, ["--batch-size", "from 1"], readme="`--batch-size 0`"),
-    Case("max workers below workers", A, ["{r2}", "--name", "n", "--workers", "3", "--max-workers", "1"], 2,
-         ["--max-workers (1)", "at least --workers (3)"], readme="`--workers 3 --max-workers 1`"),
+    Case(
+        "batch size 0",
+        A,
+        ["{r2}", "--name", "n", "--batch-size", "0"],
+        2,
+        ["--batch-size", "from 1"],
+        readme="`--batch-size 0`",
+    ),
+    Case(
+        "max workers below workers",
+        A,
+        ["{r2}", "--name", "n", "--workers", "3", "--max-workers", "1"],
+        2,
+        ["--max-workers (1)", "at least --workers (3)"],
+        readme="`--workers 3 --max-workers 1`",
+    ),
     Case("topk 0", A, ["{r2}", "--name", "n", "--topk", "0"], 2, ["--topk", "from 1"]),
-    Case("negative batch delay", A, ["{r2}", "--name", "n", "--max-batch-delay", "-5"], 2, ["--max-batch-delay", "from 0"]),
+    Case(
+        "negative batch delay",
+        A,
+        ["{r2}", "--name", "n", "--max-batch-delay", "-5"],
+        2,
+        ["--max-batch-delay", "from 0"],
+    ),
     Case("response timeout 0", A, ["{r2}", "--name", "n", "--response-timeout", "0"], 2, ["--response-timeout"]),
-    Case("workers not a number", A, ["{r2}", "--name", "n", "--workers", "x"], 2, ["--workers", "invalid int value: 'x'"]),
+    Case(
+        "workers not a number", A, ["{r2}", "--name", "n", "--workers", "x"], 2, ["--workers", "invalid int value: 'x'"]
+    ),
     Case("unknown device", A, ["{r2}", "--name", "n", "--device", "tpu"], 2, ["--device", "invalid choice: 'tpu'"]),
-    Case("unknown runtime", A, ["{r2}", "--name", "n", "--runtime", "tensorrt"], 2, ["unknown runtime 'tensorrt'", "onnx"]),
+    Case(
+        "unknown runtime",
+        A,
+        ["{r2}", "--name", "n", "--runtime", "tensorrt"],
+        2,
+        ["unknown runtime 'tensorrt'", "onnx"],
+    ),
     Case("int8 on a gpu", A, ["{r2}", "--name", "n", "--runtime", "int8", "--device", "gpu"], 2, ["int8", "CPU only"]),
-    Case("unknown handler option", A, ["{r2}", "--name", "n", "--handler-option", "bogus=1"], 2, ["'bogus'", "known: topk"],
-         readme="`--handler-option bogus=1`"),
-    Case("misspelled handler option", A, ["{r2}", "--name", "n", "--handler-option", "max_pixel=100"], 2,
-         ["did you mean 'max_pixels'"]),
-    Case("handler option of the wrong type", A, ["{r2}", "--name", "n", "--handler-option", "max_pixels=abc"], 2,
-         ["max_pixels", "whole number", "'abc'"], readme="`--handler-option max_pixels=abc`"),
-    Case("handler option out of range", A, ["{r2}", "--name", "n", "--handler-option", "score_threshold=2"], 2,
-         ["score_threshold", "from 0 to 1"]),
-    Case("handler option not a bool", A, ["{r2}", "--name", "n", "--handler-option", "gpu_decode=maybe"], 2,
-         ["gpu_decode", "true or false"]),
-    Case("unknown autocast", A, ["{r2}", "--name", "n", "--handler-option", "autocast=fp8"], 2, ["autocast", "bf16, fp16"]),
-    Case("handler option without =", A, ["{r2}", "--name", "n", "--handler-option", "topk"], 2, ["KEY=VALUE", "'topk'"]),
+    Case(
+        "unknown handler option",
+        A,
+        ["{r2}", "--name", "n", "--handler-option", "bogus=1"],
+        2,
+        ["'bogus'", "known: topk"],
+        readme="`--handler-option bogus=1`",
+    ),
+    Case(
+        "misspelled handler option",
+        A,
+        ["{r2}", "--name", "n", "--handler-option", "max_pixel=100"],
+        2,
+        ["did you mean 'max_pixels'"],
+    ),
+    Case(
+        "handler option of the wrong type",
+        A,
+        ["{r2}", "--name", "n", "--handler-option", "max_pixels=abc"],
+        2,
+        ["max_pixels", "whole number", "'abc'"],
+        readme="`--handler-option max_pixels=abc`",
+    ),
+    Case(
+        "handler option out of range",
+        A,
+        ["{r2}", "--name", "n", "--handler-option", "score_threshold=2"],
+        2,
+        ["score_threshold", "from 0 to 1"],
+    ),
+    Case(
+        "handler option not a bool",
+        A,
+        ["{r2}", "--name", "n", "--handler-option", "gpu_decode=maybe"],
+        2,
+        ["gpu_decode", "true or false"],
+    ),
+    Case(
+        "unknown autocast",
+        A,
+        ["{r2}", "--name", "n", "--handler-option", "autocast=fp8"],
+        2,
+        ["autocast", "bf16, fp16"],
+    ),
+    Case(
+        "handler option without =", A, ["{r2}", "--name", "n", "--handler-option", "topk"], 2, ["KEY=VALUE", "'topk'"]
+    ),
     # -- scripts/archive: folders, the store and the catalog -------------------------------------
     Case("missing training folder", A, ["{root}/nowhere", "--name", "n"], 2, ["nowhere", "does not exist"]),
     Case("nothing to do", A, [], 2, ["give a training output folder"]),
-    Case("existing version with other inputs", A, ["{r2}", "--name", "digits", "--version", "3.0"], 1,
-         ["digits/3.0 already exists", "--force"], readme="re-archiving an existing name and version"),
-    Case("existing version under another file name", A, ["{r2}", "--name", "digits", "--version", "1.0"], 1,
-         ["digits/1.0 already exists", "--force"]),
-    Case("--force on a served version", A, ["{r2}", "--name", "digits", "--version", "2.0", "--force"], 1,
-         ["digits/2.0 is served", "unregister"], readme="`--force` or `--remove` of a served version"),
-    Case("--remove a served version", A, ["--remove", "digits", "1.0"], 1, ["digits/1.0 is served", "scripts/models unregister"]),
+    Case(
+        "existing version with other inputs",
+        A,
+        ["{r2}", "--name", "digits", "--version", "3.0"],
+        1,
+        ["digits/3.0 already exists", "--force"],
+        readme="re-archiving an existing name and version",
+    ),
+    Case(
+        "existing version under another file name",
+        A,
+        ["{r2}", "--name", "digits", "--version", "1.0"],
+        1,
+        ["digits/1.0 already exists", "--force"],
+    ),
+    Case(
+        "--force on a served version",
+        A,
+        ["{r2}", "--name", "digits", "--version", "2.0", "--force"],
+        1,
+        ["digits/2.0 is served", "unregister"],
+        readme="`--force` or `--remove` of a served version",
+    ),
+    Case(
+        "--remove a served version",
+        A,
+        ["--remove", "digits", "1.0"],
+        1,
+        ["digits/1.0 is served", "scripts/models unregister"],
+    ),
     Case("--remove an unknown version", A, ["--remove", "digits", "9.9"], 1, ["digits/9.9 is not in", "digits/3.0"]),
     Case("--remove a bad name", A, ["--remove", "a/b", "1.0"], 2, ["model name 'a/b'"]),
     Case("--repair alone", A, ["--repair"], 2, ["--repair goes with --verify"]),
-    Case("--verify --repair of a served archive", A, ["--verify", "--repair"], 1, ["digits/2.0 is served", "refusing to repair"],
-         setup=tamper("digits-2.0.mar")),
+    Case(
+        "--verify --repair of a served archive",
+        A,
+        ["--verify", "--repair"],
+        1,
+        ["digits/2.0 is served", "refusing to repair"],
+        setup=tamper("digits-2.0.mar"),
+    ),
     # -- scripts/archive: manifests ----------------------------------------------------------------
     Case("missing manifest", A, ["--manifest", "{root}/nosuch.yaml"], 2, ["nosuch.yaml", "does not exist"]),
-    manifest_case("manifest: misspelled top-level key", {"defualts": {}, "models": [entry()]}, ["'defualts'", "did you mean 'defaults'"],
-                  readme="manifest key `defualts:` (or `confg:`, `tsk:`, `batch_sise:`)"),
-    manifest_case("manifest: misspelled entry key confg", {"models": [entry(confg={})]}, ["entry 1", "did you mean 'config'"]),
-    manifest_case("manifest: misspelled entry key tsk", {"models": [entry(tsk="classification")]}, ["entry 1", "did you mean 'task'"]),
-    manifest_case("manifest: misspelled option", {"models": [entry(config={"batch_sise": 2})]}, ["entry 1", "did you mean 'batch_size'"]),
-    manifest_case("manifest: misspelled default", {"defaults": {"wokers": 2}, "models": [entry()]}, ["did you mean 'workers'"]),
-    manifest_case("manifest: misspelled handler option", {"models": [entry(config={"handler": {"max_pixel": 5}})]},
-                  ["entry 1", "handler option", "did you mean 'max_pixels'"]),
-    manifest_case("manifest: option out of range", {"models": [entry(config={"workers": -1})]}, ["entry 1", "workers", "-1"]),
+    manifest_case(
+        "manifest: misspelled top-level key",
+        {"defualts": {}, "models": [entry()]},
+        ["'defualts'", "did you mean 'defaults'"],
+        readme="manifest key `defualts:` (or `confg:`, `tsk:`, `batch_sise:`)",
+    ),
+    manifest_case(
+        "manifest: misspelled entry key confg", {"models": [entry(confg={})]}, ["entry 1", "did you mean 'config'"]
+    ),
+    manifest_case(
+        "manifest: misspelled entry key tsk",
+        {"models": [entry(tsk="classification")]},
+        ["entry 1", "did you mean 'task'"],
+    ),
+    manifest_case(
+        "manifest: misspelled option",
+        {"models": [entry(config={"batch_sise": 2})]},
+        ["entry 1", "did you mean 'batch_size'"],
+    ),
+    manifest_case(
+        "manifest: misspelled default", {"defaults": {"wokers": 2}, "models": [entry()]}, ["did you mean 'workers'"]
+    ),
+    manifest_case(
+        "manifest: misspelled handler option",
+        {"models": [entry(config={"handler": {"max_pixel": 5}})]},
+        ["entry 1", "handler option", "did you mean 'max_pixels'"],
+    ),
+    manifest_case(
+        "manifest: option out of range", {"models": [entry(config={"workers": -1})]}, ["entry 1", "workers", "-1"]
+    ),
     manifest_case("manifest: bad name", {"models": [entry(name="../x")]}, ["entry 1", "name '../x'"]),
     manifest_case("manifest: bad version", {"models": [entry(version="")]}, ["entry 1", "has no version"]),
     manifest_case("manifest: a model twice", {"models": [entry(), entry()]}, ["entry 2", "m/1.0 is listed twice"]),
@@ -221,42 +384,123 @@ CASES = [
     Case("start while running", S, ["start"], 1, ["already running", "scripts/serve stop"]),
     Case("start a model name with a slash", S, ["start", "--models", "a/b"], 2, ["model name 'a/b'"]),
     Case("start with no model named", S, ["start", "--models", ","], 2, ["--models", "names no model"]),
-    Case("start a model with no archive", S, ["--run-dir", "{root}/second", "--config", "{other}", "start", "--models", "typo"], 1,
-         ["no archive typo.mar", "digits"], setup=recorded_before, readme="`scripts/serve start --models typo`"),
-    Case("start with a timeout that is not a number", S, ["start", "--timeout", "soon"], 2, ["--timeout", "invalid float"]),
-    Case("a config that does not exist", S, ["status", "--config", "{root}/nosuch.properties"], 2, ["--config", "no such file"]),
+    Case(
+        "start a model with no archive",
+        S,
+        ["--run-dir", "{root}/second", "--config", "{other}", "start", "--models", "typo"],
+        1,
+        ["no archive typo.mar", "digits"],
+        setup=recorded_before,
+        readme="`scripts/serve start --models typo`",
+    ),
+    Case(
+        "start with a timeout that is not a number",
+        S,
+        ["start", "--timeout", "soon"],
+        2,
+        ["--timeout", "invalid float"],
+    ),
+    Case(
+        "a config that does not exist",
+        S,
+        ["status", "--config", "{root}/nosuch.properties"],
+        2,
+        ["--config", "no such file"],
+    ),
     Case("status of a run folder with no server", S, ["status", "--run-dir", "{root}/nothing"], 1, ["not running"]),
-    Case("stop with a stale pid file", S, ["stop", "--run-dir", "{stale}"], 1, ["no TorchServe running", "left alone"],
-         check=sleeper_alive, readme="`scripts/serve stop` with a stale pid file"),
+    Case(
+        "stop with a stale pid file",
+        S,
+        ["stop", "--run-dir", "{stale}"],
+        1,
+        ["no TorchServe running", "left alone"],
+        check=sleeper_alive,
+        readme="`scripts/serve stop` with a stale pid file",
+    ),
     Case("key of a run folder with no server", S, ["key", "--run-dir", "{root}/nothing"], 1, ["no token keys"]),
     Case("unknown key kind", S, ["key", "admin"], 2, ["invalid choice: 'admin'"]),
     Case("unknown serve command", S, ["restart"], 2, ["invalid choice: 'restart'"]),
     # -- scripts/models ------------------------------------------------------------------------
-    Case("unregister a path", M, ["unregister", "zz/../ml", "1.0"], 2, ["model name 'zz/../ml'"],
-         readme="`scripts/models unregister zz/../ml 1.0`"),
-    Case("scale a path as version", M, ["scale", "digits", "../mine", "--min", "1", "--max", "2"], 2, ["version '../mine'"],
-         readme="`scripts/models scale photos ../mine ...`"),
+    Case(
+        "unregister a path",
+        M,
+        ["unregister", "zz/../ml", "1.0"],
+        2,
+        ["model name 'zz/../ml'"],
+        readme="`scripts/models unregister zz/../ml 1.0`",
+    ),
+    Case(
+        "scale a path as version",
+        M,
+        ["scale", "digits", "../mine", "--min", "1", "--max", "2"],
+        2,
+        ["version '../mine'"],
+        readme="`scripts/models scale photos ../mine ...`",
+    ),
     Case("register a name with a space", M, ["register", "a b", "1.0"], 2, ["model name 'a b'"]),
-    Case("scale beyond the cores", M, ["scale", "digits", "--min", "1", "--max", "200"], 2, ["--max 200", "cores"],
-         readme="`scripts/models scale digits --max 200` on 2 cores"),
+    Case(
+        "scale beyond the cores",
+        M,
+        ["scale", "digits", "--min", "1", "--max", "200"],
+        2,
+        ["--max 200", "cores"],
+        readme="`scripts/models scale digits --max 200` on 2 cores",
+    ),
     Case("scale min above max", M, ["scale", "digits", "--min", "2", "--max", "1"], 2, ["--min 2 --max 1"]),
     Case("scale negative min", M, ["scale", "digits", "--min", "-1", "--max", "1"], 2, ["--min -1"]),
     Case("scale without --max", M, ["scale", "digits", "--min", "1"], 2, ["--max"]),
-    Case("scale an unregistered version", M, ["scale", "digits", "3.0", "--min", "1", "--max", "1"], 1, ["digits 3.0 is not registered"]),
+    Case(
+        "scale an unregistered version",
+        M,
+        ["scale", "digits", "3.0", "--min", "1", "--max", "1"],
+        1,
+        ["digits 3.0 is not registered"],
+    ),
     Case("register a version not catalogued", M, ["register", "digits", "9.9"], 1, ["digits/9.9 is not in"]),
     Case("register a registered version", M, ["register", "digits", "1.0"], 1, ["TorchServe refused", "1.0"]),
     Case("register zero workers", M, ["register", "digits", "3.0", "--workers", "0"], 2, ["--workers", "0"]),
-    Case("register a changed archive", M, ["register", "digits", "3.0"], 1, ["digits-3.0.mar", "sha256"],
-         setup=tamper("digits-3.0.mar"), readme="an archive changed after it was catalogued"),
-    Case("register an archive declaring -2 workers", M, ["register", "noworkers", "1.0"], 1, ["minWorkers -2", "at least 1"],
-         readme="an archive whose model-config says `minWorkers: -2`"),
+    Case(
+        "register a changed archive",
+        M,
+        ["register", "digits", "3.0"],
+        1,
+        ["digits-3.0.mar", "sha256"],
+        setup=tamper("digits-3.0.mar"),
+        readme="an archive changed after it was catalogued",
+    ),
+    Case(
+        "register an archive declaring -2 workers",
+        M,
+        ["register", "noworkers", "1.0"],
+        1,
+        ["minWorkers -2", "at least 1"],
+        readme="an archive whose model-config says `minWorkers: -2`",
+    ),
     Case("promote an unregistered version", M, ["promote", "digits", "9.9"], 1, ["digits 9.9 is not registered"]),
     Case("promote an unknown model", M, ["promote", "nosuch", "1.0"], 1, ["nosuch"]),
-    Case("promote --if-better without data", M, ["promote", "digits", "2.0", "--if-better"], 1, ["--if-better needs --data"]),
+    Case(
+        "promote --if-better without data",
+        M,
+        ["promote", "digits", "2.0", "--if-better"],
+        1,
+        ["--if-better needs --data"],
+    ),
     Case("rollback with no history", M, ["rollback", "digits"], 1, ["no previous default"]),
-    Case("unregister the default", M, ["unregister", "digits", "1.0"], 1, ["default version", "promote another version first"]),
+    Case(
+        "unregister the default",
+        M,
+        ["unregister", "digits", "1.0"],
+        1,
+        ["default version", "promote another version first"],
+    ),
     Case("unregister an unregistered version", M, ["unregister", "digits", "9.9"], 1, ["digits 9.9 is not registered"]),
-    Case("compare on a missing folder", M, ["compare", "digits", "1.0", "2.0", "--data", "{root}/nowhere"], 1, ["nowhere"]),
+    Case(
+        "compare on a missing folder",
+        M,
+        ["compare", "digits", "1.0", "2.0", "--data", "{root}/nowhere"],
+        1,
+        ["nowhere"],
+    ),
     Case("wrong token", M, ["status"], 1, ["Token Authorization failed"], setup=wrong_keys),
     Case("unknown models command", M, ["deploy", "digits"], 2, ["invalid choice: 'deploy'"]),
     Case("models of a run folder with no server", M, ["status", "--run-dir", "{root}/nothing"], 1, ["not running"]),
@@ -264,15 +508,20 @@ CASES = [
 
 
 def fill(argv, world) -> list[str]:
-    return [str(a).format(**{k: world[k] for k in ("store", "run_dir", "r1", "r2", "root", "other", "stale")}) for a in argv]
+    return [
+        str(a).format(**{k: world[k] for k in ("store", "run_dir", "r1", "r2", "root", "other", "stale")}) for a in argv
+    ]
 
 
 def tree(folder: Path, skip=("logs", "tmp")) -> dict[str, bytes]:
     """Every file under `folder` (not TorchServe's own logs and temp files) and its bytes."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).parts[0] not in skip and p.name != ".catalog.lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] not in skip and p.name != ".catalog.lock"
+    }
 
 
 def served(ts: TorchServe) -> list[tuple]:
@@ -280,14 +529,19 @@ def served(ts: TorchServe) -> list[tuple]:
     out = []
     for name in sorted(ts.models()):
         default = ts.describe(name)[0]["modelVersion"]
-        out += [(name, v["modelVersion"], v["modelVersion"] == default, v["minWorkers"], v["maxWorkers"])
-                for v in ts.versions(name)]
+        out += [
+            (name, v["modelVersion"], v["modelVersion"] == default, v["minWorkers"], v["maxWorkers"])
+            for v in ts.versions(name)
+        ]
     return sorted(out)
 
 
 def state(world) -> dict:
-    return {"store": tree(world["store"]), "run_dir": tree(world["run_dir"]),
-            "others": {d: tree(world["root"] / d) for d in ("second", "nothing", "stale")}}
+    return {
+        "store": tree(world["store"]),
+        "run_dir": tree(world["run_dir"]),
+        "others": {d: tree(world["root"] / d) for d in ("second", "nothing", "stale")},
+    }
 
 
 def run_tool(tool: str, argv: list[str], world) -> tuple[int, str, str]:
@@ -334,7 +588,9 @@ def test_a_worker_refusing_an_option_fails_registration_at_once(world, capsys):
     refuses it): the worker logs one line and registration fails with it, instead of a
     crash loop that ends in a timeout. Nothing is left registered or recorded."""
     before, api_before = state(world), served(world["ts"])
-    code = models.main(["--run-dir", str(world["run_dir"]), "--model-store", str(world["store"]), "register", "badopt", "1.0"])
+    code = models.main(
+        ["--run-dir", str(world["run_dir"]), "--model-store", str(world["store"]), "register", "badopt", "1.0"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     assert "badopt/1.0 refused to load" in err and "max_pixels must be a whole number" in err and "'abc'" in err, err
@@ -344,10 +600,24 @@ def test_a_worker_refusing_an_option_fails_registration_at_once(world, capsys):
 
 
 def test_the_command_line_wrappers_print_one_line_and_no_traceback(world):
-    for tool, argv in (("models", ["unregister", "zz/../ml", "1.0"]), ("serve", ["key", "admin"]),
-                       ("archive", ["--remove", "a/b", "1.0"])):
-        out = subprocess.run([str(ROOT / "scripts" / tool), "--run-dir", str(world["run_dir"]),
-                              "--model-store", str(world["store"]), *argv], capture_output=True, text=True, timeout=120)
+    for tool, argv in (
+        ("models", ["unregister", "zz/../ml", "1.0"]),
+        ("serve", ["key", "admin"]),
+        ("archive", ["--remove", "a/b", "1.0"]),
+    ):
+        out = subprocess.run(
+            [
+                str(ROOT / "scripts" / tool),
+                "--run-dir",
+                str(world["run_dir"]),
+                "--model-store",
+                str(world["store"]),
+                *argv,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "Traceback" not in out.stderr and out.stderr.startswith("error: ")
 
@@ -357,8 +627,11 @@ WORKER_REFUSAL = "an archive whose handler section says `max_pixels: abc`"  # th
 
 def test_the_readme_table_is_taken_from_these_cases():
     section = (ROOT / "README.md").read_text().split("## Mistakes and what they get", 1)[1].split("\n## ", 1)[0]
-    rows = dict(line.strip("|").split(" | ")[:2] for line in section.splitlines()
-                if line.startswith("| ") and not line.startswith("| mistake"))
+    rows = dict(
+        line.strip("|").split(" | ")[:2]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| mistake")
+    )
     rows = {label.strip(): code.strip() for label, code in rows.items()}
     from_cases = {c.readme: str(c.code) for c in CASES if c.readme}
     assert rows == {**from_cases, WORKER_REFUSAL: "1"}

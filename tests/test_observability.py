@@ -19,8 +19,26 @@ from scripts.top import scrape, total
 @pytest.fixture(scope="module")
 def server(trained_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store), "--version", "2.0",
-                         "--batch-size", "4", "--max-batch-delay", "200", "--handler-option", "json_logs=true"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--version",
+                "2.0",
+                "--batch-size",
+                "4",
+                "--max-batch-delay",
+                "200",
+                "--handler-option",
+                "json_logs=true",
+            ]
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
     ts.start([], timeout=240)
     assert ts.register("digits", "digits-2.0.mar") == "2.0"
@@ -29,8 +47,12 @@ def server(trained_digits, tmp_path_factory):
 
 
 def post(ts, data: bytes, content_type="application/octet-stream"):
-    return requests.post(f"{ts.url('inference')}/predictions/digits", data=data, timeout=60,
-                         headers={**ts.headers("inference"), "Content-Type": content_type})
+    return requests.post(
+        f"{ts.url('inference')}/predictions/digits",
+        data=data,
+        timeout=60,
+        headers={**ts.headers("inference"), "Content-Type": content_type},
+    )
 
 
 def grey_jpeg(png: bytes) -> bytes:
@@ -52,8 +74,14 @@ def load(server, digits_dir):
     before = scrape(server)
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: post(server, b), bodies))
-    return {"before": before, "after": scrape(server), "answers": answers, "pngs": len(pngs), "jpegs": len(jpegs),
-            "bodies": bodies}
+    return {
+        "before": before,
+        "after": scrape(server),
+        "answers": answers,
+        "pngs": len(pngs),
+        "jpegs": len(jpegs),
+        "bodies": bodies,
+    }
 
 
 def delta(load, name, **labels):
@@ -90,8 +118,11 @@ def test_time_and_batch_size_histograms_have_buckets_and_count_every_batch(load)
         assert delta(load, name + "_count", **labels) == batches, name
         assert delta(load, name + "_bucket", **labels, le="+Inf") == batches, name
         # Cumulative buckets in seconds: the 10 s bucket holds every batch, and buckets never decrease.
-        les = sorted((float(dict(ls)["le"]), v) for (n, ls), v in load["after"].items()
-                     if n == name + "_bucket" and ("model_version", "2.0") in ls)
+        les = sorted(
+            (float(dict(ls)["le"]), v)
+            for (n, ls), v in load["after"].items()
+            if n == name + "_bucket" and ("model_version", "2.0") in ls
+        )
         assert [v for _, v in les] == sorted(v for _, v in les), name
         assert dict(les)[10.0] == dict(les)[float("inf")], name
     whole = delta(load, hm.BATCH_SECONDS + "_sum", **labels)
@@ -105,7 +136,7 @@ def test_worker_start_is_counted(server):
 
 def json_log_lines(ts) -> list[dict]:
     text = (ts.run_dir / "logs" / "model_log.log").read_text(errors="replace")
-    return [json.loads(line[line.index("{"):]) for line in text.splitlines() if '{"event": ' in line]
+    return [json.loads(line[line.index("{") :]) for line in text.splitlines() if '{"event": ' in line]
 
 
 def test_json_logs_give_one_line_per_refused_item_and_per_batch_without_bytes_or_keys(server, load):
@@ -113,8 +144,9 @@ def test_json_logs_give_one_line_per_refused_item_and_per_batch_without_bytes_or
     refused = [x for x in lines if x["event"] == "refused"]
     batches = [x for x in lines if x["event"] == "batch"]
     assert len(refused) == 4
-    assert {(x["status"], x["error_type"]) for x in refused} == {(r.status_code, r.json()["type"])
-                                                                  for r in load["answers"] if r.status_code != 200}
+    assert {(x["status"], x["error_type"]) for x in refused} == {
+        (r.status_code, r.json()["type"]) for r in load["answers"] if r.status_code != 200
+    }
     assert sum(b["size"] for b in batches) == len(load["bodies"])  # the module's only load
     assert sum(b["refused"] for b in batches) == 4
     for x in refused:
@@ -171,7 +203,7 @@ def test_metrics_can_be_turned_off_and_json_logs_are_off_by_default(digits_dir, 
         lines = metric_lines(caplog)
         assert bool(lines) == expect_lines
         if expect_lines:
-            names = {m[len("[METRICS]"):].split(".")[0] for m in lines}
+            names = {m[len("[METRICS]") :].split(".")[0] for m in lines}
             assert {hm.ANSWERED, hm.REFUSED, hm.DECODE_FALLBACKS, hm.BATCH_SIZE, *hm.STEP_SECONDS.values()} <= names
         assert not [r for r in caplog.records if r.name == "handlers.requests"]
 

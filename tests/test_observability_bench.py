@@ -11,8 +11,22 @@ from scripts import bench_metrics
 
 def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys):
     out = tmp_path / "bench"
-    code = bench_metrics.main(["--model", "small_cnn", "--duration", "1", "--rounds", "2", "--clients", "2", "--warmup", "1",
-                               "--out", str(out)])
+    code = bench_metrics.main(
+        [
+            "--model",
+            "small_cnn",
+            "--duration",
+            "1",
+            "--rounds",
+            "2",
+            "--clients",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     result = json.loads((out / "bench_metrics.json").read_text())

@@ -35,8 +35,22 @@ BOUNDS = [0.0, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5,
 def server(trained_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     # Batch size 1: each request is its own batch, so the handler's time per batch is per request.
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--batch-size", "1", "--max-batch-delay", "1"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "1",
+                "--max-batch-delay",
+                "1",
+            ]
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
     ts.start(["digits"], timeout=240)
     yield ts
@@ -57,9 +71,17 @@ def prometheus(server, tmp_path_factory):
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = open(work / "prometheus.log", "wb")
-    proc = subprocess.Popen(["prometheus", f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -81,8 +103,10 @@ def prometheus(server, tmp_path_factory):
 def query(url: str, expr: str) -> dict[tuple, float]:
     r = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
     assert r["status"] == "success", r
-    return {tuple(sorted((k, v) for k, v in s["metric"].items() if k != "__name__")): float(s["value"][1])
-            for s in r["data"]["result"]}
+    return {
+        tuple(sorted((k, v) for k, v in s["metric"].items() if k != "__name__")): float(s["value"][1])
+        for s in r["data"]["result"]
+    }
 
 
 def wait_for(url: str, expr: str, check, timeout: float = 30):
@@ -149,5 +173,7 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     upper = min(b for b in BOUNDS if b >= client_p99)
     below = BOUNDS[max(0, BOUNDS.index(upper) - 2)]
     assert below <= p99[1] <= upper, (p99[1], client_p99)
-    print(f"\nerror ratio: Prometheus {ratio[1]:.4f}, client {client_ratio:.4f}; "
-          f"p99: Prometheus {p99[1] * 1000:.1f} ms, client {client_p99 * 1000:.1f} ms")
+    print(
+        f"\nerror ratio: Prometheus {ratio[1]:.4f}, client {client_ratio:.4f}; "
+        f"p99: Prometheus {p99[1] * 1000:.1f} ms, client {client_p99 * 1000:.1f} ms"
+    )

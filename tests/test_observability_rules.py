@@ -31,9 +31,18 @@ def test_every_alert_is_unit_tested_firing_and_silent():
 
     rules = yaml.safe_load((MONITORING / "rules.yml").read_text())
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
-    assert alerts == {"ModelErrorRatioHigh", "ModelP99LatencyHigh", "ModelWorkerRestarted", "ModelNoReadyWorker",
-                      "ModelQueueTimeGrowing"}
-    cases = [c for t in yaml.safe_load((MONITORING / "rules_test.yml").read_text())["tests"] for c in t.get("alert_rule_test", [])]
+    assert alerts == {
+        "ModelErrorRatioHigh",
+        "ModelP99LatencyHigh",
+        "ModelWorkerRestarted",
+        "ModelNoReadyWorker",
+        "ModelQueueTimeGrowing",
+    }
+    cases = [
+        c
+        for t in yaml.safe_load((MONITORING / "rules_test.yml").read_text())["tests"]
+        for c in t.get("alert_rule_test", [])
+    ]
     for alert in alerts:
         assert any(c["alertname"] == alert and c["exp_alerts"] for c in cases), f"{alert} never tested firing"
         assert any(c["alertname"] == alert and not c["exp_alerts"] for c in cases), f"{alert} never tested silent"
@@ -88,8 +97,14 @@ def test_dashboard_queries_parse_and_name_only_exported_or_recorded_series(tmp_p
     import yaml
 
     queries = dashboard_queries()
-    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:panel_{i}", "expr": expr}
-                                                        for i, (_, expr) in enumerate(queries)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:panel_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)],
+            }
+        ]
+    }
     (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump(rules))
     r = promtool("check", "rules", "dashboard_rules.yml", cwd=tmp_path)  # promtool parses each PromQL expression
     assert r.returncode == 0, r.stdout + r.stderr
@@ -99,10 +114,16 @@ def test_dashboard_queries_parse_and_name_only_exported_or_recorded_series(tmp_p
     for section in ("ts_metrics", "model_metrics"):
         for kind, specs in metrics[section].items():
             for spec in specs:
-                names = [spec["name"] + s for s in ("_bucket", "_sum", "_count")] if kind == "histogram" else [spec["name"]]
+                names = (
+                    [spec["name"] + s for s in ("_bucket", "_sum", "_count")] if kind == "histogram" else [spec["name"]]
+                )
                 declared.update(names)
-    recorded = {r["record"] for g in yaml.safe_load((MONITORING / "rules.yml").read_text())["groups"]
-                for r in g["rules"] if "record" in r}
+    recorded = {
+        r["record"]
+        for g in yaml.safe_load((MONITORING / "rules.yml").read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    }
     for title, expr in queries:
         for name in re.findall(r"\b((?:handler_|ts_|model_version:)[\w:]+)\s*[{\[]", expr):
             assert name in declared | recorded, f"panel {title!r}: {name} is neither exported nor recorded"
@@ -110,5 +131,7 @@ def test_dashboard_queries_parse_and_name_only_exported_or_recorded_series(tmp_p
 
 def test_a_broken_dashboard_query_is_caught(tmp_path):
     """The check above can fail: promtool refuses a query that does not parse."""
-    (tmp_path / "bad.yml").write_text("groups:\n- name: x\n  rules:\n  - record: x:y\n    expr: sum by (model_version (rate(x[5m]))\n")
+    (tmp_path / "bad.yml").write_text(
+        "groups:\n- name: x\n  rules:\n  - record: x:y\n    expr: sum by (model_version (rate(x[5m]))\n"
+    )
     assert promtool("check", "rules", "bad.yml", cwd=tmp_path).returncode != 0

@@ -19,8 +19,8 @@ from model_defs.preprocessing import (
     load_image_tensor,
     to_model_mode,
 )
-from training.datasets import ImageDataset, read_dataset
 from tests.conftest import encode, image_variants
+from training.datasets import ImageDataset, read_dataset
 
 RGB_CONFIG = DataConfig(input_size=32, resize_size=36, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

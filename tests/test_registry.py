@@ -128,9 +128,7 @@ def test_mismatched_weights_file_is_named(tmp_path):
 
 
 def test_cli_lists_every_model():
-    result = subprocess.run(
-        [sys.executable, "-m", "model_defs"], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-m", "model_defs"], cwd=REPO, capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
     assert len(lines) == len(list_models())
     for line, name in zip(lines, list_models()):
@@ -182,8 +180,10 @@ def test_detection_forward_losses_and_round_trip(name, tmp_path):
     torch.manual_seed(0)
     model = get_model(name, **kwargs).train()
     images = [torch.rand(3, size, size * 3 // 4), torch.rand(3, size // 2, size)]  # longer side = image_size
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[30.0, 5.0, 90.0, 50.0], [2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([3, 2])}]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[30.0, 5.0, 90.0, 50.0], [2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([3, 2])},
+    ]
     losses = model(images, targets)
     assert losses and all(torch.isfinite(v) for v in losses.values())
     model.eval()

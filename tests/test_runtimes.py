@@ -27,10 +27,18 @@ from tests.test_handler import load_handler, run
 
 BATCH_SIZE = 4
 NO_COMPILER = "no C++ compiler (cc/gcc/g++/clang) for torch.compile's inductor"
-KINDS = ["torchscript", "onnx", "int8",
-         pytest.param("compile", marks=pytest.mark.skipif(runtimes.cpp_compiler() is None, reason=NO_COMPILER))]
-RUNNERS = {"torchscript": runtimes.TorchScriptRunner, "onnx": runtimes.OnnxRunner,
-           "int8": runtimes.TorchScriptRunner, "compile": runtimes.CompiledRunner}
+KINDS = [
+    "torchscript",
+    "onnx",
+    "int8",
+    pytest.param("compile", marks=pytest.mark.skipif(runtimes.cpp_compiler() is None, reason=NO_COMPILER)),
+]
+RUNNERS = {
+    "torchscript": runtimes.TorchScriptRunner,
+    "onnx": runtimes.OnnxRunner,
+    "int8": runtimes.TorchScriptRunner,
+    "compile": runtimes.CompiledRunner,
+}
 # How far a runtime's probabilities may be from eager's: float kernels vs an int8 model.
 PROB_TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-4, "compile": 1e-4, "int8": 0.15}
 
@@ -86,7 +94,7 @@ def test_runtime_is_checked_at_archive_time_and_answers_like_eager(kind, trained
     files = sorted((digits_dir / "test").rglob("*.png"))[::9]
     agree = total = start = 0
     for n in [1, 2, 3, 4] * 3:  # every batch size up to batchSize
-        rows = [{"body": f.read_bytes()} for f in files[start:start + n]]
+        rows = [{"body": f.read_bytes()} for f in files[start : start + n]]
         start += n
         answers, codes = run(handler, model_dir, rows)
         expected, _ = run(eager, model_dir, rows)
@@ -109,7 +117,9 @@ def test_int8_calibrates_on_the_training_split_only(trained_digits):
 
 
 def test_workers_import_the_runtimes_without_onnx():
-    code = "import sys, handlers.runtimes; sys.exit(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript')))"
+    code = (
+        "import sys, handlers.runtimes; sys.exit(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript')))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=archive.ROOT).returncode == 0
 
 
@@ -141,9 +151,17 @@ def test_a_segmentation_model_gets_no_optimized_runtime(tmp_path, capsys):
     torch.manual_seed(0)
     run_dir = tmp_path / "unet"
     cfg = DataConfig(input_size=64, resize_size=64, channels=3)
-    save_model_files(run_dir, get_model("unet", num_classes=2, in_channels=3, depth=2, width=8),
-                     {"arch": "unet", "arch_args": {"num_classes": 2, "in_channels": 3, "depth": 2, "width": 8},
-                      "task": "segmentation", "classes": ["background", "shape"], "preprocessing": cfg.to_dict()})
+    save_model_files(
+        run_dir,
+        get_model("unet", num_classes=2, in_channels=3, depth=2, width=8),
+        {
+            "arch": "unet",
+            "arch_args": {"num_classes": 2, "in_channels": 3, "depth": 2, "width": 8},
+            "task": "segmentation",
+            "classes": ["background", "shape"],
+            "preprocessing": cfg.to_dict(),
+        },
+    )
     store = tmp_path / "store"
     assert archive_cli(run_dir, store, "--runtime", "onnx") == 2
     err = capsys.readouterr().err
@@ -183,14 +201,22 @@ def test_a_too_strict_accuracy_bound_refuses_and_writes_nothing(trained_digits, 
 
 def test_torchserve_serves_an_onnx_archive(trained_digits, digits_dir, tmp_path):
     store = tmp_path / "store"
-    assert archive_cli(trained_digits, store, "--runtime", "onnx", "--batch-size", "8", "--max-batch-delay", "200",
-                       "--topk", "10") == 0
+    assert (
+        archive_cli(
+            trained_digits, store, "--runtime", "onnx", "--batch-size", "8", "--max-batch-delay", "200", "--topk", "10"
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path / "serve", model_store=store, ports={})
     try:
         ts.start(["digits"], timeout=240)
         files = sorted((digits_dir / "test").rglob("*.png"))[::15]
-        post = lambda f: requests.post(f"{ts.url('inference')}/predictions/digits", data=f.read_bytes(),  # noqa: E731
-                                       headers=ts.headers("inference"), timeout=60)
+        post = lambda f: requests.post(
+            f"{ts.url('inference')}/predictions/digits",
+            data=f.read_bytes(),  # noqa: E731
+            headers=ts.headers("inference"),
+            timeout=60,
+        )
         with ThreadPoolExecutor(8) as pool:  # concurrent, so batches of several images reach ONNX Runtime
             answers = list(pool.map(post, files))
         assert "runtime onnx ready" in ts.log_tail("model_log.log", 400)
@@ -212,7 +238,7 @@ def test_bf16_autocast_runs_on_cpu_and_agrees_with_fp32(trained_digits, digits_d
 
     model, meta = load_trained(trained_digits)
     cfg = data_config_from_meta(meta)
-    paths = sorted((digits_dir / "test").rglob("*.png"))[:: 12]
+    paths = sorted((digits_dir / "test").rglob("*.png"))[::12]
     batch = torch.stack([eval_transform(cfg)(load_image(p, cfg.channels)) for p in paths])
     cpu = torch.device("cpu")
     fp32 = runtimes.EagerRunner(model, cpu)(batch)

@@ -33,9 +33,17 @@ def photo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("photo_run")
     cfg = DataConfig(input_size=32, resize_size=36, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = get_model("convnext_mini", num_classes=3, in_channels=3)
-    save_model_files(out, model, {"arch": "convnext_mini", "arch_args": {"num_classes": 3, "in_channels": 3},
-                                  "task": "classification", "classes": ["cat", "coffee", "rocket"],
-                                  "preprocessing": cfg.to_dict()})
+    save_model_files(
+        out,
+        model,
+        {
+            "arch": "convnext_mini",
+            "arch_args": {"num_classes": 3, "in_channels": 3},
+            "task": "classification",
+            "classes": ["cat", "coffee", "rocket"],
+            "preprocessing": cfg.to_dict(),
+        },
+    )
     return out
 
 
@@ -43,11 +51,26 @@ def photo_run(tmp_path_factory):
 def server(trained_digits, photo_run, tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     # A long batch delay so concurrent requests really share a batch.
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--batch-size", "8", "--max-batch-delay", "300", "--topk", "10"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "8",
+                "--max-batch-delay",
+                "300",
+                "--topk",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert archive.main([str(photo_run), "--name", "photos", "--model-store", str(store), "--batch-size", "4"]) == 0
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store,
-                    ports={})
+    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
     ts.start(["digits", "photos"], timeout=240)
     yield ts
     ts.stop()
@@ -107,7 +130,7 @@ def test_bad_items_get_4xx_while_their_batch_mates_succeed(server, digits_dir, t
     for f, r in zip(good, answers[: len(good)]):
         assert r.status_code == 200, r.text
         assert list(r.json())[0] == str(int(classify_in_process(trained_digits, f.read_bytes()).argmax()))
-    for r in answers[len(good):]:
+    for r in answers[len(good) :]:
         assert r.status_code == 400, r.text
         body = r.json()
         assert set(body) == {"code", "type", "message"} and body["code"] == 400
@@ -138,8 +161,12 @@ def test_apis_listen_on_loopback_only(server):
     import psutil
 
     frontend = psutil.Process(server.pid())
-    listening = [c.laddr for p in [frontend, *frontend.children(recursive=True)]
-                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr
+        for p in [frontend, *frontend.children(recursive=True)]
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
     assert {a.port for a in listening} == {port for _, port in server.listen_ports().values()}
     assert len(listening) == 5 and all(is_loopback(a.ip) for a in listening), listening
 
@@ -160,8 +187,7 @@ def test_start_refuses_a_taken_port(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        ts = TorchServe(run_dir=tmp_path, model_store=tmp_path,
-                        ports={"inference": taken})
+        ts = TorchServe(run_dir=tmp_path, model_store=tmp_path, ports={"inference": taken})
         with pytest.raises(ServeError, match=f"port {taken} .* already in use"):
             ts.start([])
 
@@ -186,8 +212,9 @@ def test_the_run_folder_and_the_keys_are_private(server):
 def test_logs_hold_each_line_once_at_info(server, digits_dir):
     data = next((digits_dir / "test").rglob("*.png")).read_bytes()
     assert predict(server, "digits", data).status_code == 200
-    lines = [line for line in (server.run_dir / "logs" / "ts_log.log").read_text().splitlines()
-             if line[:4].isdigit()]  # each record's first line starts with its timestamp (to the ms)
+    lines = [
+        line for line in (server.run_dir / "logs" / "ts_log.log").read_text().splitlines() if line[:4].isdigit()
+    ]  # each record's first line starts with its timestamp (to the ms)
     assert len(lines) > 20 and len(set(lines)) == len(lines)
     assert not any("[DEBUG]" in line for line in lines)
     assert "org.pytorch.serve" not in (server.run_dir / "logs" / "console.log").read_text()
@@ -204,10 +231,12 @@ def test_key_refresh_gets_a_new_key_without_a_restart(server, digits_dir, capsys
 
 
 def test_key_and_status_answer_without_importing_torch(server):
-    probe = ("import sys; from scripts import serve; "
-             f"codes = [serve.main(['key', '--run-dir', {str(server.run_dir)!r}]), "
-             f"serve.main(['status', '--run-dir', {str(server.run_dir)!r}])]; "
-             "print(codes, 'torch' in sys.modules)")
+    probe = (
+        "import sys; from scripts import serve; "
+        f"codes = [serve.main(['key', '--run-dir', {str(server.run_dir)!r}]), "
+        f"serve.main(['status', '--run-dir', {str(server.run_dir)!r}])]; "
+        "print(codes, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().splitlines()[-1] == "[0, 0] False", out.stdout + out.stderr
 
@@ -225,9 +254,12 @@ def test_the_readme_curl_examples_send_a_5_mb_photo(server, photos, photo_run, t
     url = f"{server.url('inference')}/predictions/photos"
     key = f"-H @<(scripts/serve key --header --run-dir {server.run_dir})"
     as_json = """{ printf '{"data": "'; base64 -w0 PATH; printf '"}'; }""".replace("PATH", str(path))
-    commands = [f"curl -s {key} -H 'Content-Type: image/jpeg' {url} --data-binary @{path}", f"curl -s {key} {url} -T {path}",
-                f"curl -s {key} {url} -F data=@{path}",
-                f"{as_json} | curl -s {key} -H 'Content-Type: application/json' --data-binary @- {url}"]
+    commands = [
+        f"curl -s {key} -H 'Content-Type: image/jpeg' {url} --data-binary @{path}",
+        f"curl -s {key} {url} -T {path}",
+        f"curl -s {key} {url} -F data=@{path}",
+        f"{as_json} | curl -s {key} -H 'Content-Type: application/json' --data-binary @- {url}",
+    ]
     expected = classify_in_process(photo_run, path.read_bytes())
     for command in commands:
         out = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=120)

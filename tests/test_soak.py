@@ -17,8 +17,22 @@ from scripts.serve import TorchServe
 @pytest.fixture(scope="module")
 def digits_server(trained_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("soak_store")
-    assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store),
-                         "--batch-size", "8", "--max-batch-delay", "5"]) == 0
+    assert (
+        archive.main(
+            [
+                str(trained_digits),
+                "--name",
+                "digits",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "8",
+                "--max-batch-delay",
+                "5",
+            ]
+        )
+        == 0
+    )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("soak_serve"), model_store=store, ports={})
     ts.start(["digits"], timeout=240)
     yield ts
@@ -27,8 +41,26 @@ def digits_server(trained_digits, tmp_path_factory):
 
 def test_short_soak_answers_good_200_bad_4xx_and_reads_worker_rss(digits_server, digits_dir, tmp_path, capsys):
     out = tmp_path / "soak.json"
-    code = soak.main(["--model", "digits", "--run-dir", str(digits_server.run_dir), "--data", str(digits_dir / "test"),
-                      "--duration", "8", "--clients", "4", "--warmup", "5", "--rss-every", "3", "--out", str(out)])
+    code = soak.main(
+        [
+            "--model",
+            "digits",
+            "--run-dir",
+            str(digits_server.run_dir),
+            "--data",
+            str(digits_dir / "test"),
+            "--duration",
+            "8",
+            "--clients",
+            "4",
+            "--warmup",
+            "5",
+            "--rss-every",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr()
     result = json.loads(out.read_text())
     assert result["passed"] and result["failures"] == []
@@ -42,7 +74,9 @@ def test_short_soak_answers_good_200_bad_4xx_and_reads_worker_rss(digits_server,
     workers = {f"worker {p}" for p in rss["samples"][0]["pids"]}
     assert set(rss["growth_percent_by_process"]) == {"frontend"} | workers and workers
     assert result["latency_ms"]["good_p50"] > 0 and result["latency_ms"]["good_p99"] >= result["latency_ms"]["good_p50"]
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"soak: {result['requests']} requests, good 5xx=0")
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1].startswith(f"soak: {result['requests']} requests, good 5xx=0")
+    )
 
 
 def test_a_worker_killed_during_the_soak_is_reported_as_a_restart(digits_server, digits_dir, tmp_path, capsys):
@@ -51,14 +85,36 @@ def test_a_worker_killed_during_the_soak_is_reported_as_a_restart(digits_server,
     killer = threading.Timer(6, lambda: os.kill(victim, signal.SIGKILL))
     killer.start()
     try:
-        code = soak.main(["--model", "digits", "--run-dir", str(digits_server.run_dir), "--data", str(digits_dir / "test"),
-                          "--duration", "14", "--clients", "2", "--warmup", "2", "--rss-every", "2", "--out", str(out)])
+        code = soak.main(
+            [
+                "--model",
+                "digits",
+                "--run-dir",
+                str(digits_server.run_dir),
+                "--data",
+                str(digits_dir / "test"),
+                "--duration",
+                "14",
+                "--clients",
+                "2",
+                "--warmup",
+                "2",
+                "--rss-every",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         killer.join()
     result = json.loads(out.read_text())
     assert code == 1 and not result["passed"]
-    assert result["rss"]["restarts"] and any(f.startswith("worker restarted") for f in result["failures"]), result["failures"]
+    assert result["rss"]["restarts"] and any(f.startswith("worker restarted") for f in result["failures"]), result[
+        "failures"
+    ]
     assert str(victim) in result["rss"]["restarts"][0]
     deadline = time.time() + 60  # leave the server serving for the other tests
-    while time.time() < deadline and not any(w["status"] == "READY" for w in digits_server.describe("digits")[0]["workers"]):
+    while time.time() < deadline and not any(
+        w["status"] == "READY" for w in digits_server.describe("digits")[0]["workers"]
+    ):
         time.sleep(0.5)

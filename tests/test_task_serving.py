@@ -22,7 +22,13 @@ from PIL import Image
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained, save_model_files
 from model_defs.generative import latent_vectors
-from model_defs.preprocessing import eval_transform, load_image, logits_to_mask, segmentation_transform, tensor_to_images
+from model_defs.preprocessing import (
+    eval_transform,
+    load_image,
+    logits_to_mask,
+    segmentation_transform,
+    tensor_to_images,
+)
 from scripts import archive
 from scripts.serve import TorchServe
 from tests.conftest import encode
@@ -33,8 +39,18 @@ MAX_N = 16
 
 
 def _save(out, model, arch, arch_args, task, classes, cfg, **extra):
-    save_model_files(out, model, {"arch": arch, "arch_args": arch_args, "task": task, "classes": classes,
-                                  "preprocessing": cfg.to_dict(), **extra})
+    save_model_files(
+        out,
+        model,
+        {
+            "arch": arch,
+            "arch_args": arch_args,
+            "task": task,
+            "classes": classes,
+            "preprocessing": cfg.to_dict(),
+            **extra,
+        },
+    )
     return out
 
 
@@ -64,8 +80,15 @@ def runs(tmp_path_factory):
     emb_args = {"in_channels": 3, "widths": [8, 16, 32], "proj_hidden": 32, "proj_dim": 16}
     emb = get_model("simclr", **emb_args)
     return {
-        "shapes_seg": _save(root / "seg", seg, "unet", {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
-                            "segmentation", SHAPE_CLASSES, seg_cfg),
+        "shapes_seg": _save(
+            root / "seg",
+            seg,
+            "unet",
+            {"num_classes": 4, "in_channels": 3, "depth": 2, "width": 8},
+            "segmentation",
+            SHAPE_CLASSES,
+            seg_cfg,
+        ),
         "digit_gan": _save(root / "gan", gan, "dcgan", gan_args, "generation", [], gan_cfg),
         "embedder": _save(root / "emb", emb, "simclr", emb_args, "embedding", [], emb_cfg),
     }
@@ -74,7 +97,9 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """Real files: shapes on photographs (non-square, several sizes) from the shapes writer."""
-    out = generate(tmp_path_factory.mktemp("shapes") / "masks", "masks", n=4, size=96, seed=5, aspect=1.6, progress=False)
+    out = generate(
+        tmp_path_factory.mktemp("shapes") / "masks", "masks", n=4, size=96, seed=5, aspect=1.6, progress=False
+    )
     return sorted((out / "images").glob("*.png"))
 
 
@@ -83,8 +108,23 @@ def server(runs, tmp_path_factory):
     store = tmp_path_factory.mktemp("task_store")
     for name, run in runs.items():
         extra = ["--handler-option", f"max_n={MAX_N}"] if name == "digit_gan" else []
-        assert archive.main([str(run), "--name", name, "--model-store", str(store), "--batch-size", "4",
-                             "--max-batch-delay", "200", *extra]) == 0
+        assert (
+            archive.main(
+                [
+                    str(run),
+                    "--name",
+                    name,
+                    "--model-store",
+                    str(store),
+                    "--batch-size",
+                    "4",
+                    "--max-batch-delay",
+                    "200",
+                    *extra,
+                ]
+            )
+            == 0
+        )
     ts = TorchServe(run_dir=tmp_path_factory.mktemp("task_serve"), model_store=store, ports={})
     ts.start(list(runs), timeout=300)
     yield ts
@@ -179,8 +219,15 @@ def test_generator_accepts_latent_vectors(server, runs):
 
 
 def test_generator_bad_requests_get_400_while_batch_mates_succeed(server):
-    bad = [{"seed": 1, "n": MAX_N + 1}, {"seed": "one"}, {"n": 2}, {"seed": 1, "n": 0}, {"seed": -1},
-           {"latent": [[0.0] * 3]}, {"seed": True}]
+    bad = [
+        {"seed": 1, "n": MAX_N + 1},
+        {"seed": "one"},
+        {"n": 2},
+        {"seed": 1, "n": 0},
+        {"seed": -1},
+        {"latent": [[0.0] * 3]},
+        {"seed": True},
+    ]
     good = [{"seed": s, "n": 2} for s in range(4)]
     with ThreadPoolExecutor(len(bad) + len(good) + 1) as pool:
         answers = list(pool.map(lambda body: post(server, "digit_gan", json=body), good + bad))
@@ -188,7 +235,7 @@ def test_generator_bad_requests_get_400_while_batch_mates_succeed(server):
     for r in answers[: len(good)]:
         assert r.status_code == 200, r.text
         assert len(r.json()["images"]) == 2
-    for body, r in zip(bad, answers[len(good):]):
+    for body, r in zip(bad, answers[len(good) :]):
         assert r.status_code == 400, (body, r.text)
         assert r.json()["code"] == 400 and r.json()["message"]
     assert "at most 16" in answers[len(good)].json()["message"]
@@ -220,7 +267,7 @@ def test_bad_images_get_400_while_batch_mates_succeed(server, runs, shapes):
                 served = np.asarray(decode_png(r.json()["mask"]))
                 # Batched with others: float sums may differ in the last bit, flipping a tie.
                 assert served.shape == expected.shape and (served == expected).mean() > 0.999
-        for r in answers[len(good):]:
+        for r in answers[len(good) :]:
             assert r.status_code == 400, (model, r.text)
             assert set(r.json()) == {"code", "type", "message"}
 
@@ -231,7 +278,9 @@ def test_visualize_draws_the_served_mask(server, runs, shapes, tmp_path):
     # An image where the (untrained) model paints something besides background.
     image = next(p for p in shapes if (mask_in_process(runs["shapes_seg"], p.read_bytes()) > 0).any())
     out = tmp_path / "mask.png"
-    assert visualize.main([str(image), "--model", "shapes_seg", "--run-dir", str(server.run_dir), "--out", str(out)]) == 0
+    assert (
+        visualize.main([str(image), "--model", "shapes_seg", "--run-dir", str(server.run_dir), "--out", str(out)]) == 0
+    )
     drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
     original = np.asarray(Image.open(image).convert("RGB").resize(drawn.shape[1::-1])).astype(int)
     assert np.abs(drawn - original).sum(-1).mean() > 1  # the mask is drawn over the photo

@@ -38,9 +38,31 @@ def shapes_masks(tmp_path_factory):
 
 def test_segmentation_training_reports_miou_and_pixel_accuracy(shapes_masks, tmp_path):
     out = tmp_path / "unet"
-    argv = ["--data", str(shapes_masks), "--out", str(out), "--model", "unet", "--model-arg", "depth=2",
-            "--model-arg", "width=8", "--input-size", "32", "--epochs", "2", "--batch-size", "4",
-            "--workers", "0", "--threads", "1", "--no-progress", "--vis-count", "2"]
+    argv = [
+        "--data",
+        str(shapes_masks),
+        "--out",
+        str(out),
+        "--model",
+        "unet",
+        "--model-arg",
+        "depth=2",
+        "--model-arg",
+        "width=8",
+        "--input-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--vis-count",
+        "2",
+    ]
     assert train_segmentation.cli(argv) == 0
     model, meta = load_trained(out)
     assert meta["task"] == "segmentation" and meta["arch"] == "unet"
@@ -100,9 +122,31 @@ def test_logits_are_scaled_to_the_original_size_before_the_argmax():
 
 def test_gan_training_writes_the_generator_and_a_sample_grid_per_epoch(digits_dir, trained_digits, tmp_path):
     out = tmp_path / "gan"
-    argv = ["--data", str(digits_dir / "test"), "--out", str(out), "--epochs", "2", "--width", "8",
-            "--latent-dim", "16", "--batch-size", "32", "--grid-size", "16", "--workers", "0", "--threads", "1",
-            "--score-classifier", str(trained_digits), "--score-samples", "200", "--no-progress"]
+    argv = [
+        "--data",
+        str(digits_dir / "test"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--width",
+        "8",
+        "--latent-dim",
+        "16",
+        "--batch-size",
+        "32",
+        "--grid-size",
+        "16",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--score-classifier",
+        str(trained_digits),
+        "--score-samples",
+        "200",
+        "--no-progress",
+    ]
     before = get_model("dcgan", latent_dim=16, channels=1, image_size=32, width=8).state_dict()
     assert train_gan.cli(argv) == 0
     model, meta = load_trained(out)
@@ -114,7 +158,9 @@ def test_gan_training_writes_the_generator_and_a_sample_grid_per_epoch(digits_di
         with Image.open(out / "samples" / f"epoch_{epoch:03d}.png") as grid:
             assert grid.size == (4 * 34 + 2, 4 * 34 + 2)  # 4 x 4 images of 32 px, 2 px padding
     rows = read_csv(out / "metrics.csv")
-    assert len(rows) == 2 and all(math.isfinite(float(r["train_d_loss"])) and math.isfinite(float(r["train_g_loss"])) for r in rows)
+    assert len(rows) == 2 and all(
+        math.isfinite(float(r["train_d_loss"])) and math.isfinite(float(r["train_g_loss"])) for r in rows
+    )
     # Inception Score with the digit classifier: 1 (one class, or no confidence) up to 10;
     # the real digits, which that classifier gets right, score far above the 2-epoch samples.
     assert all(1 <= float(r["val_inception_score"]) <= 10 and 1 <= int(r["val_classes_covered"]) <= 10 for r in rows)
@@ -129,8 +175,25 @@ def test_gan_training_writes_the_generator_and_a_sample_grid_per_epoch(digits_di
 
 def test_gan_resumes_both_networks_and_their_optimizers(digits_dir, tmp_path, capsys):
     out = tmp_path / "gan"
-    argv = ["--data", str(digits_dir / "test"), "--out", str(out), "--width", "8", "--latent-dim", "16", "--batch-size", "64",
-            "--grid-size", "4", "--workers", "0", "--threads", "1", "--no-progress"]
+    argv = [
+        "--data",
+        str(digits_dir / "test"),
+        "--out",
+        str(out),
+        "--width",
+        "8",
+        "--latent-dim",
+        "16",
+        "--batch-size",
+        "64",
+        "--grid-size",
+        "4",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     assert train_gan.cli(argv + ["--epochs", "1"]) == 0
     first = torch.load(out / "checkpoint.pt", weights_only=True)
     assert set(first["optimizer"]) == {"model", "disc"} and first["modules"]["disc"]
@@ -140,8 +203,11 @@ def test_gan_resumes_both_networks_and_their_optimizers(digits_dir, tmp_path, ca
     assert "after epoch 1" in err and "epoch 2/2" in err and "epoch 1/2" not in err
     second = torch.load(out / "checkpoint.pt", weights_only=True)
     assert second["state"]["epoch"] == 2 and len(read_csv(out / "metrics.csv")) == 2
-    assert any(not torch.equal(first["modules"]["disc"][k], second["modules"]["disc"][k])
-               for k in first["modules"]["disc"] if first["modules"]["disc"][k].is_floating_point())
+    assert any(
+        not torch.equal(first["modules"]["disc"][k], second["modules"]["disc"][k])
+        for k in first["modules"]["disc"]
+        if first["modules"]["disc"][k].is_floating_point()
+    )
 
 
 def test_latent_vectors_depend_only_on_the_seed():
@@ -156,10 +222,35 @@ def test_latent_vectors_depend_only_on_the_seed():
 
 def test_simclr_training_reports_knn_accuracy(digits_dir, tmp_path):
     out = tmp_path / "simclr"
-    argv = ["--data", str(digits_dir / "test"), "--eval-data", str(digits_dir / "test"), "--eval-val-fraction", "0.3",
-            "--channels", "1", "--hflip-prob", "0", "--model-arg", "widths=[8, 16, 32]", "--model-arg", "proj_hidden=32",
-            "--model-arg", "proj_dim=16", "--epochs", "2", "--batch-size", "128", "--workers", "0", "--threads", "1", "--no-progress",
-            "--out", str(out)]
+    argv = [
+        "--data",
+        str(digits_dir / "test"),
+        "--eval-data",
+        str(digits_dir / "test"),
+        "--eval-val-fraction",
+        "0.3",
+        "--channels",
+        "1",
+        "--hflip-prob",
+        "0",
+        "--model-arg",
+        "widths=[8, 16, 32]",
+        "--model-arg",
+        "proj_hidden=32",
+        "--model-arg",
+        "proj_dim=16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "128",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert train_simclr.cli(argv) == 0
     model, meta = load_trained(out)
     assert meta["task"] == "embedding" and meta["embedding_dim"] == 32
@@ -182,7 +273,7 @@ def test_nt_xent_loss_matches_its_definition():
     expected = 0.0
     for i in range(8):
         j = (i + 4) % 8
-        others = torch.cat([sim[i, :i], sim[i, i + 1:]])
+        others = torch.cat([sim[i, :i], sim[i, i + 1 :]])
         expected += -(sim[i, j] - torch.logsumexp(others, 0))
     assert nt_xent_loss(z1, z2, 0.5).item() == pytest.approx(expected.item() / 8, rel=1e-5)
     # Two views that agree exactly score better than unrelated views.
@@ -194,7 +285,9 @@ def test_knn_accuracy_on_separable_points():
     labels = torch.tensor([0, 0, 1, 1])
     query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 1.0]]), dim=1)
     assert train_simclr.knn_accuracy(bank, labels, query, torch.tensor([0, 1, 1]), k=2, num_classes=2) == 1.0
-    assert train_simclr.knn_accuracy(bank, labels, query, torch.tensor([1, 1, 1]), k=2, num_classes=2) == pytest.approx(2 / 3)
+    assert train_simclr.knn_accuracy(bank, labels, query, torch.tensor([1, 1, 1]), k=2, num_classes=2) == pytest.approx(
+        2 / 3
+    )
 
 
 # -- every entry point ---------------------------------------------------------------------

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import train_cli_args
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.preprocessing import eval_transform, load_image
+from tests.conftest import train_cli_args
 from training import train as train_mod
 from training.datasets import read_dataset
 
@@ -75,8 +75,9 @@ def run_error(capsys, argv: list[str]) -> str:
 
 
 def test_help_lists_every_flag_with_default():
-    result = subprocess.run([sys.executable, "-m", "training.train", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     text = result.stdout
     actions = [a for a in train_mod.get_args_parser()._actions if a.option_strings and a.dest != "help"]
@@ -94,7 +95,10 @@ def test_cli_missing_data_folder_subprocess(tmp_path):
     missing = tmp_path / "no_such_data"
     result = subprocess.run(
         [sys.executable, "-m", "training.train", *train_cli_args(missing, tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -35,10 +35,14 @@ def write_manifest(path: Path, entries: list[dict], defaults: dict | None = None
 @pytest.fixture(scope="module")
 def store(trained_digits, second_run, tmp_path_factory) -> Path:
     store = tmp_path_factory.mktemp("versioned_store")
-    manifest = write_manifest(store.parent / "models.yaml", [
-        {"name": "digits", "version": "1.0", "run": str(trained_digits), "task": "classification"},
-        {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"batch_size": 4}},
-    ], defaults={"max_batch_delay": 20, "topk": 10, "device": "cpu"})
+    manifest = write_manifest(
+        store.parent / "models.yaml",
+        [
+            {"name": "digits", "version": "1.0", "run": str(trained_digits), "task": "classification"},
+            {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"batch_size": 4}},
+        ],
+        defaults={"max_batch_delay": 20, "topk": 10, "device": "cpu"},
+    )
     assert archive.main(["--manifest", str(manifest), "--model-store", str(store)]) == 0
     return store
 
@@ -49,18 +53,25 @@ def test_batch_archival_with_a_broken_entry(trained_digits, second_run, tmp_path
     broken.mkdir()
     (broken / "model.json").write_text((trained_digits / "model.json").read_text())
     (broken / "model.pt").write_bytes((trained_digits / "model.pt").read_bytes()[:500])  # truncated
-    manifest = write_manifest(tmp_path / "models.yaml", [
-        {"name": "digits", "version": "1.0", "run": str(trained_digits)},
-        {"name": "broken", "version": "1.0", "run": "broken_run"},  # relative to the manifest
-        {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"workers": 2}},
-    ])
+    manifest = write_manifest(
+        tmp_path / "models.yaml",
+        [
+            {"name": "digits", "version": "1.0", "run": str(trained_digits)},
+            {"name": "broken", "version": "1.0", "run": "broken_run"},  # relative to the manifest
+            {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"workers": 2}},
+        ],
+    )
     assert archive.main(["--manifest", str(manifest), "--model-store", str(store), "--jobs", "2"]) == 1
     out, err = capsys.readouterr()
     table = {line.split()[0] + "/" + line.split()[1]: line for line in out.splitlines()[1:]}
     assert "failed: incomplete training output" in table["broken/1.0"] and "model.pt" in table["broken/1.0"]
     assert table["digits/1.0"].rstrip().endswith("built") and table["digits/2.0"].rstrip().endswith("built")
     assert "1 of 3" in err
-    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["catalog.json", "digits-1.0.mar", "digits-2.0.mar"]
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == [
+        "catalog.json",
+        "digits-1.0.mar",
+        "digits-2.0.mar",
+    ]
     catalog = Catalog(store).load()
     assert sorted(catalog) == ["digits/1.0", "digits/2.0"]
     assert catalog["digits/2.0"]["source"]["run"] == str(second_run)

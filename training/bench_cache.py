@@ -45,7 +45,9 @@ def epoch_seconds(run: Path) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench_cache", help="folder for the data and the runs (default: runs/bench_cache)")
+    p.add_argument(
+        "--out", default="runs/bench_cache", help="folder for the data and the runs (default: runs/bench_cache)"
+    )
     p.add_argument("--images", type=int, default=400, help="JPEGs written, split over 4 classes (default: 400)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per setting; the first is not counted (default: 4)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
@@ -57,9 +59,34 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for mode in ("none", "memory", "disk"):
         run = out / f"run_{mode}"
-        code = train.cli(["--data", str(data), "--out", str(run), "--force", "--model", "small_cnn", "--input-size", "64",
-                          "--resize-size", "72", "--epochs", str(args.epochs), "--batch-size", "32", "--patience", "0",
-                          "--workers", str(args.workers), "--threads", "1", "--no-progress", "--cache", mode])
+        code = train.cli(
+            [
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--force",
+                "--model",
+                "small_cnn",
+                "--input-size",
+                "64",
+                "--resize-size",
+                "72",
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                "32",
+                "--patience",
+                "0",
+                "--workers",
+                str(args.workers),
+                "--threads",
+                "1",
+                "--no-progress",
+                "--cache",
+                mode,
+            ]
+        )
         if code:
             return code
         seconds = epoch_seconds(run)
@@ -70,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, r in results.items():
         r["speed_up"] = round(base / r["later_epoch_s"], 2)
         print(f"{mode:<8} {r['first_epoch_s']:>12.2f} {r['later_epoch_s']:>17.2f} {r['speed_up']:>8.2f}x")
-    (out / "cache_benchmark.json").write_text(json.dumps({"images": args.images, "epochs": args.epochs, **results}, indent=2) + "\n")
+    (out / "cache_benchmark.json").write_text(
+        json.dumps({"images": args.images, "epochs": args.epochs, **results}, indent=2) + "\n"
+    )
     return 0
 
 

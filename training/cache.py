@@ -27,13 +27,17 @@ def shrink(image: Image.Image, side: int) -> Image.Image:
     scale = side / min(image.size)
     if scale >= 1:
         return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
+    )
 
 
 class MemoryCache:
     def __init__(self, paths: list[Path], channels: int, side: int, progress: bool = True):
         self.side, self.images = side, {}
-        for p in tqdm(sorted(set(paths)), desc="decoding into the memory cache", leave=False, disable=None if progress else True):
+        for p in tqdm(
+            sorted(set(paths)), desc="decoding into the memory cache", leave=False, disable=None if progress else True
+        ):
             try:
                 self.images[str(p)] = np.asarray(shrink(load_image(p, channels), side))
             except (ValueError, OSError) as e:

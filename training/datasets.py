@@ -115,7 +115,9 @@ def _read_folders(root: Path, classes: list[str] | None) -> DatasetSpec:
     if classes is not None:
         unknown = [n for n in names if n not in classes]
         if unknown:
-            raise DatasetError(f"class folder {root / unknown[0]} is not one of the training classes: {', '.join(classes)}")
+            raise DatasetError(
+                f"class folder {root / unknown[0]} is not one of the training classes: {', '.join(classes)}"
+            )
     spec = DatasetSpec(root, "folders", list(classes) if classes is not None else names)
     for folder in folders:
         images = sorted(p for p in folder.rglob("*") if is_image(p))
@@ -147,7 +149,9 @@ def _read_classes_txt(root: Path) -> list[str] | None:
     return names
 
 
-def _resolve_labels(raw: list[tuple[Path, list[str], str]], classes: list[str] | None, classes_file: str) -> tuple[list[str], list[Sample]]:
+def _resolve_labels(
+    raw: list[tuple[Path, list[str], str]], classes: list[str] | None, classes_file: str
+) -> tuple[list[str], list[Sample]]:
     """Turn label tokens into class indices. `raw` holds (image, tokens, where-for-errors)."""
     if classes is None:
         tokens = {t for _, toks, _ in raw for t in toks}
@@ -239,7 +243,9 @@ def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple
         val += group[:n_val]
         train += group[n_val:]
     if not val:
-        raise DatasetError(f"validation fraction {fraction} leaves no validation images; give --val-data or a larger fraction")
+        raise DatasetError(
+            f"validation fraction {fraction} leaves no validation images; give --val-data or a larger fraction"
+        )
     return train, val
 
 
@@ -268,7 +274,9 @@ def parse_split_source(text: str) -> tuple[float, int] | None:
 class ImageDataset(Dataset):
     """Samples → (tensor, target). An unreadable image yields Skipped (dropped and named)."""
 
-    def __init__(self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform, load=load_image):
+    def __init__(
+        self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform, load=load_image
+    ):
         self.samples, self.num_classes, self.multi_label = samples, num_classes, multi_label
         self.channels, self.transform, self.load = channels, transform, load
 

@@ -186,7 +186,9 @@ def read_voc(root: Path, classes: list[str] | None = None, split: str | None = N
         filename = (tree.findtext("filename") or "").strip() or f"{xml.stem}.jpg"
         image = img_dir / filename
         if not image.is_file():  # some tools write another extension than the file has
-            image = next((p for p in img_dir.glob(f"{Path(filename).stem}.*") if p.suffix.lower() in IMAGE_EXTENSIONS), image)
+            image = next(
+                (p for p in img_dir.glob(f"{Path(filename).stem}.*") if p.suffix.lower() in IMAGE_EXTENSIONS), image
+            )
         width, height = _image_size(image, str(xml))
         size = tree.find("size")
         if size is not None and size.findtext("width") and size.findtext("height"):
@@ -195,7 +197,9 @@ def read_voc(root: Path, classes: list[str] | None = None, split: str | None = N
             except ValueError:
                 raise DatasetError(f"{xml}: <size> width and height must be numbers") from None
             if declared != (width, height):
-                raise DatasetError(f"{xml}: <size> says {declared[0]}x{declared[1]} but image {image} is {width}x{height}")
+                raise DatasetError(
+                    f"{xml}: <size> says {declared[0]}x{declared[1]} but image {image} is {width}x{height}"
+                )
         objects = []
         for k, obj in enumerate(tree.findall("object"), start=1):
             where = f"{xml} object {k}"
@@ -214,14 +218,19 @@ def read_voc(root: Path, classes: list[str] | None = None, split: str | None = N
     if classes is None:
         classes = _read_class_names(root / "classes.txt")
     if classes is None:
-        classes, source = sorted({name for *_, objs in parsed for name, _, _ in objs}), "the names found in Annotations/"
+        classes, source = (
+            sorted({name for *_, objs in parsed for name, _, _ in objs}),
+            "the names found in Annotations/",
+        )
     index = {c: i for i, c in enumerate(classes)}
     spec = DetectionSpec(root, "voc", list(classes), annotation_files=[p[0] for p in parsed])
     for xml, image, width, height, objects in parsed:
         sample = DetSample(image, width, height, [], [])
         for name, box, where in objects:
             if name not in index:
-                raise DatasetError(f"{where}: class {name!r} is not one of the {len(classes)} classes ({source}): {', '.join(classes)}")
+                raise DatasetError(
+                    f"{where}: class {name!r} is not one of the {len(classes)} classes ({source}): {', '.join(classes)}"
+                )
             sample.boxes.append(check_box(box, width, height, where))
             sample.labels.append(index[name])
         spec.samples.append(sample)
@@ -260,14 +269,18 @@ def read_coco(root: Path, classes: list[str] | None = None) -> DetectionSpec:
     index = {c: i for i, c in enumerate(classes)}
     for cid, name in names.items():
         if name not in index:
-            raise DatasetError(f"{path}: category {cid} {name!r} is not one of the {len(classes)} training classes: {', '.join(classes)}")
+            raise DatasetError(
+                f"{path}: category {cid} {name!r} is not one of the {len(classes)} training classes: {', '.join(classes)}"
+            )
     spec = DetectionSpec(base, "coco", list(classes), annotation_files=[path])
     by_id = {}
     for im in data["images"]:
         image = img_dir / im["file_name"]
         width, height = _image_size(image, f"{path} image id {im['id']}")
         if (im.get("width"), im.get("height")) != (width, height):
-            raise DatasetError(f"{path} image id {im['id']}: declared {im.get('width')}x{im.get('height')} but {image} is {width}x{height}")
+            raise DatasetError(
+                f"{path} image id {im['id']}: declared {im.get('width')}x{im.get('height')} but {image} is {width}x{height}"
+            )
         by_id[im["id"]] = DetSample(image, width, height, [], [])
     for ann in data["annotations"]:
         where = f"{path} annotation id {ann.get('id')}"
@@ -277,12 +290,16 @@ def read_coco(root: Path, classes: list[str] | None = None) -> DetectionSpec:
         if sample is None:
             raise DatasetError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
         if ann.get("category_id") not in names:
-            raise DatasetError(f"{where} ({sample.path.name}): category_id {ann.get('category_id')} is not one of the categories {sorted(names)}")
+            raise DatasetError(
+                f"{where} ({sample.path.name}): category_id {ann.get('category_id')} is not one of the categories {sorted(names)}"
+            )
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
             raise DatasetError(f"{where} ({sample.path.name}): bbox must be [x, y, width, height], got {bbox!r}")
         x, y, w, h = bbox
-        sample.boxes.append(check_box([x, y, x + w, y + h], sample.width, sample.height, f"{where} ({sample.path.name})"))
+        sample.boxes.append(
+            check_box([x, y, x + w, y + h], sample.width, sample.height, f"{where} ({sample.path.name})")
+        )
         sample.labels.append(index[names[ann["category_id"]]])
     spec.samples = list(by_id.values())
     return spec
@@ -303,7 +320,11 @@ def read_masks(root: str | Path, classes: list[str] | None = None, check_values:
         classes = _read_class_names(root / "classes.txt")
         if classes is not None and classes[0].lower() not in ("background", "_background_", "bg"):
             classes = ["background", *classes]  # classes.txt without the background: its lines are 1, 2, ...
-    images = sorted(p for p in img_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    images = sorted(
+        p
+        for p in img_dir.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     if not images:
         raise DatasetError(f"no images in {img_dir}")
     samples, largest = [], 0
@@ -362,7 +383,9 @@ class DetectionDataset(Dataset):
         except (ValueError, OSError):
             return Skipped(s.path)
         boxes = tv_tensors.BoundingBoxes(
-            torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=(image.height, image.width)
+            torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(image.height, image.width),
         )
         tensor, boxes = self.transform(image, boxes)
         target = {"boxes": boxes.as_subclass(torch.Tensor), "labels": torch.tensor(s.labels, dtype=torch.int64) + 1}
@@ -388,7 +411,9 @@ class SegmentationDataset(Dataset):
                 mask = np.asarray(m, dtype=np.uint8).copy()
         except (ValueError, OSError):
             return Skipped(s.image)
-        image = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).reshape(image.height, image.width, -1).permute(2, 0, 1))
+        image = tv_tensors.Image(
+            torch.from_numpy(np.asarray(image).copy()).reshape(image.height, image.width, -1).permute(2, 0, 1)
+        )
         mask = tv_tensors.Mask(torch.from_numpy(mask).long())
         if self.transforms is not None:
             return self.transforms(image, mask)

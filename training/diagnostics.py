@@ -37,7 +37,9 @@ def layer_grad_norms(model: nn.Module) -> dict[str, float]:
 
 
 def grad_flags(norms: dict[str, float]) -> dict[str, str]:
-    return {k: "vanishing" if v < VANISHING else "exploding" for k, v in norms.items() if v < VANISHING or v > EXPLODING}
+    return {
+        k: "vanishing" if v < VANISHING else "exploding" for k, v in norms.items() if v < VANISHING or v > EXPLODING
+    }
 
 
 class GradNormLog:
@@ -58,7 +60,9 @@ class GradNormLog:
         self.rows += [{"epoch": epoch, "layer": k, "grad_norm": v, "flag": flags.get(k, "")} for k, v in norms.items()]
         self.sums, self.steps = defaultdict(float), 0
         write_rows(self.out / "grad_norms.csv", self.rows)
-        draw_per_layer(self.out / "grad_norms.png", self.rows, "grad_norm", "gradient norm per layer (log scale)", log=True)
+        draw_per_layer(
+            self.out / "grad_norms.png", self.rows, "grad_norm", "gradient norm per layer (log scale)", log=True
+        )
         return [f"gradient norm of {k} is {flags[k]} ({norms[k]:.2e})" for k in flags]
 
 
@@ -72,9 +76,17 @@ def activation_stats(model: nn.Module, x) -> list[dict]:
             if isinstance(output, torch.Tensor) and output.is_floating_point():
                 o = output.detach().float()
                 zeros = (o == 0).float().mean().item()
-                rows.append({"layer": name, "type": type(module).__name__, "mean": o.mean().item(),
-                             "std": o.std().item() if o.numel() > 1 else 0.0, "zero_fraction": zeros,
-                             "flag": ("dead ReLU" if "ReLU" in type(module).__name__ else "dead") if zeros >= DEAD else ""})
+                rows.append(
+                    {
+                        "layer": name,
+                        "type": type(module).__name__,
+                        "mean": o.mean().item(),
+                        "std": o.std().item() if o.numel() > 1 else 0.0,
+                        "zero_fraction": zeros,
+                        "flag": ("dead ReLU" if "ReLU" in type(module).__name__ else "dead") if zeros >= DEAD else "",
+                    }
+                )
+
         return fn
 
     for name, m in model.named_modules():
@@ -99,9 +111,18 @@ class ActivationLog:
         rows = [{"epoch": epoch, **r} for r in activation_stats(model, x)]
         self.rows += rows
         write_rows(self.out / "activations.csv", self.rows)
-        draw_per_layer(self.out / "activations.png", rows, "zero_fraction", f"share of zero outputs per layer, epoch {epoch}",
-                       second="std")
-        return [f"{r['layer']} ({r['type']}) is {r['flag']}: {r['zero_fraction']:.0%} of its outputs are 0" for r in rows if r["flag"]]
+        draw_per_layer(
+            self.out / "activations.png",
+            rows,
+            "zero_fraction",
+            f"share of zero outputs per layer, epoch {epoch}",
+            second="std",
+        )
+        return [
+            f"{r['layer']} ({r['type']}) is {r['flag']}: {r['zero_fraction']:.0%} of its outputs are 0"
+            for r in rows
+            if r["flag"]
+        ]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -111,7 +132,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def draw_per_layer(path: Path, rows: list[dict], column: str, title: str, log: bool = False, second: str | None = None) -> None:
+def draw_per_layer(
+    path: Path, rows: list[dict], column: str, title: str, log: bool = False, second: str | None = None
+) -> None:
     """Gradient norms: one line per layer over the epochs. Activations: bars per layer."""
     import matplotlib
 
@@ -131,7 +154,9 @@ def draw_per_layer(path: Path, rows: list[dict], column: str, title: str, log: b
         fig, axes = plt.subplots(2, 1, figsize=(max(8, len(rows) * 0.35), 7), sharex=True)
         names = [r["layer"] for r in rows]
         for ax, col, t in ((axes[0], column, title), (axes[1], second, f"output {second} per layer")):
-            ax.bar(range(len(rows)), [r[col] for r in rows], color=["tab:red" if r["flag"] else "tab:blue" for r in rows])
+            ax.bar(
+                range(len(rows)), [r[col] for r in rows], color=["tab:red" if r["flag"] else "tab:blue" for r in rows]
+            )
             ax.set(title=t)
         axes[1].set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
     fig.tight_layout()
@@ -163,6 +188,10 @@ class StepProfiler:
         self.prof.__exit__(None, None, None)
         self.out.mkdir(exist_ok=True)
         self.prof.export_chrome_trace(str(self.out / "trace.json"))
-        sort = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in self.prof.events()) else "self_cpu_time_total"
+        sort = (
+            "self_cuda_time_total"
+            if any(e.device_type.name == "CUDA" for e in self.prof.events())
+            else "self_cpu_time_total"
+        )
         (self.out / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
         self.prof, self.left = None, 0

@@ -43,8 +43,11 @@ def init(device: torch.device) -> None:
     """Join the process group torchrun set up: NCCL on CUDA, gloo on CPU. The timeout is long
     because rank 0 evaluates alone while the others wait."""
     if launched() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dt.timedelta(hours=2),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=dt.timedelta(hours=2),
+            device_id=device if device.type == "cuda" else None,
+        )
 
 
 def close() -> None:
@@ -100,7 +103,7 @@ class WeightedDistributedSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         draw = torch.multinomial(self.weights, self.num_samples * world_size(), replacement=True, generator=g)
-        return iter(draw[rank()::world_size()].tolist())
+        return iter(draw[rank() :: world_size()].tolist())
 
     def __len__(self) -> int:
         return self.num_samples

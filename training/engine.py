@@ -55,8 +55,17 @@ class TrainingError(RuntimeError):
 # -- the shared flags -----------------------------------------------------------------------
 
 # Defaults a task may set to suit its models; every other shared flag has one default everywhere.
-TASK_DEFAULTS = {"epochs", "batch_size", "lr", "weight_decay", "patience", "clip_grad_norm", "warmup_epochs", "min_lr_ratio",
-                 "bn_recalibration_batches"}
+TASK_DEFAULTS = {
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "patience",
+    "clip_grad_norm",
+    "warmup_epochs",
+    "min_lr_ratio",
+    "bn_recalibration_batches",
+}
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaults) -> argparse.ArgumentParser:
@@ -64,67 +73,176 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
     assert not unknown, unknown
     g = p.add_argument_group("optimization (every trainer)")
     g.add_argument("--epochs", type=int, default=10, help="maximum number of epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=32,
-                   help="images per step and process; under torchrun the global batch is this times the processes (default: %(default)s)")
-    g.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"), help="AdamW, or SGD with --momentum (default: %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per step and process; under torchrun the global batch is this times the processes (default: %(default)s)",
+    )
+    g.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=("adamw", "sgd"),
+        help="AdamW, or SGD with --momentum (default: %(default)s)",
+    )
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; AdamW's beta1 (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (default: %(default)s)")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length before the cosine decay (default: %(default)s)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final learning rate as a share of --lr; 1 = constant (default: %(default)s)")
-    g.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip the gradient norm to this value; 0 disables (default: %(default)s)")
-    g.add_argument("--patience", type=int, default=0,
-                   help="stop after this many epochs without a better validation metric; 0 disables (default: %(default)s)")
-    g.add_argument("--max-minutes", type=float, default=0.0,
-                   help="stop after the epoch that passes this many minutes of training; 0 = no limit (default: %(default)s)")
-    g.add_argument("--bn-recalibration-batches", type=int, default=50,
-                   help="before each evaluation, recompute BatchNorm statistics (cumulative average) over this many training "
-                        "batches in train mode; 0 disables (default: %(default)s)")
-    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
-                   help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) (default: %(default)s)")
+    g.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear warm-up length before the cosine decay (default: %(default)s)",
+    )
+    g.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.01,
+        help="final learning rate as a share of --lr; 1 = constant (default: %(default)s)",
+    )
+    g.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=0.0,
+        help="clip the gradient norm to this value; 0 disables (default: %(default)s)",
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="stop after this many epochs without a better validation metric; 0 disables (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="stop after the epoch that passes this many minutes of training; 0 = no limit (default: %(default)s)",
+    )
+    g.add_argument(
+        "--bn-recalibration-batches",
+        type=int,
+        default=50,
+        help="before each evaluation, recompute BatchNorm statistics (cumulative average) over this many training "
+        "batches in train mode; 0 disables (default: %(default)s)",
+    )
+    g.add_argument(
+        "--amp",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) (default: %(default)s)",
+    )
     g = p.add_argument_group("run (every trainer)")
-    g.add_argument("--out", default=None,
-                   help="output folder; an existing one needs --resume or --force (default: runs/<model>-<UTC date-time>)")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint.pt, or the output folder holding it, to continue from with the same flags (default: None)")
-    g.add_argument("--force", action="store_true", help="write into an existing --out folder, replacing its files (default: off)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; under torchrun each process takes its LOCAL_RANK's GPU (default: auto)")
-    g.add_argument("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes (default: off)")
-    g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="data-loading processes (default: min(2, cores))")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="random seed for the split, initialization and augmentation (default: %(default)s)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms only (slower on GPU) (default: off)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output folder; an existing one needs --resume or --force (default: runs/<model>-<UTC date-time>)",
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint.pt, or the output folder holding it, to continue from with the same flags (default: None)",
+    )
+    g.add_argument(
+        "--force", action="store_true", help="write into an existing --out folder, replacing its files (default: off)"
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N; under torchrun each process takes its LOCAL_RANK's GPU (default: auto)",
+    )
+    g.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes (default: off)"
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="data-loading processes (default: min(2, cores))",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default (default: %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed for the split, initialization and augmentation (default: %(default)s)",
+    )
+    g.add_argument(
+        "--deterministic", action="store_true", help="deterministic algorithms only (slower on GPU) (default: off)"
+    )
+    g.add_argument(
+        "--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)"
+    )
     if cache:
-        g.add_argument("--cache", default="none", choices=("none", "memory", "disk"),
-                       help="keep decoded, resized images in memory or in <out>/cache so later epochs skip decoding; "
-                            "augmentation still runs every epoch (default: %(default)s)")
+        g.add_argument(
+            "--cache",
+            default="none",
+            choices=("none", "memory", "disk"),
+            help="keep decoded, resized images in memory or in <out>/cache so later epochs skip decoding; "
+            "augmentation still runs every epoch (default: %(default)s)",
+        )
     g = p.add_argument_group("diagnostics (every trainer, written into --out)")
-    g.add_argument("--log-grad-norms", action="store_true",
-                   help="per-layer gradient norms each epoch, vanishing/exploding layers flagged: grad_norms.csv/.png (default: off)")
-    g.add_argument("--activation-stats", action="store_true",
-                   help="per-layer output mean, std and share of zeros on a fixed validation batch, dead layers flagged: "
-                        "activations.csv/.png (default: off)")
-    g.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="profile the first N training steps: profile/trace.json (Chrome trace) and profile/top_ops.txt (default: 0, off)")
+    g.add_argument(
+        "--log-grad-norms",
+        action="store_true",
+        help="per-layer gradient norms each epoch, vanishing/exploding layers flagged: grad_norms.csv/.png (default: off)",
+    )
+    g.add_argument(
+        "--activation-stats",
+        action="store_true",
+        help="per-layer output mean, std and share of zeros on a fixed validation batch, dead layers flagged: "
+        "activations.csv/.png (default: off)",
+    )
+    g.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile the first N training steps: profile/trace.json (Chrome trace) and profile/top_ops.txt (default: 0, off)",
+    )
     p.set_defaults(**defaults)
     return p
 
 
 # (lowest, highest, lowest allowed, highest allowed) of every numeric flag of every trainer
 RANGES = {
-    "epochs": (1, None, True, True), "batch_size": (1, None, True, True), "input_size": (8, None, True, True),
-    "resize_size": (8, None, True, True), "image_size": (8, None, True, True), "latent_dim": (1, None, True, True),
-    "width": (1, None, True, True), "knn_k": (1, None, True, True), "grid_size": (1, None, True, True),
-    "score_samples": (2, None, True, True), "lr": (0, None, True, True), "weight_decay": (0, None, True, True),
-    "momentum": (0, 1, True, False), "warmup_epochs": (0, None, True, True), "min_lr_ratio": (0, 1, True, True),
-    "clip_grad_norm": (0, None, True, True), "patience": (0, None, True, True), "max_minutes": (0, None, True, True),
-    "workers": (0, None, True, True), "threads": (0, None, True, True), "bn_recalibration_batches": (0, None, True, True),
-    "profile": (0, None, True, True), "hflip_prob": (0, 1, True, True), "vflip_prob": (0, 1, True, True),
-    "min_scale": (0, 1, False, True), "label_smoothing": (0, 1, True, False), "threshold": (0, 1, False, False),
-    "val_fraction": (0, 1, False, False), "eval_val_fraction": (0, 1, False, False), "temperature": (0, None, False, True),
-    "jitter": (0, None, True, True), "rotation": (0, 180, True, True), "pictures": (0, None, True, True),
+    "epochs": (1, None, True, True),
+    "batch_size": (1, None, True, True),
+    "input_size": (8, None, True, True),
+    "resize_size": (8, None, True, True),
+    "image_size": (8, None, True, True),
+    "latent_dim": (1, None, True, True),
+    "width": (1, None, True, True),
+    "knn_k": (1, None, True, True),
+    "grid_size": (1, None, True, True),
+    "score_samples": (2, None, True, True),
+    "lr": (0, None, True, True),
+    "weight_decay": (0, None, True, True),
+    "momentum": (0, 1, True, False),
+    "warmup_epochs": (0, None, True, True),
+    "min_lr_ratio": (0, 1, True, True),
+    "clip_grad_norm": (0, None, True, True),
+    "patience": (0, None, True, True),
+    "max_minutes": (0, None, True, True),
+    "workers": (0, None, True, True),
+    "threads": (0, None, True, True),
+    "bn_recalibration_batches": (0, None, True, True),
+    "profile": (0, None, True, True),
+    "hflip_prob": (0, 1, True, True),
+    "vflip_prob": (0, 1, True, True),
+    "min_scale": (0, 1, False, True),
+    "label_smoothing": (0, 1, True, False),
+    "threshold": (0, 1, False, False),
+    "val_fraction": (0, 1, False, False),
+    "eval_val_fraction": (0, 1, False, False),
+    "temperature": (0, None, False, True),
+    "jitter": (0, None, True, True),
+    "rotation": (0, 180, True, True),
+    "pictures": (0, None, True, True),
     "vis_count": (0, None, True, True),
 }
 
@@ -152,15 +270,21 @@ def resolve_device(name: str) -> torch.device:
     if not match:
         raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu (or auto)")
+        raise UsageError(
+            f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu (or auto)"
+        )
     if dist.launched():
         if match[1] is not None:
-            raise UsageError(f"--device {name}: under torchrun give --device cuda (or auto); each process takes the GPU of its LOCAL_RANK")
+            raise UsageError(
+                f"--device {name}: under torchrun give --device cuda (or auto); each process takes the GPU of its LOCAL_RANK"
+            )
         index = dist.local_rank()
     else:
         index = int(match[1] or 0)
     if index >= torch.cuda.device_count():
-        raise UsageError(f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise UsageError(
+            f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return torch.device("cuda", index)
 
 
@@ -204,7 +328,9 @@ def check_out(args) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
     if not args.resume and out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UsageError(f"--out {out} already holds files; give --resume {out} to continue that run or --force to overwrite it")
+        raise UsageError(
+            f"--out {out} already holds files; give --resume {out} to continue that run or --force to overwrite it"
+        )
 
 
 def load_resume(args) -> dict | None:
@@ -369,9 +495,17 @@ class Task:
         """Pictures drawn from the saved model at the end."""
 
     def loader(self, dataset, sampler=None, generator=None, drop_last=False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, shuffle=False, generator=generator,
-                          drop_last=drop_last, num_workers=self.args.workers, collate_fn=SkipCollate(type(self).collate),
-                          pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=self.args.workers,
+            collate_fn=SkipCollate(type(self).collate),
+            pin_memory=self.device.type == "cuda",
+        )
 
     def batches(self, loader, desc: str = ""):
         """The readable batches of `loader` behind a progress bar (rank 0); skipped files are noted."""
@@ -426,7 +560,7 @@ def fit(task: Task, args) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init(device)
-    stamp = dist.from_main(dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+    stamp = dist.from_main(dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
     args.out = args.out or f"runs/{args.model}-{stamp}"
     problem = None
     if dist.is_main():  # rank 0 alone: the others would see the folder it is about to fill
@@ -453,27 +587,43 @@ def fit(task: Task, args) -> dict:
         if world > 1 and any(p.requires_grad for p in m.parameters()):
             m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
         models[name] = m
-    sampler = dist.train_sampler(task.train_set, args.seed, task.sample_weights() if getattr(args, "balance", False) else None)
+    sampler = dist.train_sampler(
+        task.train_set, args.seed, task.sample_weights() if getattr(args, "balance", False) else None
+    )
     drop_last = task.drop_last and len(sampler) > args.batch_size
     steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
     if steps < 10 and any(has_batchnorm(m) for m in models.values()):
-        log(f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} process(es) give only "
+        log(
+            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} process(es) give only "
             f"{steps} step(s) per epoch: too few for BatchNorm's running statistics to follow the weights; they are "
-            f"recalibrated before each evaluation, but a smaller --batch-size trains better")
+            f"recalibrated before each evaluation, but a smaller --batch-size trains better"
+        )
 
     optimizers, schedulers, scalers, params = {}, {}, {}, {}
     for name, m in models.items():
         params[name] = [p for p in m.parameters() if p.requires_grad]
         if args.optimizer == "sgd":
-            optimizers[name] = torch.optim.SGD(params[name], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+            optimizers[name] = torch.optim.SGD(
+                params[name], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            )
         else:
             kw = {"betas": (args.momentum, 0.999), **task.optimizer_kwargs.get(name, {})}
             optimizers[name] = torch.optim.AdamW(params[name], lr=args.lr, weight_decay=args.weight_decay, **kw)
-        schedulers[name] = cosine_with_warmup(optimizers[name], round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio)
+        schedulers[name] = cosine_with_warmup(
+            optimizers[name], round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio
+        )
         scalers[name] = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
-    state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "stale_epochs": 0, "history": [],
-             "train_seconds": 0.0, "train_cpu_seconds": 0.0, "skipped_files": []}
+    state = {
+        "epoch": 0,
+        "best_metric": -math.inf,
+        "best_epoch": 0,
+        "stale_epochs": 0,
+        "history": [],
+        "train_seconds": 0.0,
+        "train_cpu_seconds": 0.0,
+        "skipped_files": [],
+    }
     if ckpt is not None:
         try:
             unwrap(models["model"]).load_state_dict(ckpt["model"])
@@ -484,7 +634,9 @@ def fit(task: Task, args) -> dict:
                 schedulers[name].load_state_dict(ckpt["lr_scheduler"][name])
                 scalers[name].load_state_dict(ckpt["scaler"][name])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UsageError(f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})") from None
+            raise UsageError(
+                f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})"
+            ) from None
         state = ckpt["state"]
         log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
 
@@ -496,10 +648,17 @@ def fit(task: Task, args) -> dict:
     main = dist.is_main()
     grads = GradNormLog(out) if args.log_grad_norms and main else None
     acts = ActivationLog(out) if args.activation_stats and main else None
-    meta = {**task.meta, "versions": task.meta.get("versions") or package_versions(),
-            "training": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                         "processes": world, "global_batch_size": args.batch_size * world,
-                         "amp": args.amp, "optimizer": args.optimizer}}
+    meta = {
+        **task.meta,
+        "versions": task.meta.get("versions") or package_versions(),
+        "training": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "processes": world,
+            "global_batch_size": args.batch_size * world,
+            "amp": args.amp,
+            "optimizer": args.optimizer,
+        },
+    }
 
     def update(loss: torch.Tensor, name: str = "model") -> None:
         if not torch.isfinite(loss) and amp_dtype != torch.float16:
@@ -522,8 +681,11 @@ def fit(task: Task, args) -> dict:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)  # only now: every input has been checked
-    log(f"{task.describe()}, on {device}" + (f" x {world} processes" if world > 1 else "")
-        + (f", AMP {args.amp}" if args.amp != "none" else ""))
+    log(
+        f"{task.describe()}, on {device}"
+        + (f" x {world} processes" if world > 1 else "")
+        + (f", AMP {args.amp}" if args.amp != "none" else "")
+    )
     profiler = StepProfiler(out, args.profile, device.type == "cuda") if args.profile and main else None
     started_wall = time.time()
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
@@ -549,8 +711,14 @@ def fit(task: Task, args) -> dict:
         train = {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
         if args.bn_recalibration_batches and any(has_batchnorm(m) for m in models.values()):
             calibration = getattr(task, "calibration_set", task.train_set)
-            recalibrate_batchnorm(task, models, task.loader(calibration, dist.train_sampler(calibration, args.seed + epoch)),
-                                  args.bn_recalibration_batches, autocast, no_update)
+            recalibrate_batchnorm(
+                task,
+                models,
+                task.loader(calibration, dist.train_sampler(calibration, args.seed + epoch)),
+                args.bn_recalibration_batches,
+                autocast,
+                no_update,
+            )
 
         va, stop = {}, None
         if main:
@@ -563,26 +731,44 @@ def fit(task: Task, args) -> dict:
             state["train_seconds"] += seconds
             state["train_cpu_seconds"] += time.process_time() - cpu_start
             state["skipped_files"] = sorted(set(state["skipped_files"]) | set(skipped))
-            row = {"epoch": epoch, "lr": optimizers["model"].param_groups[0]["lr"], **{f"train_{k}": v for k, v in train.items()},
-                   **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
-                   "skipped_images": len(skipped), "seconds": round(seconds, 2)}
+            row = {
+                "epoch": epoch,
+                "lr": optimizers["model"].param_groups[0]["lr"],
+                **{f"train_{k}": v for k, v in train.items()},
+                **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
+                "skipped_images": len(skipped),
+                "seconds": round(seconds, 2),
+            }
             state["history"].append(row)
             state["epoch"] = epoch
             improved = task.monitor is None or va[task.monitor] > state["best_metric"] or not state["best_epoch"]
             if improved:
-                state.update(best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0)
-                meta["metrics"] = {"name": task.metric_name, "best_val": va.get(task.monitor), "best_epoch": epoch,
-                                   **va, **task.extra_metrics}
-                meta["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                state.update(
+                    best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0
+                )
+                meta["metrics"] = {
+                    "name": task.metric_name,
+                    "best_val": va.get(task.monitor),
+                    "best_epoch": epoch,
+                    **va,
+                    **task.extra_metrics,
+                }
+                meta["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
                 save_model_files(out, models["model"], meta)
             else:
                 state["stale_epochs"] += 1
-            atomic_torch_save({"model": unwrap(models["model"]).state_dict(),
-                               "modules": {n: unwrap(models[n]).state_dict() for n in task.extra_modules},
-                               "optimizer": {n: o.state_dict() for n, o in optimizers.items()},
-                               "lr_scheduler": {n: s.state_dict() for n, s in schedulers.items()},
-                               "scaler": {n: s.state_dict() for n, s in scalers.items()},
-                               "state": state, "args": vars(args)}, out / "checkpoint.pt")
+            atomic_torch_save(
+                {
+                    "model": unwrap(models["model"]).state_dict(),
+                    "modules": {n: unwrap(models[n]).state_dict() for n in task.extra_modules},
+                    "optimizer": {n: o.state_dict() for n, o in optimizers.items()},
+                    "lr_scheduler": {n: s.state_dict() for n, s in schedulers.items()},
+                    "scaler": {n: s.state_dict() for n, s in scalers.items()},
+                    "state": state,
+                    "args": vars(args),
+                },
+                out / "checkpoint.pt",
+            )
             write_metrics(out, state["history"], task.panels)
             notes = []
             if grads:
@@ -606,12 +792,20 @@ def fit(task: Task, args) -> dict:
         return {}
     # model.json describes model.pt (the best epoch) and the whole run.
     final = read_meta(out)
-    final["metrics"].update(epochs_run=state["epoch"], train_seconds=round(state["train_seconds"], 1),
-                            train_cpu_seconds=round(state["train_cpu_seconds"], 1),
-                            skipped_images=len(state["skipped_files"]), skipped_files=state["skipped_files"][:1000])
+    final["metrics"].update(
+        epochs_run=state["epoch"],
+        train_seconds=round(state["train_seconds"], 1),
+        train_cpu_seconds=round(state["train_cpu_seconds"], 1),
+        skipped_images=len(state["skipped_files"]),
+        skipped_files=state["skipped_files"][:1000],
+    )
     atomic_write_bytes(out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
     task.finish(out)
-    best = f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; " if task.monitor else ""
+    best = (
+        f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; "
+        if task.monitor
+        else ""
+    )
     log(f"{best}wrote {out}/model.pt and model.json")
     return final
 
@@ -636,8 +830,12 @@ def recalibrate_batchnorm(task: Task, models: dict, loader, batches: int, autoca
     `calibration_set`: its training images as evaluation sees them, else its training set),
     so the saved model's eval-mode answers match the weights it has, however few steps an
     epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
-    layers = [m for model in models.values() for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = [
+        m
+        for model in models.values()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()

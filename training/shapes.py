@@ -36,8 +36,18 @@ from tqdm import tqdm
 CLASSES = ("rectangle", "ellipse", "triangle")
 LAYOUTS = ("voc", "coco", "masks")
 BACKGROUNDS = (
-    "astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field",
-    "immunohistochemistry", "coins", "grass", "gravel", "brick", "moon",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "grass",
+    "gravel",
+    "brick",
+    "moon",
 )
 
 
@@ -72,13 +82,18 @@ def random_background(rng: np.random.Generator, backgrounds: list[Image.Image], 
     return crop.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def shape_polygon(label: int, cx: float, cy: float, w: float, h: float, rng: np.random.Generator) -> list[tuple[float, float]]:
+def shape_polygon(
+    label: int, cx: float, cy: float, w: float, h: float, rng: np.random.Generator
+) -> list[tuple[float, float]]:
     """The outline of one shape centred at (cx, cy) inside a w x h box."""
     name = CLASSES[label]
     if name == "rectangle":
         return [(cx - w / 2, cy - h / 2), (cx + w / 2, cy - h / 2), (cx + w / 2, cy + h / 2), (cx - w / 2, cy + h / 2)]
     if name == "ellipse":
-        return [(cx + w / 2 * math.cos(t), cy + h / 2 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+        return [
+            (cx + w / 2 * math.cos(t), cy + h / 2 * math.sin(t))
+            for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)
+        ]
     # triangle: apex on one side of the box, base on the opposite side, in one of 4 directions
     apex = rng.uniform(-0.4, 0.4)
     direction = rng.integers(4)
@@ -97,8 +112,13 @@ def random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def paint_image(
-    rng: np.random.Generator, backgrounds: list[Image.Image], width: int, height: int,
-    max_shapes: int, min_frac: float = 0.12, max_frac: float = 0.4,
+    rng: np.random.Generator,
+    backgrounds: list[Image.Image],
+    width: int,
+    height: int,
+    max_shapes: int,
+    min_frac: float = 0.12,
+    max_frac: float = 0.4,
 ) -> tuple[Image.Image, np.ndarray, list[Shape]]:
     """One image, its class-index mask (0 = background) and its shapes."""
     image = random_background(rng, backgrounds, width, height)
@@ -159,8 +179,17 @@ def voc_xml(filename: str, width: int, height: int, shapes: list[Shape]) -> byte
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
-def generate(out: Path, layout: str, n: int, size: int, seed: int, max_shapes: int = 4, aspect: float = 1.0,
-             progress: bool = True, shape_size: tuple[float, float] = (0.12, 0.4)) -> Path:
+def generate(
+    out: Path,
+    layout: str,
+    n: int,
+    size: int,
+    seed: int,
+    max_shapes: int = 4,
+    aspect: float = 1.0,
+    progress: bool = True,
+    shape_size: tuple[float, float] = (0.12, 0.4),
+) -> Path:
     """Write `n` images with their annotations under `out` in `layout`; returns `out`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -177,9 +206,13 @@ def generate(out: Path, layout: str, n: int, size: int, seed: int, max_shapes: i
     if layout == "masks":
         (out / "masks").mkdir(exist_ok=True)
 
-    coco = {"info": {"description": "shapes on scikit-image photographs", "version": "1.0"}, "licenses": [],
-            "images": [], "annotations": [],
-            "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)]}
+    coco = {
+        "info": {"description": "shapes on scikit-image photographs", "version": "1.0"},
+        "licenses": [],
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CLASSES)],
+    }
     ids = []
     for i in tqdm(range(n), desc=f"shapes ({layout})", unit="img", disable=not progress):
         width = height = size
@@ -197,11 +230,17 @@ def generate(out: Path, layout: str, n: int, size: int, seed: int, max_shapes: i
             coco["images"].append({"id": i + 1, "file_name": f"{stem}.jpg", "width": width, "height": height})
             for s in shapes:
                 x1, y1, x2, y2 = s.box
-                coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": s.label + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": s.area, "iscrowd": 0,
-                    "segmentation": [[v for xy in s.polygon for v in xy]],
-                })
+                coco["annotations"].append(
+                    {
+                        "id": len(coco["annotations"]) + 1,
+                        "image_id": i + 1,
+                        "category_id": s.label + 1,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": s.area,
+                        "iscrowd": 0,
+                        "segmentation": [[v for xy in s.polygon for v in xy]],
+                    }
+                )
         else:
             image.save(img_dir / f"{stem}.png")
             Image.fromarray(mask, mode="L").save(out / "masks" / f"{stem}.png")
@@ -220,13 +259,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; must be empty or not exist unless --force (required)")
     p.add_argument("--layout", default="voc", choices=LAYOUTS, help="annotation layout to write (default: voc)")
     p.add_argument("--n", type=int, default=200, help="number of images (default: 200)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (the longer side with --aspect) (default: 256)")
+    p.add_argument(
+        "--size", type=int, default=256, help="image side in pixels (the longer side with --aspect) (default: 256)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
-    p.add_argument("--max-shapes", type=int, default=4, help="at most this many shapes per image, at least 1 (default: 4)")
-    p.add_argument("--shape-size", type=float, nargs=2, default=(0.12, 0.4), metavar=("MIN", "MAX"),
-                   help="shape width range as shares of the image's shorter side (default: 0.12 0.4)")
-    p.add_argument("--aspect", type=float, default=1.0,
-                   help="largest width/height (or height/width) ratio; 1.0 = square images (default: 1.0)")
+    p.add_argument(
+        "--max-shapes", type=int, default=4, help="at most this many shapes per image, at least 1 (default: 4)"
+    )
+    p.add_argument(
+        "--shape-size",
+        type=float,
+        nargs=2,
+        default=(0.12, 0.4),
+        metavar=("MIN", "MAX"),
+        help="shape width range as shares of the image's shorter side (default: 0.12 0.4)",
+    )
+    p.add_argument(
+        "--aspect",
+        type=float,
+        default=1.0,
+        help="largest width/height (or height/width) ratio; 1.0 = square images (default: 1.0)",
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
     return p
@@ -244,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_shapes < 1:
         problems.append(f"--max-shapes must be at least 1, got {args.max_shapes}")
     if not 0.02 <= args.shape_size[0] <= args.shape_size[1] <= 0.6:
-        problems.append(f"--shape-size needs 0.02 <= MIN <= MAX <= 0.6, got {args.shape_size[0]:g} {args.shape_size[1]:g}")
+        problems.append(
+            f"--shape-size needs 0.02 <= MIN <= MAX <= 0.6, got {args.shape_size[0]:g} {args.shape_size[1]:g}"
+        )
     if args.aspect < 1.0:
         problems.append(f"--aspect must be 1.0 or more, got {args.aspect}")
     if out.exists() and not out.is_dir():
@@ -254,8 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
-    generate(out, args.layout, args.n, args.size, args.seed, args.max_shapes, args.aspect,
-             progress=not args.no_progress, shape_size=tuple(args.shape_size))
+    generate(
+        out,
+        args.layout,
+        args.n,
+        args.size,
+        args.seed,
+        args.max_shapes,
+        args.aspect,
+        progress=not args.no_progress,
+        shape_size=tuple(args.shape_size),
+    )
     print(f"wrote {args.n} images ({args.layout} layout, classes: {', '.join(CLASSES)}) to {out}")
     return 0
 

@@ -27,34 +27,109 @@ from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset,
 
 class Classification(engine.Task):
     name, monitor = "classification", "accuracy"
-    panels = {"loss": ["train_loss", "val_loss"], "accuracy": ["train_accuracy", "val_accuracy"],
-              "f1": ["train_f1", "val_f1"]}
+    panels = {
+        "loss": ["train_loss", "val_loss"],
+        "accuracy": ["train_accuracy", "val_accuracy"],
+        "f1": ["train_f1", "val_f1"],
+    }
 
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = p.add_argument_group("data")
         g.add_argument("--data", required=True, help="training dataset folder (required)")
-        g.add_argument("--layout", default="auto", choices=LAYOUTS,
-                       help="dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt (default: auto, detected)")
-        g.add_argument("--val-data", default=None, help="validation dataset folder; if not given a stratified share of --data is held out (default: None)")
-        g.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for validation when --val-data is not given (default: 0.2)")
-        g.add_argument("--balance", action="store_true", help="sample classes equally often (weighted sampler) for class-imbalanced data (default: off)")
-        g.add_argument("--multi-label", action="store_true",
-                       help="train with sigmoid/BCE and multi-label output even if every image has one label (default: off; on automatically when an image has several labels)")
-        g.add_argument("--threshold", type=float, default=0.5, help="probability over which a label is predicted, multi-label only (default: 0.5)")
+        g.add_argument(
+            "--layout",
+            default="auto",
+            choices=LAYOUTS,
+            help="dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt (default: auto, detected)",
+        )
+        g.add_argument(
+            "--val-data",
+            default=None,
+            help="validation dataset folder; if not given a stratified share of --data is held out (default: None)",
+        )
+        g.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.2,
+            help="share of each class held out for validation when --val-data is not given (default: 0.2)",
+        )
+        g.add_argument(
+            "--balance",
+            action="store_true",
+            help="sample classes equally often (weighted sampler) for class-imbalanced data (default: off)",
+        )
+        g.add_argument(
+            "--multi-label",
+            action="store_true",
+            help="train with sigmoid/BCE and multi-label output even if every image has one label (default: off; on automatically when an image has several labels)",
+        )
+        g.add_argument(
+            "--threshold",
+            type=float,
+            default=0.5,
+            help="probability over which a label is predicted, multi-label only (default: 0.5)",
+        )
         g = p.add_argument_group("model and preprocessing")
-        g.add_argument("--model", default="small_cnn", help="registered model name, see `python -m model_defs` (default: small_cnn)")
-        g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra keyword argument for the model builder, value parsed as YAML; repeatable (default: none)")
-        g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 = train on grey images, 3 = RGB (default: the model's data config)")
-        g.add_argument("--input-size", type=int, default=None, help="center-crop / training crop size in pixels (default: the model's data config)")
-        g.add_argument("--resize-size", type=int, default=None, help="shorter side before the center crop at eval (default: the model's data config)")
-        g.add_argument("--weights-path", default=None, help="local state_dict to start from (transfer learning; models that accept it) (default: None)")
-        g.add_argument("--freeze-backbone", action="store_true", help="train only the new head (models that accept it) (default: off)")
-        g.add_argument("--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training augmentation; 0 for digits and text (default: 0.5)")
-        g.add_argument("--min-scale", type=float, default=0.6, help="smallest area share of the random resized crop (default: 0.6)")
-        g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy loss (default: 0.0)")
-        return engine.add_engine_args(p, cache=True, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0)
+        g.add_argument(
+            "--model",
+            default="small_cnn",
+            help="registered model name, see `python -m model_defs` (default: small_cnn)",
+        )
+        g.add_argument(
+            "--model-arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="extra keyword argument for the model builder, value parsed as YAML; repeatable (default: none)",
+        )
+        g.add_argument(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            default=None,
+            help="1 = train on grey images, 3 = RGB (default: the model's data config)",
+        )
+        g.add_argument(
+            "--input-size",
+            type=int,
+            default=None,
+            help="center-crop / training crop size in pixels (default: the model's data config)",
+        )
+        g.add_argument(
+            "--resize-size",
+            type=int,
+            default=None,
+            help="shorter side before the center crop at eval (default: the model's data config)",
+        )
+        g.add_argument(
+            "--weights-path",
+            default=None,
+            help="local state_dict to start from (transfer learning; models that accept it) (default: None)",
+        )
+        g.add_argument(
+            "--freeze-backbone",
+            action="store_true",
+            help="train only the new head (models that accept it) (default: off)",
+        )
+        g.add_argument(
+            "--hflip-prob",
+            type=float,
+            default=0.5,
+            help="horizontal-flip probability in training augmentation; 0 for digits and text (default: 0.5)",
+        )
+        g.add_argument(
+            "--min-scale", type=float, default=0.6, help="smallest area share of the random resized crop (default: 0.6)"
+        )
+        g.add_argument(
+            "--label-smoothing",
+            type=float,
+            default=0.0,
+            help="label smoothing of the cross-entropy loss (default: 0.0)",
+        )
+        return engine.add_engine_args(
+            p, cache=True, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0
+        )
 
     def check(self, args) -> None:
         for flag, key in ((args.weights_path, "weights_path"), (args.freeze_backbone, "freeze_backbone")):
@@ -65,10 +140,15 @@ class Classification(engine.Task):
         spec = read_dataset(args.data, args.layout)
         classes = spec.classes
         if len(classes) < 2:
-            raise DatasetError(f"{args.data} (layout {spec.layout}) holds {len(classes)} class ({', '.join(classes)}): "
-                               f"a classifier needs at least 2; is --layout right?")
+            raise DatasetError(
+                f"{args.data} (layout {spec.layout}) holds {len(classes)} class ({', '.join(classes)}): "
+                f"a classifier needs at least 2; is --layout right?"
+            )
         if args.val_data:
-            self.train_samples, val_samples = spec.samples, read_dataset(args.val_data, args.layout, classes=classes).samples
+            self.train_samples, val_samples = (
+                spec.samples,
+                read_dataset(args.val_data, args.layout, classes=classes).samples,
+            )
         else:
             self.train_samples, val_samples = stratified_split(spec.samples, args.val_fraction, args.seed)
         self.multi_label = args.multi_label or spec.multi_label
@@ -79,7 +159,8 @@ class Classification(engine.Task):
             self.metric_name = "accuracy"
             self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         cfg = get_entry(args.model, task="classification").data_config.replace(
-            channels=args.channels, input_size=args.input_size, resize_size=args.resize_size)
+            channels=args.channels, input_size=args.input_size, resize_size=args.resize_size
+        )
         fixed = {"num_classes": len(classes)}
         if engine.builder_accepts(args.model, "classification", "in_channels"):
             fixed["in_channels"] = cfg.channels
@@ -91,20 +172,42 @@ class Classification(engine.Task):
         self.model, kwargs = engine.build_model(args.model, "classification", args.model_arg, **fixed, **start)
         arch_args = {k: v for k, v in kwargs.items() if k not in start}  # the start weights are in model.pt
         load = decoder(args.cache, cfg, Path(args.out) / "cache", [s.path for s in self.train_samples + val_samples])
-        self.train_set = ImageDataset(self.train_samples, len(classes), self.multi_label, cfg.channels,
-                                      train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale), load)
-        self.val_set = ImageDataset(val_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load)
-        self.calibration_set = ImageDataset(self.train_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load)
+        self.train_set = ImageDataset(
+            self.train_samples,
+            len(classes),
+            self.multi_label,
+            cfg.channels,
+            train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale),
+            load,
+        )
+        self.val_set = ImageDataset(
+            val_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load
+        )
+        self.calibration_set = ImageDataset(
+            self.train_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load
+        )
         self.meta = {
-            "arch": args.model, "arch_args": arch_args, "task": "classification", "multi_label": self.multi_label,
-            "threshold": args.threshold, "classes": classes, "preprocessing": cfg.to_dict(),
-            "dataset": {"root": str(Path(args.data).resolve()), "layout": spec.layout, "train_images": len(self.train_samples),
-                        "val_images": len(val_samples), "val_source": args.val_data or split_source(args.val_fraction, args.seed),
-                        "fingerprint": spec.fingerprint()},
+            "arch": args.model,
+            "arch_args": arch_args,
+            "task": "classification",
+            "multi_label": self.multi_label,
+            "threshold": args.threshold,
+            "classes": classes,
+            "preprocessing": cfg.to_dict(),
+            "dataset": {
+                "root": str(Path(args.data).resolve()),
+                "layout": spec.layout,
+                "train_images": len(self.train_samples),
+                "val_images": len(val_samples),
+                "val_source": args.val_data or split_source(args.val_fraction, args.seed),
+                "fingerprint": spec.fingerprint(),
+            },
             "init_weights": args.weights_path,
         }
-        self.describe = lambda: (f"{args.model}: {len(classes)} classes, {len(self.train_samples)} train / {len(val_samples)} val images, "
-                                 f"{'multi-label' if self.multi_label else 'single-label'}, {cfg.channels}x{cfg.input_size}px")
+        self.describe = lambda: (
+            f"{args.model}: {len(classes)} classes, {len(self.train_samples)} train / {len(val_samples)} val images, "
+            f"{'multi-label' if self.multi_label else 'single-label'}, {cfg.channels}x{cfg.input_size}px"
+        )
 
     def sample_weights(self):
         if self.multi_label:

@@ -23,8 +23,14 @@ from torchmetrics.detection import MeanAveragePrecision
 from model_defs import get_entry
 from model_defs.checkpoint import load_trained
 from model_defs.detection import detect_answers
-from model_defs.preprocessing import (boxes_to_original, detection_eval_transform, detection_input, detection_size,
-                                      detection_train_transform, load_image)
+from model_defs.preprocessing import (
+    boxes_to_original,
+    detection_eval_transform,
+    detection_input,
+    detection_size,
+    detection_train_transform,
+    load_image,
+)
 from training import engine
 from training.datasets import random_split
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, read_detection
@@ -38,50 +44,111 @@ class Detection(engine.Task):
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = p.add_argument_group("data")
-        g.add_argument("--data", required=True, help="training dataset: VOC folder, COCO folder or COCO .json (required)")
-        g.add_argument("--layout", default="auto", choices=DETECTION_LAYOUTS, help="annotation layout (default: auto, detected)")
-        g.add_argument("--val-data", default=None, help="validation dataset; if not given --val-fraction of --data is held out (default: None)")
-        g.add_argument("--val-fraction", type=float, default=0.2, help="share of the images held out for validation without --val-data (default: 0.2)")
+        g.add_argument(
+            "--data", required=True, help="training dataset: VOC folder, COCO folder or COCO .json (required)"
+        )
+        g.add_argument(
+            "--layout", default="auto", choices=DETECTION_LAYOUTS, help="annotation layout (default: auto, detected)"
+        )
+        g.add_argument(
+            "--val-data",
+            default=None,
+            help="validation dataset; if not given --val-fraction of --data is held out (default: None)",
+        )
+        g.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.2,
+            help="share of the images held out for validation without --val-data (default: 0.2)",
+        )
         g = p.add_argument_group("model")
-        g.add_argument("--model", default="fasterrcnn_mobilenet_320", help="registered detection model, see `python -m model_defs` (default: fasterrcnn_mobilenet_320)")
-        g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="extra builder argument, value parsed as YAML; repeatable (default: none)")
-        g.add_argument("--input-size", type=int, default=None, help="longer image side the model sees, in pixels (default: the model's data config)")
-        g.add_argument("--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training (default: 0.5)")
-        g.add_argument("--vflip-prob", type=float, default=0.0, help="vertical-flip probability in training (default: 0.0)")
-        g.add_argument("--select-metric", default="map_50", choices=("map_50", "map"), help="validation metric that picks the saved epoch (default: map_50)")
-        g.add_argument("--pictures", type=int, default=8, help="validation images drawn into detections.png at the end; 0 = none (default: 8)")
+        g.add_argument(
+            "--model",
+            default="fasterrcnn_mobilenet_320",
+            help="registered detection model, see `python -m model_defs` (default: fasterrcnn_mobilenet_320)",
+        )
+        g.add_argument(
+            "--model-arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="extra builder argument, value parsed as YAML; repeatable (default: none)",
+        )
+        g.add_argument(
+            "--input-size",
+            type=int,
+            default=None,
+            help="longer image side the model sees, in pixels (default: the model's data config)",
+        )
+        g.add_argument(
+            "--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training (default: 0.5)"
+        )
+        g.add_argument(
+            "--vflip-prob", type=float, default=0.0, help="vertical-flip probability in training (default: 0.0)"
+        )
+        g.add_argument(
+            "--select-metric",
+            default="map_50",
+            choices=("map_50", "map"),
+            help="validation metric that picks the saved epoch (default: map_50)",
+        )
+        g.add_argument(
+            "--pictures",
+            type=int,
+            default=8,
+            help="validation images drawn into detections.png at the end; 0 = none (default: 8)",
+        )
         # No BatchNorm recalibration by default: torchvision's detection references keep BatchNorm
         # frozen, and a detector trained a few steps from scratch answers nothing once recalibrated.
-        return engine.add_engine_args(p, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, clip_grad_norm=10.0,
-                                      bn_recalibration_batches=0)
+        return engine.add_engine_args(
+            p, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, clip_grad_norm=10.0, bn_recalibration_batches=0
+        )
 
     def setup(self, args) -> None:
         self.monitor = self.metric_name = args.select_metric
         spec = read_detection(args.data, args.layout)
         classes = spec.classes
         if args.val_data:
-            train_samples, self.val_samples = spec.samples, read_detection(args.val_data, args.layout, classes=classes).samples
+            train_samples, self.val_samples = (
+                spec.samples,
+                read_detection(args.val_data, args.layout, classes=classes).samples,
+            )
         else:
             train_samples, self.val_samples = random_split(spec.samples, args.val_fraction, args.seed, args.data)
-        cfg = get_entry(args.model, task="detection").data_config.replace(input_size=args.input_size, resize_size=args.input_size)
+        cfg = get_entry(args.model, task="detection").data_config.replace(
+            input_size=args.input_size, resize_size=args.input_size
+        )
         self.size, self.classes = cfg.input_size, classes
-        self.model, arch_args = engine.build_model(args.model, "detection", args.model_arg, num_classes=len(classes), image_size=self.size)
-        self.train_set = DetectionDataset(train_samples, detection_train_transform(self.size, args.hflip_prob, args.vflip_prob))
+        self.model, arch_args = engine.build_model(
+            args.model, "detection", args.model_arg, num_classes=len(classes), image_size=self.size
+        )
+        self.train_set = DetectionDataset(
+            train_samples, detection_train_transform(self.size, args.hflip_prob, args.vflip_prob)
+        )
         self.val_set = DetectionDataset(self.val_samples, detection_eval_transform(self.size))
         self.meta = {
-            "arch": args.model, "arch_args": arch_args, "task": "detection",
-            "classes": classes, "classes_note": "background excluded: model label k is classes[k - 1]",
+            "arch": args.model,
+            "arch_args": arch_args,
+            "task": "detection",
+            "classes": classes,
+            "classes_note": "background excluded: model label k is classes[k - 1]",
             "preprocessing": cfg.to_dict(),
             "preprocessing_note": "resize so the longer side is input_size (no crop), float [0, 1]; the model normalizes with mean/std",
-            "dataset": {"root": str(Path(args.data).resolve()), "layout": spec.layout,
-                        "train_images": len(train_samples), "val_images": len(self.val_samples),
-                        "train_boxes": sum(len(s.boxes) for s in train_samples),
-                        "val_source": args.val_data or f"random {args.val_fraction} of --data (seed {args.seed})",
-                        "fingerprint": spec.fingerprint()},
+            "dataset": {
+                "root": str(Path(args.data).resolve()),
+                "layout": spec.layout,
+                "train_images": len(train_samples),
+                "val_images": len(self.val_samples),
+                "train_boxes": sum(len(s.boxes) for s in train_samples),
+                "val_source": args.val_data or f"random {args.val_fraction} of --data (seed {args.seed})",
+                "fingerprint": spec.fingerprint(),
+            },
             "versions": engine.package_versions("torchmetrics", "pycocotools"),
         }
-        self.describe = lambda: (f"{args.model}: {len(classes)} classes ({', '.join(classes)}), {len(train_samples)} train / "
-                                 f"{len(self.val_samples)} val images, longer side {self.size}px")
+        self.describe = lambda: (
+            f"{args.model}: {len(classes)} classes ({', '.join(classes)}), {len(train_samples)} train / "
+            f"{len(self.val_samples)} val images, longer side {self.size}px"
+        )
 
     @staticmethod
     def collate(items):
@@ -99,16 +166,29 @@ class Detection(engine.Task):
 
     def evaluate(self, model) -> dict:
         """mAP in the original images' pixels: predictions go back through boxes_to_original."""
-        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)  # rank 0 alone
+        metric = MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False
+        )  # rank 0 alone
         for images, _, indices in self.batches(self.loader(self.val_set), "val"):
             preds, truths = [], []
             for out, i in zip(model(images), indices):
                 s = self.val_samples[i]
                 w, h = detection_size(s.width, s.height, self.size)
-                preds.append({"boxes": boxes_to_original(out["boxes"].float().cpu(), (w / s.width, h / s.height), (s.width, s.height)),
-                              "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
-                truths.append({"boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
-                               "labels": torch.tensor(s.labels, dtype=torch.int64) + 1})
+                preds.append(
+                    {
+                        "boxes": boxes_to_original(
+                            out["boxes"].float().cpu(), (w / s.width, h / s.height), (s.width, s.height)
+                        ),
+                        "scores": out["scores"].float().cpu(),
+                        "labels": out["labels"].cpu(),
+                    }
+                )
+                truths.append(
+                    {
+                        "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor(s.labels, dtype=torch.int64) + 1,
+                    }
+                )
             metric.update(preds, truths)
         result = metric.compute()
         return {"map_50": float(result["map_50"]), "map": float(result["map"])}

@@ -35,27 +35,57 @@ from training.unlabeled import UnlabeledImages, find_images, fingerprint
 
 class GAN(engine.Task):
     name, metric_name, drop_last = "generation", "sample grid", True
-    panels = {"loss": ["train_d_loss", "train_g_loss"], "discriminator output": ["train_d_real", "train_d_fake"],
-              "Inception Score (score classifier)": ["val_inception_score"]}
+    panels = {
+        "loss": ["train_d_loss", "train_g_loss"],
+        "discriminator output": ["train_d_real", "train_d_fake"],
+        "Inception Score (score classifier)": ["val_inception_score"],
+    }
 
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = p.add_argument_group("data and model")
         g.add_argument("--data", required=True, help="folder of training images, searched recursively (required)")
         g.add_argument("--model", default="dcgan", help="registered generation model (default: dcgan)")
-        g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 = grey images, 3 = RGB (default: the model's data config, 1)")
-        g.add_argument("--image-size", type=int, default=None, help="generated image side, a power of two >= 8 (default: the model's data config, 32)")
+        g.add_argument(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            default=None,
+            help="1 = grey images, 3 = RGB (default: the model's data config, 1)",
+        )
+        g.add_argument(
+            "--image-size",
+            type=int,
+            default=None,
+            help="generated image side, a power of two >= 8 (default: the model's data config, 32)",
+        )
         g.add_argument("--latent-dim", type=int, default=64, help="length of the latent vector z (default: 64)")
-        g.add_argument("--width", type=int, default=64, help="channels of the generator's last and the discriminator's first layer (default: 64)")
-        g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both networks (default: 0.5, as in DCGAN)")
+        g.add_argument(
+            "--width",
+            type=int,
+            default=64,
+            help="channels of the generator's last and the discriminator's first layer (default: 64)",
+        )
+        g.add_argument(
+            "--beta1", type=float, default=0.5, help="Adam beta1 of both networks (default: 0.5, as in DCGAN)"
+        )
         g.add_argument("--grid-size", type=int, default=64, help="images in each epoch's sample grid (default: 64)")
-        g.add_argument("--grid-seed", type=int, default=0, help="seed of the sample grid's fixed latent vectors (default: 0)")
-        g.add_argument("--score-classifier", default=None,
-                       help="a trained classifier's output folder (e.g. runs/digits) that scores each epoch's samples: "
-                            "Inception Score computed with it, and the classes it sees (default: None: no score)")
-        g.add_argument("--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)")
+        g.add_argument(
+            "--grid-seed", type=int, default=0, help="seed of the sample grid's fixed latent vectors (default: 0)"
+        )
+        g.add_argument(
+            "--score-classifier",
+            default=None,
+            help="a trained classifier's output folder (e.g. runs/digits) that scores each epoch's samples: "
+            "Inception Score computed with it, and the classes it sees (default: None: no score)",
+        )
+        g.add_argument(
+            "--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)"
+        )
         # DCGAN's schedule: Adam (no weight decay) at a constant learning rate.
-        return engine.add_engine_args(p, cache=True, epochs=20, batch_size=64, lr=2e-4, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0)
+        return engine.add_engine_args(
+            p, cache=True, epochs=20, batch_size=64, lr=2e-4, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0
+        )
 
     def check(self, args) -> None:
         if args.image_size is not None and (args.image_size < 8 or args.image_size & (args.image_size - 1)):
@@ -67,8 +97,15 @@ class GAN(engine.Task):
         entry = get_entry(args.model, task="generation")
         size = args.image_size or entry.data_config.input_size
         self.cfg = cfg = entry.data_config.replace(channels=args.channels, input_size=size, resize_size=size)
-        self.model, arch_args = engine.build_model(args.model, "generation", [], latent_dim=args.latent_dim,
-                                                   channels=cfg.channels, image_size=size, width=args.width)
+        self.model, arch_args = engine.build_model(
+            args.model,
+            "generation",
+            [],
+            latent_dim=args.latent_dim,
+            channels=cfg.channels,
+            image_size=size,
+            width=args.width,
+        )
         self.extra_modules = {"disc": dcgan_discriminator(channels=cfg.channels, image_size=size, width=args.width)}
         self.optimizer_kwargs = {name: {"betas": (args.beta1, 0.999)} for name in ("model", "disc")}
         paths = find_images(args.data)
@@ -79,20 +116,34 @@ class GAN(engine.Task):
         self.fixed_z = latent_vectors(args.grid_seed, args.grid_size, args.latent_dim)
         self.score_z = latent_vectors(args.grid_seed + 1, args.score_samples, args.latent_dim)
         self.meta = {
-            "arch": args.model, "arch_args": arch_args, "task": "generation", "classes": [], "preprocessing": cfg.to_dict(),
-            "dataset": {"root": str(Path(args.data).resolve()), "layout": "unlabeled images",
-                        "train_images": len(paths), "fingerprint": fingerprint(args.data, paths)},
+            "arch": args.model,
+            "arch_args": arch_args,
+            "task": "generation",
+            "classes": [],
+            "preprocessing": cfg.to_dict(),
+            "dataset": {
+                "root": str(Path(args.data).resolve()),
+                "layout": "unlabeled images",
+                "train_images": len(paths),
+                "fingerprint": fingerprint(args.data, paths),
+            },
         }
         self.describe = lambda: f"{args.model}: {len(paths)} images, {cfg.channels}x{size}px, latent {args.latent_dim}"
         if self.scorer is not None:
             # Evenly spread over the sorted files, so class folders are all represented.
             picks = torch.linspace(0, len(paths) - 1, min(len(paths), args.score_samples)).round().long().unique()
-            real = self.scorer(torch.stack([x for i in picks.tolist() if not isinstance(x := self.train_set[i], Skipped)]))
+            real = self.scorer(
+                torch.stack([x for i in picks.tolist() if not isinstance(x := self.train_set[i], Skipped)])
+            )
             self.metric_name = "inception_score"
-            self.extra_metrics = {"score_classifier": str(Path(args.score_classifier).resolve()),
-                                  "real_inception_score": real["inception_score"]}
-            engine.log(f"real images: Inception Score {real['inception_score']:.2f}, {real['classes_covered']}/"
-                       f"{len(self.scorer.classes)} classes (the reference for the samples)")
+            self.extra_metrics = {
+                "score_classifier": str(Path(args.score_classifier).resolve()),
+                "real_inception_score": real["inception_score"],
+            }
+            engine.log(
+                f"real images: Inception Score {real['inception_score']:.2f}, {real['classes_covered']}/"
+                f"{len(self.scorer.classes)} classes (the reference for the samples)"
+            )
 
     def probe_input(self):
         return self.fixed_z
@@ -102,14 +153,19 @@ class GAN(engine.Task):
         fake = gen(torch.randn(n, self.args.latent_dim, device=batch.device))
         logits = disc(torch.cat([batch, fake.detach()])).float()  # one pass: DDP allows one forward per backward
         real_logits, fake_logits = logits[:n], logits[n:]
-        d_loss = (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-                  + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        d_loss = F.binary_cross_entropy_with_logits(
+            real_logits, torch.ones_like(real_logits)
+        ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
         update(d_loss, "disc")
         gen_logits = disc(fake).float()
         g_loss = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
         update(g_loss, "model")
-        return n, {"d_loss": d_loss.item(), "g_loss": g_loss.item(), "d_real": torch.sigmoid(real_logits).mean().item(),
-                   "d_fake": torch.sigmoid(fake_logits).mean().item()}
+        return n, {
+            "d_loss": d_loss.item(),
+            "g_loss": g_loss.item(),
+            "d_real": torch.sigmoid(real_logits).mean().item(),
+            "d_fake": torch.sigmoid(fake_logits).mean().item(),
+        }
 
     def evaluate(self, gen) -> dict:
         """The epoch's sample grid (generator in eval mode, as served) and its score."""
@@ -118,11 +174,15 @@ class GAN(engine.Task):
         grid.parent.mkdir(exist_ok=True)
         images = gen(self.fixed_z.to(self.device)).float().cpu()
         mean, std = torch.tensor(self.cfg.mean).view(1, -1, 1, 1), torch.tensor(self.cfg.std).view(1, -1, 1, 1)
-        torchvision.utils.save_image(images * std + mean, grid, nrow=max(1, round(len(images) ** 0.5)), padding=2, pad_value=1.0)
+        torchvision.utils.save_image(
+            images * std + mean, grid, nrow=max(1, round(len(images) ** 0.5)), padding=2, pad_value=1.0
+        )
         (out / "samples.png").write_bytes(grid.read_bytes())
         result = {"sample_grid": str(grid.relative_to(out))}
         if self.scorer is not None:
-            result.update(self.scorer(torch.cat([gen(z.to(self.device)).float().cpu() for z in self.score_z.split(256)])))
+            result.update(
+                self.scorer(torch.cat([gen(z.to(self.device)).float().cpu() for z in self.score_z.split(256)]))
+            )
         return result
 
 

@@ -42,21 +42,57 @@ class Segmentation(engine.Task):
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = p.add_argument_group("data")
         g.add_argument("--data", required=True, help="dataset folder: images/ + masks/ + classes.txt (required)")
-        g.add_argument("--val-data", default=None, help="validation dataset folder, same layout (default: a share of --data)")
-        g.add_argument("--val-fraction", type=float, default=0.2, help="share of --data held out when --val-data is not given (default: 0.2)")
+        g.add_argument(
+            "--val-data", default=None, help="validation dataset folder, same layout (default: a share of --data)"
+        )
+        g.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.2,
+            help="share of --data held out when --val-data is not given (default: 0.2)",
+        )
         g = p.add_argument_group("model and augmentation")
-        g.add_argument("--model", default="unet", help="registered segmentation model, see `python -m model_defs` (default: unet)")
-        g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra keyword argument for the model builder, value parsed as YAML, e.g. depth=3; repeatable (default: none)")
-        g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 = grey, 3 = RGB (default: the model's data config)")
-        g.add_argument("--input-size", type=int, default=None, help="side of the square the whole image is resized to (default: the model's data config)")
-        g.add_argument("--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training (default: 0.5)")
-        g.add_argument("--min-scale", type=float, default=1.0, help="smallest area share of a random square crop; 1 = no crop (default: 1.0)")
-        g.add_argument("--vis-count", type=int, default=8, help="validation images drawn in predictions.png (default: 8)")
+        g.add_argument(
+            "--model", default="unet", help="registered segmentation model, see `python -m model_defs` (default: unet)"
+        )
+        g.add_argument(
+            "--model-arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="extra keyword argument for the model builder, value parsed as YAML, e.g. depth=3; repeatable (default: none)",
+        )
+        g.add_argument(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            default=None,
+            help="1 = grey, 3 = RGB (default: the model's data config)",
+        )
+        g.add_argument(
+            "--input-size",
+            type=int,
+            default=None,
+            help="side of the square the whole image is resized to (default: the model's data config)",
+        )
+        g.add_argument(
+            "--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training (default: 0.5)"
+        )
+        g.add_argument(
+            "--min-scale",
+            type=float,
+            default=1.0,
+            help="smallest area share of a random square crop; 1 = no crop (default: 1.0)",
+        )
+        g.add_argument(
+            "--vis-count", type=int, default=8, help="validation images drawn in predictions.png (default: 8)"
+        )
         return engine.add_engine_args(p, epochs=30, batch_size=8, lr=3e-3)
 
     def setup(self, args) -> None:
-        cfg = get_entry(args.model, task="segmentation").data_config.replace(channels=args.channels, input_size=args.input_size)
+        cfg = get_entry(args.model, task="segmentation").data_config.replace(
+            channels=args.channels, input_size=args.input_size
+        )
         self.cfg = cfg = cfg.replace(resize_size=cfg.input_size)  # segmentation resizes the whole image, no crop
         spec = read_masks(args.data)
         self.classes = spec.classes
@@ -64,23 +100,38 @@ class Segmentation(engine.Task):
             train_samples, self.val_samples = spec.samples, read_masks(args.val_data, classes=self.classes).samples
         else:
             train_samples, self.val_samples = random_split(spec.samples, args.val_fraction, args.seed, args.data)
-        self.model, arch_args = engine.build_model(args.model, "segmentation", args.model_arg,
-                                                   num_classes=len(self.classes), in_channels=cfg.channels)
-        self.train_set = SegmentationDataset(train_samples, segmentation_train_transform(
-            cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale), channels=cfg.channels)
+        self.model, arch_args = engine.build_model(
+            args.model, "segmentation", args.model_arg, num_classes=len(self.classes), in_channels=cfg.channels
+        )
+        self.train_set = SegmentationDataset(
+            train_samples,
+            segmentation_train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale),
+            channels=cfg.channels,
+        )
         eval_tf = segmentation_transform(cfg)
-        self.val_set = SegmentationDataset(self.val_samples, lambda image, mask: (eval_tf(image), mask), channels=cfg.channels)
+        self.val_set = SegmentationDataset(
+            self.val_samples, lambda image, mask: (eval_tf(image), mask), channels=cfg.channels
+        )
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.meta = {
-            "arch": args.model, "arch_args": arch_args, "task": "segmentation", "classes": self.classes,
+            "arch": args.model,
+            "arch_args": arch_args,
+            "task": "segmentation",
+            "classes": self.classes,
             "preprocessing": cfg.to_dict(),
-            "dataset": {"root": str(Path(args.data).resolve()), "layout": "masks", "train_images": len(train_samples),
-                        "val_images": len(self.val_samples),
-                        "val_source": args.val_data or f"random {args.val_fraction} of --data (seed {args.seed})",
-                        "fingerprint": spec.fingerprint()},
+            "dataset": {
+                "root": str(Path(args.data).resolve()),
+                "layout": "masks",
+                "train_images": len(train_samples),
+                "val_images": len(self.val_samples),
+                "val_source": args.val_data or f"random {args.val_fraction} of --data (seed {args.seed})",
+                "fingerprint": spec.fingerprint(),
+            },
         }
-        self.describe = lambda: (f"{args.model}: {len(self.classes)} classes ({', '.join(self.classes)}), {len(train_samples)} train / "
-                                 f"{len(self.val_samples)} val images, {cfg.channels}x{cfg.input_size}px")
+        self.describe = lambda: (
+            f"{args.model}: {len(self.classes)} classes ({', '.join(self.classes)}), {len(train_samples)} train / "
+            f"{len(self.val_samples)} val images, {cfg.channels}x{cfg.input_size}px"
+        )
 
     @staticmethod
     def collate(items):
@@ -104,7 +155,11 @@ class Segmentation(engine.Task):
                 pred = logits_to_mask(item, truth.shape)
                 confusion += np.bincount(truth[keep].astype(np.int64) * n + pred[keep], minlength=n**2).reshape(n, n)
         s = scores(confusion)
-        return {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "iou_per_class": dict(zip(self.classes, s["iou"]))}
+        return {
+            "miou": s["miou"],
+            "pixel_accuracy": s["pixel_accuracy"],
+            "iou_per_class": dict(zip(self.classes, s["iou"])),
+        }
 
     @torch.no_grad()
     def finish(self, out: Path, cell: int = 256) -> None:
@@ -123,9 +178,11 @@ class Segmentation(engine.Task):
             pred = logits_to_mask(model(tf(image)[None])[0], (image.height, image.width))
             scale = max(1.0, cell / max(image.size))
             size = (round(image.width * scale), round(image.height * scale))
-            tiles += [draw_mask(image, pred, self.classes).resize(size, Image.Resampling.BILINEAR),
-                      Image.fromarray(lut[truth]).resize(size, Image.Resampling.NEAREST),
-                      Image.fromarray(lut[pred]).resize(size, Image.Resampling.NEAREST)]
+            tiles += [
+                draw_mask(image, pred, self.classes).resize(size, Image.Resampling.BILINEAR),
+                Image.fromarray(lut[truth]).resize(size, Image.Resampling.NEAREST),
+                Image.fromarray(lut[pred]).resize(size, Image.Resampling.NEAREST),
+            ]
         grid(tiles, columns=3, cell=cell).save(out / "predictions.png")
 
 
@@ -134,9 +191,11 @@ def scores(confusion: np.ndarray) -> dict:
     tp = np.diag(confusion).astype(np.float64)
     union = confusion.sum(0) + confusion.sum(1) - tp
     iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    return {"miou": float(np.nanmean(iou)) if np.any(union > 0) else 0.0,
-            "pixel_accuracy": float(tp.sum() / max(1, confusion.sum())),
-            "iou": [None if math.isnan(v) else float(v) for v in iou]}
+    return {
+        "miou": float(np.nanmean(iou)) if np.any(union > 0) else 0.0,
+        "pixel_accuracy": float(tp.sum() / max(1, confusion.sum())),
+        "iou": [None if math.isnan(v) else float(v) for v in iou],
+    }
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -39,28 +39,79 @@ class SimCLR(engine.Task):
     def parser(self) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         g = p.add_argument_group("data")
-        g.add_argument("--data", required=True, help="folder of unlabeled training images, searched recursively (required)")
-        g.add_argument("--eval-data", default=None, help="labeled dataset for the k-NN accuracy (memory bank) (default: None: no metric)")
-        g.add_argument("--eval-val-data", default=None, help="labeled dataset whose images are classified by k-NN (default: a held-out share of --eval-data)")
-        g.add_argument("--eval-val-fraction", type=float, default=0.2,
-                       help="share of --eval-data held out as k-NN queries when --eval-val-data is not given (default: 0.2)")
-        g.add_argument("--layout", default="auto", choices=LAYOUTS, help="layout of the labeled eval datasets (default: auto)")
+        g.add_argument(
+            "--data", required=True, help="folder of unlabeled training images, searched recursively (required)"
+        )
+        g.add_argument(
+            "--eval-data",
+            default=None,
+            help="labeled dataset for the k-NN accuracy (memory bank) (default: None: no metric)",
+        )
+        g.add_argument(
+            "--eval-val-data",
+            default=None,
+            help="labeled dataset whose images are classified by k-NN (default: a held-out share of --eval-data)",
+        )
+        g.add_argument(
+            "--eval-val-fraction",
+            type=float,
+            default=0.2,
+            help="share of --eval-data held out as k-NN queries when --eval-val-data is not given (default: 0.2)",
+        )
+        g.add_argument(
+            "--layout", default="auto", choices=LAYOUTS, help="layout of the labeled eval datasets (default: auto)"
+        )
         g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN accuracy (default: 20)")
         g = p.add_argument_group("model and augmentation")
         g.add_argument("--model", default="simclr", help="registered embedding model (default: simclr)")
-        g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra keyword argument for the model builder, value parsed as YAML, e.g. backbone=resnet18; repeatable (default: none)")
-        g.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 = grey, 3 = RGB (default: the model's data config)")
-        g.add_argument("--input-size", type=int, default=None, help="image side the encoder sees (default: the model's data config)")
-        g.add_argument("--min-scale", type=float, default=0.3, help="smallest area share of a view's random resized crop (default: 0.3)")
-        g.add_argument("--hflip-prob", type=float, default=0.5, help="horizontal-flip probability of a view; 0 for digits and text (default: 0.5)")
-        g.add_argument("--jitter", type=float, default=0.4, help="colour-jitter strength (brightness, contrast, saturation) (default: 0.4)")
-        g.add_argument("--rotation", type=float, default=0.0, help="largest random rotation of a view in degrees (default: 0)")
+        g.add_argument(
+            "--model-arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="extra keyword argument for the model builder, value parsed as YAML, e.g. backbone=resnet18; repeatable (default: none)",
+        )
+        g.add_argument(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            default=None,
+            help="1 = grey, 3 = RGB (default: the model's data config)",
+        )
+        g.add_argument(
+            "--input-size",
+            type=int,
+            default=None,
+            help="image side the encoder sees (default: the model's data config)",
+        )
+        g.add_argument(
+            "--min-scale",
+            type=float,
+            default=0.3,
+            help="smallest area share of a view's random resized crop (default: 0.3)",
+        )
+        g.add_argument(
+            "--hflip-prob",
+            type=float,
+            default=0.5,
+            help="horizontal-flip probability of a view; 0 for digits and text (default: 0.5)",
+        )
+        g.add_argument(
+            "--jitter",
+            type=float,
+            default=0.4,
+            help="colour-jitter strength (brightness, contrast, saturation) (default: 0.4)",
+        )
+        g.add_argument(
+            "--rotation", type=float, default=0.0, help="largest random rotation of a view in degrees (default: 0)"
+        )
         g.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
         return engine.add_engine_args(p, cache=True, epochs=20, batch_size=256, lr=1e-3)
 
     def setup(self, args) -> None:
-        self.cfg = cfg = get_entry(args.model, task="embedding").data_config.replace(channels=args.channels, input_size=args.input_size)
+        self.cfg = cfg = get_entry(args.model, task="embedding").data_config.replace(
+            channels=args.channels, input_size=args.input_size
+        )
         self.model, arch_args = engine.build_model(args.model, "embedding", args.model_arg, in_channels=cfg.channels)
         paths = find_images(args.data)
         self.knn = None
@@ -72,20 +123,36 @@ class SimCLR(engine.Task):
                 bank, query = spec.samples, read_dataset(args.eval_val_data, args.layout, classes=spec.classes).samples
             else:
                 bank, query = stratified_split(spec.samples, args.eval_val_fraction, args.seed)
-            self.knn = [ImageDataset(s, len(spec.classes), False, cfg.channels, eval_transform(cfg)) for s in (bank, query)]
+            self.knn = [
+                ImageDataset(s, len(spec.classes), False, cfg.channels, eval_transform(cfg)) for s in (bank, query)
+            ]
             self.val_set, self.monitor, self.metric_name = self.knn[1], "knn_accuracy", "knn_accuracy"
-        view = simclr_view_transform(cfg, min_scale=args.min_scale, hflip_prob=args.hflip_prob, jitter=args.jitter, rotation=args.rotation)
+        view = simclr_view_transform(
+            cfg, min_scale=args.min_scale, hflip_prob=args.hflip_prob, jitter=args.jitter, rotation=args.rotation
+        )
         load = decoder(args.cache, cfg, Path(args.out) / "cache", paths)
         self.train_set = UnlabeledImages(paths, cfg.channels, view, views=2, load=load)
         self.drop_last = True
         self.meta = {
-            "arch": args.model, "arch_args": arch_args, "task": "embedding", "classes": [],
-            "embedding_dim": self.model.feature_dim, "preprocessing": cfg.to_dict(),
-            "dataset": {"root": str(Path(args.data).resolve()), "layout": "unlabeled images", "train_images": len(paths),
-                        "fingerprint": fingerprint(args.data, paths), "eval_data": args.eval_data,
-                        "eval_val_data": args.eval_val_data or (f"stratified {args.eval_val_fraction} of --eval-data" if args.eval_data else None)},
+            "arch": args.model,
+            "arch_args": arch_args,
+            "task": "embedding",
+            "classes": [],
+            "embedding_dim": self.model.feature_dim,
+            "preprocessing": cfg.to_dict(),
+            "dataset": {
+                "root": str(Path(args.data).resolve()),
+                "layout": "unlabeled images",
+                "train_images": len(paths),
+                "fingerprint": fingerprint(args.data, paths),
+                "eval_data": args.eval_data,
+                "eval_val_data": args.eval_val_data
+                or (f"stratified {args.eval_val_fraction} of --eval-data" if args.eval_data else None),
+            },
         }
-        self.describe = lambda: f"{args.model}: {len(paths)} unlabeled images, {cfg.channels}x{cfg.input_size}px, embedding dim {self.model.feature_dim}"
+        self.describe = (
+            lambda: f"{args.model}: {len(paths)} unlabeled images, {cfg.channels}x{cfg.input_size}px, embedding dim {self.model.feature_dim}"
+        )
         if self.knn and engine.dist.is_main():
             self.model.to(self.device)
             baseline = self.evaluate(self.model.eval())["knn_accuracy"]
@@ -111,7 +178,9 @@ class SimCLR(engine.Task):
 
     def embed(self, model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalized embeddings (as the embedder handler serves them) and their labels."""
-        loader = DataLoader(dataset, batch_size=256, num_workers=self.args.workers, collate_fn=engine.SkipCollate(self.collate))
+        loader = DataLoader(
+            dataset, batch_size=256, num_workers=self.args.workers, collate_fn=engine.SkipCollate(self.collate)
+        )
         feats, labels = [], []
         for images, targets in self.batches(loader, "k-NN"):
             feats.append(F.normalize(model(images).float(), dim=1).cpu())
@@ -119,8 +188,15 @@ class SimCLR(engine.Task):
         return torch.cat(feats), torch.cat(labels)
 
 
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-                 k: int, num_classes: int, temperature: float = 0.1) -> float:
+def knn_accuracy(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    k: int,
+    num_classes: int,
+    temperature: float = 0.1,
+) -> float:
     """Cosine k-NN with exp(similarity / T) weighted votes (Wu et al., 2018), top-1 accuracy."""
     sim = query @ bank.T
     top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)
