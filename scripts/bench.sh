@@ -19,7 +19,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 HAS_RUN=0
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) [ -x "$PY" ] && exec "$PY" -m scripts.bench --help; sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) [ -x "$PY" ] && exec "$PY" -m scripts.bench.serving --help; sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --run|--run=*) HAS_RUN=1 ;;
   esac
 done
@@ -33,4 +33,4 @@ if [ "$HAS_RUN" = 0 ]; then
   fi
   set -- --run runs/digits_resnet18 --runtime int8 "$@"
 fi
-exec "$PY" -m scripts.bench "$@"
+exec "$PY" -m scripts.bench.serving "$@"

@@ -5,4 +5,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 scripts/setup.sh >&2
-exec .venv/bin/python -m scripts.bench_gpu "$@"
+exec .venv/bin/python -m scripts.bench.gpu "$@"

@@ -18,7 +18,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) [ -x "$PY" ] && exec "$PY" -m scripts.soak --help; sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) [ -x "$PY" ] && exec "$PY" -m scripts.bench.soak --help; sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   esac
 done
 
@@ -38,4 +38,4 @@ if ! scripts/serve status >/dev/null 2>&1; then
 fi
 
 echo "== soak test"
-exec "$PY" -m scripts.soak "$@"
+exec "$PY" -m scripts.bench.soak "$@"

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from scripts import bench
+from scripts.bench import serving as bench
 
 
 def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys):

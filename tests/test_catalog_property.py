@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts import archive
-from scripts.catalog import Catalog, sha256_file
+from scripts.ops import packaging as archive
+from scripts.ops.catalog import Catalog, sha256_file
 
 NAMES = ("a", "b")
 VERSIONS = (None, "1.0", "2.0")  # None: <name>.mar holding 1.0, the same name/version as "1.0" in <name>-1.0.mar

@@ -16,8 +16,8 @@ from PIL import Image
 from model_defs.checkpoint import load_trained
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input, load_image
-from scripts import archive
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops.serve import TorchServe
 from training import shapes, train_detection
 
 CONFIG_THRESHOLD, CONFIG_MAX = 0.05, 10
@@ -183,7 +183,7 @@ def test_bad_items_get_400_while_their_batch_mates_succeed(det_server, det_data)
 
 
 def test_visualize_draws_the_served_boxes(det_server, det_data, tmp_path):
-    from scripts import visualize
+    from scripts.cli import visualize
 
     image = sorted((det_data / "JPEGImages").glob("*.jpg"))[0]
     out = tmp_path / "boxes.png"
@@ -215,7 +215,7 @@ def test_visualize_draws_the_served_boxes(det_server, det_data, tmp_path):
 
 def test_visualize_draws_a_segmenters_mask():
     from model_defs.preprocessing import encode_png
-    from scripts.visualize import render
+    from scripts.cli.visualize import render
 
     image = Image.new("RGB", (40, 30), (0, 0, 0))
     mask = torch.zeros(30, 40, dtype=torch.uint8)

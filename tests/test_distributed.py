@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts import archive
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops.serve import TorchServe
 from tests.test_detection_serving import assert_same, in_process
 from training import shapes
 

@@ -22,8 +22,8 @@ from PIL import Image
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import eval_transform, load_image, segmentation_transform
-from scripts import archive
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from tests.test_task_serving import SHAPE_CLASSES, _perturb_batchnorm, _save
 from training import train as train_mod
@@ -367,7 +367,7 @@ def test_segmenter_explains_a_class_over_its_predicted_region(server, seg_run, h
 
 
 def test_visualize_draws_the_served_heatmap_over_the_image(server, held_out, tmp_path):
-    from scripts import visualize
+    from scripts.cli import visualize
 
     data, label, mask = held_out[0]
     image = tmp_path / "shape.png"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from scripts import bench_explain
+from scripts.bench import explain as bench_explain
 
 
 def test_bench_times_explanations_against_predictions(tmp_path, capsys):

@@ -29,8 +29,8 @@ from handlers import runtimes, vision
 from model_defs import get_model
 from model_defs.checkpoint import save_model_files
 from model_defs.registry import IMAGENET
-from scripts import archive
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from tests.test_handler import make_context, run
 
@@ -340,9 +340,9 @@ def test_gpu_archive_config_and_refusals(trained_digits, tmp_path, capsys):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
-@pytest.mark.parametrize("module", ["scripts.bench_gpu", "scripts.bench"])
+@pytest.mark.parametrize("module", ["scripts.bench.gpu", "scripts.bench.serving"])
 def test_gpu_bench_without_a_gpu_is_one_line_naming_what_is_missing(module):
-    args = ["--device", "gpu", "--no-stock", "--no-detector"] if module == "scripts.bench" else []
+    args = ["--device", "gpu", "--no-stock", "--no-detector"] if module == "scripts.bench.serving" else []
     r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode in (1, 2), r.stderr
     lines = r.stderr.strip().splitlines()

@@ -14,8 +14,8 @@ import pytest
 import requests
 import yaml
 
-from scripts import archive
-from scripts.serve import ROOT, TorchServe, read_properties
+from scripts.ops import packaging as archive
+from scripts.ops.serve import ROOT, TorchServe, read_properties
 
 K8S = ROOT / "k8s"
 OVERLAYS = ["cpu", "gpu"]

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from scripts.serve import ROOT, read_properties
+from scripts.ops.serve import ROOT, read_properties
 
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 

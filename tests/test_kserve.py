@@ -15,9 +15,9 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from handlers import kserve
-from scripts import archive
-from scripts import kserve as kserve_layout
-from scripts.serve import ROOT, TorchServe, read_properties
+from scripts.ops import packaging as archive
+from scripts.ops import kserve as kserve_layout
+from scripts.ops.serve import ROOT, TorchServe, read_properties
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, make_context
 

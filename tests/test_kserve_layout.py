@@ -11,9 +11,10 @@ import jsonschema
 import pytest
 import yaml
 
-from scripts import archive, kserve
-from scripts.catalog import Catalog, sha256_file
-from scripts.serve import read_properties
+from scripts.ops import packaging as archive
+from scripts.ops import kserve
+from scripts.ops.catalog import Catalog, sha256_file
+from scripts.ops.serve import read_properties
 
 SCHEMA = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve_inferenceservice_schema.yaml").read_text())
 

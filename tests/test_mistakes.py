@@ -28,9 +28,11 @@ import yaml
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts import archive, models, serve
-from scripts.catalog import Catalog, sha256_file
-from scripts.serve import TorchServe, free_port
+from scripts.ops import packaging as archive
+from scripts.cli import models
+from scripts.ops import serve
+from scripts.ops.catalog import Catalog, sha256_file
+from scripts.ops.serve import TorchServe, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

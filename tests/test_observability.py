@@ -11,9 +11,9 @@ import requests
 from PIL import Image
 
 from handlers import metrics as hm
-from scripts import archive
-from scripts.serve import ROOT, TorchServe
-from scripts.top import scrape, total
+from scripts.ops import packaging as archive
+from scripts.ops.serve import ROOT, TorchServe
+from scripts.ops.top import scrape, total
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_a_batch_that_raises_counts_each_item_refused_with_the_workers_code(digi
 
 
 def test_histogram_quantile_interpolates_like_prometheus():
-    from scripts.top import histogram_quantile
+    from scripts.ops.top import histogram_quantile
 
     buckets = {0.1: 50.0, 0.2: 100.0, float("inf"): 100.0}
     assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
@@ -241,7 +241,7 @@ def test_histogram_quantile_interpolates_like_prometheus():
 def test_top_reports_rate_errors_quantiles_workers_and_queue_of_a_known_load(server, digits_dir):
     import time
 
-    from scripts import top
+    from scripts.ops import top
 
     pngs = [p.read_bytes() for p in sorted((digits_dir / "test").rglob("*.png"))[20:26]]
     before, start = top.scrape(server), time.monotonic()
@@ -267,7 +267,7 @@ def test_top_reports_rate_errors_quantiles_workers_and_queue_of_a_known_load(ser
 
 
 def test_top_json_prints_one_snapshot(server, capsys):
-    from scripts import top
+    from scripts.ops import top
 
     assert top.main(["--run-dir", str(server.run_dir), "--json", "--interval", "0.3"]) == 0
     snap = json.loads(capsys.readouterr().out)
@@ -282,7 +282,7 @@ def test_top_counts_a_killed_worker_as_a_restart(server):
     import signal
     import time
 
-    from scripts import top
+    from scripts.ops import top
 
     def worker():
         return server.versions("digits")[0]["workers"][0]

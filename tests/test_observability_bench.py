@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from scripts import bench_metrics
+from scripts.bench import metrics as bench_metrics
 
 
 def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys):

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from scripts.serve import ROOT
+from scripts.ops.serve import ROOT
 
 MONITORING = ROOT / "monitoring"
 

@@ -20,8 +20,9 @@ from torch._dynamo.utils import counters
 from handlers import runtimes
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts import archive, optimize
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops import optimize
+from scripts.ops.serve import TorchServe
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, run
 

@@ -21,8 +21,9 @@ from PIL import Image
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts import archive, serve
-from scripts.serve import ServeError, TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops import serve
+from scripts.ops.serve import ServeError, TorchServe
 from tests.conftest import classify_in_process, encode, image_variants
 
 
@@ -232,7 +233,7 @@ def test_key_refresh_gets_a_new_key_without_a_restart(server, digits_dir, capsys
 
 def test_key_and_status_answer_without_importing_torch(server):
     probe = (
-        "import sys; from scripts import serve; "
+        "import sys; from scripts.ops import serve; "
         f"codes = [serve.main(['key', '--run-dir', {str(server.run_dir)!r}]), "
         f"serve.main(['status', '--run-dir', {str(server.run_dir)!r}])]; "
         "print(codes, 'torch' in sys.modules)"

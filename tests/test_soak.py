@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from scripts import archive, soak
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.bench import soak
+from scripts.ops.serve import TorchServe
 
 
 @pytest.fixture(scope="module")

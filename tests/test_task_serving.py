@@ -29,8 +29,8 @@ from model_defs.preprocessing import (
     segmentation_transform,
     tensor_to_images,
 )
-from scripts import archive
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from training.shapes import generate
 
@@ -273,7 +273,7 @@ def test_bad_images_get_400_while_batch_mates_succeed(server, runs, shapes):
 
 
 def test_visualize_draws_the_served_mask(server, runs, shapes, tmp_path):
-    from scripts import visualize
+    from scripts.cli import visualize
 
     # An image where the (untrained) model paints something besides background.
     image = next(p for p in shapes if (mask_in_process(runs["shapes_seg"], p.read_bytes()) > 0).any())

@@ -12,9 +12,11 @@ import pytest
 import requests
 import yaml
 
-from scripts import archive, models, serve
-from scripts.catalog import Catalog
-from scripts.serve import TorchServe
+from scripts.ops import packaging as archive
+from scripts.cli import models
+from scripts.ops import serve
+from scripts.ops.catalog import Catalog
+from scripts.ops.serve import TorchServe
 from tests.conftest import classify_in_process, train_cli_args
 from training import train as train_mod
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts.catalog import Catalog, CatalogError  # noqa: E402
+from scripts.ops.catalog import Catalog, CatalogError  # noqa: E402
 
 # The envelope KServe asks TorchServe for (the bundle's handlers read the bodies themselves:
 # handlers/kserve.py); KServe also sets it through TS_SERVICE_ENVELOPE from the protocol.

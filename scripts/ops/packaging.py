@@ -47,14 +47,14 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from handlers.options import OptionError, check_keys, check_options  # noqa: E402
 from handlers.runtimes import RUNTIMES  # noqa: E402
-from scripts.catalog import INNER_FILE, REJECTED, Catalog, CatalogError, sha256_file, versioned_file_name  # noqa: E402
-from scripts.names import OneLineParser, UsageError, check_name, check_version, inside  # noqa: E402
-from scripts.serve import DEFAULT_RUN_DIR, served_versions  # noqa: E402
+from scripts.ops.catalog import INNER_FILE, REJECTED, Catalog, CatalogError, sha256_file, versioned_file_name  # noqa: E402
+from scripts.ops.names import OneLineParser, UsageError, check_name, check_version, inside  # noqa: E402
+from scripts.ops.serve import DEFAULT_RUN_DIR, served_versions  # noqa: E402
 
 HANDLERS = {
     "classification": "image_classifier.py",
@@ -183,7 +183,7 @@ def plan_archive(
     config = model_config(options or {}, where)
     runtime = config["handler"]["runtime"]
     if runtime != "eager":
-        from scripts.optimize import RuntimeCheckError, check_supported
+        from scripts.ops.optimize import RuntimeCheckError, check_supported
 
         try:
             check_supported(runtime, meta["task"])
@@ -360,7 +360,7 @@ def build_archive(
 def optimized_runtime(run_dir: Path, meta: dict, extra: Path, config: dict, **check) -> dict:
     """Build the runtime's file into the staged archive root and check it against eager."""
     from model_defs.checkpoint import load_trained
-    from scripts.optimize import RuntimeCheckError, prepare_runtime
+    from scripts.ops.optimize import RuntimeCheckError, prepare_runtime
 
     model, _ = load_trained(run_dir)
     try:
@@ -790,7 +790,7 @@ def run(args) -> int:
     what = {"unchanged": "unchanged, kept", "replaced": "replaced"}.get(result["status"], "wrote")
     print(f"{what} {path} ({result['size'] / 1e6:.1f} MB, sha256 {result['sha256'][:12]})")
     if result.get("runtime"):
-        from scripts.optimize import summary
+        from scripts.ops.optimize import summary
 
         print(summary(result["runtime"]))
     return 0

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.bench import (
+from scripts.bench.serving import (
     ROOT,
     STOCK_LAYOUTS,
     bare,
@@ -177,7 +177,7 @@ def bench_model(arch: str, args, work: Path, store: Path, image: bytes) -> dict:
     """Every bare row of one model; builds its archives into `store` on the way."""
     import torch
 
-    from scripts.archive import build_archive
+    from scripts.ops.packaging import build_archive
 
     # The digits' class folders name the classes, so TorchScript and ONNX can be checked against eager.
     classes = [str(i) for i in range(10)]
@@ -237,8 +237,8 @@ def best_config(result: dict) -> tuple[str, dict]:
 def bench_served(results: list[dict], args, work: Path, store: Path, image: bytes) -> None:
     """Our best configuration of each model, at each --served-workers count, and the stock
     handler, all behind one TorchServe, loaded one after the other."""
-    from scripts.archive import build_archive
-    from scripts.serve import TorchServe
+    from scripts.ops.packaging import build_archive
+    from scripts.ops.serve import TorchServe
 
     loads = []  # (result, where its figures go, model name)
     cores = os.cpu_count() or 1

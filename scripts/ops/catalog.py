@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.names import atomic_write, check_name, check_version, inside
+from scripts.ops.names import atomic_write, check_name, check_version, inside
 
 CATALOG_FILE = "catalog.json"
 INNER_FILE = "archive.json"  # the metadata an archive carries about itself

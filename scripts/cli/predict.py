@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import requests
 
-from scripts.serve import ROOT, ServeError, TorchServe
+from scripts.ops.serve import ROOT, ServeError, TorchServe
 from training.datasets import DatasetError, read_dataset
 
 

@@ -21,12 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts.archive import build_archive  # noqa: E402
-from scripts.bench import cat_jpeg, random_weights_run, request_context, unpack_handler  # noqa: E402
-from scripts.bench_steps import interleaved  # noqa: E402
+from scripts.ops.packaging import build_archive  # noqa: E402
+from scripts.bench.serving import cat_jpeg, random_weights_run, request_context, unpack_handler  # noqa: E402
+from scripts.bench.steps import interleaved  # noqa: E402
 
 
 def explain_context():

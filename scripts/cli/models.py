@@ -25,9 +25,9 @@ from pathlib import Path
 
 import requests
 
-from scripts.catalog import Catalog, CatalogError
-from scripts.names import OneLineParser, UsageError, check_name, check_version
-from scripts.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe, archive_manifest
+from scripts.ops.catalog import Catalog, CatalogError
+from scripts.ops.names import OneLineParser, UsageError, check_name, check_version
+from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe, archive_manifest
 
 
 class OpsError(RuntimeError):
@@ -103,7 +103,7 @@ def print_status(report: dict) -> None:
 
 def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4) -> dict:
     """Send a labelled image folder to each version: accuracy, agreement and latency."""
-    from scripts.predict import predict_files
+    from scripts.cli.predict import predict_files
     from training.datasets import DatasetError, read_dataset
 
     known = registered_versions(ts, name)

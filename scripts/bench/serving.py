@@ -43,11 +43,11 @@ from urllib.parse import urlsplit
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts.archive import build_archive  # noqa: E402
-from scripts.serve import ServeError, TorchServe  # noqa: E402
+from scripts.ops.packaging import build_archive  # noqa: E402
+from scripts.ops.serve import ServeError, TorchServe  # noqa: E402
 
 STOCK_MODEL_FILE = '''"""{arch} as TorchServe's stock handlers want it: one class, built with no arguments."""
 import torchvision

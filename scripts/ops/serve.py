@@ -34,11 +34,11 @@ from urllib.parse import urlparse
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts.catalog import Catalog, CatalogError, sha256_file  # noqa: E402
-from scripts.names import OneLineParser, UsageError, atomic_write, check_name, check_version, inside  # noqa: E402
+from scripts.ops.catalog import Catalog, CatalogError, sha256_file  # noqa: E402
+from scripts.ops.names import OneLineParser, UsageError, atomic_write, check_name, check_version, inside  # noqa: E402
 
 DEFAULT_RUN_DIR = ROOT / ".serve"
 LOG_CONFIG = ROOT / "scripts" / "log4j2.xml"  # one copy of each line, INFO, rotated by size

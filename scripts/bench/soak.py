@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 import requests
 
-from scripts.serve import ROOT, ServeError, TorchServe
+from scripts.ops.serve import ROOT, ServeError, TorchServe
 
 BAD_KINDS = ("garbage", "truncated_png", "text", "json_without_data", "empty")
 RSS_LIMIT_PERCENT = 10.0

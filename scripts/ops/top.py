@@ -29,7 +29,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.metrics import ANSWERED, BATCH_SECONDS, REFUSED, WORKER_STARTS
-from scripts.serve import ROOT, ServeError, TorchServe
+from scripts.ops.serve import ROOT, ServeError, TorchServe
 
 Samples = dict[tuple[str, tuple], float]
 

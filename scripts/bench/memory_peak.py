@@ -1,7 +1,7 @@
 """Peak memory of one request at each task's pixel limit: what a worker must have room for.
 
-    .venv/bin/python -m scripts.memory_peak                      # 40 MP (the default max_pixels), every task
-    .venv/bin/python -m scripts.memory_peak --megapixels 10 --out runs/memory_peak.json
+    .venv/bin/python -m scripts.bench.memory_peak                      # 40 MP (the default max_pixels), every task
+    .venv/bin/python -m scripts.bench.memory_peak --megapixels 10 --out runs/memory_peak.json
 
 For each task (classification, detection, segmentation, embedding) a small untrained model
 of that task is saved, and its handler is loaded in a fresh Python process with TorchServe's
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 TASKS = {  # task: (arch, arch_args, classes, preprocessing, handler module.class)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "scripts.memory_peak",
+                "scripts.bench.memory_peak",
                 "--megapixels",
                 str(args.megapixels),
                 "--work",
