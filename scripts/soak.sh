@@ -14,7 +14,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY=.venv/bin/python
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 for arg in "$@"; do
   case "$arg" in

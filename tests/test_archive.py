@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from model_defs import get_model
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +156,9 @@ def test_a_failure_while_building_leaves_no_partial_archive(trained_digits, tmp_
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "scripts.ops.packaging", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.cli.archive", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0
     for flag in (
         "--name",

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.catalog import Catalog, sha256_file
 
 NAMES = ("a", "b")

@@ -16,7 +16,7 @@ from PIL import Image
 from model_defs.checkpoint import load_trained
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input, load_image
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import TorchServe
 from training import shapes, train_detection
 

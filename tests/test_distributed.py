@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import TorchServe
 from tests.test_detection_serving import assert_same, in_process
 from training import shapes

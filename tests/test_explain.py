@@ -22,7 +22,7 @@ from PIL import Image
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import eval_transform, load_image, segmentation_transform
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from tests.test_task_serving import SHAPE_CLASSES, _perturb_batchnorm, _save

@@ -29,7 +29,7 @@ from handlers import runtimes, vision
 from model_defs import get_model
 from model_defs.checkpoint import save_model_files
 from model_defs.registry import IMAGENET
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from tests.test_handler import make_context, run

@@ -23,8 +23,7 @@ import requests
 from PIL import Image
 
 from model_defs.preprocessing import ImageDecodeError, ImageTooLargeError, decode_image
-from scripts.ops import packaging as archive
-from scripts.cli import models
+from scripts.cli import archive, models
 from scripts.ops.serve import ServeError, TorchServe
 from tests.conftest import classify_in_process, encode
 

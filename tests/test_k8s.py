@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import ROOT, TorchServe, read_properties
 
 K8S = ROOT / "k8s"

@@ -15,8 +15,8 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from handlers import kserve
-from scripts.ops import packaging as archive
-from scripts.ops import kserve as kserve_layout
+from scripts.cli import archive
+from scripts.cli import kserve as kserve_layout
 from scripts.ops.serve import ROOT, TorchServe, read_properties
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, make_context

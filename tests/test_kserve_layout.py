@@ -11,8 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from scripts.ops import packaging as archive
-from scripts.ops import kserve
+from scripts.cli import archive, kserve
 from scripts.ops.catalog import Catalog, sha256_file
 from scripts.ops.serve import read_properties
 

@@ -28,9 +28,7 @@ import yaml
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts.ops import packaging as archive
-from scripts.cli import models
-from scripts.ops import serve
+from scripts.cli import archive, models, serve
 from scripts.ops.catalog import Catalog, sha256_file
 from scripts.ops.serve import TorchServe, free_port
 

@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from handlers import metrics as hm
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import ROOT, TorchServe
 from scripts.ops.top import scrape, total
 
@@ -267,7 +267,7 @@ def test_top_reports_rate_errors_quantiles_workers_and_queue_of_a_known_load(ser
 
 
 def test_top_json_prints_one_snapshot(server, capsys):
-    from scripts.ops import top
+    from scripts.cli import top
 
     assert top.main(["--run-dir", str(server.run_dir), "--json", "--interval", "0.3"]) == 0
     snap = json.loads(capsys.readouterr().out)

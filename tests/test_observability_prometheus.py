@@ -25,7 +25,7 @@ import pytest
 import requests
 import yaml
 
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import ROOT, TorchServe, free_port
 
 BOUNDS = [0.0, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]

@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters
 from handlers import runtimes
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops import optimize
 from scripts.ops.serve import TorchServe
 from tests.conftest import classify_in_process

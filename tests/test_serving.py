@@ -21,8 +21,7 @@ from PIL import Image
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts.ops import packaging as archive
-from scripts.ops import serve
+from scripts.cli import archive, serve
 from scripts.ops.serve import ServeError, TorchServe
 from tests.conftest import classify_in_process, encode, image_variants
 
@@ -233,7 +232,7 @@ def test_key_refresh_gets_a_new_key_without_a_restart(server, digits_dir, capsys
 
 def test_key_and_status_answer_without_importing_torch(server):
     probe = (
-        "import sys; from scripts.ops import serve; "
+        "import sys; from scripts.cli import serve; "
         f"codes = [serve.main(['key', '--run-dir', {str(server.run_dir)!r}]), "
         f"serve.main(['status', '--run-dir', {str(server.run_dir)!r}])]; "
         "print(codes, 'torch' in sys.modules)"

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from scripts.ops import packaging as archive
 from scripts.bench import soak
+from scripts.cli import archive
 from scripts.ops.serve import TorchServe
 
 

@@ -29,7 +29,7 @@ from model_defs.preprocessing import (
     segmentation_transform,
     tensor_to_images,
 )
-from scripts.ops import packaging as archive
+from scripts.cli import archive
 from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from training.shapes import generate

@@ -12,9 +12,7 @@ import pytest
 import requests
 import yaml
 
-from scripts.ops import packaging as archive
-from scripts.cli import models
-from scripts.ops import serve
+from scripts.cli import archive, models, serve
 from scripts.ops.catalog import Catalog
 from scripts.ops.serve import TorchServe
 from tests.conftest import classify_in_process, train_cli_args

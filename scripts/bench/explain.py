@@ -21,12 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from scripts.bench.serving import cat_jpeg, random_weights_run, request_context, unpack_handler
+from scripts.bench.steps import interleaved
+from scripts.ops.packaging import build_archive
 
-from scripts.ops.packaging import build_archive  # noqa: E402
-from scripts.bench.serving import cat_jpeg, random_weights_run, request_context, unpack_handler  # noqa: E402
-from scripts.bench.steps import interleaved  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def explain_context():

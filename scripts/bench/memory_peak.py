@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 TASKS = {  # task: (arch, arch_args, classes, preprocessing, handler module.class)
     "classification": (

@@ -26,13 +26,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from scripts.bench.serving import Client, cat_jpeg, closed_loop, machine, random_weights_run
+from scripts.ops.packaging import ArchiveError, build_archive
+from scripts.ops.serve import ServeError, TorchServe
+from scripts.ops.top import scrape, total
 
-from scripts.ops.packaging import ArchiveError, build_archive  # noqa: E402
-from scripts.bench.serving import Client, cat_jpeg, closed_loop, machine, random_weights_run  # noqa: E402
-from scripts.ops.serve import ServeError, TorchServe  # noqa: E402
-from scripts.ops.top import scrape, total  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 SIDES = {"with": {}, "without": {"metrics": False}}  # handler options of each side
 

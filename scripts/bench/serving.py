@@ -43,11 +43,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from scripts.ops.packaging import build_archive
+from scripts.ops.serve import ServeError, TorchServe
 
-from scripts.ops.packaging import build_archive  # noqa: E402
-from scripts.ops.serve import ServeError, TorchServe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 STOCK_MODEL_FILE = '''"""{arch} as TorchServe's stock handlers want it: one class, built with no arguments."""
 import torchvision

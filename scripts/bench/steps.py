@@ -25,12 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from handlers.runtimes import cpp_compiler
+from scripts.bench.serving import cat_jpeg, request_context, unpack_handler
+from scripts.ops.packaging import ArchiveError, build_archive
 
-from handlers.runtimes import cpp_compiler  # noqa: E402
-from scripts.ops.packaging import ArchiveError, build_archive  # noqa: E402
-from scripts.bench.serving import cat_jpeg, request_context, unpack_handler  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def per_call_ms(fn, seconds: float) -> float:

@@ -23,8 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import requests
-
+from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import Catalog, CatalogError
 from scripts.ops.names import OneLineParser, UsageError, check_name, check_version
 from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe, archive_manifest
@@ -306,26 +305,13 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
     return report, ""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when done, 2 for a usage mistake (a name, version or number that breaks a rule),
-    1 when the server, the catalog or our own rules refuse; each refusal is one line on stderr."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        check_arguments(args)
-        ts = TorchServe(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
-        catalog = Catalog(Path(args.model_store))
-        if not ts.is_running():
-            raise ServeError(f"TorchServe is not running from {ts.run_dir}; start it with scripts/serve start")
-        result, line = run(args, ts, catalog)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ServeError, CatalogError, OpsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except requests.RequestException as e:
-        print(f"error: TorchServe did not answer: {e}", file=sys.stderr)
-        return 1
+def command(args) -> int:
+    check_arguments(args)
+    ts = TorchServe(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
+    catalog = Catalog(Path(args.model_store))
+    if not ts.is_running():
+        raise ServeError(f"TorchServe is not running from {ts.run_dir}; start it with scripts/serve start")
+    result, line = run(args, ts, catalog)
     if args.json:
         print(json.dumps(result, indent=2))
     elif args.command == "status":
@@ -335,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(line)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done, 2 for a usage mistake (a name, version or number that breaks a rule),
+    1 when the server, the catalog or our own rules refuse; each refusal is one line on stderr."""
+    args = get_args_parser().parse_args(argv)
+    return one_line_errors(lambda: command(args), (ServeError, CatalogError, OpsError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Start, stop and query TorchServe with the bundle's config.properties.
+
+    scripts/serve start [--models digits,other | all]    # waits until every model is ready; adds to
+                                                         # what this run folder served before
+    scripts/serve status
+    scripts/serve key [inference|management|API] [--header] [--refresh]
+    scripts/serve stop
+
+Each server keeps its state in a run folder (default `.serve/`, created 0700): the
+effective config.properties, TorchServe's logs, the pid file, `key_file.json` (the token
+keys TorchServe writes at each start; token authorization stays on), the serving record
+(`serving.json`: versions, defaults, workers) and what the last start refused
+(`refused.json`). Giving each server its own run folder and ports lets several run side
+by side, as the tests do. `key` and `status` import no torch: they answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scripts.cli.errors import one_line_errors
+from scripts.ops.catalog import CatalogError
+from scripts.ops.names import OneLineParser, UsageError
+from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe
+
+
+def global_options(defaults: bool) -> argparse.ArgumentParser:
+    """--run-dir, --config and --model-store, accepted before or after the subcommand: the
+    copy on each subcommand has no defaults, so it only overrides what was given."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    p.add_argument(
+        "--run-dir",
+        default=d(str(DEFAULT_RUN_DIR)),
+        help="folder for the server's config, logs, keys and serving record (default: .serve/)",
+    )
+    p.add_argument(
+        "--config",
+        default=d(str(ROOT / "config.properties")),
+        help="TorchServe config to start from (default: config.properties)",
+    )
+    p.add_argument("--model-store", default=d(None), help="folder of .mar files (default: model_store from the config)")
+    return p
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="scripts/serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options(True)],
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = [global_options(False)]
+    s = sub.add_parser("start", parents=common, help="start TorchServe and wait until its models are ready")
+    s.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated model names to add, each served from <name>.mar; 'all' for every catalogued "
+        "version; what this run folder served before is always restored (default: that, else all)",
+    )
+    s.add_argument(
+        "--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)"
+    )
+    sub.add_parser("stop", parents=common, help="stop the TorchServe of this run folder")
+    sub.add_parser(
+        "status", parents=common, help="say whether it runs, where, which models it serves and what it refused"
+    )
+    k = sub.add_parser(
+        "key", parents=common, help="print the current token key, for curl -H 'Authorization: Bearer KEY'"
+    )
+    k.add_argument(
+        "kind",
+        nargs="?",
+        default="inference",
+        choices=("inference", "management", "API"),
+        help="which key (default: inference)",
+    )
+    k.add_argument(
+        "--header",
+        action="store_true",
+        help="print 'Authorization: Bearer KEY', for curl -H @<(scripts/serve key --header) (default: off)",
+    )
+    k.add_argument(
+        "--refresh",
+        action="store_true",
+        help="get a new key from the running server (TorchServe's token API) first (default: off)",
+    )
+    return p
+
+
+def command(args) -> int:
+    ts = TorchServe(
+        run_dir=Path(args.run_dir),
+        model_store=args.model_store and Path(args.model_store),
+        config=Path(args.config),
+    )
+    if args.command == "start":
+        everything = args.models == "all"
+        models = None if args.models is None or everything else [m for m in args.models.split(",") if m]
+        if models is not None and not models:
+            raise UsageError(f"--models {args.models!r} names no model; give names separated by commas, or 'all'")
+        if models == ["none"]:  # the old spelling of "restore only"
+            models = []
+        refused = ts.start(models, timeout=args.timeout, everything=everything)
+        for line in refused:
+            print(f"refused: {line}", file=sys.stderr)
+        print(
+            f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
+            f"(management {ts.url('management')}); stop it with scripts/serve stop"
+        )
+        return 1 if refused else 0
+    if args.command == "stop":
+        if not ts.stop():
+            raise ServeError(f"no TorchServe running from {ts.run_dir}{ts.stale_pid_note()}")
+        print("TorchServe stopped")
+    elif args.command == "status":
+        if not ts.is_running():
+            raise ServeError(f"TorchServe is not running from {ts.run_dir}{ts.stale_pid_note()}")
+        print(f"running, pid {ts.pid()}, inference {ts.url('inference')}, management {ts.url('management')}")
+        for name in ts.models():
+            for d in ts.versions(name):
+                workers = ", ".join(f"{w['id']}:{w['status']}" for w in d.get("workers", []))
+                print(f"  {name} v{d.get('modelVersion')}  batch {d.get('batchSize')}  workers [{workers}]")
+        for line in ts.refused():
+            print(f"  refused at start: {line}")
+    elif args.command == "key":
+        key = ts.refresh_key(args.kind) if args.refresh else ts.key(args.kind)
+        print(f"Authorization: Bearer {key}" if args.header else key)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done, 2 for a usage mistake, 1 when the server or the store refuses;
+    each refusal is one line on stderr."""
+    args = get_args_parser().parse_args(argv)
+    return one_line_errors(lambda: command(args), (ServeError, CatalogError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
