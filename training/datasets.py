@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
 
@@ -71,12 +71,8 @@ class DatasetSpec:
 
     def fingerprint(self) -> str:
         """sha256 over each file's relative path, content and labels, in sorted order."""
-        h = hashlib.sha256()
-        for s in sorted(self.samples, key=lambda s: str(s.path)):
-            h.update(str(s.path.relative_to(self.root)).encode())
-            h.update(hashlib.sha256(s.path.read_bytes()).digest())
-            h.update(",".join(self.classes[i] for i in s.labels).encode())
-        return h.hexdigest()
+        labels = {s.path: ",".join(self.classes[i] for i in s.labels) for s in self.samples}
+        return fingerprint(self.root, list(labels), labels)
 
 
 def is_image(path: Path) -> bool:
@@ -139,13 +135,27 @@ def _split_fields(line: str, known: list[str] | None = None, skip: int = 0) -> l
     return fields
 
 
-def _read_classes_txt(root: Path) -> list[str] | None:
-    path = root / "classes.txt"
+def fingerprint(root: str | Path, paths: list[Path], labels: dict[Path, str] | None = None) -> str:
+    """The dataset fingerprint every trainer records: sha256 over each file's path (relative to
+    `root` when inside it), its content and, when given, its labels, in sorted order."""
+    h = hashlib.sha256()
+    for path in sorted(set(paths), key=str):
+        h.update(str(path.relative_to(root) if path.is_relative_to(root) else path).encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+        if labels is not None:
+            h.update(labels[path].encode())
+    return h.hexdigest()
+
+
+def read_class_names(path: Path) -> list[str] | None:
+    """A classes.txt: one name per line (index = line number), or None when there is none."""
     if not path.is_file():
         return None
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(set(names)) != len(names):
         raise DatasetError(f"{path} lists a class name twice")
+    if not names:
+        raise DatasetError(f"{path} is empty")
     return names
 
 
@@ -185,7 +195,7 @@ def _read_labels_txt(root: Path, classes: list[str] | None) -> DatasetSpec:
     if not labels_file.is_file():
         raise DatasetError(f"{labels_file} does not exist")
     images_dir = root / "images" if (root / "images").is_dir() else root
-    fixed = classes or _read_classes_txt(root)
+    fixed = classes or read_class_names(root / "classes.txt")
     raw = []
     for n, line in enumerate(labels_file.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -210,7 +220,7 @@ def _read_label_files(root: Path, classes: list[str] | None) -> DatasetSpec:
     for d in (images_dir, labels_dir):
         if not d.is_dir():
             raise DatasetError(f"folder {d} does not exist (layout: images/ + labels/)")
-    fixed = classes or _read_classes_txt(root)
+    fixed = classes or read_class_names(root / "classes.txt")
     raw = []
     for path in sorted(p for p in images_dir.rglob("*") if is_image(p)):
         label_file = labels_dir / path.relative_to(images_dir).with_suffix(".txt")
@@ -299,11 +309,13 @@ class ImageDataset(Dataset):
         return self.transform(image), self.target(sample)
 
 
-def collate_skipping(batch: list):
-    """Default collation of the readable items; also returns how many were skipped."""
-    good = [b for b in batch if not isinstance(b, Skipped)]
-    skipped = len(batch) - len(good)
-    if not good:
-        return None, None, skipped
-    images, targets = torch.utils.data.default_collate(good)
-    return images, targets, skipped
+class SkipCollate:
+    """Collation that drops what a dataset could not read (`Skipped`) and names it:
+    returns (batch or None, [paths skipped])."""
+
+    def __init__(self, collate=default_collate):
+        self.collate = collate
+
+    def __call__(self, items: list):
+        good = [x for x in items if not isinstance(x, Skipped)]
+        return (self.collate(good) if good else None), [str(x.path) for x in items if isinstance(x, Skipped)]

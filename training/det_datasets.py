@@ -16,7 +16,6 @@ missing file) is a `DatasetError` naming the file, raised at read time, never mi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
-from training.datasets import DatasetError, Skipped
+from training.datasets import DatasetError, Skipped, fingerprint, read_class_names
 
 DETECTION_LAYOUTS = ("auto", "voc", "coco")
 IGNORE_INDEX = 255  # masks: pixels not scored (the VOC convention)
@@ -55,7 +54,7 @@ class DetectionSpec:
 
     def fingerprint(self) -> str:
         """sha256 over the images and annotation files (relative path and content), sorted."""
-        return _fingerprint(self.root, [s.path for s in self.samples] + self.annotation_files)
+        return fingerprint(self.root, [s.path for s in self.samples] + self.annotation_files)
 
     def box_counts(self) -> list[int]:
         counts = [0] * len(self.classes)
@@ -78,16 +77,7 @@ class SegmentationSpec:
     samples: list[MaskSample] = field(default_factory=list)
 
     def fingerprint(self) -> str:
-        return _fingerprint(self.root, [p for s in self.samples for p in (s.image, s.mask)])
-
-
-def _fingerprint(root: Path, paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in sorted(set(paths), key=str):
-        rel = path.relative_to(root) if path.is_relative_to(root) else path
-        h.update(str(rel).encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
+        return fingerprint(self.root, [p for s in self.samples for p in (s.image, s.mask)])
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:
@@ -98,17 +88,6 @@ def _image_size(path: Path, where: str) -> tuple[int, int]:
             return img.size
     except (OSError, ValueError) as e:
         raise DatasetError(f"{where}: image {path} is not readable ({e})") from None
-
-
-def _read_class_names(path: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if len(set(names)) != len(names):
-        raise DatasetError(f"{path} lists a class name twice")
-    if not names:
-        raise DatasetError(f"{path} is empty")
-    return names
 
 
 def check_box(box: list[float], width: int, height: int, where: str) -> list[float]:
@@ -216,7 +195,7 @@ def read_voc(root: Path, classes: list[str] | None = None, split: str | None = N
 
     source = "classes.txt"
     if classes is None:
-        classes = _read_class_names(root / "classes.txt")
+        classes = read_class_names(root / "classes.txt")
     if classes is None:
         classes, source = (
             sorted({name for *_, objs in parsed for name, _, _ in objs}),
@@ -317,7 +296,7 @@ def read_masks(root: str | Path, classes: list[str] | None = None, check_values:
         if not d.is_dir():
             raise DatasetError(f"folder {d} does not exist (masks layout: images/ + masks/ + classes.txt)")
     if classes is None:
-        classes = _read_class_names(root / "classes.txt")
+        classes = read_class_names(root / "classes.txt")
         if classes is not None and classes[0].lower() not in ("background", "_background_", "bg"):
             classes = ["background", *classes]  # classes.txt without the background: its lines are 1, 2, ...
     images = sorted(

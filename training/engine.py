@@ -40,7 +40,7 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_torch_save, atomic_write_bytes, read_meta, save_model_files, unwrap
 from training import distributed as dist
-from training.datasets import Skipped
+from training.datasets import SkipCollate, Skipped
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
 
 
@@ -412,18 +412,6 @@ def write_metrics(out: Path, history: list[dict], panels: dict[str, list[str]]) 
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
-
-
-class SkipCollate:
-    """Collation that drops what a dataset could not read (`Skipped`) and names it:
-    returns (batch or None, [paths skipped])."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, items: list):
-        good = [x for x in items if not isinstance(x, Skipped)]
-        return (self.collate(good) if good else None), [str(x.path) for x in items if isinstance(x, Skipped)]
 
 
 def to_device(x, device: torch.device):

@@ -29,8 +29,8 @@ from model_defs.generative import dcgan_discriminator, latent_vectors
 from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
 from training import engine
 from training.cache import decoder
-from training.datasets import Skipped
-from training.unlabeled import UnlabeledImages, find_images, fingerprint
+from training.datasets import Skipped, fingerprint
+from training.unlabeled import UnlabeledImages, find_images
 
 
 class GAN(engine.Task):

@@ -28,8 +28,8 @@ from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
 from training import engine
 from training.cache import decoder
-from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, stratified_split
-from training.unlabeled import UnlabeledImages, find_images, fingerprint
+from training.datasets import LAYOUTS, DatasetError, ImageDataset, fingerprint, read_dataset, stratified_split
+from training.unlabeled import UnlabeledImages, find_images
 
 
 class SimCLR(engine.Task):

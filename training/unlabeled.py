@@ -7,7 +7,6 @@ classification trainer, and the dataset fingerprint covers every file's path and
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -25,15 +24,6 @@ def find_images(root: str | Path) -> list[Path]:
     if not paths:
         raise DatasetError(f"no images found under {root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return paths
-
-
-def fingerprint(root: str | Path, paths: list[Path]) -> str:
-    """sha256 over each file's path relative to `root` and its content, in sorted order."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
 
 
 class UnlabeledImages(Dataset):

@@ -32,7 +32,7 @@ from training.datasets import (
     DatasetError,
     ImageDataset,
     Sample,
-    collate_skipping,
+    SkipCollate,
     parse_split_source,
     read_dataset,
     stratified_split,
@@ -125,9 +125,9 @@ def image_batches(samples: list[Sample], meta: dict, batch_size: int):
     dataset = ImageDataset(
         samples, len(meta["classes"]), bool(meta.get("multi_label")), cfg.channels, eval_transform(cfg)
     )
-    for images, targets, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping):
-        if images is not None:
-            yield images, targets
+    for batch, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=SkipCollate()):
+        if batch is not None:
+            yield batch
 
 
 # -- the files each runtime loads -----------------------------------------------------------
