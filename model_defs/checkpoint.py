@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from model_defs.files import atomic_write
 from model_defs.registry import DataConfig, get_model
 
 WEIGHTS_FILE = "model.pt"
@@ -26,21 +27,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A training output folder that cannot be loaded; the message names the file."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -68,7 +54,7 @@ def save_model_files(out_dir: Path, model: nn.Module, meta: dict) -> None:
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     atomic_torch_save(state, out_dir / WEIGHTS_FILE)
     meta = {"format_version": FORMAT_VERSION, **meta}
-    atomic_write_bytes(out_dir / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(out_dir / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def read_meta(model_dir: Path) -> dict:

@@ -33,15 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
-from model_defs.checkpoint import atomic_torch_save, atomic_write_bytes, read_meta, save_model_files, unwrap
+from model_defs.checkpoint import atomic_torch_save, read_meta, save_model_files, unwrap
+from model_defs.files import atomic_write
 from training import distributed as dist
 from training.datasets import SkipCollate, Skipped
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
+from training.key_values import parse_key_values
 
 
 class UsageError(ValueError):
@@ -288,16 +289,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def parse_model_args(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-arg expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def build_model(name: str, task: str, pairs: list[str], **fixed) -> tuple[nn.Module, dict]:
     """A registered model of `task`, with the --model-arg pairs checked against its builder;
     returns it and the keyword arguments that rebuild it."""
@@ -306,7 +297,7 @@ def build_model(name: str, task: str, pairs: list[str], **fixed) -> tuple[nn.Mod
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     params = inspect.signature(entry.builder).parameters
-    extra = parse_model_args(pairs)
+    extra = parse_key_values(pairs, "--model-arg", UsageError)
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         for key in [*extra, *fixed]:
             if key not in params:
@@ -787,7 +778,7 @@ def fit(task: Task, args) -> dict:
         skipped_images=len(state["skipped_files"]),
         skipped_files=state["skipped_files"][:1000],
     )
-    atomic_write_bytes(out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
+    atomic_write(out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
     task.finish(out)
     best = (
         f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; "

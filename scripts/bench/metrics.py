@@ -26,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scripts.bench.serving import Client, cat_jpeg, closed_loop, machine, random_weights_run
+from scripts.bench.serving import cat_jpeg, closed_loop, machine, random_weights_run
+from scripts.ops.client import Client
 from scripts.ops.packaging import ArchiveError, build_archive
 from scripts.ops.serve import ServeError, TorchServe
 from scripts.ops.top import scrape, total

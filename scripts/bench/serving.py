@@ -25,7 +25,6 @@ Weights do not change speed: without --run a model of --model is built with rand
 from __future__ import annotations
 
 import argparse
-import http.client
 import io
 import json
 import os
@@ -38,11 +37,11 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import yaml
 
+from scripts.ops.client import Client, percentile_ms
 from scripts.ops.packaging import build_archive
 from scripts.ops.serve import ServeError, TorchServe
 
@@ -101,10 +100,7 @@ def random_weights_run(arch: str, out: Path, num_classes: int = 10, classes: lis
 
 
 def percentiles_ms(latencies: list[float]) -> dict:
-    if not latencies:
-        return {"p50": None, "p90": None, "p99": None}
-    p = np.percentile(np.asarray(latencies) * 1000, [50, 90, 99])
-    return {"p50": round(float(p[0]), 1), "p90": round(float(p[1]), 1), "p99": round(float(p[2]), 1)}
+    return {f"p{q}": percentile_ms(latencies, q) for q in (50, 90, 99)}
 
 
 def summary(latencies: list[float], errors: int, seconds: float, items: int | None = None) -> dict:
@@ -178,31 +174,6 @@ def preprocessing_ms(handler, image: bytes, n: int = 300) -> float:
         handler.preprocess_one({"body": image})
         times.append(time.perf_counter() - t)
     return round(float(np.median(times)) * 1000, 3)
-
-
-class Client:
-    """One keep-alive HTTP connection posting the image (http.client: requests costs the
-    2-core machine ~0.5 ms of CPU per call, which the served model would pay for)."""
-
-    def __init__(self, url: str, headers: dict):
-        parts = urlsplit(url)
-        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
-        self.headers = {**headers, "Content-Type": "image/jpeg"}
-        self.conn = None
-
-    def post(self, image: bytes) -> tuple[bool, object]:
-        try:
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
-            self.conn.request("POST", self.path, body=image, headers=self.headers)
-            r = self.conn.getresponse()
-            body = r.read()
-            return r.status == 200, (json.loads(body) if r.status == 200 else r.status)
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            if self.conn is not None:
-                self.conn.close()
-            self.conn = None
-            return False, repr(e)
 
 
 def closed_loop(url: str, headers: dict, image: bytes, clients: int, seconds: float) -> dict:

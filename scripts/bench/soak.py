@@ -35,10 +35,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import psutil
 import requests
 
+from scripts.ops.client import Client, percentile_ms
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 
 BAD_KINDS = ("garbage", "truncated_png", "text", "json_without_data", "empty")
@@ -108,11 +108,7 @@ def growth_by_process(samples: list[dict]) -> dict[str, float]:
     }
 
 
-def percentile_ms(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
-
-
-class Client(threading.Thread):
+class LoadThread(threading.Thread):
     """One closed-loop client: sends, waits for the answer, records it, sends again."""
 
     def __init__(
@@ -142,7 +138,7 @@ class Client(threading.Thread):
         return self.cache[path]
 
     def run(self) -> None:
-        session = requests.Session()
+        client = Client(self.url, self.headers, timeout=self.timeout, content_type=None)
         while time.monotonic() < self.stop_at:
             good = self.good_bytes()
             if self.rng.random() < self.bad_share:
@@ -151,15 +147,11 @@ class Client(threading.Thread):
             else:
                 kind, sub, data, extra = "good", "image", good, {}
             start = time.perf_counter()
-            try:
-                r = session.post(self.url, data=data, headers={**self.headers, **extra}, timeout=self.timeout)
-                status = r.status_code
-            except requests.RequestException:
-                status = 0  # no HTTP answer at all (refused, reset, timed out)
+            status, _ = client.send(data, extra)  # 0: no HTTP answer at all (refused, reset, timed out)
             record = (kind, sub, status, time.perf_counter() - start)
             with self.lock:
                 self.sink.append(record)
-        session.close()
+        client.close()
 
 
 def summarize(records: list, seconds: float) -> dict:
@@ -281,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     stop_at = t0 + args.duration
     clients = [
-        Client(i, url, headers, goods, args.bad_share, args.seed, stop_at, args.timeout, records, lock)
+        LoadThread(i, url, headers, goods, args.bad_share, args.seed, stop_at, args.timeout, records, lock)
         for i in range(args.clients)
     ]
     for c in clients:

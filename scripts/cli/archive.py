@@ -37,8 +37,6 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
 from handlers.runtimes import RUNTIMES
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import REJECTED, Catalog, CatalogError
@@ -54,6 +52,7 @@ from scripts.ops.packaging import (
     refuse_if_served,
 )
 from scripts.ops.serve import DEFAULT_RUN_DIR
+from training.key_values import parse_key_values
 
 
 def print_table(results: list[dict]) -> None:
@@ -210,15 +209,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args) -> dict:
-    handler = {}
-    for pair in args.handler_option:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ArchiveError(f"--handler-option expects KEY=VALUE, got {pair!r}")
-        try:
-            handler[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ArchiveError(f"--handler-option {key}: {value!r} is not a readable value") from None
+    handler = parse_key_values(args.handler_option, "--handler-option", ArchiveError)
     return {
         "workers": args.workers,
         "max_workers": args.max_workers,

@@ -13,7 +13,6 @@ fast commands (`scripts/serve key`, `status`) use it.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from pathlib import Path
 
@@ -54,18 +53,9 @@ def inside(folder: Path, name: str | Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` through a private temporary file and a rename: readers see the
-    old bytes or the new ones, never half, and the file never exists with a wider mode."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_write(path: Path, data: bytes) -> None:
+    """model_defs.files.atomic_write, imported at the first write: model_defs imports torch,
+    which `scripts/serve key` and `status` never load."""
+    from model_defs.files import atomic_write as write
+
+    write(path, data)
