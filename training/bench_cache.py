@@ -29,7 +29,7 @@ def write_jpegs(root: Path, n: int, seed: int = 0) -> Path:
     from skimage import data
 
     rng = np.random.default_rng(seed)
-    for k, name in enumerate(PICTURES):
+    for name in PICTURES:
         photo = Image.fromarray(getattr(data, name)()).convert("RGB").resize((1024, 768))
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(n // len(PICTURES)):

@@ -203,7 +203,7 @@ def read_voc(root: Path, classes: list[str] | None = None, split: str | None = N
         )
     index = {c: i for i, c in enumerate(classes)}
     spec = DetectionSpec(root, "voc", list(classes), annotation_files=[p[0] for p in parsed])
-    for xml, image, width, height, objects in parsed:
+    for _, image, width, height, objects in parsed:
         sample = DetSample(image, width, height, [], [])
         for name, box, where in objects:
             if name not in index:
@@ -249,7 +249,8 @@ def read_coco(root: Path, classes: list[str] | None = None) -> DetectionSpec:
     for cid, name in names.items():
         if name not in index:
             raise DatasetError(
-                f"{path}: category {cid} {name!r} is not one of the {len(classes)} training classes: {', '.join(classes)}"
+                f"{path}: category {cid} {name!r} is not one of the {len(classes)} training classes: "
+                f"{', '.join(classes)}"
             )
     spec = DetectionSpec(base, "coco", list(classes), annotation_files=[path])
     by_id = {}
@@ -258,7 +259,8 @@ def read_coco(root: Path, classes: list[str] | None = None) -> DetectionSpec:
         width, height = _image_size(image, f"{path} image id {im['id']}")
         if (im.get("width"), im.get("height")) != (width, height):
             raise DatasetError(
-                f"{path} image id {im['id']}: declared {im.get('width')}x{im.get('height')} but {image} is {width}x{height}"
+                f"{path} image id {im['id']}: declared {im.get('width')}x{im.get('height')} but {image} "
+                f"is {width}x{height}"
             )
         by_id[im["id"]] = DetSample(image, width, height, [], [])
     for ann in data["annotations"]:
@@ -270,7 +272,8 @@ def read_coco(root: Path, classes: list[str] | None = None) -> DetectionSpec:
             raise DatasetError(f"{where}: image_id {ann.get('image_id')} is not in 'images'")
         if ann.get("category_id") not in names:
             raise DatasetError(
-                f"{where} ({sample.path.name}): category_id {ann.get('category_id')} is not one of the categories {sorted(names)}"
+                f"{where} ({sample.path.name}): category_id {ann.get('category_id')} is not one of the "
+                f"categories {sorted(names)}"
             )
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):

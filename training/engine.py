@@ -78,7 +78,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
         "--batch-size",
         type=int,
         default=32,
-        help="images per step and process; under torchrun the global batch is this times the processes (default: %(default)s)",
+        help="images per step and process; under torchrun the global batch is this times the processes "
+        "(default: %(default)s)",
     )
     g.add_argument(
         "--optimizer",
@@ -130,7 +131,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
         "--amp",
         default="none",
         choices=("none", "bf16", "fp16"),
-        help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) (default: %(default)s)",
+        help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) "
+        "(default: %(default)s)",
     )
     g = p.add_argument_group("run (every trainer)")
     g.add_argument(
@@ -190,7 +192,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
     g.add_argument(
         "--log-grad-norms",
         action="store_true",
-        help="per-layer gradient norms each epoch, vanishing/exploding layers flagged: grad_norms.csv/.png (default: off)",
+        help="per-layer gradient norms each epoch, vanishing/exploding layers flagged: "
+        "grad_norms.csv/.png (default: off)",
     )
     g.add_argument(
         "--activation-stats",
@@ -203,7 +206,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
         type=int,
         default=0,
         metavar="N",
-        help="profile the first N training steps: profile/trace.json (Chrome trace) and profile/top_ops.txt (default: 0, off)",
+        help="profile the first N training steps: profile/trace.json (Chrome trace) and "
+        "profile/top_ops.txt (default: 0, off)",
     )
     p.set_defaults(**defaults)
     return p
@@ -277,14 +281,16 @@ def resolve_device(name: str) -> torch.device:
     if dist.launched():
         if match[1] is not None:
             raise UsageError(
-                f"--device {name}: under torchrun give --device cuda (or auto); each process takes the GPU of its LOCAL_RANK"
+                f"--device {name}: under torchrun give --device cuda (or auto); each process takes the "
+                "GPU of its LOCAL_RANK"
             )
         index = dist.local_rank()
     else:
         index = int(match[1] or 0)
     if index >= torch.cuda.device_count():
         raise UsageError(
-            f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}"
         )
     return torch.device("cuda", index)
 
@@ -573,7 +579,8 @@ def fit(task: Task, args) -> dict:
     steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
     if steps < 10 and any(has_batchnorm(m) for m in models.values()):
         log(
-            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} process(es) give only "
+            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} "
+            "process(es) give only "
             f"{steps} step(s) per epoch: too few for BatchNorm's running statistics to follow the weights; they are "
             f"recalibrated before each evaluation, but a smaller --batch-size trains better"
         )

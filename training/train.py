@@ -41,7 +41,8 @@ class Classification(engine.Task):
             "--layout",
             default="auto",
             choices=LAYOUTS,
-            help="dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt (default: auto, detected)",
+            help="dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt "
+            "(default: auto, detected)",
         )
         g.add_argument(
             "--val-data",
@@ -62,7 +63,8 @@ class Classification(engine.Task):
         g.add_argument(
             "--multi-label",
             action="store_true",
-            help="train with sigmoid/BCE and multi-label output even if every image has one label (default: off; on automatically when an image has several labels)",
+            help="train with sigmoid/BCE and multi-label output even if every image has one label "
+            "(default: off; on automatically when an image has several labels)",
         )
         g.add_argument(
             "--threshold",

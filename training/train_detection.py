@@ -133,7 +133,8 @@ class Detection(engine.Task):
             "classes": classes,
             "classes_note": "background excluded: model label k is classes[k - 1]",
             "preprocessing": cfg.to_dict(),
-            "preprocessing_note": "resize so the longer side is input_size (no crop), float [0, 1]; the model normalizes with mean/std",
+            "preprocessing_note": "resize so the longer side is input_size (no crop), float [0, 1]; the "
+            "model normalizes with mean/std",
             "dataset": {
                 "root": str(Path(args.data).resolve()),
                 "layout": spec.layout,

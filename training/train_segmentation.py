@@ -60,7 +60,8 @@ class Segmentation(engine.Task):
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="extra keyword argument for the model builder, value parsed as YAML, e.g. depth=3; repeatable (default: none)",
+            help="extra keyword argument for the model builder, value parsed as YAML, e.g. depth=3; "
+            "repeatable (default: none)",
         )
         g.add_argument(
             "--channels",

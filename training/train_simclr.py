@@ -69,7 +69,8 @@ class SimCLR(engine.Task):
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="extra keyword argument for the model builder, value parsed as YAML, e.g. backbone=resnet18; repeatable (default: none)",
+            help="extra keyword argument for the model builder, value parsed as YAML, e.g. "
+            "backbone=resnet18; repeatable (default: none)",
         )
         g.add_argument(
             "--channels",
@@ -151,7 +152,8 @@ class SimCLR(engine.Task):
             },
         }
         self.describe = (
-            lambda: f"{args.model}: {len(paths)} unlabeled images, {cfg.channels}x{cfg.input_size}px, embedding dim {self.model.feature_dim}"
+            lambda: f"{args.model}: {len(paths)} unlabeled images, {cfg.channels}x{cfg.input_size}px, "
+            f"embedding dim {self.model.feature_dim}"
         )
         if self.knn and engine.dist.is_main():
             self.model.to(self.device)

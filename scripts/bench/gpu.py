@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(report_rows(results)))
     for r in results:
-        for label, c in r["configs"].items():
+        for c in r["configs"].values():
             if "stages" in c:
                 print(f"{r['arch']} stages (ms per image): {c['stages']}")
     print(f"wrote {out / 'bench_gpu.json'} and {out / 'bench_gpu.png'}")

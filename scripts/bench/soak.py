@@ -27,6 +27,7 @@ else 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -256,10 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     # Warm-up: the first batches allocate once (torch, allocator arenas); not a leak.
     with requests.Session() as s:
         for path in goods[: args.warmup]:
-            try:
+            with contextlib.suppress(requests.RequestException):
                 s.post(url, data=path.read_bytes(), headers=headers, timeout=args.timeout)
-            except requests.RequestException:
-                pass
     t0 = time.monotonic()
     samples = [rss_sample(ts, args.model, t0)]
     print(

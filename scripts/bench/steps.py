@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in pre:
         print(f"{r['step']:58} {r['ms']:7.2f} {r['speedup']:7.2f}x")
     print(
-        f"\n{'runtime (handler, ' + str(os.cpu_count()) + ' threads)':24} {'batch':>5} {'img/s':>7} {'speedup':>8} {'top-1':>7} {'eager':>7} {'agree':>7}"
+        f"\n{'runtime (handler, ' + str(os.cpu_count()) + ' threads)':24} {'batch':>5} {'img/s':>7} "
+        f"{'speedup':>8} {'top-1':>7} {'eager':>7} {'agree':>7}"
     )
     for r in runtimes:
         acc = [f"{r[k]:7.2f}" if r[k] is not None else f"{'-':>7}" for k in ("top1", "eager_top1", "agreement")]

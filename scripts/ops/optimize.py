@@ -154,7 +154,7 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
             **common,
         )
     except Exception as e:  # noqa: BLE001 - any failure of the new exporter: try the old one
-        warnings.warn(f"dynamo ONNX export failed ({type(e).__name__}: {e}); using dynamo=False")
+        warnings.warn(f"dynamo ONNX export failed ({type(e).__name__}: {e}); using dynamo=False", stacklevel=2)
         with quiet_deprecations():
             torch.onnx.export(
                 model.eval(),
@@ -206,7 +206,7 @@ def compare(eager, runner, batches, multi_label: bool) -> dict:
         p_eager, p_runtime = to_probs(eager(images).float()), to_probs(runner(images).float())
         top_eager, top_runtime = p_eager.argmax(1), p_runtime.argmax(1)
 
-        def correct(top):  # single-label: the target; multi-label: any of the image's labels
+        def correct(top, targets=targets):  # single-label: the target; multi-label: any of its labels
             return targets.gather(1, top[:, None])[:, 0] > 0 if targets.dim() == 2 else top == targets
 
         n += len(images)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -465,10 +465,8 @@ class TorchServe:
         try:
             self.wait_ready([f"{name}/{info['version']}"], timeout)
         except ServeError:
-            try:
+            with suppress(ServeError):
                 self.manage("DELETE", f"/models/{name}/{info['version']}")
-            except ServeError:
-                pass
             raise
         if record:
             with self.state.editing() as state:
