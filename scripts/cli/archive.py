@@ -10,7 +10,7 @@
 compile (see handlers/runtimes.py). Every runtime but eager is built here and checked
 against eager on the run's validation split (or --val-data) before anything is written;
 one that loses more than --max-accuracy-drop points of top-1 is refused
-(scripts/optimize.py). The check is kept in archive.json and the catalog.
+(scripts/ops/optimize.py). The check is kept in archive.json and the catalog.
 
 An archive holds the weights, model.json, the label map (index_to_name.json), the task's
 handler with the shared handler base, the `model_defs` package the handler rebuilds the
