@@ -69,6 +69,19 @@ TASK_DEFAULTS = {
 }
 
 
+def add_model_arg(g, example: str = "") -> None:
+    """--model-arg KEY=VALUE, the same flag on every trainer that builds from the registry."""
+    g.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra keyword argument for the model builder, value parsed as YAML"
+        + (f", e.g. {example}" if example else "")
+        + "; repeatable (default: none)",
+    )
+
+
 def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaults) -> argparse.ArgumentParser:
     unknown = set(defaults) - TASK_DEFAULTS
     assert not unknown, unknown

@@ -78,13 +78,7 @@ class Classification(engine.Task):
             default="small_cnn",
             help="registered model name, see `python -m model_defs` (default: small_cnn)",
         )
-        g.add_argument(
-            "--model-arg",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="extra keyword argument for the model builder, value parsed as YAML; repeatable (default: none)",
-        )
+        engine.add_model_arg(g)
         g.add_argument(
             "--channels",
             type=int,

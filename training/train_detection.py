@@ -67,13 +67,7 @@ class Detection(engine.Task):
             default="fasterrcnn_mobilenet_320",
             help="registered detection model, see `python -m model_defs` (default: fasterrcnn_mobilenet_320)",
         )
-        g.add_argument(
-            "--model-arg",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="extra builder argument, value parsed as YAML; repeatable (default: none)",
-        )
+        engine.add_model_arg(g)
         g.add_argument(
             "--input-size",
             type=int,

@@ -55,14 +55,7 @@ class Segmentation(engine.Task):
         g.add_argument(
             "--model", default="unet", help="registered segmentation model, see `python -m model_defs` (default: unet)"
         )
-        g.add_argument(
-            "--model-arg",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="extra keyword argument for the model builder, value parsed as YAML, e.g. depth=3; "
-            "repeatable (default: none)",
-        )
+        engine.add_model_arg(g, example="depth=3")
         g.add_argument(
             "--channels",
             type=int,

@@ -64,14 +64,7 @@ class SimCLR(engine.Task):
         g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN accuracy (default: 20)")
         g = p.add_argument_group("model and augmentation")
         g.add_argument("--model", default="simclr", help="registered embedding model (default: simclr)")
-        g.add_argument(
-            "--model-arg",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="extra keyword argument for the model builder, value parsed as YAML, e.g. "
-            "backbone=resnet18; repeatable (default: none)",
-        )
+        engine.add_model_arg(g, example="backbone=resnet18")
         g.add_argument(
             "--channels",
             type=int,

@@ -1,14 +1,8 @@
 """Packaging: a training output folder (model.pt + model.json) into a `.mar` archive in a
-model store, one at a time (`build_archive`) or a manifest's worth in parallel
-(`build_manifest`), each recorded in the store's catalog. scripts/archive is its command line.
-
-An archive holds the weights, model.json, the label map (index_to_name.json), the task's
-handler with the shared handler base, the `model_defs` package the handler rebuilds the
-model with, a model-config.yaml (workers, batching, device, timeouts, handler settings)
-and archive.json (what it is and where it came from). The training output is checked
-before anything is written; the `.mar` is built in a temporary folder and renamed into
-place, so model_store/ never holds a partial archive. An unchanged catalog entry is
-skipped, a changed one under an existing name and version needs force."""
+model store, one at a time (`build_archive`, `plan_archive` for a dry run) or a manifest's
+worth in parallel (`build_manifest`), each recorded in the store's catalog with its sha256
+and the hash of its inputs. What an archive holds and the refusals are described in
+scripts/archive's help (scripts/cli/archive.py), its command line."""
 
 from __future__ import annotations
 
