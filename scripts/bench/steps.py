@@ -120,7 +120,9 @@ def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/bench_steps.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--run",
         default=str(ROOT / "runs" / "digits_resnet18"),
