@@ -45,6 +45,12 @@ def load_state_dict_file(model: nn.Module, weights_path: str) -> None:
         ) from err
 
 
+def pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's size attribute (kept as tuple[int, ...]) as the 2-tuple its constructor takes."""
+    height, width = values
+    return height, width
+
+
 def conv_with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """A copy of `conv` taking `in_channels` inputs, its weights the old ones averaged over the inputs.
 
@@ -54,10 +60,10 @@ def conv_with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     new = nn.Conv2d(
         in_channels,
         conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        kernel_size=pair(conv.kernel_size),
+        stride=pair(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else pair(conv.padding),
+        dilation=pair(conv.dilation),
         bias=conv.bias is not None,
     )
     with torch.no_grad():
