@@ -3,12 +3,15 @@
 What the stock TorchServe handlers do not do, and this base does:
 - rebuild the model through the registry from the archive's `model.json` and load a
   plain state_dict with `weights_only=True` (no pickled code runs in a worker);
+- read every request, whatever the task, with one parser (`parse_request`): the body (raw
+  bytes, a multipart file, JSON) and the task's options, as multipart or JSON fields;
 - preprocess with the very functions training validated with (`model_defs.preprocessing`);
 - answer each request of a batch on its own: a bad item gets a 4xx JSON body that names
   the problem, while the other items of the same batch are predicted as usual;
 - size torch's thread pool so that workers x threads fit the machine's cores.
 
-Task handlers subclass this and override `postprocess` (and `inference` if needed).
+Task handlers subclass this and override `postprocess` (and `prepare`, `collate` and
+`inference` where their input or model differ).
 """
 
 from __future__ import annotations
