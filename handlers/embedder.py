@@ -15,7 +15,7 @@ from handlers.vision import VisionHandler
 
 class ImageEmbedder(VisionHandler):
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.runner(batch).float(), dim=1)
+        return F.normalize(self.run(batch).float(), dim=1)
 
     def postprocess(self, embeddings: torch.Tensor) -> list[dict]:
         return [{"embedding": row} for row in embeddings.cpu().tolist()]

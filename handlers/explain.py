@@ -43,7 +43,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from handlers.options import EXPLAIN_MAX_STEPS, EXPLAIN_STEPS
-from handlers.vision import RequestError, extract_image_bytes, request_options
+from handlers.vision import Request, RequestError
 from model_defs.registry import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,11 @@ class ExplainConfig:
         )
 
 
-def parse_options(row, classes: list[str], cfg: ExplainConfig) -> tuple[dict, int | None, int]:
-    """(row holding only the image, the named target's index or None, n_steps)."""
-    row, options = request_options(row, OPTIONS)
-    options = {k: v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v for k, v in options.items()}
+def parse_options(request: Request, classes: list[str], cfg: ExplainConfig) -> tuple[int | None, int]:
+    """(the named target's index or None, n_steps) of a request read with OPTIONS."""
+    options = {
+        k: v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v for k, v in request.options.items()
+    }
     target = None
     if options.get("target") is not None:
         name = str(options["target"])
@@ -104,7 +105,7 @@ def parse_options(row, classes: list[str], cfg: ExplainConfig) -> tuple[dict, in
                 "InvalidOption",
                 f"n_steps must be from 1 to {cfg.max_steps} (explain_max_steps of this archive), got {steps}",
             )
-    return row, target, steps
+    return target, steps
 
 
 def baseline_like(x: torch.Tensor, kind: str, data_config: DataConfig) -> torch.Tensor:
@@ -289,10 +290,11 @@ def answer(
 def explain_classification(handler, row) -> dict:
     """Top-1 (or the named class) of a classifier, on the tensor its prediction uses."""
     explainer = handler.explainer
-    row, target, steps = parse_options(row, handler.classes, explainer.cfg)
-    image = handler.read_image(extract_image_bytes(row, handler.max_bytes), handler.data_config.channels)
+    request = handler.parse(row, OPTIONS)
+    target, steps = parse_options(request, handler.classes, explainer.cfg)
+    image = handler.read_image(request.image_bytes(handler.max_bytes), handler.data_config.channels)
     x = handler.transform(image)
-    size = tuple(image.shape[-2:])
+    size = (image.shape[-2], image.shape[-1])
     with torch.no_grad():
         logits = explainer.model(x[None].to(handler.device).float())[0].float()
     probs = torch.sigmoid(logits) if handler.multi_label else torch.softmax(logits, 0)
@@ -313,8 +315,9 @@ def explain_segmentation(handler, row) -> dict:
     """A class's mean logit over the pixels predicted as that class; the class is the one
     named in the request, or else the non-background class with the largest predicted area."""
     explainer = handler.explainer
-    row, target, steps = parse_options(row, handler.classes, explainer.cfg)
-    x, size = handler.preprocess_one(row)
+    request = handler.parse(row, OPTIONS)
+    target, steps = parse_options(request, handler.classes, explainer.cfg)
+    x, size = handler.prepare(request)
     with torch.no_grad():
         logits = explainer.model(x[None].to(handler.device).float())[0].float()
     predicted = logits.argmax(0)

@@ -14,12 +14,11 @@ a bad seed or malformed latents get a 400 for that request only.
 from __future__ import annotations
 
 import base64
-import json
 import math
 
 import torch
 
-from handlers.vision import RequestError, VisionHandler
+from handlers.vision import Request, RequestError, VisionHandler
 from model_defs.generative import latent_vectors
 from model_defs.preprocessing import encode_png, tensor_to_images
 
@@ -32,31 +31,15 @@ def _is_int(value) -> bool:
 
 class ImageGenerator(VisionHandler):
     batched_images = False  # latent vectors, not images
+    request_json = '{"seed": int, "n": int} or {"latent": [[...]]}'
 
     def initialize(self, context):
         super().initialize(context)
         self.latent_dim = int(self.meta["arch_args"].get("latent_dim", getattr(self.model, "latent_dim", 0)))
         self.max_n = max(1, int(self.handler_config.get("max_n", 64)))
 
-    def _request(self, row) -> dict:
-        payload = row.get("data") if isinstance(row, dict) else None
-        if payload is None and isinstance(row, dict):
-            payload = row.get("body")
-        if isinstance(payload, (bytes, bytearray)):
-            try:
-                payload = json.loads(payload)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise RequestError(
-                    400, "InvalidJSON", 'body is not JSON; send {"seed": int, "n": int} or {"latent": [[...]]}'
-                ) from None
-        if not isinstance(payload, dict):
-            raise RequestError(
-                400, "InvalidRequest", 'expected a JSON object {"seed": int, "n": int} or {"latent": [[...]]}'
-            )
-        return payload
-
-    def preprocess_one(self, row) -> tuple[torch.Tensor, dict]:
-        req = self._request(row)
+    def prepare(self, request: Request) -> tuple[torch.Tensor, dict]:
+        req = request.payload  # a JSON object: parse_request checked it is one
         if "latent" in req:
             z = req["latent"]
             if isinstance(z, list) and z and not isinstance(z[0], list):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 from ts.torch_handler.request_envelope import kserve as ts_kserve
 from ts.torch_handler.request_envelope import kservev2 as ts_kservev2
@@ -155,7 +156,12 @@ class _ItemContext:
 def handle(handler, data: list, context) -> list:
     """Answer a batch holding KServe requests (and maybe plain ones): every image of every
     request goes through `handler.handle` as one item, then the answers are regrouped."""
-    requests, items, owner = [], [], []
+    # (protocol, what answers it, the item slots of its images): ("plain", None, [slot]) for a
+    # request that is not KServe's, ("error", message, []) for one that cannot be read, and
+    # ("v1" | "v2", its JSON body, slots) for the rest.
+    requests: list[tuple[str, Any, list[int]]] = []
+    items: list = []
+    owner: list[int] = []
     for idx, row in enumerate(data):
         try:
             parsed = parse(row)
@@ -177,7 +183,7 @@ def handle(handler, data: list, context) -> list:
 
     item_context = _ItemContext(context, owner)
     answers = handler.handle(items, item_context) if items else []
-    out = []
+    out: list = []
     for idx, (protocol, body, slots) in enumerate(requests):
         failed = {i: item_context.status[i] for i in slots if item_context.status.get(i, (200,))[0] >= 400}
         if protocol == "error":
@@ -195,7 +201,10 @@ def handle(handler, data: list, context) -> list:
             out.append({"predictions": [answers[i] for i in slots]})
         else:
             model = (getattr(context, "manifest", None) or {}).get("model", {})
-            response = {"model_name": model.get("modelName"), "model_version": model.get("modelVersion")}
+            response: dict[str, Any] = {
+                "model_name": model.get("modelName"),
+                "model_version": model.get("modelVersion"),
+            }
             if body.get("id"):
                 response["id"] = body["id"]
             response["outputs"] = _v2_outputs(

@@ -81,7 +81,9 @@ class HandlerMetrics:
         self.labels = [self.model, self.version]
         self.metrics = _declared_metrics(context) if handler_config.get("metrics", True) else {}
         self.json_logs = bool(handler_config.get("json_logs", False))
-        self.host, self.lines, self.formats = socket.gethostname(), [], {}
+        self.host = socket.gethostname()
+        self.lines: list[str] = []  # queued [METRICS] lines
+        self.formats: dict[tuple, tuple[str, str]] = {}  # (name, extra labels) -> the line's head and tail
         self._emit(WORKER_STARTS, 1)
         self._flush()
         self.begin(None, 0)

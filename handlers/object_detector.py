@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from handlers.vision import RequestError, VisionHandler, extract_image_bytes, request_options
+from handlers.vision import Request, RequestError, VisionHandler
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input
 
@@ -44,14 +44,14 @@ def parse_option(name: str, value) -> float | int:
     return int(number)
 
 
-def split_request(row: dict) -> tuple[dict, dict]:
-    """(row holding only the image, the per-request options found in it, checked)."""
-    row, options = request_options(row, OPTIONS)
-    return row, {k: parse_option(k, v) for k, v in options.items()}
+def checked_options(request: Request) -> dict:
+    """The per-request options the request carries (as multipart fields or JSON fields), checked."""
+    return {k: parse_option(k, v) for k, v in request.options.items()}
 
 
 class ObjectDetector(VisionHandler):
     batched_images = False  # a list of images of their own sizes
+    request_options = OPTIONS
 
     def initialize(self, context):
         super().initialize(context)
@@ -61,10 +61,9 @@ class ObjectDetector(VisionHandler):
             "max_detections": parse_option("max_detections", self.handler_config.get("max_detections", 100)),
         }
 
-    def preprocess_one(self, row: dict) -> tuple:
-        row, options = split_request(row)
-        data = extract_image_bytes(row, self.max_bytes)
-        image = self.read_image(data, 3)
+    def prepare(self, request: Request) -> tuple:
+        options = checked_options(request)
+        image = self.read_image(request.image_bytes(self.max_bytes), 3)
         x, scale = detection_input(image, self.input_size)
         return x, scale, (image.shape[-1], image.shape[-2]), {**self.defaults, **options}
 
@@ -76,7 +75,7 @@ class ObjectDetector(VisionHandler):
         """One forward pass per image size: torchvision pads a mixed batch to its largest
         image, which changes the features near the padding, so an image's answer would
         depend on its batch mates. Same-size images still share a pass."""
-        outputs = [None] * len(items)
+        outputs: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, (x, *_) in enumerate(items):
             groups.setdefault(tuple(x.shape), []).append(i)

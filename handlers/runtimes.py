@@ -25,6 +25,7 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ RUNTIMES = ("eager", "torchscript", "onnx", "int8", "compile")
 ARTIFACTS = {"torchscript": "model.ts", "onnx": "model.onnx", "int8": "model_int8.ts"}  # in the archive root
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPP_COMPILERS = ("cc", "gcc", "g++", "clang")  # torch.compile's inductor builds C++ kernels on the CPU
+
+Runner = Callable[[torch.Tensor], torch.Tensor]  # what every runtime is: the float batch in, the output out
 
 
 class RuntimeConfigError(ValueError):
@@ -69,9 +72,10 @@ class EagerRunner:
         self.device = device
         self.channels_last = channels_last
         self.autocast = AUTOCAST_DTYPES.get(autocast) if autocast else None
-        self.model = model.to(device).eval()
+        model = model.to(device).eval()
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
+        self.model: Runner = model
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.channels_last and batch.dim() == 4:
@@ -131,7 +135,7 @@ class OnnxRunner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Idle ORT threads would otherwise spin, taking the cores torch needs to decode the next batch.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict]] = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -150,7 +154,7 @@ def warm_up(runner, model_dir: Path, batch_sizes: list[int], device: torch.devic
         runner(torch.zeros(int(n), cfg.channels, cfg.input_size, cfg.input_size, device=device))
 
 
-def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device: torch.device):
+def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device: torch.device) -> Runner:
     """The runner the archive's handler section asks for (`runtime`, default eager)."""
     kind = str(handler_config.get("runtime") or "eager")
     if kind not in RUNTIMES:
@@ -160,17 +164,14 @@ def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device
     if kind == "eager":
         return EagerRunner(model, device, channels_last=channels_last, autocast=autocast)
     if kind == "compile":
-        runner = CompiledRunner(model, device, channels_last=channels_last, autocast=autocast)
+        runner: Runner = CompiledRunner(model, device, channels_last=channels_last, autocast=autocast)
     else:
         if autocast:
             raise RuntimeConfigError(f"autocast applies to the eager and compile runtimes, not {kind}")
         path = Path(model_dir) / ARTIFACTS[kind]
         if not path.is_file():
             raise RuntimeConfigError(f"runtime {kind} needs {path.name} in the archive, and it is missing")
-        if kind == "onnx":
-            runner = OnnxRunner(path, device)
-        else:
-            runner = TorchScriptRunner(path, device, int8=kind == "int8")
+        runner = OnnxRunner(path, device) if kind == "onnx" else TorchScriptRunner(path, device, int8=kind == "int8")
     start = time.time()
     batch_sizes = handler_config.get("warmup_batch_sizes") or [1]
     warm_up(runner, model_dir, batch_sizes, device)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from handlers.explain import Explainer, explain_segmentation
-from handlers.vision import VisionHandler, extract_image_bytes
+from handlers.vision import Request, VisionHandler
 from model_defs.preprocessing import (
     encode_png,
     mask_to_image,
@@ -60,10 +60,9 @@ class ImageSegmenter(VisionHandler):
     def explain_one(self, row) -> dict:
         return explain_segmentation(self, row)
 
-    def preprocess_one(self, row: dict) -> tuple[torch.Tensor, tuple[int, int]]:
-        data = extract_image_bytes(row, self.max_bytes)
-        image = self.read_image(data, self.data_config.channels)
-        return self.transform(image), tuple(image.shape[-2:])
+    def prepare(self, request: Request) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = self.read_image(request.image_bytes(self.max_bytes), self.data_config.channels)
+        return self.transform(image), (image.shape[-2], image.shape[-1])
 
     def collate(self, items: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The resized images as one batch, and each original size to scale the mask back to."""
@@ -71,7 +70,7 @@ class ImageSegmenter(VisionHandler):
 
     def inference(self, batch):
         images, sizes = batch
-        return self.runner(images), sizes
+        return self.run(images), sizes
 
     def postprocess(self, output) -> list[dict]:
         logits, sizes = output

@@ -3,22 +3,28 @@
 What the stock TorchServe handlers do not do, and this base does:
 - rebuild the model through the registry from the archive's `model.json` and load a
   plain state_dict with `weights_only=True` (no pickled code runs in a worker);
+- read every request, whatever the task, with one parser (`parse_request`): the body (raw
+  bytes, a multipart file, JSON) and the task's options, as multipart or JSON fields;
 - preprocess with the very functions training validated with (`model_defs.preprocessing`);
 - answer each request of a batch on its own: a bad item gets a 4xx JSON body that names
   the problem, while the other items of the same batch are predicted as usual;
 - size torch's thread pool so that workers x threads fit the machine's cores.
 
-Task handlers subclass this and override `postprocess` (and `inference` if needed).
+Task handlers subclass this and override `postprocess` (and `prepare`, `collate` and
+`inference` where their input or model differ).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
@@ -26,7 +32,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handlers import kserve
 from handlers.metrics import HandlerMetrics
 from handlers.options import refuse_bad_config
-from handlers.runtimes import load_runtime
+from handlers.runtimes import Runner, load_runtime
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.preprocessing import (
     DEFAULT_MAX_PIXELS,
@@ -55,62 +61,99 @@ class RequestError(Exception):
         return {"code": self.code, "type": self.type, "message": self.message}
 
 
-def extract_image_bytes(row: dict, max_bytes: int | None = None) -> bytes:
-    """The image bytes of one request: raw body, a multipart field, or JSON {"data": base64}.
+@dataclass(frozen=True)
+class Request:
+    """One request as every task reads it: its body and the task's option fields (`parse_request`)."""
 
-    `max_bytes` bounds the image's size (413 beyond it, with a JSON body, unlike the bare
-    413 TorchServe's frontend gives for a body over its own, higher, max_request_size).
+    payload: Any  # image bytes, text, a JSON object (dict), or None when the request has no body
+    field: str | None  # where the payload came from: "data", "body", a multipart field's name, or None
+    options: dict = dataclasses.field(default_factory=dict)  # the task's options found, as sent
+
+    def image_bytes(self, max_bytes: int | None = None) -> bytes:
+        """The image bytes: the raw body, a multipart file, or a JSON body's base64 "data".
+
+        `max_bytes` bounds the image's size (413 beyond it, with a JSON body, unlike the bare
+        413 TorchServe's frontend gives for a body over its own, higher, max_request_size).
+        """
+        payload, field = self.payload, self.field
+        if payload is None:
+            raise RequestError(
+                400, "EmptyBody", 'request has no body: send image bytes, a multipart file or JSON {"data": base64}'
+            )
+        if isinstance(payload, dict):
+            if "data" not in payload:
+                raise RequestError(
+                    400, "InvalidJSON", 'JSON body has no "data" field (expected {"data": "<base64 image>"})'
+                )
+            payload = payload["data"]
+            if not isinstance(payload, str):
+                raise RequestError(400, "InvalidJSON", 'JSON field "data" must be a base64 string')
+        elif isinstance(payload, str):
+            # TorchServe hands a text/* body over as a string: base64 is accepted, anything else is text.
+            try:
+                payload = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(
+                    400,
+                    "InvalidImage",
+                    "request body is text, not an image: send the image bytes "
+                    '(e.g. Content-Type: image/png), a multipart file or JSON {"data": base64}',
+                ) from None
+        if isinstance(payload, str):
+            try:
+                payload = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(400, "InvalidBase64", '"data" is not valid base64') from None
+        if not isinstance(payload, (bytes, bytearray)):
+            raise RequestError(400, "InvalidRequest", f"unsupported request payload of type {type(payload).__name__}")
+        if len(payload) == 0:
+            where = "request body" if field in ("body", None) else f'multipart field "{field}"'
+            raise RequestError(400, "EmptyBody", f"image data is empty: {where} has 0 bytes")
+        if max_bytes is not None and len(payload) > max_bytes:
+            raise RequestError(
+                413,
+                "PayloadTooLarge",
+                f"image data is {len(payload):,} bytes, over the limit of max_bytes={max_bytes:,}",
+            )
+        return bytes(payload)
+
+
+def parse_request(row: object, options: tuple[str, ...] = (), expect: str | None = None) -> Request:
+    """The one reading of a request, for every task: where its body is, the body as JSON when it
+    is JSON (it starts with '{'), and the options named `options` found as multipart fields or
+    JSON fields beside "data". (TorchServe 0.12 does not pass the URL query parameters of
+    /predictions and /explanations on.)
+
+    `expect`, for tasks whose request is a JSON object rather than an image, describes that
+    object: the body is then always read as JSON, and one that is not an object is a 400 naming it.
     """
     if not isinstance(row, dict):
+        if expect:
+            raise RequestError(400, "InvalidRequest", f"expected a JSON object {expect}")
         raise RequestError(400, "InvalidRequest", "request carries no fields")
-    field = "data" if row.get("data") is not None else "body"
+    found = {k: row[k] for k in options if k in row}
+    row = {k: v for k, v in row.items() if k not in options}
+    field: str | None = "data" if row.get("data") is not None else "body"
     payload = row.get(field)
-    if payload is None:
+    if payload is None and not expect:
         # A multipart form whose file field has another name ("file", "image", ...).
         field, payload = next(((k, v) for k, v in row.items() if isinstance(v, (bytes, bytearray))), (None, None))
-    if payload is None:
-        raise RequestError(
-            400, "EmptyBody", 'request has no body: send image bytes, a multipart file or JSON {"data": base64}'
-        )
-    if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{":
+    if isinstance(payload, (bytes, bytearray)) and (expect or payload[:1] == b"{"):
         try:
             payload = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
+            message = f"body is not JSON; send {expect}" if expect else "body starts with '{' but is not valid JSON"
+            raise RequestError(400, "InvalidJSON", message) from None
+    if expect and not isinstance(payload, dict):
+        raise RequestError(400, "InvalidRequest", f"expected a JSON object {expect}")
     if isinstance(payload, dict):
-        if "data" not in payload:
-            raise RequestError(
-                400, "InvalidJSON", 'JSON body has no "data" field (expected {"data": "<base64 image>"})'
-            )
-        payload = payload["data"]
-        if not isinstance(payload, str):
-            raise RequestError(400, "InvalidJSON", 'JSON field "data" must be a base64 string')
-    elif isinstance(payload, str):
-        # TorchServe hands a text/* body over as a string: base64 is accepted, anything else is text.
-        try:
-            payload = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(
-                400,
-                "InvalidImage",
-                "request body is text, not an image: send the image bytes "
-                '(e.g. Content-Type: image/png), a multipart file or JSON {"data": base64}',
-            ) from None
-    if isinstance(payload, str):
-        try:
-            payload = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(400, "InvalidBase64", '"data" is not valid base64') from None
-    if not isinstance(payload, (bytes, bytearray)):
-        raise RequestError(400, "InvalidRequest", f"unsupported request payload of type {type(payload).__name__}")
-    if len(payload) == 0:
-        where = "request body" if field in ("body", None) else f'multipart field "{field}"'
-        raise RequestError(400, "EmptyBody", f"image data is empty: {where} has 0 bytes")
-    if max_bytes is not None and len(payload) > max_bytes:
-        raise RequestError(
-            413, "PayloadTooLarge", f"image data is {len(payload):,} bytes, over the limit of max_bytes={max_bytes:,}"
-        )
-    return bytes(payload)
+        found.update({k: payload[k] for k in options if k in payload})
+    return Request(payload, field, found)
+
+
+def extract_image_bytes(row: object, max_bytes: int | None = None) -> bytes:
+    """The image bytes of one request (raw body, a multipart field, or JSON {"data": base64})."""
+    return parse_request(row).image_bytes(max_bytes)
 
 
 def image_error(e: ImageDecodeError) -> RequestError:
@@ -135,34 +178,16 @@ def worker_device(gpu_id) -> torch.device:
     return torch.device("cuda", int(gpu_id))
 
 
-def request_options(row, names: tuple[str, ...]) -> tuple[dict, dict]:
-    """(row holding only the image, the raw values of the options `names` found in it):
-    multipart fields arrive as the row's keys, JSON fields beside "data". (TorchServe 0.12
-    does not pass the URL query parameters of /predictions and /explanations on.)"""
-    if not isinstance(row, dict):
-        return row, {}
-    options = {k: row[k] for k in names if k in row}
-    row = {k: v for k, v in row.items() if k not in names}
-    body = row.get("data", row.get("body"))
-    if isinstance(body, (bytes, bytearray)) and body[:1] == b"{":
-        try:
-            body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError(400, "InvalidJSON", "body starts with '{' but is not valid JSON") from None
-    if isinstance(body, dict):
-        options.update({k: body[k] for k in names if k in body})
-        row = {"data": {k: v for k, v in body.items() if k not in names}}
-    return row, options
-
-
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
     batched_images = True  # inference takes one (N, C, H, W) batch
-    decode_device = "cpu"  # the GPU with the handler option gpu_decode
+    decode_device: torch.device | str = "cpu"  # the GPU with the handler option gpu_decode
     batch_decode = False  # a batch's images decoded and resized together (gpu_decode)
     max_pixels = DEFAULT_MAX_PIXELS  # the archive's handler options max_pixels and max_bytes override these
     max_bytes = DEFAULT_MAX_BYTES
+    request_options: tuple[str, ...] = ()  # the per-request options a task reads (parse_request)
+    request_json: str | None = None  # for a task whose request is a JSON object, not an image: what it holds
     metrics: HandlerMetrics | None = None  # set by initialize
 
     def initialize(self, context):
@@ -190,12 +215,12 @@ class VisionHandler(BaseHandler):
             self.device if self.handler_config.get("gpu_decode") and self.device.type == "cuda" else "cpu"
         )
         # Tasks that read plain images (not the segmenter, detector or generator) batch their decode.
-        self.batch_decode = self.decode_device != "cpu" and type(self).preprocess_one is VisionHandler.preprocess_one
+        self.batch_decode = self.decode_device != "cpu" and type(self).prepare is VisionHandler.prepare
         if self.handler_config.get("gpu_decode") and self.device.type != "cuda":
             logger.warning("handler option gpu_decode is set but this worker runs on the CPU: decoding on the CPU")
         # Tasks whose model takes a plain image batch run it through the archive's runtime;
         # the detector (a list of images) and the generator (latent vectors) call the model.
-        self.runner = (
+        self.runner: Runner | None = (
             load_runtime(self.handler_config, model_dir, self.model, self.device) if self.batched_images else None
         )
         self.classes = list(self.meta["classes"])
@@ -228,22 +253,31 @@ class VisionHandler(BaseHandler):
                 channels,
                 max_pixels=self.max_pixels,
                 device=self.decode_device,
-                on_fallback=self.metrics and self.metrics.decode_fallback,
+                on_fallback=self.metrics.decode_fallback if self.metrics else None,
             )
         except ImageDecodeError as e:
             raise image_error(e) from None
 
-    def preprocess_one(self, row: dict) -> torch.Tensor:
-        return self.transform(self.read_image(extract_image_bytes(row, self.max_bytes), self.data_config.channels))
+    def parse(self, row: object, options: tuple[str, ...] | None = None) -> Request:
+        """The request read by the one parser, with this task's options (or the `options` given)."""
+        return parse_request(row, self.request_options if options is None else options, self.request_json)
 
-    def preprocess(self, data: list) -> tuple[object | None, dict[int, RequestError]]:
+    def preprocess_one(self, row: object) -> Any:
+        return self.prepare(self.parse(row))
+
+    def prepare(self, request: Request) -> Any:
+        """One request's model input; each task's is its own (here: the image, transformed)."""
+        return self.transform(self.read_image(request.image_bytes(self.max_bytes), self.data_config.channels))
+
+    def preprocess(self, data: list) -> tuple[Any, dict[int, RequestError]]:
         """Read each item; returns the collated good items and the errors of the bad ones."""
         if self.batch_decode:
             try:
                 return self.preprocess_batch(data)
             except Exception:  # noqa: BLE001 - e.g. out of GPU memory: each item on its own instead
                 logger.exception("batched decode failed; preprocessing the batch's items one by one")
-        items, errors = [], {}
+        items: list = []
+        errors: dict[int, RequestError] = {}
         for idx, row in enumerate(data):
             try:
                 items.append(self.preprocess_one(row))
@@ -261,7 +295,7 @@ class VisionHandler(BaseHandler):
         errors, payloads = {}, {}
         for idx, row in enumerate(data):
             try:
-                payloads[idx] = extract_image_bytes(row, self.max_bytes)
+                payloads[idx] = self.parse(row).image_bytes(self.max_bytes)
             except RequestError as e:
                 errors[idx] = e
         images = load_image_tensors(
@@ -269,7 +303,7 @@ class VisionHandler(BaseHandler):
             self.data_config.channels,
             self.max_pixels,
             self.decode_device,
-            on_fallback=self.metrics and self.metrics.decode_fallback,
+            on_fallback=self.metrics.decode_fallback if self.metrics else None,
         )
         by_size: dict[tuple, list[int]] = {}
         decoded = {}
@@ -279,12 +313,12 @@ class VisionHandler(BaseHandler):
             else:
                 decoded[idx] = image.to(self.device)  # an image only PIL could decode crosses here
                 by_size.setdefault(tuple(image.shape), []).append(idx)
-        ready = {}
+        ready: dict[int, torch.Tensor] = {}
         for idxs in by_size.values():
             ready.update(zip(idxs, self.transform(torch.stack([decoded[i] for i in idxs]))))
         return (torch.stack([ready[i] for i in sorted(ready)]) if ready else None), errors
 
-    def collate(self, items: list):
+    def collate(self, items: list) -> Any:
         """The good items as one model input; tasks whose items differ in shape override it.
 
         On a GPU the batch crosses to the device in one pinned, non-blocking copy, not one
@@ -296,10 +330,16 @@ class VisionHandler(BaseHandler):
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True)
 
-    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+    def inference(self, batch: Any) -> Any:
+        return self.run(batch)
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """The archive's runtime on a batch of images (the tasks whose batched_images is true)."""
+        if self.runner is None:
+            raise RuntimeError(f"{type(self).__name__} has no runtime: it does not batch images")
         return self.runner(batch)
 
-    def postprocess(self, output: torch.Tensor) -> list:
+    def postprocess(self, output: Any) -> list:
         raise NotImplementedError
 
     def explain_one(self, row) -> dict:
@@ -310,13 +350,20 @@ class VisionHandler(BaseHandler):
             f"this {self.meta['task']} model does not answer /explanations; use /predictions",
         )
 
+    def recorder(self) -> HandlerMetrics:
+        """The worker's metrics (set by initialize)."""
+        if self.metrics is None:
+            raise RuntimeError(f"{type(self).__name__} handles requests only after initialize()")
+        return self.metrics
+
     def predict(self, data: list) -> list:
         """preprocess → inference → postprocess, each timed: one answer, or a RequestError, per item."""
-        with self.metrics.step("preprocess"):
+        metrics = self.recorder()
+        with metrics.step("preprocess"):
             batch, errors = self.preprocess(data)
-        with self.metrics.step("inference"):
+        with metrics.step("inference"):
             output = self.inference(batch) if batch is not None else None
-        with self.metrics.step("postprocess"):
+        with metrics.step("postprocess"):
             results = iter(self.postprocess(output) if batch is not None else [])
         return [errors[idx] if idx in errors else next(results) for idx in range(len(data))]
 
@@ -327,14 +374,15 @@ class VisionHandler(BaseHandler):
         self.context = context
         from handlers.explain import explain_requests, explain_rows  # a module that imports this one
 
-        self.metrics.begin(context, len(data))
+        metrics = self.recorder()
+        metrics.begin(context, len(data))
         try:
             explain = explain_requests(context, len(data))
             predict = [i for i in range(len(data)) if i not in explain]
             results = dict(zip(predict, self.predict([data[i] for i in predict]) if predict else []))
             results.update(zip(explain, explain_rows(self, [data[i] for i in explain])))
         except Exception as e:
-            self.metrics.failed(e)  # TorchServe answers every item of the batch with a 5xx
+            metrics.failed(e)  # TorchServe answers every item of the batch with a 5xx
             raise
         answers, errors = [], {}
         for idx in range(len(data)):
@@ -345,5 +393,5 @@ class VisionHandler(BaseHandler):
                 errors[idx] = result
                 result = result.body()
             answers.append(result)
-        self.metrics.end(errors)
+        metrics.end(errors)
         return answers

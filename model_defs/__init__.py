@@ -5,14 +5,15 @@ model = get_model("small_cnn", num_classes=10, in_channels=1)
 """
 
 # Importing the architecture modules registers their models.
-from model_defs import (  # noqa: E402,F401  # noqa: E402,F401
+from model_defs import (  # noqa: F401 - imported for their registrations
     cnn,
     convnext,
-    detection,  # noqa: E402,F401
+    detection,
     embedding,
     generative,
     resnet,
     segmentation,
+    transfer,
     vit,
 )
 from model_defs.registry import DataConfig, ModelEntry, get_entry, get_model, list_models, register_model

@@ -101,19 +101,19 @@ class LeNet5BN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model("small_cnn", task="classification", data_config=SMALL_IMAGE)
+@register_model("small_cnn", task="classification", data_config=SMALL_IMAGE, stem="features.0", head="classifier.3")
 def small_cnn(*, num_classes: int = 10, in_channels: int = 3, hidden: int = 256) -> nn.Module:
     """Small CNN: two conv+max-pool blocks and a two-layer classifier; any input size."""
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, hidden=hidden)
 
 
-@register_model("dropout_cnn", task="classification", data_config=SMALL_IMAGE)
+@register_model("dropout_cnn", task="classification", data_config=SMALL_IMAGE, stem="features.0.0", head="classifier.5")
 def dropout_cnn(*, num_classes: int = 10, in_channels: int = 3, hidden: int = 256, p: float = 0.5) -> nn.Module:
     """Deeper CNN: three conv+BatchNorm blocks, dropout (p) before the classifier; any input size."""
     return DropoutCNN(num_classes=num_classes, in_channels=in_channels, hidden=hidden, p=p)
 
 
-@register_model("lenet5_bn", task="classification", data_config=SMALL_IMAGE)
+@register_model("lenet5_bn", task="classification", data_config=SMALL_IMAGE, stem="features.0", head="classifier.5")
 def lenet5_bn(*, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """LeNet-5 with BatchNorm (conv 6, conv 16, fc 120, 84); made for 32 px, runs from 16 px up."""
     return LeNet5BN(num_classes=num_classes, in_channels=in_channels)

@@ -1,20 +1,16 @@
-"""ConvNeXt: a small ConvNeXt to train from scratch on 32 px images, and torchvision's ConvNeXt-Tiny.
+"""ConvNeXt: a small ConvNeXt to train from scratch on 32 px images.
 
 The small ConvNeXt is written out block by block so the architecture can be read in one
-place; ConvNeXt-Tiny is for transfer learning from a local ImageNet state_dict.
+place; torchvision's ConvNeXt-Tiny, for transfer learning from a local ImageNet state_dict,
+is a row of model_defs.transfer's table.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 
-from model_defs.registry import SMALL_IMAGE, DataConfig, register_model
-from model_defs.transfer import adapt_torchvision_classifier
-
-# torchvision's ConvNeXt-Tiny weights are evaluated with a 236 px resize and a 224 px crop.
-CONVNEXT_IMAGENET = DataConfig(input_size=224, resize_size=236, channels=3)
+from model_defs.registry import SMALL_IMAGE, register_model
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -77,7 +73,8 @@ class ConvNeXt(nn.Module):
         for m in self.modules():  # the ConvNeXt paper's initialization
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
@@ -85,7 +82,7 @@ class ConvNeXt(nn.Module):
         return self.head(self.norm(x))
 
 
-@register_model("convnext_mini", task="classification", data_config=SMALL_IMAGE)
+@register_model("convnext_mini", task="classification", data_config=SMALL_IMAGE, stem="stem.0", head="head")
 def convnext_mini(
     *,
     num_classes: int = 10,
@@ -96,24 +93,3 @@ def convnext_mini(
 ) -> nn.Module:
     """Small ConvNeXt (three stages, widths 32-64-128, 2x2 patchify stem) for 32 px images."""
     return ConvNeXt(depths, dims, in_channels=in_channels, num_classes=num_classes, stem_stride=stem_stride)
-
-
-@register_model("convnext_tiny", task="classification", data_config=CONVNEXT_IMAGENET)
-def convnext_tiny(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-) -> nn.Module:
-    """torchvision ConvNeXt-Tiny with a new head; optional local ImageNet weights and frozen backbone."""
-    model = torchvision.models.convnext_tiny(weights=None)
-    return adapt_torchvision_classifier(
-        model,
-        head="classifier.2",
-        stem="features.0.0",
-        num_classes=num_classes,
-        weights_path=weights_path,
-        freeze_backbone=freeze_backbone,
-        in_channels=in_channels,
-    )

@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from model_defs.registry import SMALL_IMAGE, register_model
 from model_defs.resnet import ResNet
-from model_defs.transfer import conv_with_in_channels
+from model_defs.transfer import TRANSFER, set_in_channels, submodule
 
 BACKBONES = ("small", "resnet18")
 
@@ -51,19 +50,19 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 
 
 def _backbone(name: str, in_channels: int, layers, widths) -> tuple[nn.Module, int]:
+    """The encoder without its classifier (an identity in its place), and its feature size."""
     if name == "small":
-        net = ResNet(tuple(layers), tuple(widths), num_classes=1, in_channels=in_channels, small_input=True)
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, dim
-    if name == "resnet18":
-        net = torchvision.models.resnet18(weights=None)
-        if in_channels != 3:
-            net.conv1 = conv_with_in_channels(net.conv1, in_channels)
-        dim = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, dim
-    raise ValueError(f"unknown SimCLR backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        net: nn.Module = ResNet(tuple(layers), tuple(widths), num_classes=1, in_channels=in_channels, small_input=True)
+        head = "fc"
+    elif name == "resnet18":
+        spec = TRANSFER["resnet18"]
+        net, head = spec.constructor(weights=None), spec.head
+        set_in_channels(net, spec.stem, in_channels)
+    else:
+        raise ValueError(f"unknown SimCLR backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    dim = submodule(net, head, nn.Linear).in_features
+    net.set_submodule(head, nn.Identity())
+    return net, dim
 
 
 @register_model(

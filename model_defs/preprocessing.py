@@ -55,12 +55,9 @@ def decode_image(source: bytes | bytearray | str | Path, max_pixels: int | None 
     to gigabytes costs nothing.
     """
     what = str(source) if isinstance(source, (str, Path)) else "image data"
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            raise ImageDecodeError("empty image data (0 bytes)")
-        fp = io.BytesIO(source)
-    else:
-        fp = source
+    if isinstance(source, (bytes, bytearray)) and len(source) == 0:
+        raise ImageDecodeError("empty image data (0 bytes)")
+    fp: io.BytesIO | str | Path = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         with Image.open(fp) as img:
             check_pixels(what, img.size, max_pixels)

@@ -1,7 +1,9 @@
 """The one model registry: training, archiving and the handlers build models only through it.
 
 Each entry carries the model's task and its data config (how an image must be prepared
-for it), so preprocessing comes from the model and never from the caller. A checkpoint
+for it), so preprocessing comes from the model and never from the caller, and, for the
+classifiers, the dotted names of its first conv (`stem`) and its classifier (`head`), so
+tools that swap, freeze or inspect those layers read them here instead of hard-coding them. A checkpoint
 stores the registered name and the constructor's keyword arguments; `get_model` rebuilds
 the exact architecture from those alone.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+Builder = Callable[..., nn.Module]
 TASKS = ("classification", "detection", "segmentation", "generation", "embedding")
 
 
@@ -79,10 +82,12 @@ def _stat_for_channels(values: tuple[float, ...], channels: int) -> tuple[float,
 class ModelEntry:
     name: str
     task: str
-    builder: Callable[..., nn.Module]
+    builder: Builder
     data_config: DataConfig
     # Small keyword arguments for tests and quick runs (the registry test builds every model).
     test_kwargs: dict = field(default_factory=dict)
+    stem: str | None = None  # the first nn.Conv2d's dotted name (a state_dict key prefix)
+    head: str | None = None  # the classifier's: the nn.Linear that gives the class logits
 
     @property
     def doc(self) -> str:
@@ -96,19 +101,21 @@ def register_model(
     name: str | None = None,
     *,
     task: str,
-    data_config: DataConfig = DataConfig(),
+    data_config: DataConfig = IMAGENET,
     test_kwargs: dict | None = None,
-):
+    stem: str | None = None,
+    head: str | None = None,
+) -> Callable[[Builder], Builder]:
     """Decorator: register a builder under `name` (default: the function's name)."""
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def wrap(fn: Builder) -> Builder:
         key = name or fn.__name__
         if key in _REGISTRY:
             raise ValueError(f"a model named {key!r} is already registered")
-        _REGISTRY[key] = ModelEntry(key, task, fn, data_config, dict(test_kwargs or {}))
+        _REGISTRY[key] = ModelEntry(key, task, fn, data_config, dict(test_kwargs or {}), stem, head)
         return fn
 
     return wrap

@@ -1,18 +1,16 @@
-"""Residual networks: a configurable ResNet of basic blocks, and torchvision's ResNet-18/50.
+"""Residual networks: a configurable ResNet of basic blocks.
 
 The configurable ResNet covers the sizes between the small CNNs and torchvision's models
-(e.g. a three-stage ResNet for 32 px images). The torchvision models are for transfer
-learning: they load a local ImageNet state_dict and get a new head (model_defs.transfer).
+(e.g. a three-stage ResNet for 32 px images). torchvision's ResNet-18/50, for transfer
+learning from a local ImageNet state_dict, are rows of model_defs.transfer's table.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from model_defs.registry import IMAGENET, SMALL_IMAGE, register_model
-from model_defs.transfer import adapt_torchvision_classifier
 
 
 class BasicBlock(nn.Module):
@@ -26,7 +24,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
+            self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
@@ -104,6 +102,8 @@ class ResNet(nn.Module):
     task="classification",
     data_config=IMAGENET,
     test_kwargs={"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64)},
+    stem="stem.0",
+    head="fc",
 )
 def resnet_custom(
     *,
@@ -117,7 +117,7 @@ def resnet_custom(
     return ResNet(layers, widths, num_classes=num_classes, in_channels=in_channels, small_input=small_input)
 
 
-@register_model("resnet_small", task="classification", data_config=SMALL_IMAGE)
+@register_model("resnet_small", task="classification", data_config=SMALL_IMAGE, stem="stem.0", head="fc")
 def resnet_small(
     *,
     num_classes: int = 10,
@@ -127,45 +127,3 @@ def resnet_small(
 ) -> nn.Module:
     """Small three-stage ResNet with a 3x3 stride-1 stem and no max-pool, for 32 px images."""
     return ResNet(layers, widths, num_classes=num_classes, in_channels=in_channels, small_input=True)
-
-
-@register_model("resnet18", task="classification", data_config=IMAGENET)
-def resnet18(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-) -> nn.Module:
-    """torchvision ResNet-18 with a new head; optional local ImageNet weights and frozen backbone."""
-    model = torchvision.models.resnet18(weights=None)
-    return adapt_torchvision_classifier(
-        model,
-        head="fc",
-        stem="conv1",
-        num_classes=num_classes,
-        weights_path=weights_path,
-        freeze_backbone=freeze_backbone,
-        in_channels=in_channels,
-    )
-
-
-@register_model("resnet50", task="classification", data_config=IMAGENET)
-def resnet50(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-) -> nn.Module:
-    """torchvision ResNet-50 with a new head; optional local ImageNet weights and frozen backbone."""
-    model = torchvision.models.resnet50(weights=None)
-    return adapt_torchvision_classifier(
-        model,
-        head="fc",
-        stem="conv1",
-        num_classes=num_classes,
-        weights_path=weights_path,
-        freeze_backbone=freeze_backbone,
-        in_channels=in_channels,
-    )

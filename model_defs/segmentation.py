@@ -13,11 +13,12 @@ import torch.nn.functional as F
 import torchvision
 
 from model_defs.registry import DataConfig, register_model
-from model_defs.transfer import conv_with_in_channels
+from model_defs.transfer import set_in_channels
 
 # Segmentation input is the whole image resized to input_size x input_size (no crop), so
 # the predicted mask covers the whole picture and is scaled back to its original size.
 SEGMENTATION_IMAGE = DataConfig(input_size=128, resize_size=128, channels=3)
+LRASPP_STEM = "model.backbone.0.0"  # the first conv of the MobileNetV3 backbone, under OutOnly
 
 
 class DoubleConv(nn.Sequential):
@@ -87,19 +88,26 @@ class OutOnly(nn.Module):
         return self.model(x)["out"]
 
 
-@register_model("unet", task="segmentation", data_config=SEGMENTATION_IMAGE, test_kwargs={"depth": 2, "width": 8})
+@register_model(
+    "unet",
+    task="segmentation",
+    data_config=SEGMENTATION_IMAGE,
+    test_kwargs={"depth": 2, "width": 8},
+    stem="inc.0",
+    head="head",
+)
 def unet(*, num_classes: int = 2, in_channels: int = 3, depth: int = 4, width: int = 16) -> nn.Module:
     """U-Net: double-conv encoder, up-convolutions with skip connections; depth and width set."""
     return UNet(num_classes=num_classes, in_channels=in_channels, depth=depth, width=width)
 
 
-@register_model("lraspp_mobilenet_v3", task="segmentation", data_config=SEGMENTATION_IMAGE)
+# LR-ASPP has two classifiers (low- and high-level features) added together, so no one head.
+@register_model("lraspp_mobilenet_v3", task="segmentation", data_config=SEGMENTATION_IMAGE, stem=LRASPP_STEM)
 def lraspp_mobilenet_v3(*, num_classes: int = 2, in_channels: int = 3) -> nn.Module:
     """torchvision LR-ASPP with a MobileNetV3-Large backbone (weights=None, built offline)."""
     model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=num_classes
     )
-    if in_channels != 3:
-        stem = model.backbone["0"]
-        stem[0] = conv_with_in_channels(stem[0], in_channels)
-    return OutOnly(model)
+    wrapped = OutOnly(model)
+    set_in_channels(wrapped, LRASPP_STEM, in_channels)
+    return wrapped

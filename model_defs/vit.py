@@ -1,17 +1,16 @@
-"""Vision Transformers: a small ViT to train from scratch on 32 px images, and torchvision's ViT-B/16.
+"""Vision Transformers: a small ViT to train from scratch on 32 px images.
 
 The small ViT is written out block by block so the architecture can be read in one place;
-ViT-B/16 is for transfer learning from a local ImageNet state_dict.
+torchvision's ViT-B/16, for transfer learning from a local ImageNet state_dict, is a row of
+model_defs.transfer's table.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 
-from model_defs.registry import IMAGENET, SMALL_IMAGE, register_model
-from model_defs.transfer import adapt_torchvision_classifier
+from model_defs.registry import SMALL_IMAGE, register_model
 
 
 class TransformerBlock(nn.Module):
@@ -79,7 +78,14 @@ class ViT(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-@register_model("vit_small", task="classification", data_config=SMALL_IMAGE, test_kwargs={"depth": 2, "dim": 64})
+@register_model(
+    "vit_small",
+    task="classification",
+    data_config=SMALL_IMAGE,
+    test_kwargs={"depth": 2, "dim": 64},
+    stem="patch_embed",
+    head="head",
+)
 def vit_small(
     *,
     num_classes: int = 10,
@@ -103,27 +109,4 @@ def vit_small(
         dropout=dropout,
         in_channels=in_channels,
         num_classes=num_classes,
-    )
-
-
-@register_model("vit_b_16", task="classification", data_config=IMAGENET)
-def vit_b_16(
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int = 224,
-    weights_path: str | None = None,
-    freeze_backbone: bool = False,
-) -> nn.Module:
-    """torchvision ViT-B/16 with a new head; optional local ImageNet weights and frozen backbone."""
-    # ImageNet weights only load at image_size 224: the position embedding has one entry per patch.
-    model = torchvision.models.vit_b_16(weights=None, image_size=image_size)
-    return adapt_torchvision_classifier(
-        model,
-        head="heads.head",
-        stem="conv_proj",
-        num_classes=num_classes,
-        weights_path=weights_path,
-        freeze_backbone=freeze_backbone,
-        in_channels=in_channels,
     )

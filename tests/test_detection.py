@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from handlers.object_detector import parse_option, split_request
-from handlers.vision import RequestError
+from handlers.object_detector import OPTIONS, checked_options, parse_option
+from handlers.vision import RequestError, parse_request
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import boxes_to_original, detection_input, detection_size
+
+pytestmark = pytest.mark.unit
 
 SIZES = [(640, 480), (300, 451), (1000, 250), (97, 203), (64, 64), (320, 320), (2000, 1500)]
 MAX_SIZE = 320
@@ -67,12 +69,14 @@ def test_detect_answers_maps_clips_and_labels(size):
 
 def test_request_options_from_json_and_multipart_fields():
     body = json.dumps({"data": "aGVsbG8=", "score_threshold": 0.3, "max_detections": 5}).encode()
-    row, options = split_request({"body": body})
-    assert options == {"score_threshold": 0.3, "max_detections": 5}
-    assert row == {"data": {"data": "aGVsbG8="}}
-    row, options = split_request({"file": b"\x89PNG...", "score_threshold": b"0.25", "max_detections": "7"})
-    assert options == {"score_threshold": 0.25, "max_detections": 7} and row == {"file": b"\x89PNG..."}
-    assert split_request({"body": b"\xff\xd8jpeg"}) == ({"body": b"\xff\xd8jpeg"}, {})
+    request = parse_request({"body": body}, OPTIONS)
+    assert checked_options(request) == {"score_threshold": 0.3, "max_detections": 5}
+    assert request.image_bytes() == b"hello"
+    request = parse_request({"file": b"\x89PNG...", "score_threshold": b"0.25", "max_detections": "7"}, OPTIONS)
+    assert checked_options(request) == {"score_threshold": 0.25, "max_detections": 7}
+    assert (request.field, request.image_bytes()) == ("file", b"\x89PNG...")
+    request = parse_request({"body": b"\xff\xd8jpeg"}, OPTIONS)
+    assert checked_options(request) == {} and request.image_bytes() == b"\xff\xd8jpeg"
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,11 @@ import torch
 from ts.context import Context, RequestProcessor
 
 from handlers.image_classifier import ImageClassifier
-from model_defs import DataConfig, get_model
+from model_defs import DataConfig, get_entry, get_model
 from model_defs.checkpoint import load_trained, save_model_files
 from tests.conftest import classify_in_process, encode, image_variants
+
+pytestmark = pytest.mark.unit
 
 
 def make_context(model_dir, n_requests: int, config: dict | None = None) -> Context:
@@ -123,7 +125,7 @@ def test_a_bad_item_gets_its_own_4xx_and_the_rest_of_the_batch_succeeds(rgb_mode
 def test_multi_label_returns_every_label_over_the_threshold(rgb_model_dir, photos, tmp_path):
     model, meta = load_trained(rgb_model_dir)
     with torch.no_grad():  # make the head favour "cat" and "cup" strongly, the others not at all
-        head = model.classifier[-1] if hasattr(model, "classifier") else list(model.modules())[-1]
+        head = model.get_submodule(get_entry(meta["arch"]).head)
         head.weight.zero_()
         head.bias.copy_(torch.tensor([5.0, -5.0, 3.0, -5.0]))
     save_model_files(tmp_path, model, {**meta, "multi_label": True, "threshold": 0.5})

@@ -4,6 +4,7 @@ The main tests are parametrized over `list_models()`, so a new architecture is t
 moment it is registered; `test_kwargs` on its entry keep heavy models quick.
 """
 
+import inspect
 import re
 import subprocess
 import sys
@@ -14,6 +15,9 @@ import torch
 import torchvision
 
 from model_defs import get_entry, get_model, list_models, register_model
+from model_defs.transfer import TRANSFER, TRANSFER_MODELS
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -61,6 +65,50 @@ def test_small_cnn_any_input_size(size):
     model, _ = build("small_cnn")
     with torch.no_grad():
         assert model(random_batch("small_cnn", size=size)).shape == (2, NUM_CLASSES)
+
+
+def layer_names_cases() -> list:
+    """Every registered model that names a layer, with small keyword arguments (and grey input where it takes it)."""
+    cases = []
+    for name in list_models():
+        entry = get_entry(name)
+        if entry.stem or entry.head:
+            kwargs = dict(entry.test_kwargs)
+            if entry.task in ("classification", "segmentation"):
+                kwargs |= {"num_classes": NUM_CLASSES, "in_channels": 1}
+            if name in TRANSFER:
+                kwargs["freeze_backbone"] = True
+            cases.append(pytest.param(name, kwargs, id=name))
+    return cases
+
+
+def test_every_classifier_names_its_stem_and_head():
+    classifiers = list_models("classification")
+    assert {spec.name for spec in TRANSFER_MODELS} <= set(classifiers)
+    assert [n for n in classifiers if not (get_entry(n).stem and get_entry(n).head)] == []
+
+
+@pytest.mark.parametrize(("name", "kwargs"), layer_names_cases())
+def test_registry_layer_names_are_in_the_state_dict(name, kwargs):
+    """The first conv and the classifier an entry names are in its model's state_dict, and are
+    the layers tools expect: the conv takes the image's channels, the head gives the classes
+    (and is all that a frozen transfer-learning model trains)."""
+    entry = get_entry(name)
+    model = get_model(name, **kwargs)
+    keys = set(model.state_dict())
+    if entry.stem:
+        assert f"{entry.stem}.weight" in keys
+        stem = model.get_submodule(entry.stem)
+        assert isinstance(stem, torch.nn.Conv2d)
+        assert stem.in_channels == kwargs.get("in_channels", entry.data_config.channels)
+    if entry.head:
+        assert {f"{entry.head}.weight", f"{entry.head}.bias"} <= keys
+        head = model.get_submodule(entry.head)
+        assert isinstance(head, (torch.nn.Linear, torch.nn.Conv2d))
+        assert head.weight.shape[0] == NUM_CLASSES
+    if kwargs.get("freeze_backbone"):
+        trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {f"{entry.head}.weight", f"{entry.head}.bias"}
 
 
 def test_unknown_name_lists_registered_models():
@@ -112,6 +160,16 @@ def test_resnet18_transfer_learning_grey(resnet18_weights):
     expected = saved["conv1.weight"].sum(dim=1, keepdim=True)
     torch.testing.assert_close(model.conv1.weight, expected)
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec", TRANSFER_MODELS, ids=lambda s: s.name)
+def test_transfer_builder_signature(spec):
+    """Each table row's builder takes the common arguments plus its own options (what training
+    checks --model-arg against), and refuses others."""
+    params = inspect.signature(get_entry(spec.name).builder).parameters
+    assert list(params) == ["num_classes", "in_channels", "weights_path", "freeze_backbone", *spec.options]
+    with pytest.raises(TypeError, match="no_such_arg"):
+        get_model(spec.name, no_such_arg=1)
 
 
 def test_missing_weights_file_is_named(tmp_path):
