@@ -72,7 +72,8 @@ def image(demo_store):
 @pytest.fixture(scope="module")
 def served(image, tmp_path_factory):
     """`scripts/image run` with the image's config on free loopback ports (buildah shares the
-    host's network); stopped with SIGTERM as Ctrl-C stops it, and its container removed."""
+    host's network); stopped with SIGTERM as Ctrl-C stops it: nothing may be left listening on
+    its ports, nor its container left."""
     props = read_properties(ROOT / "k8s" / "base" / "config.properties")
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt", "worker")}
     props.update(
@@ -94,28 +95,35 @@ def served(image, tmp_path_factory):
     )
     url = props["inference_address"]
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
+        deadline, healthy = time.monotonic() + 300, False
+        while not healthy and time.monotonic() < deadline and proc.poll() is None:
             try:
-                if requests.get(f"{url}/ping", timeout=5).json().get("status") == "Healthy":
-                    break
+                healthy = requests.get(f"{url}/ping", timeout=5).json().get("status") == "Healthy"
             except requests.RequestException:
                 pass
-            time.sleep(2)
-        assert proc.poll() is None, f"scripts/image run exited {proc.returncode}: {log.name}"
+            time.sleep(0 if healthy else 2)
+        assert healthy, f"scripts/image run did not become healthy (exit {proc.poll()}): {log.name}"
         yield url, ports, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the script stops TorchServe, removes the container
         try:
             proc.wait(timeout=120)
         finally:
-            if proc.poll() is None:  # never leave a server behind, even when the test fails
-                for child in psutil.Process(proc.pid).children(recursive=True):
+            left = listeners(ports)
+            for p in left:  # never leave a server behind, even when the test fails
+                for child in p.children(recursive=True):
                     child.kill()
+                p.kill()
+            if proc.poll() is None:
                 proc.kill()
             log.close()
+    assert proc.returncode == 128 + signal.SIGTERM and not left, f"the server outlived scripts/image run: {left}"
     assert set(buildah("containers", "--quiet").split()) <= before, "the run's container was not removed"
-    assert not [c for c in psutil.net_connections("tcp") if c.laddr.port == ports["inference"] and c.status == "LISTEN"]
+
+
+def listeners(ports: dict[str, int]) -> list[psutil.Process]:
+    conns = psutil.net_connections("tcp")
+    return [psutil.Process(c.pid) for c in conns if c.status == "LISTEN" and c.laddr.port in ports.values() and c.pid]
 
 
 def test_image_serves_the_demo_mar_as_in_process(served, trained_digits, digits_dir):
@@ -136,9 +144,7 @@ def test_image_runs_as_non_root_with_its_healthcheck(served, image):
     """The server inside is the image's model-server user (uid 1000), and the image keeps its
     HEALTHCHECK (the docker format; OCI has none)."""
     _, ports, _ = served
-    (listener,) = [
-        c for c in psutil.net_connections("tcp") if c.laddr.port == ports["inference"] and c.status == "LISTEN"
-    ]
-    assert psutil.Process(listener.pid).uids().real == 1000
+    (server,) = {p.pid: p for p in listeners(ports)}.values()  # the frontend holds every port
+    assert server.uids().real == 1000 and server.cmdline()[0] == "java"
     check = buildah("inspect", "--type", "image", "--format", "{{.Docker.Config.Healthcheck.Test}}", image)
     assert "/ping" in check
