@@ -11,6 +11,7 @@ python:3.11-slim-bookworm.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -97,10 +98,8 @@ def served(image, tmp_path_factory):
     try:
         deadline, healthy = time.monotonic() + 300, False
         while not healthy and time.monotonic() < deadline and proc.poll() is None:
-            try:
+            with contextlib.suppress(requests.RequestException):
                 healthy = requests.get(f"{url}/ping", timeout=5).json().get("status") == "Healthy"
-            except requests.RequestException:
-                pass
             time.sleep(0 if healthy else 2)
         assert healthy, f"scripts/image run did not become healthy (exit {proc.poll()}): {log.name}"
         yield url, ports, proc
