@@ -31,7 +31,10 @@ pytestmark = [
     pytest.mark.skipif(
         os.environ.get("BUNDLE_IMAGE_TEST") != "1", reason="builds the image: ./scripts/test.sh --image"
     ),
-    pytest.mark.skipif(shutil.which("buildah") is None, reason="buildah is not installed (scripts/image base, README)"),
+    pytest.mark.skipif(
+        shutil.which("buildah") is None,
+        reason="buildah is not installed (apt-get install -y buildah; README, DEPLOYMENT)",
+    ),
 ]
 
 IMAGE = ROOT / "scripts" / "image"
