@@ -67,7 +67,10 @@ def image(demo_store):
     started = time.monotonic()
     env = {**os.environ, "IMAGE_TOOL": "buildah"}
     cmd = [str(IMAGE), "build", "--base", base_image(), "--tag", TAG, "--store", str(demo_store)]
+    earlier = subprocess.run(["buildah", "images", "--quiet", TAG], capture_output=True, text=True).stdout.split()
     subprocess.run(cmd, check=True, env=env, timeout=3600)
+    for image_id in set(earlier) - set(buildah("images", "--quiet", TAG).split()):
+        subprocess.run(["buildah", "rmi", image_id], capture_output=True)  # the last run's, now untagged
     size = buildah("images", "--format", "{{.Size}}", TAG)
     print(f"\nimage {TAG}: built in {time.monotonic() - started:.0f} s (less where layers were cached), {size}")
     return TAG
