@@ -12,7 +12,9 @@ VisionHandler.handle sends a batch here when any of its requests is a KServe bod
 - v2 (`/v2/models/{name}/infer`): one BYTES input of shape [N] (base64 strings in JSON, or raw
   image bytes in tritonclient's binary-data extension) → classifiers answer `labels` BYTES
   [N, k] and `probabilities` FP32 [N, k], other tasks `answer` BYTES [N] (each image's JSON);
-  every v2 answer has `error` BYTES [N] ("" where the image was predicted). Outputs are JSON.
+  every v2 answer has `error` BYTES [N] ("" where the image was predicted). The outputs the
+  request names (all when it names none) come back in JSON, or in the binary-data extension
+  where it asks (`binary_data`, `binary_data_output`: tritonclient's default).
 A request whose images all fail gets the first image's 4xx and `{"error": message}`.
 
 Importing this module also turns TorchServe's own kserve/kservev2 envelopes (config
@@ -26,6 +28,7 @@ import json
 import struct
 from typing import Any
 
+import numpy as np
 from ts.torch_handler.request_envelope import kserve as ts_kserve
 from ts.torch_handler.request_envelope import kservev2 as ts_kservev2
 
@@ -207,9 +210,47 @@ def handle(handler, data: list, context) -> list:
             }
             if body.get("id"):
                 response["id"] = body["id"]
-            response["outputs"] = _v2_outputs(
+            outputs = _v2_outputs(
                 [None if i in failed else answers[i] for i in slots],
                 [failed[i][1] if i in failed else "" for i in slots],
             )
-            out.append(response)
+            try:
+                out.append(_v2_response(response, outputs, body, context, idx))
+            except KServeError as e:
+                context.set_response_status(400, str(e), idx)
+                out.append({"error": str(e)})
     return out
+
+
+def _v2_response(response: dict, outputs: list[dict], body: dict, context, idx: int):
+    """The v2 answer with the outputs the request asks for (all when it names none), each in
+    JSON or, where asked (`binary_data` per output, `binary_data_output` for all: tritonclient
+    asks for all when it names none), in the binary-data extension: after the JSON header,
+    whose length goes in the Inference-Header-Content-Length header."""
+    everything = bool((body.get("parameters") or {}).get("binary_data_output", False))
+    asked = body.get("outputs")
+    if asked is None:
+        asked = [{"name": o["name"]} for o in outputs]
+    if not isinstance(asked, list) or not all(isinstance(a, dict) for a in asked):
+        raise KServeError('"outputs" must be a list of objects with a name')
+    by_name = {o["name"]: o for o in outputs}
+    if unknown := [a.get("name") for a in asked if a.get("name") not in by_name]:
+        raise KServeError(f"no output named {unknown[0]!r} (outputs: {', '.join(by_name)})")
+    chosen, tail = [], b""
+    for a in asked:
+        tensor = by_name[a["name"]]
+        if (a.get("parameters") or {}).get("binary_data", everything):
+            if tensor["datatype"] == "FP32":
+                raw = np.asarray(tensor["data"], dtype="<f4").tobytes()
+            else:  # BYTES: each element a little-endian uint32 length, then its UTF-8 bytes
+                raw = b"".join(struct.pack("<I", len(b)) + b for b in (str(x).encode() for x in tensor["data"]))
+            tensor = {k: v for k, v in tensor.items() if k != "data"} | {"parameters": {"binary_data_size": len(raw)}}
+            tail += raw
+        chosen.append(tensor)
+    response = {**response, "outputs": chosen}
+    if not tail:
+        return response
+    header = json.dumps(response).encode()
+    context.set_response_header(idx, "Inference-Header-Content-Length", str(len(header)))
+    context.set_response_content_type(idx, "application/octet-stream")
+    return header + tail

@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite: sets up .venv like the demo, then runs pytest (extra arguments go to pytest).
+#   ./scripts/test.sh --image [ARGS]   builds the serving image and serves the demo's .mar from it
+#                                      (tests/test_image.py; needs buildah, README DEPLOYMENT)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+args=(); image=0
+for a in "$@"; do if [[ "$a" == --image ]]; then image=1; else args+=("$a"); fi; done
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec .venv/bin/python -m pytest "$@"
+if [[ "$image" == 1 ]]; then
+  export BUNDLE_IMAGE_TEST=1
+  exec .venv/bin/python -m pytest tests/test_image.py -s "${args[@]}"
+fi
+exec .venv/bin/python -m pytest "${args[@]}"

@@ -1,5 +1,6 @@
-"""The Containerfile and scripts/image, checked statically: the image is not built in the test
-suite (its torch install alone is 5.5 GB); README, DEPLOYMENT says what was and was not run."""
+"""The Containerfile and scripts/image, checked statically: the normal suite builds no image
+(CI has no buildah and the torch install alone is 5.5 GB); tests/test_image.py builds and runs
+it under `./scripts/test.sh --image`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 import pytest
 
 from scripts.ops.serve import ROOT, read_properties
+
+pytestmark = pytest.mark.unit
 
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 
@@ -56,7 +59,10 @@ def test_java_non_root_user_and_healthcheck_on_the_inference_port():
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["frob"], {}, "command must be build or run"),
+        (["frob"], {}, "command must be base, build or run"),
+        (["run", "--base", "x"], {}, "unknown option '--base' for run"),
+        (["run", "--config", "/nonexistent.properties"], {}, "--config /nonexistent.properties: no such file"),
+        (["build", "--store", "/nonexistent"], {}, "--store /nonexistent: no such folder"),
         (["build", "--bogus"], {}, "unknown option '--bogus'"),
         (["run", "--port", "http"], {}, "--port must be a number"),
         (["build"], {"IMAGE_TOOL": "kaniko"}, "is not docker, podman or buildah"),

@@ -89,17 +89,55 @@ def test_batch_of_v1_v2_and_plain_requests_each_answered(handler, trained_digits
     assert "no BYTES input" in answers[4]["error"]
 
 
-def test_triton_binary_body_is_read(handler, trained_digits, digit_files):
-    """The body tritonclient sends by default (JSON header, then length-prefixed bytes)."""
-    data = [f.read_bytes() for f in digit_files[:2]]
-    inp = triton.InferInput("images", [2], "BYTES")
+def triton_result(ctx, answer) -> triton.InferResult:
+    """The answer as tritonclient reads an HTTP response: JSON, or a JSON header + binary data."""
+    if isinstance(answer, dict):
+        return triton.InferResult.from_response_body(json.dumps(answer).encode())
+    header = ctx.get_response_headers(0)
+    assert header["content-type"] == "application/octet-stream"
+    return triton.InferResult.from_response_body(answer, header_length=int(header["Inference-Header-Content-Length"]))
+
+
+@pytest.mark.parametrize(
+    "outputs, binary",
+    [
+        (None, {"labels", "probabilities", "error"}),  # tritonclient's default: every output binary
+        ([("labels", False), ("probabilities", True)], {"probabilities"}),
+        ([("labels", False), ("error", False)], set()),
+    ],
+    ids=["default", "mixed", "json"],
+)
+def test_triton_binary_body_is_read_and_answered_as_asked(handler, trained_digits, digit_files, outputs, binary):
+    """The body tritonclient sends by default (JSON header, then length-prefixed bytes), and the
+    outputs it asks for, each in JSON or binary data, read back by tritonclient itself."""
+    data = [f.read_bytes() for f in digit_files[:2]] + [NOT_AN_IMAGE]
+    inp = triton.InferInput("images", [3], "BYTES")
     inp.set_data_from_numpy(np.array(data, dtype=object), binary_data=True)
-    body, json_size = triton.InferenceServerClient.generate_request_body([inp])
+    asked = outputs and [triton.InferRequestedOutput(name, binary_data=b) for name, b in outputs]
+    body, json_size = triton.InferenceServerClient.generate_request_body([inp], outputs=asked)
     assert json_size is not None and json_size < len(body)
+    ctx = make_context(trained_digits, 1)
+    (answer,) = handler.handle([{"body": body}], ctx)
+    assert ctx.get_response_status(0)[0] == 200
+    result = triton_result(ctx, answer)
+    names = [name for name, _ in outputs] if outputs else ["labels", "probabilities", "error"]
+    assert [o["name"] for o in result.get_response()["outputs"]] == names
+    for o in result.get_response()["outputs"]:
+        assert ("binary_data_size" in o.get("parameters", {})) == (o["name"] in binary)
+    labels = result.as_numpy("labels")
+    as_str = [x.decode() if isinstance(x, bytes) else x for x in labels[1]]  # binary: bytes, JSON: str
+    assert labels.shape == (3, 3) and as_str == expected(trained_digits, data[1], 3)[0]
+    if "probabilities" in names:
+        probs = result.as_numpy("probabilities")
+        assert probs.dtype == np.float32 and np.allclose(probs[0], expected(trained_digits, data[0], 3)[1], atol=1e-5)
+    if "error" in names:
+        assert [bool(e) for e in result.as_numpy("error")] == [False, False, True]
+
+
+def test_v2_unknown_output_is_a_400(handler, trained_digits, digit_files):
+    body = {**v2_body([b64(digit_files[0].read_bytes())]), "outputs": [{"name": "logits"}]}
     answers, codes = run(handler, trained_digits, [{"body": body}])
-    assert codes == [200]
-    out = {o["name"]: o for o in answers[0]["outputs"]}
-    assert np.array(out["labels"]["data"]).reshape(2, 3)[1].tolist() == expected(trained_digits, data[1], 3)[0]
+    assert codes == [400] and "no output named 'logits'" in answers[0]["error"]
 
 
 def test_plain_requests_do_not_go_through_the_envelope(digit_files):
@@ -226,6 +264,8 @@ def test_v2_through_tritonclient_equals_in_process(server_v2, trained_digits, di
             assert [x.decode() if isinstance(x, bytes) else x for x in labels[row]] == want_labels
             assert np.allclose(probs[row], want_probs, atol=1e-4)
         assert errors[1] and not errors[0] and not errors[2]
+        # No outputs named: tritonclient asked for all of them in binary data, and got them so.
+        assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
 
 
 def test_v2_request_without_good_image_is_a_4xx(server_v2):

@@ -1,0 +1,155 @@
+"""The serving image, built and run for real: `scripts/image build` builds the Containerfile
+with the demo's digits.mar in its model store, `scripts/image run` serves it, and its REST
+answers, seen from the host, equal the in-process model's.
+
+Opt-in and slow (the CUDA torch build makes a multi-GB image): `./scripts/test.sh --image`
+sets BUNDLE_IMAGE_TEST=1; the normal suite skips it. It needs buildah, the one tool that runs
+images on hosts where `podman run` fails (README, DEPLOYMENT), and skips without it. The base
+is BUNDLE_IMAGE_BASE, else the local bookworm `scripts/image base` makes where it exists, else
+python:3.11-slim-bookworm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+import requests
+
+from scripts import archive
+from scripts.serve import ROOT, free_port, read_properties
+from tests.conftest import classify_in_process
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("BUNDLE_IMAGE_TEST") != "1", reason="builds the image: ./scripts/test.sh --image"
+    ),
+    pytest.mark.skipif(
+        shutil.which("buildah") is None,
+        reason="buildah is not installed (apt-get install -y buildah; README, DEPLOYMENT)",
+    ),
+]
+
+IMAGE = ROOT / "scripts" / "image"
+TAG = "localhost/torchserve-bundle:test"
+LOCAL_BASE = "localhost/bookworm-python:3.11"
+
+
+def base_image() -> str:
+    if os.environ.get("BUNDLE_IMAGE_BASE"):
+        return os.environ["BUNDLE_IMAGE_BASE"]
+    local = subprocess.run(["buildah", "inspect", "--type", "image", LOCAL_BASE], capture_output=True)
+    return LOCAL_BASE if local.returncode == 0 else "python:3.11-slim-bookworm"
+
+
+def buildah(*args: str) -> str:
+    return subprocess.run(["buildah", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def demo_store(trained_digits, tmp_path_factory):
+    """model_store/ as scripts/demo.sh leaves it: digits.mar, archived with the demo's options."""
+    store = tmp_path_factory.mktemp("image_store")
+    argv = [str(trained_digits), "--name", "digits", "--model-store", str(store)]
+    assert archive.main([*argv, "--batch-size", "8", "--max-batch-delay", "5"]) == 0
+    return store
+
+
+@pytest.fixture(scope="module")
+def image(demo_store):
+    started = time.monotonic()
+    env = {**os.environ, "IMAGE_TOOL": "buildah"}
+    cmd = [str(IMAGE), "build", "--base", base_image(), "--tag", TAG, "--store", str(demo_store)]
+    earlier = subprocess.run(["buildah", "images", "--quiet", TAG], capture_output=True, text=True).stdout.split()
+    subprocess.run(cmd, check=True, env=env, timeout=3600)
+    for image_id in set(earlier) - set(buildah("images", "--quiet", TAG).split()):
+        subprocess.run(["buildah", "rmi", image_id], capture_output=True)  # the last run's, now untagged
+    size = buildah("images", "--format", "{{.Size}}", TAG)
+    print(f"\nimage {TAG}: built in {time.monotonic() - started:.0f} s (less where layers were cached), {size}")
+    return TAG
+
+
+@pytest.fixture(scope="module")
+def served(image, tmp_path_factory):
+    """`scripts/image run` with the image's config on free loopback ports (buildah shares the
+    host's network); stopped with SIGTERM as Ctrl-C stops it: nothing may be left listening on
+    its ports, nor its container left."""
+    props = read_properties(ROOT / "k8s" / "base" / "config.properties")
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt", "worker")}
+    props.update(
+        inference_address=f"http://127.0.0.1:{ports['inference']}",
+        management_address=f"http://127.0.0.1:{ports['management']}",
+        metrics_address=f"http://127.0.0.1:{ports['metrics']}",
+        grpc_inference_address="127.0.0.1",
+        grpc_inference_port=str(ports["grpc"]),
+        grpc_management_port=str(ports["grpc_mgmt"]),
+        initial_worker_port=str(ports["worker"]),
+    )
+    config = tmp_path_factory.mktemp("image_config") / "config.properties"
+    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    before = set(buildah("containers", "--quiet").split())
+    log = (tmp_path_factory.mktemp("image_run") / "run.log").open("w")
+    env = {**os.environ, "IMAGE_TOOL": "buildah"}
+    proc = subprocess.Popen(
+        [str(IMAGE), "run", "--tag", image, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    url = props["inference_address"]
+    try:
+        deadline, healthy = time.monotonic() + 300, False
+        while not healthy and time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                healthy = requests.get(f"{url}/ping", timeout=5).json().get("status") == "Healthy"
+            time.sleep(0 if healthy else 2)
+        assert healthy, f"scripts/image run did not become healthy (exit {proc.poll()}): {log.name}"
+        yield url, ports, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)  # as Ctrl-C: the script stops TorchServe, removes the container
+        try:
+            proc.wait(timeout=120)
+        finally:
+            left = listeners(ports)
+            for p in left:  # never leave a server behind, even when the test fails
+                for child in p.children(recursive=True):
+                    child.kill()
+                p.kill()
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+    assert proc.returncode == 128 + signal.SIGTERM and not left, f"the server outlived scripts/image run: {left}"
+    assert set(buildah("containers", "--quiet").split()) <= before, "the run's container was not removed"
+
+
+def listeners(ports: dict[str, int]) -> list[psutil.Process]:
+    conns = psutil.net_connections("tcp")
+    return [psutil.Process(c.pid) for c in conns if c.status == "LISTEN" and c.laddr.port in ports.values() and c.pid]
+
+
+def test_image_serves_the_demo_mar_as_in_process(served, trained_digits, digits_dir):
+    url, _, _ = served
+    files = sorted((digits_dir / "test").rglob("*.png"))[::60][:6]
+    for f in files:
+        r = requests.post(f"{url}/predictions/digits", data=f.read_bytes(), timeout=60)
+        assert r.status_code == 200, r.text
+        probs = classify_in_process(trained_digits, f.read_bytes())
+        top = probs.topk(len(r.json()))
+        assert list(r.json()) == [str(i) for i in top.indices.tolist()]
+        assert list(r.json().values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+    bad = requests.post(f"{url}/predictions/digits", data=b"this is not an image", timeout=60)
+    assert bad.status_code == 400 and "image" in bad.text.lower()
+
+
+def test_image_runs_as_non_root_with_its_healthcheck(served, image):
+    """The server inside is the image's model-server user (uid 1000), and the image keeps its
+    HEALTHCHECK (the docker format; OCI has none)."""
+    _, ports, _ = served
+    (server,) = {p.pid: p for p in listeners(ports)}.values()  # the frontend holds every port
+    assert server.uids().real == 1000 and server.cmdline()[0] == "java"
+    check = buildah("inspect", "--type", "image", "--format", "{{.Docker.Config.Healthcheck.Test}}", image)
+    assert "/ping" in check
