@@ -179,7 +179,7 @@ def load(data: Path, meta: dict, name: str, split: str = "all", reference: Path 
             raise MetricsError(f"no images in {folder} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
         return EvalSet(data, paths)
     try:
-        if task == "classification":
+        if task in ("classification", "embedding"):
             return _classification(data, meta, name, split, reference)
         if task == "detection":
             spec = read_detection(data, classes=meta["classes"])
@@ -314,9 +314,9 @@ def score(meta: dict, answers: list, evalset: EvalSet, reference_answers: list |
         s = segmentation_scores(confusion)
         return {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"]}
     # embedding: k-NN of the answers against the reference answers, training's vote
-    labels = knn_labels(meta, answers, evalset, reference_answers)
-    truth = [y[0] for y in evalset.truth]
-    return {"knn_accuracy": sum(p == t for p, t in zip(labels, truth)) / len(truth)}
+    labels = torch.tensor([-1 if p is None else p for p in knn_labels(meta, answers, evalset, reference_answers)])
+    truth = torch.tensor([y[0] for y in evalset.truth])
+    return {"knn_accuracy": (labels == truth).float().mean().item()}  # as training's knn_accuracy computes it
 
 
 def knn_labels(meta: dict, answers: list, evalset: EvalSet, reference_answers: list) -> list[int | None]:
