@@ -111,25 +111,29 @@ def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients:
     for v in versions:
         if v not in known:
             raise OpsError(f"{name} {v} is not registered (registered: {', '.join(known)})")
-    metas = {v: tm.served_meta(ts, name, v) for v in versions}
-    a, b = versions
-    if (metas[a]["task"], metas[a].get("classes")) != (metas[b]["task"], metas[b].get("classes")):
-        raise OpsError(f"{name} {a} and {b} are not the same task with the same classes; nothing to compare")
     try:
-        evalset = tm.load(data, metas[a], name)
+        metas = {v: tm.served_meta(ts, name, v) for v in versions}
+        a, b = versions
+        if (metas[a]["task"], metas[a].get("classes")) != (metas[b]["task"], metas[b].get("classes")):
+            raise OpsError(f"{name} {a} and {b} are not the same task with the same classes; nothing to compare")
+        try:
+            evalset = tm.load(data, metas[a], name)
+        except tm.MetricsError as e:
+            raise UsageError(str(e)) from None
+        results, answers, references = {}, {}, {}
+        for v in versions:
+            answers[v], references[v] = ask(ts, name, metas[v], evalset, clients, v)
+            ms = sorted(x.seconds * 1000 for x in answers[v])
+            metrics = tm.score(metas[v], answers[v], evalset, references[v]) if evalset.labelled else {}
+            results[v] = {
+                **metrics,
+                "errors": sum(x.status != 200 for x in answers[v]),
+                "p50_ms": round(statistics.median(ms), 1),
+                "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
+            }
+        agreement = tm.agreement(metas[a], answers[a], answers[b], evalset, references[a], references[b])
     except tm.MetricsError as e:
-        raise UsageError(str(e)) from None
-    results, answers, references = {}, {}, {}
-    for v in versions:
-        answers[v], references[v] = ask(ts, name, metas[v], evalset, clients, v)
-        ms = sorted(x.seconds * 1000 for x in answers[v])
-        metrics = tm.score(metas[v], answers[v], evalset, references[v]) if evalset.labelled else {}
-        results[v] = {
-            **metrics,
-            "errors": sum(x.status != 200 for x in answers[v]),
-            "p50_ms": round(statistics.median(ms), 1),
-            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
-        }
+        raise OpsError(str(e)) from None
     return {
         "model": name,
         "task": tm.kind_of(metas[a]),
@@ -137,7 +141,7 @@ def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients:
         "labelled": evalset.labelled,
         "metric": tm.primary_metric(metas[a]),
         "versions": results,
-        "agreement": tm.agreement(metas[a], answers[a], answers[b], evalset, references[a], references[b]),
+        "agreement": agreement,
     }
 
 

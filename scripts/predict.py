@@ -85,7 +85,7 @@ def write_answers(out: Path, meta: dict, evalset: tm.EvalSet, answers: list[Answ
     rows = [
         {
             "image": str(path),
-            "truth": tm.truth_text(meta, evalset.truth[i]) if evalset.labelled else "",
+            "truth": tm.truth_text(meta, evalset, i),
             "status": a.status,
             "ms": round(a.seconds * 1000, 1),
         }
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = evalset.paths
     step = max(1, len(paths) // max(1, args.show))
     names = [str(p.relative_to(first)) if first.is_dir() and p.is_relative_to(first) else str(p) for p in paths]
-    truths = [tm.truth_text(meta, t) for t in evalset.truth] if evalset.labelled else [""] * len(paths)
+    truths = [tm.truth_text(meta, evalset, i) for i in range(len(paths))]
     width, true_width = max(len(n) for n in names), max(4, *(len(t) for t in truths))
     print(f"{'image':<{width}}  {'true':<{true_width}}  prediction")
     for i in list(range(0, len(paths), step))[: args.show]:

@@ -146,6 +146,7 @@ class EvalSet:
     truth: list | None = None  # per image: label indices | DetSample | mask path; None: unlabelled
     reference: list[Path] = field(default_factory=list)  # embeddings: the k-NN memory bank
     reference_labels: list[int] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)  # the names the label indices stand for
 
     @property
     def labelled(self) -> bool:
@@ -194,7 +195,8 @@ def load(data: Path, meta: dict, name: str, split: str = "all", reference: Path 
         samples = _split(spec.samples, spec.fingerprint(), meta, name, split, data, random_split)
         return EvalSet(data, [s.image for s in samples], [s.mask for s in samples])
     except DatasetError as e:
-        raise MetricsError(f"{e} (model {name} knows: {', '.join(meta['classes'])})") from None
+        known = f" (model {name} knows: {', '.join(meta['classes'])})" if meta["classes"] else ""
+        raise MetricsError(f"{e}{known}") from None
 
 
 def _classification(data: Path, meta: dict, name: str, split: str, reference: Path | None) -> EvalSet:
@@ -220,6 +222,7 @@ def _classification(data: Path, meta: dict, name: str, split: str, reference: Pa
             [s.labels for s in query],
             [s.path for s in bank],
             [s.labels[0] for s in bank],
+            spec.classes,
         )
     spec = read_dataset(data, classes=meta["classes"])
     if spec.multi_label and not meta.get("multi_label"):
@@ -400,12 +403,13 @@ def served_mask(a) -> np.ndarray:
         return np.asarray(m, dtype=np.int64)
 
 
-def truth_text(meta: dict, truth) -> str:
-    kind, classes = kind_of(meta), meta["classes"]
-    if truth is None:
+def truth_text(meta: dict, evalset: EvalSet, i: int) -> str:
+    """The labels of image `i`, for people."""
+    if not evalset.labelled:
         return ""
+    kind, truth = kind_of(meta), evalset.truth[i]
     if kind in ("single", "multi", "embedding"):
-        return ",".join(classes[i] for i in truth) if classes else str(truth[0])
+        return ",".join((evalset.classes or meta["classes"])[k] for k in truth)
     if kind == "detection":
         return f"{len(truth.boxes)} box(es)"
     return Path(truth).name

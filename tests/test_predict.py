@@ -369,3 +369,20 @@ def test_multilabel_scores_on_known_sets():
     truth = torch.tensor([[1, 0, 0], [0, 1, 0]], dtype=torch.bool)
     s = train.multilabel_scores(predicted, truth)
     assert s["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1)) and s["exact_match"] == pytest.approx(0.5)
+
+
+@pytest.mark.unit
+def test_the_recorded_split_is_rebuilt_and_labels_read_as_names(digits_dir):
+    meta = {
+        "task": "embedding",
+        "classes": [],
+        "dataset": {"eval_val_data": "stratified 0.2 of --eval-data (seed 0)", "eval_fingerprint": None},
+    }
+    evalset = tm.load(digits_dir / "test", meta, "emb", "val")
+    assert len(evalset.paths) + len(evalset.reference) == 359 and 60 < len(evalset.paths) < 80
+    assert not set(evalset.paths) & set(evalset.reference)
+    assert tm.truth_text(meta, evalset, 0) == evalset.paths[0].parent.name
+    with pytest.raises(tm.MetricsError, match="not the dataset emb was trained on"):
+        tm.load(digits_dir / "test", {**meta, "dataset": {**meta["dataset"], "eval_fingerprint": "x"}}, "emb", "val")
+    with pytest.raises(tm.MetricsError, match="--reference is for embedding models"):
+        tm.load(digits_dir / "test", {"task": "classification", "classes": []}, "m", "all", digits_dir / "train")
