@@ -101,7 +101,9 @@ def print_status(report: dict) -> None:
             print(f"  {line}")
 
 
-def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4) -> dict:
+def compare(
+    ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4, need_labels: bool = False
+) -> dict:
     """Send the same images to each version: the task's metric (where labelled), agreement,
     latency and errors (scripts/task_metrics.py scores them)."""
     from scripts import task_metrics as tm
@@ -120,6 +122,8 @@ def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients:
             evalset = tm.load(data, metas[a], name)
         except tm.MetricsError as e:
             raise UsageError(str(e)) from None
+        if need_labels and not evalset.labelled:
+            raise UsageError(f"--if-better needs labelled data; {data} holds no labels")
         results, answers, references = {}, {}, {}
         for v in versions:
             answers[v], references[v] = ask(ts, name, metas[v], evalset, clients, v)
@@ -274,9 +278,7 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
         current = default_version(ts, args.name)
         report, figures = None, ""
         if args.if_better:
-            report = compare(ts, args.name, [current, args.version], Path(args.data))
-            if not report["labelled"]:
-                raise UsageError(f"--if-better needs labelled data; {args.data} holds no labels")
+            report = compare(ts, args.name, [current, args.version], Path(args.data), need_labels=True)
             metric = report["metric"]
             old, new = (report["versions"][v][metric] for v in (current, args.version))
             figures = (

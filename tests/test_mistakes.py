@@ -544,6 +544,15 @@ CASES = [
         ["nowhere"],
     ),
     Case(
+        "promote --if-better on unlabelled images",
+        M,
+        ["promote", "digits", "2.0", "--if-better", "--data", "{root}/plain"],
+        2,
+        ["--if-better needs labelled data", "plain holds no labels"],
+        setup=files("plain/a.png"),
+        check=no_prediction_sent,
+    ),
+    Case(
         "compare on a VOC folder",
         M,
         ["compare", "digits", "1.0", "2.0", "--data", "{root}/voc"],
