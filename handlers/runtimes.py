@@ -13,7 +13,7 @@ handler's device, so preprocessing and postprocessing never depend on the runtim
 - compile:     the eager module through torch.compile, compiled when the worker starts.
 
 This module is only what a worker needs to load and run them; it ships inside every
-archive. Building the files and checking them against eager is scripts/optimize.py, at
+archive. Building the files and checking them against eager is scripts/ops/optimize.py, at
 archive time. Every runtime but eager is warmed up when it loads, at the batch sizes the
 handler section lists (`warmup_batch_sizes`, the archiver writes 1 and batchSize), so
 the first requests do not pay for compilation or first-call profiling.

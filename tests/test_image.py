@@ -22,8 +22,8 @@ import psutil
 import pytest
 import requests
 
-from scripts import archive
-from scripts.serve import ROOT, free_port, read_properties
+from scripts.cli import archive
+from scripts.ops.serve import ROOT, free_port, read_properties
 from tests.conftest import classify_in_process
 
 pytestmark = [

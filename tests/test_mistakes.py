@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
-from scripts.cli import archive, models, serve
+from scripts.cli import archive, models, predict, serve
 from scripts.ops.catalog import Catalog, sha256_file
 from scripts.ops.serve import TorchServe, free_port
 
@@ -182,7 +183,41 @@ def sleeper_alive(world):
     assert world["sleeper"].poll() is None, "serve stop signalled a process that is not its TorchServe"
 
 
-A, S, M = "archive", "serve", "models"
+def files(*names: str):
+    """Setup: real files under the world's root (a PNG of a photograph, labels.txt saying 'w'),
+    removed after the case."""
+
+    def setup(world):
+        from skimage import data
+
+        for name in names:
+            path = world["root"] / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".png":
+                Image.fromarray(data.camera()).resize((16, 16)).save(path)
+            else:
+                path.write_text("a.png w\n" if path.name == "labels.txt" else "<annotation/>\n")
+        world["predictions_before"] = predictions_logged(world)
+
+        def undo():
+            for top in {world["root"] / Path(n).parts[0] for n in names}:
+                shutil.rmtree(top) if top.is_dir() else top.unlink(missing_ok=True)
+
+        return undo
+
+    return setup
+
+
+def predictions_logged(world) -> int:
+    log = world["run_dir"] / "logs" / "access_log.log"
+    return log.read_text().count("/predictions/") if log.is_file() else 0
+
+
+def no_prediction_sent(world):
+    assert predictions_logged(world) == world["predictions_before"], "a request was sent before the refusal"
+
+
+A, S, M, P = "archive", "serve", "models", "predict"
 CASES = [
     # -- scripts/archive: names and versions -------------------------------------------------
     Case(
@@ -482,8 +517,15 @@ CASES = [
         "promote --if-better without data",
         M,
         ["promote", "digits", "2.0", "--if-better"],
-        1,
+        2,
         ["--if-better needs --data"],
+    ),
+    Case(
+        "promote with --data but no --if-better",
+        M,
+        ["promote", "digits", "2.0", "--data", "{root}"],
+        2,
+        ["--data is only read by --if-better"],
     ),
     Case("rollback with no history", M, ["rollback", "digits"], 1, ["no previous default"]),
     Case(
@@ -498,8 +540,72 @@ CASES = [
         "compare on a missing folder",
         M,
         ["compare", "digits", "1.0", "2.0", "--data", "{root}/nowhere"],
-        1,
+        2,
         ["nowhere"],
+    ),
+    Case(
+        "promote --if-better on unlabelled images",
+        M,
+        ["promote", "digits", "2.0", "--if-better", "--data", "{root}/plain"],
+        2,
+        ["--if-better needs labelled data", "plain holds no labels"],
+        setup=files("plain/a.png"),
+        check=no_prediction_sent,
+    ),
+    Case(
+        "compare on a VOC folder",
+        M,
+        ["compare", "digits", "1.0", "2.0", "--data", "{root}/voc"],
+        2,
+        ["VOC detection dataset", "digits is a classification model"],
+        setup=files("voc/Annotations/a.xml"),
+        check=no_prediction_sent,
+    ),
+    # -- scripts/predict: input that does not fit the model, refused before any request --------
+    Case(
+        "predict a VOC folder with a classifier",
+        P,
+        ["--model", "digits", "{root}/voc"],
+        2,
+        ["voc is a VOC detection dataset", "digits is a classification model"],
+        setup=files("voc/Annotations/a.xml"),
+        check=no_prediction_sent,
+    ),
+    Case(
+        "predict class folders the model does not know",
+        P,
+        ["--model", "digits", "{root}/pets"],
+        2,
+        ["pets/cat is not one of the training classes", "x, y, z"],
+        setup=files("pets/cat/a.png", "pets/x/b.png"),
+        check=no_prediction_sent,
+    ),
+    Case(
+        "predict labels.txt with an unknown label",
+        P,
+        ["--model", "digits", "{root}/listed"],
+        2,
+        ["label 'w'", "3 classes"],
+        setup=files("listed/images/a.png", "listed/labels.txt"),
+        check=no_prediction_sent,
+    ),
+    Case("predict a missing file", P, ["--model", "digits", "{root}/nothing.png"], 2, ["nothing.png is not a file"]),
+    Case(
+        "predict to an --out of another kind",
+        P,
+        ["--model", "digits", "{root}/pets/x", "--out", "{root}/a.txt"],
+        2,
+        ["--out", ".json or .csv"],
+        setup=files("pets/x/b.png"),
+    ),
+    Case("predict with an unserved model", P, ["--model", "nosuch", "{root}/x.png"], 1, ["nosuch"]),
+    Case(
+        "predict --split val on files",
+        P,
+        ["--model", "digits", "{root}/x.png", "--split", "val"],
+        2,
+        ["--split val"],
+        setup=files("x.png"),
     ),
     Case("wrong token", M, ["status"], 1, ["Token Authorization failed"], setup=wrong_keys),
     Case("unknown models command", M, ["deploy", "digits"], 2, ["invalid choice: 'deploy'"]),
@@ -545,8 +651,8 @@ def state(world) -> dict:
 
 
 def run_tool(tool: str, argv: list[str], world) -> tuple[int, str, str]:
-    main = {"archive": archive.main, "serve": serve.main, "models": models.main}[tool]
-    common = ["--model-store", str(world["store"]), "--run-dir", str(world["run_dir"])]
+    main = {"archive": archive.main, "serve": serve.main, "models": models.main, "predict": predict.main}[tool]
+    common = ["--model-store", str(world["store"])] * (tool != "predict") + ["--run-dir", str(world["run_dir"])]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -556,8 +662,8 @@ def run_tool(tool: str, argv: list[str], world) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_at_least_fifty_cases_cover_the_three_tools():
-    assert len(CASES) >= 50 and {c.tool for c in CASES} == {"archive", "serve", "models"}
+def test_at_least_fifty_cases_cover_the_four_tools():
+    assert len(CASES) >= 50 and {c.tool for c in CASES} == {"archive", "serve", "models", "predict"}
     assert len({c.id for c in CASES}) == len(CASES)
 
 

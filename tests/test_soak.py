@@ -1,4 +1,4 @@
-"""scripts/soak.py against a real TorchServe: a short run with good and bad requests mixed."""
+"""scripts/bench/soak.py against a real TorchServe: a short run with good and bad requests mixed."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from model_defs import get_entry
 from model_defs.preprocessing import eval_transform, train_transform
@@ -227,12 +228,33 @@ class Classification(engine.Task):
         return len(images), {**values, "loss": values["loss"].item()}
 
     def evaluate(self, model) -> dict:
-        sums, seen = Counter(), 0
+        """Loss and accuracy averaged over the images; multi-label F1 and exact match over the
+        whole validation set at once (an average of per-batch F1s is not the set's F1)."""
+        sums, seen, predicted, truths = Counter(), 0, [], []
         for images, targets in self.batches(self.loader(self.val_set), "val"):
-            for k, v in self.scores(model(images), targets).items():
+            logits = model(images)
+            for k, v in self.scores(logits, targets).items():
                 sums[k] += float(v) * len(images)
             seen += len(images)
-        return {k: v / max(1, seen) for k, v in sums.items()}
+            if self.multi_label:
+                predicted.append(torch.sigmoid(logits.float()).cpu() >= self.args.threshold)
+                truths.append(targets.cpu() >= 0.5)
+        result = {k: v / max(1, seen) for k, v in sums.items()}
+        if self.multi_label and seen:
+            result.update(multilabel_scores(torch.cat(predicted), torch.cat(truths)))
+        return result
+
+
+def multilabel_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Micro F1 ("f1"), macro F1 and exact match of boolean (images, classes) label sets; the
+    figures training records and scripts/predict reports over REST (torchmetrics)."""
+    n = truth.shape[1]
+    predicted, truth = predicted.long(), truth.long()
+    return {
+        "f1": MultilabelF1Score(n, average="micro")(predicted, truth).item(),
+        "f1_macro": MultilabelF1Score(n, average="macro")(predicted, truth).item(),
+        "exact_match": MultilabelExactMatch(n)(predicted, truth).item(),
+    }
 
 
 def main(args) -> dict:

@@ -161,9 +161,7 @@ class Detection(engine.Task):
 
     def evaluate(self, model) -> dict:
         """mAP in the original images' pixels: predictions go back through boxes_to_original."""
-        metric = MeanAveragePrecision(
-            box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False
-        )  # rank 0 alone
+        metric = map_metric()
         for images, _, indices in self.batches(self.loader(self.val_set), "val"):
             preds, truths = [], []
             for out, i in zip(model(images), indices):
@@ -201,6 +199,12 @@ class Detection(engine.Task):
                 answers = detect_answers(model([x])[0], scale, image.size, self.classes, 0.5, 100)
                 pictures.append(draw_detections(*enlarge_small(image, answers), self.classes))
         grid(pictures).save(out / "detections.png")
+
+
+def map_metric() -> MeanAveragePrecision:
+    """The mAP training records and scripts/predict reports (boxes xyxy in the original
+    image's pixels, labels 1-based); computed on one process (rank 0 alone)."""
+    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -140,8 +140,11 @@ class SimCLR(engine.Task):
                 "train_images": len(paths),
                 "fingerprint": fingerprint(args.data, paths),
                 "eval_data": args.eval_data,
+                "eval_fingerprint": spec.fingerprint() if args.eval_data else None,
                 "eval_val_data": args.eval_val_data
-                or (f"stratified {args.eval_val_fraction} of --eval-data" if args.eval_data else None),
+                or (
+                    f"stratified {args.eval_val_fraction} of --eval-data (seed {args.seed})" if args.eval_data else None
+                ),
             },
         }
         self.describe = (
@@ -193,11 +196,23 @@ def knn_accuracy(
     temperature: float = 0.1,
 ) -> float:
     """Cosine k-NN with exp(similarity / T) weighted votes (Wu et al., 2018), top-1 accuracy."""
+    return (knn_predict(bank, bank_labels, query, k, num_classes, temperature) == query_labels).float().mean().item()
+
+
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    query: torch.Tensor,
+    k: int,
+    num_classes: int,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """The class each query embedding gets from its k most similar bank embeddings' votes."""
     sim = query @ bank.T
     top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)
     votes = torch.zeros(query.shape[0], num_classes)
     votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
-    return (votes.argmax(1) == query_labels).float().mean().item()
+    return votes.argmax(1)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
     scripts/bench.sh --runtime eager      # our fp32 path
     scripts/bench.sh --duration 5 --clients 1,4 --no-detector   # a quick look
     scripts/bench.sh --device gpu --runtime eager --autocast fp16 --gpu-decode   # on a GPU host
-    python -m scripts.bench               # no --run: ResNet-18 with random weights, eager
+    python -m scripts.bench.serving            # no --run: ResNet-18 with random weights, eager
 
 On this machine, with the same weights and the same real JPEG bytes (scikit-image's
 451x300 cat), it measures:

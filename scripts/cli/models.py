@@ -100,43 +100,63 @@ def print_status(report: dict) -> None:
             print(f"  {line}")
 
 
-def compare(ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4) -> dict:
-    """Send a labelled image folder to each version: accuracy, agreement and latency."""
-    from scripts.cli.predict import predict_files
-    from training.datasets import DatasetError, read_dataset
+def compare(
+    ts: TorchServe, name: str, versions: list[str], data: Path, clients: int = 4, need_labels: bool = False
+) -> dict:
+    """Send the same images to each version: the task's metric (where labelled), agreement,
+    latency and errors (scripts/ops/task_metrics.py scores them)."""
+    from scripts.cli.predict import ask
+    from scripts.ops import task_metrics as tm
 
     known = registered_versions(ts, name)
     for v in versions:
         if v not in known:
             raise OpsError(f"{name} {v} is not registered (registered: {', '.join(known)})")
     try:
-        spec = read_dataset(data)
-    except DatasetError as e:
+        metas = {v: tm.served_meta(ts, name, v) for v in versions}
+        a, b = versions
+        if (metas[a]["task"], metas[a].get("classes")) != (metas[b]["task"], metas[b].get("classes")):
+            raise OpsError(f"{name} {a} and {b} are not the same task with the same classes; nothing to compare")
+        try:
+            evalset = tm.load(data, metas[a], name)
+        except tm.MetricsError as e:
+            raise UsageError(str(e)) from None
+        if need_labels and not evalset.labelled:
+            raise UsageError(f"--if-better needs labelled data; {data} holds no labels")
+        results, answers, references = {}, {}, {}
+        for v in versions:
+            answers[v], references[v] = ask(ts, name, metas[v], evalset, clients, v)
+            ms = sorted(x.seconds * 1000 for x in answers[v])
+            metrics = tm.score(metas[v], answers[v], evalset, references[v]) if evalset.labelled else {}
+            results[v] = {
+                **metrics,
+                "errors": sum(x.status != 200 for x in answers[v]),
+                "p50_ms": round(statistics.median(ms), 1),
+                "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
+            }
+        agreement = tm.agreement(metas[a], answers[a], answers[b], evalset, references[a], references[b])
+    except tm.MetricsError as e:
         raise OpsError(str(e)) from None
-    paths = [s.path for s in spec.samples]
-    truth = [spec.classes[s.labels[0]] for s in spec.samples]
-    results, top1 = {}, {}
-    for v in versions:
-        answers = predict_files(ts, name, paths, clients=clients, version=v)
-        top1[v] = [a.top1 for a in answers]
-        ms = sorted(a.seconds * 1000 for a in answers)
-        results[v] = {
-            "accuracy": sum(p == t for p, t in zip(top1[v], truth)) / len(truth),
-            "errors": sum(a.status != 200 for a in answers),
-            "p50_ms": round(statistics.median(ms), 1),
-            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 1),
-        }
-    a, b = versions
-    agreement = sum(x == y and x is not None for x, y in zip(top1[a], top1[b])) / len(paths)
-    return {"model": name, "images": len(paths), "versions": results, "agreement": agreement}
+    return {
+        "model": name,
+        "task": tm.kind_of(metas[a]),
+        "images": len(evalset.paths),
+        "labelled": evalset.labelled,
+        "metric": tm.primary_metric(metas[a]),
+        "versions": results,
+        "agreement": agreement,
+    }
 
 
 def print_compare(report: dict) -> None:
-    print(f"{report['model']} on {report['images']} labelled images")
-    print(f"{'version':<10} {'accuracy':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    labelled = "labelled" if report["labelled"] else "unlabelled"
+    print(f"{report['model']} ({report['task']}) on {report['images']} {labelled} images")
+    figures = [k for k in next(iter(report["versions"].values())) if k not in ("errors", "p50_ms", "p99_ms")]
+    print(f"{'version':<10} " + " ".join(f"{k:>12}" for k in figures) + f" {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for v, r in report["versions"].items():
-        print(f"{v:<10} {r['accuracy']:>8.3f} {r['errors']:>6} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
-    print(f"agreement: {report['agreement']:.3f}")
+        cells = " ".join(f"{r[k]:>12.4f}" for k in figures)
+        print(f"{v:<10} {cells} {r['errors']:>6} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+    print(f"agreement: {report['agreement']:.4f}")
 
 
 def global_options(defaults: bool) -> argparse.ArgumentParser:
@@ -181,9 +201,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--if-better",
         action="store_true",
-        help="refuse if the version is less accurate than the default on --data (default: off)",
+        help="refuse if the version scores lower than the default on --data, by the task's metric (default: off)",
     )
-    s.add_argument("--data", default=None, help="labelled image folder for --if-better (default: none)")
+    s.add_argument("--data", default=None, help="labelled dataset folder for --if-better (default: none)")
     command("rollback", "make the previous default the default again", "name")
     s = command("scale", "set a version's minimum and maximum workers", "name")
     s.add_argument("version", nargs="?", default=None, help="(default: the default version)")
@@ -197,18 +217,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     command("unregister", "remove a version (not the default while others exist)", "name", "version")
     s = command(
         "compare",
-        "accuracy, agreement and latency of two versions on a labelled folder",
+        "metric, agreement, latency and errors of two versions on the same images",
         "name",
         "version_a",
         "version_b",
     )
-    s.add_argument("--data", required=True, help="labelled image folder (any dataset layout)")
+    s.add_argument("--data", required=True, help="dataset folder (any layout training reads) or unlabelled images")
     s.add_argument("--clients", type=int, default=4, help="concurrent requests (default: 4)")
     return p
 
 
 def check_arguments(args) -> None:
     """Every name and version on the command line follows the one rule, before any request."""
+    if getattr(args, "if_better", False) and not args.data:
+        raise UsageError("--if-better needs --data DIR, a labelled dataset folder")
+    if getattr(args, "data", None) and getattr(args, "if_better", True) is False:
+        raise UsageError("--data is only read by --if-better; add --if-better or drop --data")
     if getattr(args, "name", None) is not None:
         check_name(args.name)
     for attr in ("version", "version_a", "version_b"):
@@ -251,20 +275,21 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
         if args.version not in registered_versions(ts, args.name):
             raise OpsError(f"{args.name} {args.version} is not registered; register it first")
         current = default_version(ts, args.name)
-        report = None
+        report, figures = None, ""
         if args.if_better:
-            if not args.data:
-                raise OpsError("--if-better needs --data DIR, a labelled image folder")
-            report = compare(ts, args.name, [current, args.version], Path(args.data))
-            old, new = (report["versions"][v]["accuracy"] for v in (current, args.version))
+            report = compare(ts, args.name, [current, args.version], Path(args.data), need_labels=True)
+            metric = report["metric"]
+            old, new = (report["versions"][v][metric] for v in (current, args.version))
+            figures = (
+                f"{metric} {new:.4f} vs {old:.4f} of the default {current} on {report['images']} images, "
+                f"agreement {report['agreement']:.4f}"
+            )
             if new < old:
-                raise OpsError(
-                    f"not promoting {args.name} {args.version}: accuracy {new:.3f} < {old:.3f} of the default {current}"
-                )
+                raise OpsError(f"not promoting {args.name} {args.version}: {figures}")
         ts.set_default(args.name, args.version)
         return (
             {"model": args.name, "default": args.version, "previous": current, "compare": report},
-            f"{args.name}: default is now {args.version} (was {current})",
+            f"{args.name}: default is now {args.version} (was {current})" + (f"; {figures}" if figures else ""),
         )
     if args.command == "rollback":
         current, previous = ts.rollback(args.name)
