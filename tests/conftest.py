@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,15 +64,15 @@ def shared_server(tmp_path_factory) -> TorchServe:
     ts.stop()
 
 
-def serving(ts: TorchServe, *models: str | tuple[str, str], timeout: float = 240):
-    """Generator for a module fixture: registers `models` (a name served from <name>.mar, or
-    (name, file)) on the shared server, yields it, then unregisters every model registered
-    by then and empties the model store, so that the next module finds the server as new."""
+@contextmanager
+def serving(ts: TorchServe, *models: str, timeout: float = 240):
+    """For a module fixture: registers `models` (each served from <name>.mar) on the shared
+    server and gives it, then unregisters every model registered by then and empties the
+    model store, so that the next module finds the server as new."""
     assert ts.models() == [], f"the shared server still serves {ts.models()}"
     try:
-        for model in models:
-            name, file = model if isinstance(model, tuple) else (model, f"{model}.mar")
-            ts.register(name, file, timeout=timeout)
+        for name in models:
+            ts.register(name, f"{name}.mar", timeout=timeout)
         yield ts
     finally:
         for name in ts.models():

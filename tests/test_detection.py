@@ -14,6 +14,8 @@ from handlers.vision import RequestError
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import boxes_to_original, detection_input, detection_size
 
+pytestmark = pytest.mark.unit
+
 SIZES = [(640, 480), (300, 451), (1000, 250), (97, 203), (64, 64), (320, 320), (2000, 1500)]
 MAX_SIZE = 320
 

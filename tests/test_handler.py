@@ -13,6 +13,8 @@ from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained, save_model_files
 from tests.conftest import classify_in_process, encode, image_variants
 
+pytestmark = pytest.mark.unit
+
 
 def make_context(model_dir, n_requests: int, config: dict | None = None) -> Context:
     ctx = Context(

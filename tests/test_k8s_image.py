@@ -12,6 +12,8 @@ import pytest
 
 from scripts.serve import ROOT, read_properties
 
+pytestmark = pytest.mark.unit
+
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 
 

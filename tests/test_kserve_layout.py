@@ -15,6 +15,8 @@ from scripts import archive, kserve
 from scripts.catalog import Catalog, sha256_file
 from scripts.serve import read_properties
 
+pytestmark = pytest.mark.unit
+
 SCHEMA = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve_inferenceservice_schema.yaml").read_text())
 
 

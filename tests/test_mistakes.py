@@ -32,6 +32,8 @@ from scripts import archive, models, serve
 from scripts.catalog import Catalog, sha256_file
 from scripts.serve import TorchServe, free_port
 
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -26,14 +26,17 @@ import requests
 import yaml
 
 from scripts import archive
-from scripts.serve import ROOT, TorchServe, free_port
+from scripts.serve import ROOT, free_port
+from tests.conftest import serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 BOUNDS = [0.0, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
 
 
 @pytest.fixture(scope="module")
-def server(trained_digits, tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
+def server(trained_digits, shared_server):
+    store = shared_server.model_store
     # Batch size 1: each request is its own batch, so the handler's time per batch is per request.
     assert (
         archive.main(
@@ -51,10 +54,8 @@ def server(trained_digits, tmp_path_factory):
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
-    ts.start(["digits"], timeout=240)
-    yield ts
-    ts.stop()
+    with serving(shared_server, "digits") as ts:
+        yield ts
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def prometheus(server, tmp_path_factory):
     job["static_configs"] = [{"targets": [server.url("metrics").split("://")[1]]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = open(work / "prometheus.log", "wb")
+    log = open(work / "prometheus.log", "wb")  # noqa: SIM115 -- held by prometheus until teardown closes it
     proc = subprocess.Popen(
         [
             "prometheus",

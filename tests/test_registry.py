@@ -15,6 +15,8 @@ import torchvision
 
 from model_defs import get_entry, get_model, list_models, register_model
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 

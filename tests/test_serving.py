@@ -25,7 +25,7 @@ from scripts import archive, serve
 from scripts.serve import ServeError, TorchServe
 from tests.conftest import classify_in_process, encode, image_variants, serving
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def server(trained_digits, photo_run, shared_server):
         == 0
     )
     assert archive.main([str(photo_run), "--name", "photos", "--model-store", str(store), "--batch-size", "4"]) == 0
-    yield from serving(shared_server, "digits", "photos")
+    with serving(shared_server, "digits", "photos") as ts:
+        yield ts
 
 
 def predict(ts, model, data=None, **kw):
