@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The whole test suite: sets up .venv like the demo, then runs pytest (extra arguments go to pytest).
+# The whole test suite: sets up .venv like the demo, then runs pytest (extra arguments go to pytest,
+# e.g. -m unit for the fast in-process tests). The set-up time is printed apart from the tests'.
 #   ./scripts/test.sh --image [ARGS]   builds the serving image and serves the demo's .mar from it
 #                                      (tests/test_image.py; needs buildah, README DEPLOYMENT)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 args=(); image=0
 for a in "$@"; do if [[ "$a" == --image ]]; then image=1; else args+=("$a"); fi; done
+SECONDS=0
 "$ROOT/scripts/setup.sh"
+echo "setup: ${SECONDS} s" >&2
 cd "$ROOT"
 if [[ "$image" == 1 ]]; then
   export BUNDLE_IMAGE_TEST=1

@@ -1,13 +1,18 @@
-"""Shared fixtures: real data written to disk once per session, and a trained model.
+"""Shared fixtures: real data written to disk once per session, a trained model, and one
+TorchServe for every module that needs no process-level config of its own.
 
 The digits are scikit-learn's real handwritten digits as PNG files; the photographs are
-scikit-image's real pictures. Nothing is downloaded.
+scikit-image's real pictures. Nothing is downloaded. Starting TorchServe costs seconds of
+JVM and worker start-up on every start, so the run counts its starts and prints them at the end.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +23,64 @@ from PIL import Image
 from model_defs import DataConfig
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import eval_transform, load_image
+from scripts.ops.serve import TorchServe
 from training import train as train_mod
 from training.sample_data import write_digits
+
+STARTS: list[str] = []  # the test (node id) during which each TorchServe start happened
+
+
+@pytest.fixture(scope="session", autouse=True)
+def count_torchserve_starts():
+    """Counts real launches: TorchServe.start writes the effective config just before it runs
+    `torchserve --start` (a start refused earlier, e.g. for a taken port, launches nothing)."""
+    write_config = TorchServe._write_config
+
+    def counted(self):
+        STARTS.append(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
+        return write_config(self)
+
+    TorchServe._write_config = counted
+    yield
+    TorchServe._write_config = write_config
+
+
+def pytest_terminal_summary(terminalreporter):
+    by_module = Counter(nodeid.split("::")[0] for nodeid in STARTS)
+    where = ", ".join(f"{Path(m).name} {n}" for m, n in sorted(by_module.items()))
+    terminalreporter.write_line(f"TorchServe starts: {len(STARTS)}" + (f" ({where})" if where else ""))
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory) -> TorchServe:
+    """One TorchServe with the bundle's config.properties on free ports, for the whole run.
+    Modules borrow it through `serving` below; a module that needs process-level settings
+    of its own (an envelope, a snapshot, a restart) starts its own server instead."""
+    ts = TorchServe(
+        run_dir=tmp_path_factory.mktemp("shared_serve"), model_store=tmp_path_factory.mktemp("shared_store"), ports={}
+    )
+    ts.start([], timeout=240)
+    yield ts
+    ts.stop()
+
+
+@contextmanager
+def serving(ts: TorchServe, *models: str, timeout: float = 240):
+    """For a module fixture: registers `models` (each served from <name>.mar) on the shared
+    server and gives it, then unregisters every model registered by then and empties the
+    model store, so that the next module finds the server as new."""
+    assert ts.models() == [], f"the shared server still serves {ts.models()}"
+    try:
+        for name in models:
+            ts.register(name, f"{name}.mar", timeout=timeout)
+        yield ts
+    finally:
+        for name in ts.models():
+            default = ts.describe(name)[0]["modelVersion"]  # TorchServe removes it last
+            for version in sorted((v["modelVersion"] for v in ts.versions(name)), key=lambda v: v == default):
+                ts.unregister(name, version)
+        for path in ts.model_store.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ import yaml
 from model_defs import get_model
 from scripts.cli import archive
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from scripts.bench import serving as bench
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
 
 def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys):
     out = tmp_path / "bench"

@@ -25,6 +25,8 @@ from model_defs.checkpoint import save_model_files
 from scripts.cli import archive
 from scripts.ops.catalog import Catalog, sha256_file
 
+pytestmark = pytest.mark.unit
+
 NAMES = ("a", "b")
 VERSIONS = (None, "1.0", "2.0")  # None: <name>.mar holding 1.0, the same name/version as "1.0" in <name>-1.0.mar
 

@@ -14,6 +14,8 @@ from PIL import Image
 
 from training.datasets import DatasetError, Sample, read_dataset, stratified_split
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def cat() -> Image.Image:

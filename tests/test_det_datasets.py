@@ -22,6 +22,8 @@ from training import shapes, train_detection
 from training.datasets import DatasetError
 from training.det_datasets import DetectionDataset, SegmentationDataset, read_coco, read_detection, read_masks, read_voc
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 N, SIZE = 6, 96
 
@@ -101,9 +103,9 @@ def test_aspect_option_gives_several_sizes_with_the_longer_side_fixed(tmp_path):
 
 
 def test_cli_help_and_bad_arguments(tmp_path):
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "training.shapes", *a], cwd=REPO, capture_output=True, text=True
-    )  # noqa: E731
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "training.shapes", *a], cwd=REPO, capture_output=True, text=True)
+
     help_text = run("--help")
     assert help_text.returncode == 0 and "(default: voc)" in help_text.stdout
     bad = run("--out", str(tmp_path / "x"), "--n", "0")
@@ -201,7 +203,8 @@ def test_coco_unknown_category_names_the_file_and_image(coco):
     edit_coco(coco, lambda d: d["annotations"][0].update(category_id=9))
     with pytest.raises(
         DatasetError,
-        match=r"annotations\.json annotation id 1 \(00000\.jpg\): category_id 9 is not one of the categories \[1, 2, 3\]",
+        match=r"annotations\.json annotation id 1 \(00000\.jpg\): "
+        r"category_id 9 is not one of the categories \[1, 2, 3\]",
     ):
         read_coco(coco)
 

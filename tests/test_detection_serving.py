@@ -17,8 +17,10 @@ from model_defs.checkpoint import load_trained
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input, load_image
 from scripts.cli import archive
-from scripts.ops.serve import TorchServe
+from tests.conftest import serving
 from training import shapes, train_detection
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 CONFIG_THRESHOLD, CONFIG_MAX = 0.05, 10
 
@@ -58,8 +60,8 @@ def det_run(det_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def det_server(det_run, tmp_path_factory):
-    store = tmp_path_factory.mktemp("det_store")
+def det_server(det_run, shared_server):
+    store = shared_server.model_store
     assert (
         archive.main(
             [
@@ -80,10 +82,8 @@ def det_server(det_run, tmp_path_factory):
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("det_serve"), model_store=store, ports={})
-    ts.start(["shapes"], timeout=240)
-    yield ts
-    ts.stop()
+    with serving(shared_server, "shapes") as ts:
+        yield ts
 
 
 def predict(ts, data=None, **kw):

@@ -25,9 +25,11 @@ import pytest
 import requests
 
 from scripts.cli import archive
-from scripts.ops.serve import TorchServe
+from tests.conftest import serving
 from tests.test_detection_serving import assert_same, in_process
 from training import shapes
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -194,11 +196,12 @@ def ddp_detector(tmp_path_factory):
     return out, data
 
 
-def test_a_two_process_detector_archives_and_serves(ddp_detector, tmp_path_factory):
+@pytest.mark.serve
+def test_a_two_process_detector_archives_and_serves(ddp_detector, shared_server):
     run, data = ddp_detector
     meta = json.loads((run / "model.json").read_text())
     assert meta["task"] == "detection" and meta["training"]["processes"] == 2
-    store = tmp_path_factory.mktemp("ddp_store")
+    store = shared_server.model_store
     assert (
         archive.main(
             [
@@ -215,9 +218,7 @@ def test_a_two_process_detector_archives_and_serves(ddp_detector, tmp_path_facto
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("ddp_serve"), model_store=store, ports={})
-    ts.start(["ddpshapes"], timeout=240)
-    try:
+    with serving(shared_server, "ddpshapes") as ts:
         image = sorted((data / "JPEGImages").glob("*"))[0].read_bytes()
         r = requests.post(
             f"{ts.url('inference')}/predictions/ddpshapes", data=image, headers=ts.headers("inference"), timeout=120
@@ -226,5 +227,3 @@ def test_a_two_process_detector_archives_and_serves(ddp_detector, tmp_path_facto
         expected = in_process(run, image, 0.0, 10)
         assert expected, "the detector answered nothing: nothing to compare"
         assert_same(r.json(), expected)
-    finally:
-        ts.stop()

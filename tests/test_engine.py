@@ -23,6 +23,8 @@ from training.datasets import ImageDataset, read_dataset
 from training.diagnostics import activation_stats, grad_flags, layer_grad_norms
 from training.shapes import generate
 
+pytestmark = pytest.mark.unit
+
 
 def subset(digits_dir, dest, counts: dict[str, int]):
     for label, n in counts.items():

@@ -23,11 +23,12 @@ from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import eval_transform, load_image, segmentation_transform
 from scripts.cli import archive
-from scripts.ops.serve import TorchServe
-from tests.conftest import encode
+from tests.conftest import encode, serving
 from tests.test_task_serving import SHAPE_CLASSES, _perturb_batchnorm, _save
 from training import train as train_mod
 from training.shapes import CLASSES, generate
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]  # its fixture trains 20 epochs
 
 SIZE = 40  # image side = model input: the map and the masks share pixels
 # Completeness at the default 32 steps: |delta| <= 5% of |f(x) - f(baseline)| + 0.05 (in
@@ -122,8 +123,8 @@ def seg_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(shapes_run, seg_run, held_out_dir, tmp_path_factory):
-    store = tmp_path_factory.mktemp("explain_store")
+def server(shapes_run, seg_run, held_out_dir, shared_server):
+    store = shared_server.model_store
     common = ["--model-store", str(store), "--batch-size", "4", "--max-batch-delay", "200"]
     assert archive.main([str(shapes_run), "--name", "shapes", *common]) == 0
     # The int8 archive is here for its explanations, not its accuracy: a short check, no gate.
@@ -147,10 +148,8 @@ def server(shapes_run, seg_run, held_out_dir, tmp_path_factory):
         == 0
     )
     assert archive.main([str(seg_run), "--name", "seg", *common]) == 0
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("explain_serve"), model_store=store, ports={})
-    ts.start(["shapes", "shapes_int8", "seg"], timeout=300)
-    yield ts
-    ts.stop()
+    with serving(shared_server, "shapes", "shapes_int8", "seg", timeout=300) as ts:
+        yield ts
 
 
 def post(ts, route: str, data=None, **kw):

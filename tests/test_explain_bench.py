@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts.bench import explain as bench_explain
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_bench_times_explanations_against_predictions(tmp_path, capsys):

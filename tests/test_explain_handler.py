@@ -22,6 +22,8 @@ from tests.conftest import encode
 from tests.test_handler import load_handler, make_context
 from tests.test_task_serving import SHAPE_CLASSES
 
+pytestmark = pytest.mark.unit
+
 
 def explain_run(handler, rows):
     """handle() with every request marked as TorchServe marks /explanations requests."""

@@ -34,6 +34,8 @@ from scripts.ops.serve import TorchServe
 from tests.conftest import encode
 from tests.test_handler import make_context, run
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device visible to torch on this machine")
 FP32_ATOL, HALF_ATOL, DECODE_ATOL = 2e-3, 3e-2, 3e-2

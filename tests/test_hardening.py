@@ -24,16 +24,18 @@ from PIL import Image
 
 from model_defs.preprocessing import ImageDecodeError, ImageTooLargeError, decode_image
 from scripts.cli import archive, models
-from scripts.ops.serve import ServeError, TorchServe
-from tests.conftest import classify_in_process, encode
+from scripts.ops.serve import ServeError
+from tests.conftest import classify_in_process, encode, serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 MAX_PIXELS = 1_000_000
 MAX_BYTES = 200_000
 
 
 @pytest.fixture(scope="module")
-def server(trained_digits, tmp_path_factory):
-    store = tmp_path_factory.mktemp("hard_store")
+def server(trained_digits, shared_server):
+    store = shared_server.model_store
     assert (
         archive.main(
             [
@@ -54,10 +56,8 @@ def server(trained_digits, tmp_path_factory):
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("hard_serve"), model_store=store, ports={})
-    ts.start(["digits"], timeout=240)
-    yield ts
-    ts.stop()
+    with serving(shared_server, "digits") as ts:
+        yield ts
 
 
 def post(ts, data=None, content_type="application/octet-stream", model="digits", **kw):

@@ -17,6 +17,8 @@ import yaml
 from scripts.cli import archive
 from scripts.ops.serve import ROOT, TorchServe, read_properties
 
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
+
 K8S = ROOT / "k8s"
 OVERLAYS = ["cpu", "gpu"]
 K8S_VERSION = "1.37.0"

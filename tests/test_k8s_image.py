@@ -15,6 +15,8 @@ from scripts.ops.serve import ROOT, read_properties
 
 pytestmark = pytest.mark.unit
 
+pytestmark = pytest.mark.unit
+
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 
 

@@ -21,6 +21,8 @@ from scripts.ops.serve import ROOT, TorchServe, read_properties
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, make_context
 
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
+
 NOT_AN_IMAGE = b"this is not an image"
 
 

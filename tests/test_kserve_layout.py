@@ -15,6 +15,8 @@ from scripts.cli import archive, kserve
 from scripts.ops.catalog import Catalog, sha256_file
 from scripts.ops.serve import read_properties
 
+pytestmark = pytest.mark.unit
+
 SCHEMA = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve_inferenceservice_schema.yaml").read_text())
 
 

@@ -32,6 +32,9 @@ from model_defs.checkpoint import save_model_files
 from scripts.cli import archive, models, predict, serve
 from scripts.ops.catalog import Catalog, sha256_file
 from scripts.ops.serve import TorchServe, free_port
+from tests.conftest import serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,12 +80,12 @@ def handmade(store: Path, source: str, name: str, edit: Callable[[dict], None]) 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, shared_server):
     """A store with digits 1.0 (served, default), 2.0 (served), 3.0 (catalogued only) and
-    two hand-made archives; a server on free ports; a config for a second, stopped server."""
+    two hand-made archives; the shared server; a config for a second, stopped server."""
     root = tmp_path_factory.mktemp("mistakes")
     r1, r2 = tiny_run(root / "r1", 1), tiny_run(root / "r2", 2)
-    store, run_dir = root / "store", root / "serve"
+    store, run_dir = shared_server.model_store, shared_server.run_dir
     for argv in (
         [r1, "--name", "digits"],
         [r2, "--name", "digits", "--version", "2.0"],
@@ -91,38 +94,36 @@ def world(tmp_path_factory):
         assert archive.main([str(a) for a in argv] + ["--model-store", str(store), "--run-dir", str(run_dir)]) == 0
     handmade(store, "digits.mar", "badopt", lambda c: c["handler"].update(max_pixels="abc"))
     handmade(store, "digits.mar", "noworkers", lambda c: c.update(minWorkers=-2))
-    ts = TorchServe(run_dir=run_dir, model_store=store, ports={})
-    assert ts.start(["digits"], timeout=240) == []
-    ts.register("digits", "digits-2.0.mar", timeout=240)
-    other = root / "other.properties"  # a second server's config on free ports: it is never started
-    props = (ROOT / "config.properties").read_text()
-    for key, port in (
-        ("8080", free_port()),
-        ("8081", free_port()),
-        ("8082", free_port()),
-        ("7070", free_port()),
-        ("7071", free_port()),
-    ):
-        props = props.replace(f":{key}", f":{port}").replace(f"port={key}", f"port={port}")
-    other.write_text(props)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    stale = root / "stale"  # a run folder whose pid file names a process that is not TorchServe
-    (stale / "tmp").mkdir(parents=True)
-    (stale / "tmp" / ".model_server.pid").write_text(str(sleeper.pid))
-    yield {
-        "root": root,
-        "store": store,
-        "run_dir": run_dir,
-        "ts": ts,
-        "r1": r1,
-        "r2": r2,
-        "other": other,
-        "stale": stale,
-        "sleeper": sleeper,
-    }
-    sleeper.kill()
-    sleeper.wait()
-    ts.stop()
+    with serving(shared_server, "digits") as ts:
+        ts.register("digits", "digits-2.0.mar", timeout=240)
+        other = root / "other.properties"  # a second server's config on free ports: it is never started
+        props = (ROOT / "config.properties").read_text()
+        for key, port in (
+            ("8080", free_port()),
+            ("8081", free_port()),
+            ("8082", free_port()),
+            ("7070", free_port()),
+            ("7071", free_port()),
+        ):
+            props = props.replace(f":{key}", f":{port}").replace(f"port={key}", f"port={port}")
+        other.write_text(props)
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        stale = root / "stale"  # a run folder whose pid file names a process that is not TorchServe
+        (stale / "tmp").mkdir(parents=True)
+        (stale / "tmp" / ".model_server.pid").write_text(str(sleeper.pid))
+        yield {
+            "root": root,
+            "store": store,
+            "run_dir": run_dir,
+            "ts": ts,
+            "r1": r1,
+            "r2": r2,
+            "other": other,
+            "stale": stale,
+            "sleeper": sleeper,
+        }
+        sleeper.kill()
+        sleeper.wait()
 
 
 @dataclass

@@ -12,13 +12,16 @@ from PIL import Image
 
 from handlers import metrics as hm
 from scripts.cli import archive
-from scripts.ops.serve import ROOT, TorchServe
+from scripts.ops.serve import ROOT
 from scripts.ops.top import scrape, total
+from tests.conftest import serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def server(trained_digits, tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
+def server(trained_digits, shared_server):
+    store = shared_server.model_store
     assert (
         archive.main(
             [
@@ -39,11 +42,9 @@ def server(trained_digits, tmp_path_factory):
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
-    ts.start([], timeout=240)
-    assert ts.register("digits", "digits-2.0.mar") == "2.0"
-    yield ts
-    ts.stop()
+    with serving(shared_server) as ts:
+        assert ts.register("digits", "digits-2.0.mar") == "2.0"
+        yield ts
 
 
 def post(ts, data: bytes, content_type="application/octet-stream"):
@@ -294,7 +295,8 @@ def test_top_counts_a_killed_worker_as_a_restart(server):
         time.sleep(0.5)
     assert worker()["status"] == "READY"
     deadline = time.time() + 30
-    while time.time() < deadline and total(scrape(server), hm.WORKER_STARTS, model_name="digits") < 2:
+    version = {"model_name": "digits", "model_version": "2.0"}  # earlier modules served other digits
+    while time.time() < deadline and total(scrape(server), hm.WORKER_STARTS, **version) < 2:
         time.sleep(0.5)
     [row] = top.report(top.served_versions(server), {}, top.scrape(server), 1.0)
     assert (row["worker_starts"], row["restarts"], row["workers_ready"]) == (2, 1, 1)

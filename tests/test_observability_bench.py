@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from scripts.bench import metrics as bench_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys):

@@ -26,21 +26,27 @@ import requests
 import yaml
 
 from scripts.cli import archive
-from scripts.ops.serve import ROOT, TorchServe, free_port
+from scripts.ops.serve import ROOT, free_port
+from tests.conftest import serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
+# Its own name: the counters Prometheus reads are totals, and the shared server has served
+# other "digits" models before this module.
+MODEL = "digits_prom"
 
 BOUNDS = [0.0, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
 
 
 @pytest.fixture(scope="module")
-def server(trained_digits, tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
+def server(trained_digits, shared_server):
+    store = shared_server.model_store
     # Batch size 1: each request is its own batch, so the handler's time per batch is per request.
     assert (
         archive.main(
             [
                 str(trained_digits),
                 "--name",
-                "digits",
+                MODEL,
                 "--model-store",
                 str(store),
                 "--batch-size",
@@ -51,10 +57,8 @@ def server(trained_digits, tmp_path_factory):
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
-    ts.start(["digits"], timeout=240)
-    yield ts
-    ts.stop()
+    with serving(shared_server, MODEL) as ts:
+        yield ts
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,7 @@ def prometheus(server, tmp_path_factory):
     job["static_configs"] = [{"targets": [server.url("metrics").split("://")[1]]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = open(work / "prometheus.log", "wb")
+    log = open(work / "prometheus.log", "wb")  # noqa: SIM115 -- held by prometheus until teardown closes it
     proc = subprocess.Popen(
         [
             "prometheus",
@@ -119,7 +123,7 @@ def wait_for(url: str, expr: str, check, timeout: float = 30):
 
 
 def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prometheus, digits_dir):
-    url = f"{server.url('inference')}/predictions/digits"
+    url = f"{server.url('inference')}/predictions/{MODEL}"
     good = [p.read_bytes() for p in sorted((digits_dir / "test").rglob("*.png"))[:40]]
     bad = [b"not an image", b"\xff\xd8\xff truncated jpeg", b'{"data": "***"}']
     session = requests.Session()
@@ -157,14 +161,15 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
 
     # Every item of the load scraped: the counters hold the load plus the two first items.
     total = 2 + len(statuses)
-    items = 'sum({__name__=~"handler_items_(answered|refused)_total", model_name="digits"})'
+    items = f'sum({{__name__=~"handler_items_(answered|refused)_total", model_name="{MODEL}"}})'
     got = wait_for(prometheus, items, lambda r: r and next(iter(r.values())) == total)
     assert next(iter(got.values())) == total
     time.sleep(2)  # the rules evaluated on the last scrape
 
-    labels = (("model_name", "digits"), ("model_version", "1.0"))
-    [ratio] = query(prometheus, "model_version:handler_error_ratio:rate5m").items()
-    [p99] = query(prometheus, "model_version:handler_batch_seconds:p99_5m").items()
+    labels = (("model_name", MODEL), ("model_version", "1.0"))
+    this = f'{{model_name="{MODEL}"}}'  # earlier modules' models are still in /metrics, idle
+    [ratio] = query(prometheus, "model_version:handler_error_ratio:rate5m" + this).items()
+    [p99] = query(prometheus, "model_version:handler_batch_seconds:p99_5m" + this).items()
     assert ratio[0] == labels and p99[0] == labels
     # rate() extrapolates each counter to the edges of a load of a few seconds, so on a busy
     # machine the recorded ratio has been seen 0.024 from the client's (0.226 vs 0.250).

@@ -10,6 +10,8 @@ import pytest
 
 from scripts.ops.serve import ROOT
 
+pytestmark = pytest.mark.unit
+
 MONITORING = ROOT / "monitoring"
 
 

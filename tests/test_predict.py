@@ -23,8 +23,7 @@ from model_defs.checkpoint import save_model_files
 from scripts.cli import archive, models, predict
 from scripts.cli.predict import Answer
 from scripts.ops import task_metrics as tm
-from scripts.ops.serve import TorchServe
-from tests.conftest import train_cli_args
+from tests.conftest import serving, train_cli_args
 from training import shapes, train, train_detection, train_segmentation, train_simclr
 
 ROUND = {0, 6, 8, 9}  # digits with a closed loop: the second label of the multi-label set
@@ -109,22 +108,22 @@ def runs(trained_digits, digits_dir, multi_data, voc, masks, tmp_path_factory) -
 
 
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    """One server: every task's model; multi 2.0 is the same model with a threshold that
-    leaves most answers empty ({}), seg 2.0 the same segmenter in batches of 4."""
-    store = tmp_path_factory.mktemp("predict_store")
+def server(runs, shared_server, tmp_path_factory):
+    """The shared server with every task's model; multi 2.0 is the same model with a threshold
+    that leaves most answers empty ({}), seg 2.0 the same segmenter in batches of 4."""
+    store = shared_server.model_store
     entries = [{"name": name, "version": "1.0", "run": str(run)} for name, run in runs.items()]
     entries += [
         {"name": "multi", "version": "2.0", "run": str(runs["multi"]), "config": {"handler": {"threshold": 0.97}}},
         {"name": "seg", "version": "2.0", "run": str(runs["seg"]), "config": {"batch_size": 4}},
     ]
-    manifest = store.parent / "predict_models.yaml"
+    manifest = tmp_path_factory.mktemp("predict") / "predict_models.yaml"
     manifest.write_text(yaml.safe_dump({"defaults": {"max_batch_delay": 50}, "models": entries}))
-    assert archive.main(["--manifest", str(manifest), "--model-store", str(store)]) == 0
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("predict_serve"), model_store=store, ports={})
-    ts.start(timeout=400)
-    yield ts
-    ts.stop()
+    with serving(shared_server) as ts:
+        assert archive.main(["--manifest", str(manifest), "--model-store", str(store)]) == 0
+        for mar in sorted(store.glob("*.mar"), key=lambda m: "-" in m.stem):  # 1.0 first: the default
+            ts.register(mar.stem.split("-")[0], mar.name, timeout=400)
+        yield ts
 
 
 def run_predict(server, *argv) -> int:

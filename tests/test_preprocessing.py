@@ -22,6 +22,8 @@ from model_defs.preprocessing import (
 from tests.conftest import encode, image_variants
 from training.datasets import ImageDataset, read_dataset
 
+pytestmark = pytest.mark.unit
+
 RGB_CONFIG = DataConfig(input_size=32, resize_size=36, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
@@ -98,7 +100,7 @@ def test_request_payload_forms_give_the_same_bytes(photos):
     assert extract_image_bytes({"data": bytearray(data)}) == data
     assert extract_image_bytes({"file": data}) == data  # multipart field under another name
     assert extract_image_bytes({"body": {"data": b64}}) == data  # JSON parsed by TorchServe
-    assert extract_image_bytes({"body": ('{"data": "%s"}' % b64).encode()}) == data
+    assert extract_image_bytes({"body": f'{{"data": "{b64}"}}'.encode()}) == data
 
 
 def test_training_validation_and_serving_give_the_same_tensor(digits_dir, photos, tmp_path):

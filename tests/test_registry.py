@@ -19,6 +19,8 @@ from model_defs.transfer import TRANSFER, TRANSFER_MODELS
 
 pytestmark = pytest.mark.unit
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 

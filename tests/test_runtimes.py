@@ -22,9 +22,10 @@ from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
 from scripts.cli import archive
 from scripts.ops import optimize
-from scripts.ops.serve import TorchServe
-from tests.conftest import classify_in_process
+from tests.conftest import classify_in_process, serving
 from tests.test_handler import load_handler, run
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 BATCH_SIZE = 4
 NO_COMPILER = "no C++ compiler (cc/gcc/g++/clang) for torch.compile's inductor"
@@ -200,29 +201,28 @@ def test_a_too_strict_accuracy_bound_refuses_and_writes_nothing(trained_digits, 
     assert store_listing(store) == []
 
 
-def test_torchserve_serves_an_onnx_archive(trained_digits, digits_dir, tmp_path):
-    store = tmp_path / "store"
+def test_torchserve_serves_an_onnx_archive(trained_digits, digits_dir, shared_server):
+    store = shared_server.model_store
     assert (
         archive_cli(
             trained_digits, store, "--runtime", "onnx", "--batch-size", "8", "--max-batch-delay", "200", "--topk", "10"
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path / "serve", model_store=store, ports={})
-    try:
-        ts.start(["digits"], timeout=240)
+    with serving(shared_server, "digits") as ts:
         files = sorted((digits_dir / "test").rglob("*.png"))[::15]
-        post = lambda f: requests.post(
-            f"{ts.url('inference')}/predictions/digits",
-            data=f.read_bytes(),  # noqa: E731
-            headers=ts.headers("inference"),
-            timeout=60,
-        )
+
+        def post(f):
+            return requests.post(
+                f"{ts.url('inference')}/predictions/digits",
+                data=f.read_bytes(),
+                headers=ts.headers("inference"),
+                timeout=60,
+            )
+
         with ThreadPoolExecutor(8) as pool:  # concurrent, so batches of several images reach ONNX Runtime
             answers = list(pool.map(post, files))
         assert "runtime onnx ready" in ts.log_tail("model_log.log", 400)
-    finally:
-        ts.stop()
     for f, r in zip(files, answers):
         assert r.status_code == 200, r.text
         probs = classify_in_process(trained_digits, f.read_bytes())

@@ -23,7 +23,9 @@ from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
 from scripts.cli import archive, serve
 from scripts.ops.serve import ServeError, TorchServe
-from tests.conftest import classify_in_process, encode, image_variants
+from tests.conftest import classify_in_process, encode, image_variants, serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,8 @@ def photo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(trained_digits, photo_run, tmp_path_factory):
-    store = tmp_path_factory.mktemp("model_store")
+def server(trained_digits, photo_run, shared_server):
+    store = shared_server.model_store
     # A long batch delay so concurrent requests really share a batch.
     assert (
         archive.main(
@@ -70,10 +72,8 @@ def server(trained_digits, photo_run, tmp_path_factory):
         == 0
     )
     assert archive.main([str(photo_run), "--name", "photos", "--model-store", str(store), "--batch-size", "4"]) == 0
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("serve"), model_store=store, ports={})
-    ts.start(["digits", "photos"], timeout=240)
-    yield ts
-    ts.stop()
+    with serving(shared_server, "digits", "photos") as ts:
+        yield ts
 
 
 def predict(ts, model, data=None, **kw):

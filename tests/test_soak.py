@@ -12,12 +12,14 @@ import pytest
 
 from scripts.bench import soak
 from scripts.cli import archive
-from scripts.ops.serve import TorchServe
+from tests.conftest import serving
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def digits_server(trained_digits, tmp_path_factory):
-    store = tmp_path_factory.mktemp("soak_store")
+def digits_server(trained_digits, shared_server):
+    store = shared_server.model_store
     assert (
         archive.main(
             [
@@ -34,10 +36,8 @@ def digits_server(trained_digits, tmp_path_factory):
         )
         == 0
     )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("soak_serve"), model_store=store, ports={})
-    ts.start(["digits"], timeout=240)
-    yield ts
-    ts.stop()
+    with serving(shared_server, "digits") as ts:
+        yield ts
 
 
 def test_short_soak_answers_good_200_bad_4xx_and_reads_worker_rss(digits_server, digits_dir, tmp_path, capsys):

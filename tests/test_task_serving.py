@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pytest
@@ -30,9 +31,10 @@ from model_defs.preprocessing import (
     tensor_to_images,
 )
 from scripts.cli import archive
-from scripts.ops.serve import TorchServe
-from tests.conftest import encode
+from tests.conftest import encode, serving
 from training.shapes import generate
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 SHAPE_CLASSES = ["background", "rectangle", "ellipse", "triangle"]
 MAX_N = 16
@@ -104,8 +106,8 @@ def shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    store = tmp_path_factory.mktemp("task_store")
+def server(runs, shared_server):
+    store = shared_server.model_store
     for name, run in runs.items():
         extra = ["--handler-option", f"max_n={MAX_N}"] if name == "digit_gan" else []
         assert (
@@ -125,10 +127,8 @@ def server(runs, tmp_path_factory):
             )
             == 0
         )
-    ts = TorchServe(run_dir=tmp_path_factory.mktemp("task_serve"), model_store=store, ports={})
-    ts.start(list(runs), timeout=300)
-    yield ts
-    ts.stop()
+    with serving(shared_server, *runs, timeout=300) as ts:
+        yield ts
 
 
 def post(ts, model, data=None, **kw):
@@ -259,7 +259,7 @@ def test_bad_images_get_400_while_batch_mates_succeed(server, runs, shapes):
     bad = [b"not an image", good[0][:50], b""]
     for model in ("shapes_seg", "embedder"):
         with ThreadPoolExecutor(len(good) + len(bad)) as pool:
-            answers = list(pool.map(lambda d: post(server, model, d), good + bad))
+            answers = list(pool.map(partial(post, server, model), good + bad))
         for data, r in zip(good, answers[: len(good)]):
             assert r.status_code == 200, (model, r.text)
             if model == "shapes_seg":

@@ -22,6 +22,8 @@ from model_defs.preprocessing import logits_to_mask, mask_to_image, tensor_to_im
 from training import train_gan, train_segmentation, train_simclr
 from training.shapes import generate
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
 
 def read_csv(path) -> list[dict]:
     with open(path) as f:

@@ -25,6 +25,8 @@ from tests.conftest import train_cli_args
 from training import train as train_mod
 from training.datasets import read_dataset
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
 REPO = Path(__file__).resolve().parents[1]
 
 

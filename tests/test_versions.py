@@ -18,6 +18,8 @@ from scripts.ops.serve import TorchServe
 from tests.conftest import classify_in_process, train_cli_args
 from training import train as train_mod
 
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
+
 
 @pytest.fixture(scope="module")
 def second_run(digits_dir, tmp_path_factory) -> Path:
