@@ -51,9 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from handlers.options import OptionError, check_keys, check_options  # noqa: E402
-from handlers.runtimes import RUNTIMES  # noqa: E402
+from handlers.runtimes import CPU_ONLY, RUNTIMES  # noqa: E402
 from scripts.catalog import INNER_FILE, REJECTED, Catalog, CatalogError, sha256_file, versioned_file_name  # noqa: E402
 from scripts.names import OneLineParser, UsageError, check_name, check_version, inside  # noqa: E402
+from scripts.presets import CHOICES, apply_preset, calibrate  # noqa: E402
 from scripts.serve import DEFAULT_RUN_DIR, served_versions  # noqa: E402
 
 HANDLERS = {
@@ -83,13 +84,15 @@ class ArchiveError(UsageError):
     manifest); the message says why. Conflicts with the store are CatalogErrors."""
 
 
-def model_config(options: dict, where: str = "") -> dict:
+def model_config(options: dict, where: str = "", task: str | None = None) -> dict:
     """TorchServe's per-model settings (model-config.yaml) plus our handler's own section,
-    after checking every option against the one schema (handlers/options.py)."""
+    after checking every option against the one schema (handlers/options.py). A `preset`
+    (scripts/presets.py) fills what the options do not set explicitly."""
     runtime = options.get("runtime", OPTIONS["runtime"])
     if isinstance(runtime, str) and runtime not in RUNTIMES:
         raise ArchiveError(f"{where}unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     try:
+        options, _ = apply_preset(check_options(options, where), task)
         o = {**OPTIONS, **check_options(options, where)}
     except OptionError as e:
         raise ArchiveError(str(e)) from None
@@ -101,8 +104,8 @@ def model_config(options: dict, where: str = "") -> dict:
         "responseTimeout": int(o["response_timeout"]),
     }
     runtime = o["runtime"]
-    if o["device"] != "auto" or runtime == "int8":
-        cfg["deviceType"] = "cpu" if runtime == "int8" else o["device"]
+    if o["device"] != "auto" or runtime in CPU_ONLY:
+        cfg["deviceType"] = "cpu" if runtime in CPU_ONLY else o["device"]
     cfg["handler"] = {"topk": int(o["topk"]), "runtime": o["runtime"], **dict(o["handler"] or {})}
     if runtime != "eager":  # compiled / profiled before the first request, at both ends of the batch sizes
         cfg["handler"]["warmup_batch_sizes"] = sorted({1, cfg["batchSize"]})
@@ -180,7 +183,9 @@ def plan_archive(
     meta = check_training_output(run_dir)
     if task and task != meta["task"]:
         raise ArchiveError(f"{where}{run_dir}/model.json is a {meta['task']} model, the manifest says {task}")
-    config = model_config(options or {}, where)
+    options = resolve_auto(dict(options or {}), run_dir, meta)
+    preset = preset_record(options, meta["task"])  # takes auto's calibration out of the options
+    config = model_config(options, where, meta["task"])
     runtime = config["handler"]["runtime"]
     if runtime != "eager":
         from scripts.optimize import RuntimeCheckError, check_supported
@@ -204,6 +209,7 @@ def plan_archive(
         "config_text": config_text,
         "inputs": inputs,
         "known": known,
+        "preset": preset,
     }
     holder = next((k for k, e in entries.items() if e["file"] == file_name and k != key), None)
     if holder:  # never, even with --force: that would silently change another version
@@ -239,6 +245,29 @@ def plan_archive(
             "replace",
         )
     return {**plan, "status": "replaced" if known or target.exists() else "new"}
+
+
+def resolve_auto(options: dict, run_dir: Path, meta: dict) -> dict:
+    """Options with `preset: auto` replaced by the preset a short calibration on this host
+    picks (scripts/presets.py); a GPU target gets balanced without one."""
+    if options.get("preset") != "auto":
+        return options
+    if options.get("device") == "gpu":
+        calibration = {"picked": "balanced", "why": "a GPU target: not calibrated on this host"}
+    else:
+        from model_defs.checkpoint import load_trained
+
+        calibration = calibrate(load_trained(run_dir)[0], meta)
+    return {**options, "preset": calibration["picked"], "calibration": calibration}
+
+
+def preset_record(options: dict, task: str) -> dict | None:
+    """What archive.json says of the preset: its name, the target, its settings, what was overridden."""
+    calibration = options.pop("calibration", None)
+    _, record = apply_preset(options, task)
+    if record and calibration:
+        record["auto"] = calibration
+    return record
 
 
 def refuse_if_served(store: Path, wanted: set[str], serving_run_dir: Path | None, action: str) -> None:
@@ -304,6 +333,7 @@ def build_archive(
             "trained": meta.get("created"),
         },
         "inputs_sha256": plan["inputs"],
+        **({"preset": plan["preset"]} if plan["preset"] else {}),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     model_store.mkdir(parents=True, exist_ok=True)
@@ -571,9 +601,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where archives and the catalog live (default: model_store/)",
     )
     p.add_argument(
+        "--preset",
+        choices=CHOICES,
+        default=None,
+        help="serving settings for a kind of traffic: latency (a lone request gets every core), throughput "
+        "(a single-thread worker per core, small batches), balanced, or auto (a short calibration on this host "
+        "picks one); sets workers, torch threads, batch size, batch delay and runtime, each overridden by its "
+        "own flag; kept in archive.json (default: none, the settings below)",
+    )
+    p.add_argument(
+        "--target-cores",
+        type=int,
+        default=None,
+        help="with --preset: the cores of the machine that will serve the archive; --device gpu sizes for a GPU "
+        "host (default: this machine's cores)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
-        default=OPTIONS["workers"],
+        default=None,
         help="workers TorchServe starts for the model (minWorkers) (default: 1)",
     )
     p.add_argument(
@@ -582,42 +628,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--torch-threads",
         type=int,
-        default=0,
+        default=None,
         help="torch threads per worker; 0 = cores / workers, so workers x threads fit the machine (default: 0)",
     )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=OPTIONS["batch_size"],
+        default=None,
         help="most requests TorchServe batches into one call (default: 8)",
     )
     p.add_argument(
         "--max-batch-delay",
         type=int,
-        default=OPTIONS["max_batch_delay"],
+        default=None,
         help="ms TorchServe waits to fill a batch (default: 10)",
     )
     p.add_argument(
         "--response-timeout",
         type=int,
-        default=OPTIONS["response_timeout"],
+        default=None,
         help="seconds before a worker is deemed stuck (default: 120)",
     )
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "gpu"),
-        default="auto",
+        default=None,
         help="where the workers run: auto = a GPU if TorchServe sees one (default: auto)",
     )
     p.add_argument(
         "--topk",
         type=int,
-        default=OPTIONS["topk"],
+        default=None,
         help="classes returned per image, clamped to the number of classes (default: 5)",
     )
     p.add_argument(
         "--runtime",
-        default="eager",
+        default=None,
         metavar="{" + ",".join(RUNTIMES) + "}",
         help="how workers run the model: eager PyTorch, a frozen TorchScript trace, ONNX Runtime, "
         "int8 static quantization (CPU) or torch.compile in the worker; all but eager are checked "
@@ -670,18 +716,8 @@ def options_from_args(args) -> dict:
             handler[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ArchiveError(f"--handler-option {key}: {value!r} is not a readable value") from None
-    return {
-        "workers": args.workers,
-        "max_workers": args.max_workers,
-        "batch_size": args.batch_size,
-        "max_batch_delay": args.max_batch_delay,
-        "response_timeout": args.response_timeout,
-        "device": args.device,
-        "topk": args.topk,
-        "torch_threads": args.torch_threads,
-        "runtime": args.runtime,
-        "handler": handler,
-    }
+    given = {key: getattr(args, key) for key in FLAGS}  # flags left out take the preset's or the default
+    return {**{key: value for key, value in given.items() if value is not None}, "handler": handler}
 
 
 FLAGS = {
@@ -694,6 +730,8 @@ FLAGS = {
     "torch_threads": "--torch-threads",
     "device": "--device",
     "runtime": "--runtime",
+    "preset": "--preset",
+    "target_cores": "--target-cores",
 }
 
 
