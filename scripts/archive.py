@@ -5,9 +5,13 @@
     scripts/archive --manifest models.yaml                    # a batch, in parallel
     scripts/archive --verify                                  # every archive against the catalog
     scripts/archive runs/digits --name digits --runtime onnx  # an optimized runtime, checked against eager
+    scripts/archive runs/digits --name digits --preset latency  # settings for a kind of traffic
 
-`--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8 or
-compile (see handlers/runtimes.py). Every runtime but eager is built here and checked
+`--preset latency|throughput|balanced|auto` sets workers, threads, batching and runtime for
+this host or `--target-cores` (scripts/presets.py); explicit flags override it.
+
+`--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8,
+compile, openvino or openvino_int8 (see handlers/runtimes.py). Every runtime but eager is built here and checked
 against eager on the run's validation split (or --val-data) before anything is written;
 one that loses more than --max-accuracy-drop points of top-1 is refused
 (scripts/optimize.py). The check is kept in archive.json and the catalog.

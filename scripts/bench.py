@@ -15,7 +15,10 @@ On this machine, with the same weights and the same real JPEG bytes (scikit-imag
           server that falls behind is not flattered);
 - stock:  the same weights archived with TorchServe's stock `image_classifier` handler and
           TorchServe's default model configuration (a worker per core, batch size 1);
-- detector: the light detector's per-image latency at its input size, bare vs served.
+- detector: the light detector's per-image latency at its input size, bare vs served;
+- presets (--presets, which scripts/bench.sh passes): the classifier under each runtime of
+          --preset-runtimes and the detector, archived with each serving preset and
+          measured at 1 and 4 clients against their bare handler (scripts/bench_presets.py).
 Servers run one after the other, never side by side. It prints a table, writes bench.json
 and bench.png to --out, and its last line is `served/bare=X.XX served/stock=Y.YY`, both
 throughput ratios at 4 clients (or the largest --clients count under 4 if 4 is not run).

@@ -72,9 +72,10 @@ def apply_preset(options: dict, task: str | None = None) -> tuple[dict, dict | N
     cores = int(options.get("target_cores") or os.cpu_count() or 1)
     gpu = rest.get("device") == "gpu"
     chosen = preset_options(preset, cores, gpu, task)
-    handler = {**chosen.pop("handler", {}), **(rest.get("handler") or {})}
+    handler = {**chosen.get("handler", {}), **(rest.get("handler") or {})}
     merged = {**chosen, **rest, **({"handler": handler} if handler or "handler" in rest else {})}
-    overridden = sorted(k for k in rest if k in chosen and rest[k] != chosen[k])
+    overridden = sorted(k for k in rest if k in chosen and k != "handler" and rest[k] != chosen[k])
+    overridden += sorted(f"handler.{k}" for k in rest.get("handler") or {} if k in chosen.get("handler", {}))
     record = {"name": preset, "cores": cores, "gpu": gpu, "settings": chosen, "overridden": overridden}
     return merged, record
 
