@@ -202,7 +202,7 @@ def save_openvino_int8(model: nn.Module, example: torch.Tensor, calibration, pat
     with torch.no_grad():
         converted = ov.convert_model(model.eval(), example_input=example, input=[shape])
     images = [batch.numpy() for batch, _ in calibration]
-    quantized = nncf.quantize(converted, nncf.Dataset(images), subset_size=sum(len(b) for b in images))
+    quantized = nncf.quantize(converted, nncf.Dataset(images), subset_size=len(images))  # every batch
     ov.save_model(quantized, str(path), compress_to_fp16=False)
 
 
