@@ -13,11 +13,12 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from handlers.runtimes import AUTOCAST_DTYPES, RUNTIMES
+from handlers.runtimes import AUTOCAST_DTYPES, CPU_ONLY, RUNTIMES
 
 AUTOCAST = tuple(AUTOCAST_DTYPES)
 EXPLAIN_BASELINES = ("mean", "black", "white", "blur")  # what Integrated Gradients starts from
 EXPLAIN_STEPS, EXPLAIN_MAX_STEPS = 32, 128  # its defaults
+PRESETS = ("latency", "throughput", "balanced", "auto")  # scripts/ops/presets.py fills the settings
 
 
 REFUSAL = "refuses to load:"  # scripts/serve looks for these words in model_log.log
@@ -73,6 +74,8 @@ MODEL_OPTIONS = {
     "torch_threads": Option(int, 0, 1024),
     "runtime": Option(str, choices=RUNTIMES),
     "handler": Option(dict),
+    "preset": Option(str, choices=PRESETS, optional=True),  # archive time only, kept in archive.json
+    "target_cores": Option(int, 1, 1024, optional=True),  # the cores a preset sizes for (default: this host's)
 }
 HANDLER_OPTIONS = {
     "topk": Option(int, 1, 10_000),
@@ -136,9 +139,9 @@ def check_options(options: dict, where: str = "") -> dict:
     workers, most = out.get("workers", 1), out.get("max_workers")
     if most is not None and most < workers:
         raise OptionError(f"{where}max_workers ({most}) must be at least workers ({workers})")
-    if out.get("runtime") == "int8" and out.get("device") == "gpu":
+    if out.get("runtime") in CPU_ONLY and out.get("device") == "gpu":
         raise OptionError(
-            f"{where}runtime int8 runs on the CPU only (x86 int8 kernels); use device cpu or auto, "
+            f"{where}runtime {out['runtime']} runs on the CPU only; use device cpu or auto, "
             "or another runtime for a GPU"
         )
     if "runtime" in (out.get("handler") or {}):

@@ -2,7 +2,8 @@
 # Serving speed side by side: the bare handler in-process, our archive behind TorchServe
 # and TorchServe's stock image_classifier handler, with the same weights and JPEG bytes.
 #
-#   ./scripts/bench.sh                          # ResNet-18 int8 vs stock, about 6 minutes
+#   ./scripts/bench.sh                          # ResNet-18 int8 vs stock, then the presets: about 25 minutes
+#   ./scripts/bench.sh --presets ""             # without the presets, about 6 minutes
 #   ./scripts/bench.sh --runtime eager          # our fp32 eager path instead
 #   ./scripts/bench.sh --duration 5 --clients 1,4 --no-detector
 #   ./scripts/bench.sh --help                   # every flag and its default
@@ -18,7 +19,7 @@ PY=.venv/bin/python
 HAS_RUN=0
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) [ -x "$PY" ] && exec "$PY" -m scripts.bench.serving --help; sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) [ -x "$PY" ] && exec "$PY" -m scripts.bench.serving --help; sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --run|--run=*) HAS_RUN=1 ;;
   esac
 done
@@ -30,6 +31,6 @@ if [ "$HAS_RUN" = 0 ]; then
     $PY -m training.train --data data/digits/train --model resnet18 --channels 3 --hflip-prob 0 \
         --min-scale 0.8 --epochs 3 --batch-size 32 --lr 1e-3 --out runs/digits_resnet18 --force >&2
   fi
-  set -- --run runs/digits_resnet18 --runtime int8 "$@"
+  set -- --run runs/digits_resnet18 --runtime int8 --presets latency,throughput,balanced "$@"
 fi
 exec "$PY" -m scripts.bench.serving "$@"

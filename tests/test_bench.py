@@ -51,6 +51,8 @@ def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys):
         (["--clients", "four"], "--clients expects numbers"),
         (["--clients", "0"], "at least 1"),
         (["--run", "/nonexistent/run"], "does not exist"),
+        (["--presets", "latency,fastest"], "unknown fastest"),
+        (["--preset-runtimes", "int8,tensorrt"], "unknown tensorrt"),
     ],
 )
 def test_bench_refuses_bad_flags_in_one_line(tmp_path, capsys, args, words):

@@ -1,4 +1,4 @@
-"""Optimized runtimes (torchscript, onnx, int8, compile): built at archive time, checked
+"""Optimized runtimes (torchscript, onnx, int8, compile, openvino): built at archive time, checked
 against eager on the run's real validation split, then loaded by the real handler from the
 unpacked archive and compared with eager on real digit images; and the refusals."""
 
@@ -33,6 +33,8 @@ KINDS = [
     "torchscript",
     "onnx",
     "int8",
+    "openvino",
+    "openvino_int8",
     pytest.param("compile", marks=pytest.mark.skipif(runtimes.cpp_compiler() is None, reason=NO_COMPILER)),
 ]
 RUNNERS = {
@@ -40,9 +42,18 @@ RUNNERS = {
     "onnx": runtimes.OnnxRunner,
     "int8": runtimes.TorchScriptRunner,
     "compile": runtimes.CompiledRunner,
+    "openvino": runtimes.OpenVinoRunner,
+    "openvino_int8": runtimes.OpenVinoRunner,
 }
 # How far a runtime's probabilities may be from eager's: float kernels vs an int8 model.
-PROB_TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-4, "compile": 1e-4, "int8": 0.15}
+PROB_TOLERANCE = {
+    "torchscript": 1e-4,
+    "onnx": 1e-4,
+    "compile": 1e-4,
+    "openvino": 1e-4,
+    "int8": 0.15,
+    "openvino_int8": 0.15,
+}
 
 
 def store_listing(store) -> list[str]:
@@ -73,7 +84,7 @@ def test_runtime_is_checked_at_archive_time_and_answers_like_eager(kind, trained
     assert record["kind"] == kind and record["images"] == meta["dataset"]["val_images"]
     assert record["eager_top1"] > 80  # a trained model, really evaluated
     assert record["eager_top1"] - record["top1"] <= 1.0
-    assert record["agreement"] >= (95 if kind == "int8" else 99.5)
+    assert record["agreement"] >= (95 if kind in optimize.INT8 else 99.5)
     assert record["max_prob_diff"] <= PROB_TOLERANCE[kind]
     assert set(record) >= {"images", "eager_top1", "top1", "agreement", "max_prob_diff", "seconds"}
     with zipfile.ZipFile(store / "digits.mar") as z:
@@ -105,7 +116,7 @@ def test_runtime_is_checked_at_archive_time_and_answers_like_eager(kind, trained
             total += 1
             agree += list(got)[0] == list(want)[0]
             assert max(abs(got[k] - want[k]) for k in want) <= PROB_TOLERANCE[kind]
-    assert agree >= (total - 1 if kind == "int8" else total)
+    assert agree >= (total - 1 if kind in optimize.INT8 else total)
     assert dict(counters["stats"]) == compiled_graphs  # warmed up at 1 and batchSize: no compiling on requests
 
 
@@ -120,7 +131,8 @@ def test_int8_calibrates_on_the_training_split_only(trained_digits):
 
 def test_workers_import_the_runtimes_without_onnx():
     code = (
-        "import sys, handlers.runtimes; sys.exit(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript')))"
+        "import sys, handlers.runtimes; "
+        "sys.exit(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript', 'openvino')))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=archive.ROOT).returncode == 0
 

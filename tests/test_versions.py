@@ -41,7 +41,12 @@ def store(trained_digits, second_run, tmp_path_factory) -> Path:
         store.parent / "models.yaml",
         [
             {"name": "digits", "version": "1.0", "run": str(trained_digits), "task": "classification"},
-            {"name": "digits", "version": "2.0", "run": str(second_run), "config": {"batch_size": 4}},
+            {
+                "name": "digits",
+                "version": "2.0",
+                "run": str(second_run),
+                "config": {"batch_size": 4, "preset": "balanced", "runtime": "eager"},
+            },
         ],
         defaults={"max_batch_delay": 20, "topk": 10, "device": "cpu"},
     )
@@ -155,6 +160,7 @@ def test_each_version_serves_its_own_predictions(server, trained_digits, second_
     served = {s["version"]: s for s in report["served"]}
     assert served["1.0"]["default"] and not served["2.0"]["default"]
     assert served["2.0"]["batch_size"] == 4 and served["1.0"]["device"] == "cpu"
+    assert (served["1.0"]["preset"], served["2.0"]["preset"]) == (None, "balanced")  # from archive.json
     assert all(w["status"] == "READY" for s in served.values() for w in s["workers"])
 
 

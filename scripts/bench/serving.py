@@ -15,7 +15,10 @@ On this machine, with the same weights and the same real JPEG bytes (scikit-imag
           server that falls behind is not flattered);
 - stock:  the same weights archived with TorchServe's stock `image_classifier` handler and
           TorchServe's default model configuration (a worker per core, batch size 1);
-- detector: the light detector's per-image latency at its input size, bare vs served.
+- detector: the light detector's per-image latency at its input size, bare vs served;
+- presets (--presets, which scripts/bench.sh passes): the classifier under each runtime of
+          --preset-runtimes and the detector, archived with each serving preset and
+          measured at 1 and 4 clients against their bare handler (scripts/bench/presets.py).
 Servers run one after the other, never side by side. It prints a table, writes bench.json
 and bench.png to --out, and its last line is `served/bare=X.XX served/stock=Y.YY`, both
 throughput ratios at 4 clients (or the largest --clients count under 4 if 4 is not run).
@@ -365,11 +368,16 @@ def plot(result: dict, path: Path) -> None:
 # -- the run ----------------------------------------------------------------------------
 
 
-def bench_detector(args, image: bytes, work: Path, store: Path, config: Path) -> dict:
+def detector_run(args, work: Path) -> tuple[Path, str]:
+    """(--detector's run, or runs/shapes_det, or FCOS with random weights; "trained" or "random")."""
     run = Path(args.detector) if args.detector != "auto" else ROOT / "runs" / "shapes_det"
-    weights = "trained"
-    if not (run / "model.json").is_file() or json.loads((run / "model.json").read_text())["task"] != "detection":
-        run, weights = random_weights_run("fcos_regnet_x_400mf", work / "detector_run", num_classes=3), "random"
+    if (run / "model.json").is_file() and json.loads((run / "model.json").read_text())["task"] == "detection":
+        return run, "trained"
+    return random_weights_run("fcos_regnet_x_400mf", work / "detector_run", num_classes=3), "random"
+
+
+def bench_detector(args, image: bytes, work: Path, store: Path, config: Path) -> dict:
+    run, weights = detector_run(args, work)
     build_archive(run, "detector", store, {"batch_size": 1, "max_batch_delay": 0}, force=True)
     handler, _ = unpack_handler(store / "detector.mar", work / "detector_unpacked", torch_threads=os.cpu_count())
     input_size = handler.data_config.input_size
@@ -461,7 +469,13 @@ def run_bench(args) -> dict:
         stock_archive(run, store, work)
         print("stock: TorchServe's image_classifier handler, default model configuration", flush=True)
         result["stock"] = serve_and_load("stock", store, work / "serve_stock", stock_config(work), image, args, expect)
-    if not args.no_detector:
+    if args.presets:  # the detector is measured there, under each preset
+        from scripts.bench.presets import run_presets
+
+        args.properties = properties
+        detector = None if args.no_detector else detector_run(args, work)[0]
+        result["presets"] = run_presets(args, run, detector, image, work)
+    elif not args.no_detector:
         result["detector"] = bench_detector(args, image, work, store, properties)
     result["ratios"] = ratios(result)
     if not args.keep:
@@ -541,6 +555,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,4,16", help="closed-loop client counts, comma-separated (default: 1,4,16)")
     p.add_argument("--rate", type=float, default=8.0, help="open-loop request rate per second; 0 skips it (default: 8)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
+    p.add_argument(
+        "--presets",
+        default="",
+        help="serving presets to measure side by side, comma-separated (latency,throughput,balanced), each "
+        "archived for this host and served at 1 and 4 clients against the bare handler; scripts/bench.sh "
+        "passes all three (default: none)",
+    )
+    p.add_argument(
+        "--preset-runtimes",
+        default="int8,eager,openvino,openvino_int8",
+        help="the classifier's runtimes measured under --presets (default: int8,eager,openvino,openvino_int8)",
+    )
     p.add_argument("--no-stock", action="store_true", help="skip the stock-handler comparison (default: off)")
     p.add_argument("--no-detector", action="store_true", help="skip the detector latency (default: off)")
     p.add_argument(
@@ -565,6 +591,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.clients or min(args.clients) < 1 or args.duration <= 0:
         print("error: --clients needs counts of at least 1 and --duration a positive number", file=sys.stderr)
         return 2
+    from handlers.runtimes import RUNTIMES
+    from scripts.ops.presets import PRESETS
+
+    wrong = [p for p in args.presets.split(",") if p and p not in PRESETS]
+    wrong += [r for r in args.preset_runtimes.split(",") if r and r not in RUNTIMES]
+    if wrong:
+        print(
+            f"error: --presets / --preset-runtimes: unknown {', '.join(wrong)}; presets are "
+            f"{', '.join(PRESETS)}, runtimes {', '.join(RUNTIMES)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = run_bench(args)
     except (ServeError, ValueError, OSError) as e:
@@ -579,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         f"preprocessing {result['preprocess_ms']} ms per 451x300 JPEG"
     )
     print(table(report_rows(result)))
+    if "presets" in result:
+        from scripts.bench.presets import report
+
+        print(f"\npresets (bare = the archive's handler in-process, {os.cpu_count()} torch threads)")
+        print(report(result["presets"]))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     r = result["ratios"]
     line = f"served/bare={r['served_over_bare']:.2f}"

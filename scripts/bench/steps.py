@@ -7,10 +7,13 @@ happen inside a worker, on the same 451x300 JPEG:
 - preprocessing: the stock handler's (PIL decode, PIL resize, float tensor), ours with
   PIL decode, and ours as served (torchvision.io decode, resize on uint8);
 - runtimes: our handler's whole handle() at batch 1 and 2 with each runtime built by the
-  archiver (eager without and with channels_last, torchscript, onnx, int8, and compile
-  where a C++ compiler exists), with the archiver's accuracy check against eager.
-Each measurement is repeated in interleaved rounds and the median kept, so a noisy
-neighbour slows all of them alike; figures are ratios to the first row of each table.
+  archiver (eager without and with channels_last, torchscript, onnx, int8, openvino,
+  openvino_int8, and compile where a C++ compiler exists), with the archiver's accuracy
+  check against eager;
+- stages: where one request's time goes at one client behind TorchServe, from its own
+  metrics and the handler's (scripts/bench/stages.py).
+Each in-process measurement is repeated in interleaved rounds and the median kept, so a
+noisy neighbour slows all of them alike; figures are ratios to the first row of each table.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from handlers.runtimes import cpp_compiler
 from scripts.bench.serving import cat_jpeg, request_context, unpack_handler
 from scripts.ops.packaging import ArchiveError, build_archive
+from scripts.ops.serve import ServeError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,6 +86,8 @@ def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: flo
         "torchscript": ("torchscript", {}),
         "onnx": ("onnx", {}),
         "int8": ("int8", {}),
+        "openvino": ("openvino", {}),
+        "openvino_int8 (NNCF)": ("openvino_int8", {}),
     }
     if cpp_compiler():
         variants["compile"] = ("compile", {})
@@ -131,7 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (default: 5)")
     p.add_argument("--seconds", type=float, default=1.5, help="seconds per runtime per round (default: 1.5)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where steps.json goes (default: runs/bench)")
+    p.add_argument(
+        "--stages-preset",
+        default="latency",
+        help="the preset of the archive whose request stages are measured behind TorchServe; none skips "
+        "them (default: latency)",
+    )
+    p.add_argument(
+        "--requests", type=int, default=200, help="requests, one after another, for the stages (default: 200)"
+    )
     args = p.parse_args(argv)
+    from scripts.ops.presets import PRESETS
+
+    if args.stages_preset not in (*PRESETS, "none") or args.requests < 1:
+        print(
+            f"error: --stages-preset must be one of {', '.join(PRESETS)} or none, and --requests at least 1 "
+            f"(got {args.stages_preset!r}, {args.requests})",
+            file=sys.stderr,
+        )
+        return 2
     run = Path(args.run)
     if not (run / "model.json").is_file():
         print(f"error: {run} holds no trained model (model.json); train one or give --run", file=sys.stderr)
@@ -142,16 +166,25 @@ def main(argv: list[str] | None = None) -> int:
     print("preprocessing a 451x300 JPEG", flush=True)
     pre = preprocessing_steps(image, data_config_from_meta(read_meta(run)), args.rounds)
     print("runtimes (archives built and checked against eager first)", flush=True)
+    stages = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             runtimes = runtime_steps(run, image, Path(tmp), args.rounds, args.seconds)
+            if args.stages_preset != "none":
+                from scripts.bench.stages import stages as request_stages
+
+                print(f"stages of one request behind TorchServe (preset {args.stages_preset})", flush=True)
+                stages = request_stages(run, Path(tmp), args.stages_preset, args.requests)
     except ArchiveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ServeError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps.json").write_text(
-        json.dumps({"run": str(run), "preprocessing": pre, "runtimes": runtimes}, indent=2) + "\n"
+        json.dumps({"run": str(run), "preprocessing": pre, "runtimes": runtimes, "stages": stages}, indent=2) + "\n"
     )
     print(f"\n{'preprocessing':58} {'ms':>7} {'speedup':>8}")
     for r in pre:
@@ -163,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in runtimes:
         acc = [f"{r[k]:7.2f}" if r[k] is not None else f"{'-':>7}" for k in ("top1", "eager_top1", "agreement")]
         print(f"{r['step']:24} {r['batch']:5} {r['img_per_s']:7.1f} {r['speedup']:7.2f}x {' '.join(acc)}")
+    if stages:
+        from scripts.bench.stages import print_stages
+
+        print_stages(stages)
     print(f"wrote {out / 'steps.json'}")
     return 0
 

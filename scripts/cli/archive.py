@@ -5,9 +5,13 @@
     scripts/archive --manifest models.yaml                    # a batch, in parallel
     scripts/archive --verify                                  # every archive against the catalog
     scripts/archive runs/digits --name digits --runtime onnx  # an optimized runtime, checked against eager
+    scripts/archive runs/digits --name digits --preset latency  # settings for a kind of traffic
 
-`--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8 or
-compile (see handlers/runtimes.py). Every runtime but eager is built here and checked
+`--preset latency|throughput|balanced|auto` sets workers, threads, batching and runtime for
+this host or `--target-cores` (scripts/ops/presets.py); explicit flags override it.
+
+`--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8,
+compile, openvino or openvino_int8 (see handlers/runtimes.py). Every runtime but eager is built here and checked
 against eager on the run's validation split (or --val-data) before anything is written;
 one that loses more than --max-accuracy-drop points of top-1 is refused
 (scripts/ops/optimize.py). The check is kept in archive.json and the catalog.
@@ -42,7 +46,6 @@ from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import REJECTED, Catalog, CatalogError
 from scripts.ops.names import OneLineParser, check_name, check_version
 from scripts.ops.packaging import (
-    OPTIONS,
     ROOT,
     ArchiveError,
     build_archive,
@@ -51,6 +54,7 @@ from scripts.ops.packaging import (
     plan_archive,
     refuse_if_served,
 )
+from scripts.ops.presets import CHOICES
 from scripts.ops.serve import DEFAULT_RUN_DIR
 from training.key_values import parse_key_values
 
@@ -119,9 +123,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where archives and the catalog live (default: model_store/)",
     )
     p.add_argument(
+        "--preset",
+        choices=CHOICES,
+        default=None,
+        help="serving settings for a kind of traffic: latency (a lone request gets every core), throughput "
+        "(a single-thread worker per core, small batches), balanced, or auto (a short calibration on this host "
+        "picks one); sets workers, torch threads, batch size, batch delay and runtime, each overridden by its "
+        "own flag; kept in archive.json (default: none, the settings below)",
+    )
+    p.add_argument(
+        "--target-cores",
+        type=int,
+        default=None,
+        help="with --preset: the cores of the machine that will serve the archive; --device gpu sizes for a GPU "
+        "host (default: this machine's cores)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
-        default=OPTIONS["workers"],
+        default=None,
         help="workers TorchServe starts for the model (minWorkers) (default: 1)",
     )
     p.add_argument(
@@ -130,46 +150,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--torch-threads",
         type=int,
-        default=0,
+        default=None,
         help="torch threads per worker; 0 = cores / workers, so workers x threads fit the machine (default: 0)",
     )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=OPTIONS["batch_size"],
+        default=None,
         help="most requests TorchServe batches into one call (default: 8)",
     )
     p.add_argument(
         "--max-batch-delay",
         type=int,
-        default=OPTIONS["max_batch_delay"],
+        default=None,
         help="ms TorchServe waits to fill a batch (default: 10)",
     )
     p.add_argument(
         "--response-timeout",
         type=int,
-        default=OPTIONS["response_timeout"],
+        default=None,
         help="seconds before a worker is deemed stuck (default: 120)",
     )
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "gpu"),
-        default="auto",
+        default=None,
         help="where the workers run: auto = a GPU if TorchServe sees one (default: auto)",
     )
     p.add_argument(
         "--topk",
         type=int,
-        default=OPTIONS["topk"],
+        default=None,
         help="classes returned per image, clamped to the number of classes (default: 5)",
     )
     p.add_argument(
         "--runtime",
-        default="eager",
+        default=None,
         metavar="{" + ",".join(RUNTIMES) + "}",
         help="how workers run the model: eager PyTorch, a frozen TorchScript trace, ONNX Runtime, "
-        "int8 static quantization (CPU) or torch.compile in the worker; all but eager are checked "
-        "against eager on the validation set before the archive is written (default: eager)",
+        "int8 static quantization (CPU), torch.compile in the worker, or OpenVINO (fp32 or NNCF int8, CPU); "
+        "all but eager are checked against eager on the validation set before the archive is written (default: eager)",
     )
     p.add_argument(
         "--val-data",
@@ -210,18 +230,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args) -> dict:
     handler = parse_key_values(args.handler_option, "--handler-option", ArchiveError)
-    return {
-        "workers": args.workers,
-        "max_workers": args.max_workers,
-        "batch_size": args.batch_size,
-        "max_batch_delay": args.max_batch_delay,
-        "response_timeout": args.response_timeout,
-        "device": args.device,
-        "topk": args.topk,
-        "torch_threads": args.torch_threads,
-        "runtime": args.runtime,
-        "handler": handler,
-    }
+    given = {key: getattr(args, key) for key in FLAGS}  # flags left out take the preset's or the default
+    return {**{key: value for key, value in given.items() if value is not None}, "handler": handler}
 
 
 FLAGS = {
@@ -234,6 +244,8 @@ FLAGS = {
     "torch_threads": "--torch-threads",
     "device": "--device",
     "runtime": "--runtime",
+    "preset": "--preset",
+    "target_cores": "--target-cores",
 }
 
 

@@ -42,7 +42,7 @@ def registered_versions(ts: TorchServe, name: str) -> list[str]:
 
 
 def status(ts: TorchServe, catalog: Catalog) -> dict:
-    served = []
+    served, entries = [], catalog.load()
     for name in ts.models():
         default = default_version(ts, name)
         for v in ts.versions(name):
@@ -59,20 +59,21 @@ def status(ts: TorchServe, catalog: Catalog) -> dict:
                     "batch_size": v["batchSize"],
                     "max_batch_delay": v["maxBatchDelay"],
                     "device": v.get("deviceType", "cpu"),
+                    "preset": (entries.get(f"{name}/{v['modelVersion']}") or {}).get("preset", {}).get("name"),
                     "file": v["modelUrl"],
                 }
             )
     keys = {(s["name"], s["version"]) for s in served}
     not_served = [
         {"name": e["name"], "version": e["version"], "file": e["file"], "sha256": e["sha256"]}
-        for e in catalog.load().values()
+        for e in entries.values()
         if (e["name"], e["version"]) not in keys
     ]
     return {"served": served, "not_served": not_served, "refused_at_start": ts.refused()}
 
 
 def print_status(report: dict) -> None:
-    rows = [("model", "version", "default", "workers", "min-max", "batch", "delay", "device")]
+    rows = [("model", "version", "default", "workers", "min-max", "batch", "delay", "device", "preset")]
     for s in report["served"]:
         ready = sum(w["status"] == "READY" for w in s["workers"])
         rows.append(
@@ -85,6 +86,7 @@ def print_status(report: dict) -> None:
                 str(s["batch_size"]),
                 f"{s['max_batch_delay']} ms",
                 s["device"],
+                s.get("preset") or "-",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -2,7 +2,7 @@
 
 scripts/archive calls `prepare_runtime` for any runtime other than eager, before the
 archive is written. It builds the runtime's file into the archive's staged folder
-(TorchScript, ONNX, or an int8 model calibrated on training images), loads it exactly as
+(TorchScript, ONNX, OpenVINO, or an int8 model calibrated on training images), loads it exactly as
 a worker will (handlers/runtimes.py) and runs it beside the eager model over the run's
 validation split, so an optimized archive that answers worse than the trained model is
 refused instead of served. The check's numbers go into archive.json and the catalog.
@@ -39,6 +39,7 @@ from training.datasets import (
 )
 
 SUPPORTED_TASKS = ("classification",)
+INT8 = ("int8", "openvino_int8")  # the runtimes calibrated on training images
 
 
 class RuntimeCheckError(ValueError):
@@ -99,7 +100,7 @@ def recorded_split(meta: dict) -> tuple[list[Sample], list[Sample]]:
 def check_images(meta: dict, kind: str, val_data: Path | None, calibration_images: int) -> tuple[list, list, str]:
     """(validation samples, calibration samples, where the validation images come from)."""
     try:
-        split = None if val_data and kind != "int8" else recorded_split(meta)
+        split = None if val_data and kind not in INT8 else recorded_split(meta)
     except DatasetError as e:
         need = "training split for int8 calibration" if val_data else "validation split for the accuracy check"
         hint = "" if val_data else "; give --val-data DIR"
@@ -113,7 +114,7 @@ def check_images(meta: dict, kind: str, val_data: Path | None, calibration_image
     else:
         val, source = split[1], f"{meta['dataset']['val_source']}, --data {meta['dataset']['root']}"
     calibration = []
-    if kind == "int8":
+    if kind in INT8:
         train = split[0]
         calibration = random.Random(0).sample(train, min(max(1, calibration_images), len(train)))
     return val, calibration, source
@@ -181,6 +182,30 @@ def save_int8(model: nn.Module, example: torch.Tensor, calibration, path: Path) 
     save_torchscript(quantized, example, path)
 
 
+def save_openvino(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """OpenVINO's own converter from the eager module, any batch size, weights kept in fp32."""
+    import openvino as ov
+
+    shape = ov.PartialShape([-1, *example.shape[1:]])
+    with torch.no_grad():
+        converted = ov.convert_model(model.eval(), example_input=example, input=[shape])
+    ov.save_model(converted, str(path), compress_to_fp16=False)
+
+
+def save_openvino_int8(model: nn.Module, example: torch.Tensor, calibration, path: Path) -> None:
+    """The OpenVINO model quantized by NNCF on the calibration images (its default: 8-bit
+    weights and activations, symmetric, the CPU plugin's int8 kernels)."""
+    import nncf
+    import openvino as ov
+
+    shape = ov.PartialShape([-1, *example.shape[1:]])
+    with torch.no_grad():
+        converted = ov.convert_model(model.eval(), example_input=example, input=[shape])
+    images = [batch.numpy() for batch, _ in calibration]
+    quantized = nncf.quantize(converted, nncf.Dataset(images), subset_size=len(images))  # every batch
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+
+
 def save_artifact(kind: str, model: nn.Module, example: torch.Tensor, calibration, folder: Path) -> None:
     """The file `kind` loads, into `folder`, from a copy of `model`."""
     if kind not in ARTIFACTS:
@@ -190,6 +215,10 @@ def save_artifact(kind: str, model: nn.Module, example: torch.Tensor, calibratio
         save_torchscript(model, example, path)
     elif kind == "onnx":
         save_onnx(model, example, path)
+    elif kind == "openvino":
+        save_openvino(model, example, path)
+    elif kind == "openvino_int8":
+        save_openvino_int8(model, example, calibration, path)
     else:
         save_int8(model, example, calibration, path)
 
@@ -276,7 +305,7 @@ def prepare_runtime(
         "max_prob_diff": float(f"{record['max_prob_diff']:.3g}"),
         "seconds": round(time.time() - start, 1),
         "validation": source,
-        **({"calibration_images": len(calibration)} if kind == "int8" else {}),
+        **({"calibration_images": len(calibration)} if kind in INT8 else {}),
     }
     if drop > max_accuracy_drop:
         raise RuntimeCheckError(

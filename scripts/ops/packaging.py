@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from handlers.options import OptionError, check_keys, check_options
-from handlers.runtimes import RUNTIMES
+from handlers.runtimes import CPU_ONLY, RUNTIMES
 from scripts.ops.catalog import INNER_FILE, Catalog, CatalogError, sha256_file, versioned_file_name
 from scripts.ops.names import UsageError, check_name, check_version, inside
+from scripts.ops.presets import apply_preset, calibrate
 from scripts.ops.serve import DEFAULT_RUN_DIR, served_versions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,13 +55,15 @@ class ArchiveError(UsageError):
     manifest); the message says why. Conflicts with the store are CatalogErrors."""
 
 
-def model_config(options: dict, where: str = "") -> dict:
+def model_config(options: dict, where: str = "", task: str | None = None) -> dict:
     """TorchServe's per-model settings (model-config.yaml) plus our handler's own section,
-    after checking every option against the one schema (handlers/options.py)."""
+    after checking every option against the one schema (handlers/options.py). A `preset`
+    (scripts/ops/presets.py) fills what the options do not set explicitly."""
     runtime = options.get("runtime", OPTIONS["runtime"])
     if isinstance(runtime, str) and runtime not in RUNTIMES:
         raise ArchiveError(f"{where}unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     try:
+        options, _ = apply_preset(check_options(options, where), task)
         o = {**OPTIONS, **check_options(options, where)}
     except OptionError as e:
         raise ArchiveError(str(e)) from None
@@ -72,8 +75,8 @@ def model_config(options: dict, where: str = "") -> dict:
         "responseTimeout": int(o["response_timeout"]),
     }
     runtime = o["runtime"]
-    if o["device"] != "auto" or runtime == "int8":
-        cfg["deviceType"] = "cpu" if runtime == "int8" else o["device"]
+    if o["device"] != "auto" or runtime in CPU_ONLY:
+        cfg["deviceType"] = "cpu" if runtime in CPU_ONLY else o["device"]
     cfg["handler"] = {"topk": int(o["topk"]), "runtime": o["runtime"], **dict(o["handler"] or {})}
     if runtime != "eager":  # compiled / profiled before the first request, at both ends of the batch sizes
         cfg["handler"]["warmup_batch_sizes"] = sorted({1, cfg["batchSize"]})
@@ -151,7 +154,9 @@ def plan_archive(
     meta = check_training_output(run_dir)
     if task and task != meta["task"]:
         raise ArchiveError(f"{where}{run_dir}/model.json is a {meta['task']} model, the manifest says {task}")
-    config = model_config(options or {}, where)
+    options = resolve_auto(dict(options or {}), run_dir, meta)
+    preset = preset_record(options, meta["task"])  # takes auto's calibration out of the options
+    config = model_config(options, where, meta["task"])
     runtime = config["handler"]["runtime"]
     if runtime != "eager":
         from scripts.ops.optimize import RuntimeCheckError, check_supported
@@ -175,6 +180,7 @@ def plan_archive(
         "config_text": config_text,
         "inputs": inputs,
         "known": known,
+        "preset": preset,
     }
     holder = next((k for k, e in entries.items() if e["file"] == file_name and k != key), None)
     if holder:  # never, even with --force: that would silently change another version
@@ -210,6 +216,29 @@ def plan_archive(
             "replace",
         )
     return {**plan, "status": "replaced" if known or target.exists() else "new"}
+
+
+def resolve_auto(options: dict, run_dir: Path, meta: dict) -> dict:
+    """Options with `preset: auto` replaced by the preset a short calibration on this host
+    picks (scripts/ops/presets.py); a GPU target gets balanced without one."""
+    if options.get("preset") != "auto":
+        return options
+    if options.get("device") == "gpu":
+        calibration = {"picked": "balanced", "why": "a GPU target: not calibrated on this host"}
+    else:
+        from model_defs.checkpoint import load_trained
+
+        calibration = calibrate(load_trained(run_dir)[0], meta)
+    return {**options, "preset": calibration["picked"], "calibration": calibration}
+
+
+def preset_record(options: dict, task: str) -> dict | None:
+    """What archive.json says of the preset: its name, the target, its settings, what was overridden."""
+    calibration = options.pop("calibration", None)
+    _, record = apply_preset(options, task)
+    if record and calibration:
+        record["auto"] = calibration
+    return record
 
 
 def refuse_if_served(store: Path, wanted: set[str], serving_run_dir: Path | None, action: str) -> None:
@@ -275,6 +304,7 @@ def build_archive(
             "trained": meta.get("created"),
         },
         "inputs_sha256": plan["inputs"],
+        **({"preset": plan["preset"]} if plan["preset"] else {}),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     model_store.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,121 @@
+"""The serving presets side by side, in scripts/bench.sh's run: are their targets met here?
+
+For each runtime (ResNet-18 int8 and eager fp32, the OpenVINO runtimes) and for the FCOS
+detector, it archives the model with each preset for this host (scripts/ops/presets.py), serves
+the archives of one model together on one server and loads them one after the other: one
+client, then four. Its baseline, in the same run, is the bare handler of the same archive
+in-process with torch on every core: batch 1 for latency, the better of batch 1 and 2 for
+throughput. The targets are ratios to that baseline (never timed assertions):
+
+- latency:    1-client p50 <= 1.5 x bare batch-1 p50;
+- throughput: 4-client img/s >= 0.95 x bare img/s;
+- balanced:   within 25% of the better of the two on both figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from scripts.ops.packaging import build_archive
+from scripts.ops.presets import PRESETS
+from scripts.ops.serve import TorchServe
+
+LATENCY_TARGET, THROUGHPUT_TARGET, BALANCED_MARGIN = 1.5, 0.95, 0.25
+
+
+def targets(rows: dict, bare: dict) -> dict:
+    """Ratios and verdicts from one model's rows ({preset: {1: summary, 4: summary}}) and its bare figures."""
+    if any(s["p50"] is None or not s["throughput"] for r in rows.values() for s in r.values()):
+        return {"error": "a load got no answer in its time: no ratio"}
+    out = {}
+    if "latency" in rows:
+        ratio = rows["latency"][1]["p50"] / bare["p50_batch1"]
+        out["latency"] = {"p50_over_bare": round(ratio, 2), "met": ratio <= LATENCY_TARGET}
+    if "throughput" in rows:
+        ratio = rows["throughput"][4]["throughput"] / bare["throughput"]
+        out["throughput"] = {"served_over_bare": round(ratio, 2), "met": ratio >= THROUGHPUT_TARGET}
+    if {"balanced", "latency", "throughput"} <= set(rows):
+        best_p50 = min(rows[p][1]["p50"] for p in ("latency", "throughput"))
+        best_rate = max(rows[p][4]["throughput"] for p in ("latency", "throughput"))
+        p50, rate = rows["balanced"][1]["p50"] / best_p50, rows["balanced"][4]["throughput"] / best_rate
+        out["balanced"] = {
+            "p50_over_best": round(p50, 2),
+            "throughput_over_best": round(rate, 2),
+            "met": p50 <= 1 + BALANCED_MARGIN and rate >= 1 - BALANCED_MARGIN,
+        }
+    return out
+
+
+def bench_model(label: str, run: Path, runtime: str, presets: list[str], image: bytes, work: Path, args) -> dict:
+    """One model under each preset: archives built, bare measured, one server, 1 then 4 clients."""
+    from scripts.bench.serving import bare, closed_loop, unpack_handler
+
+    store = work / f"store_{label}"
+    store.mkdir(parents=True, exist_ok=True)
+    names, configs, checks = [], {}, None
+    for preset in presets:
+        options = {"preset": preset, "runtime": runtime} if runtime else {"preset": preset}
+        print(f"  {label}: archiving with preset {preset}", flush=True)
+        entry = build_archive(run, preset, store, options, force=True)
+        checks = checks or entry.get("runtime")
+        configs[preset] = entry["preset"]["settings"] | {"overridden": entry["preset"]["overridden"]}
+        names.append(preset)
+    # Bare: the archive's own handler in-process with every core, no server.
+    handler, _ = unpack_handler(store / f"{names[0]}.mar", work / f"bare_{label}", torch_threads=os.cpu_count())
+    b1, b2 = bare(handler, image, 1, args.duration), bare(handler, image, 2, args.duration)
+    del handler
+    base = {"p50_batch1": b1["p50"], "throughput": max(b1["throughput"], b2["throughput"]), "batch1": b1, "batch2": b2}
+    ts = TorchServe(run_dir=work / f"serve_{label}", model_store=store, config=args.properties, ports={})
+    ts.start(names, timeout=600)
+    rows = {}
+    try:
+        for preset in names:
+            url, headers = f"{ts.url('inference')}/predictions/{preset}", ts.headers("inference")
+            rows[preset] = {}
+            for clients in (1, 4):
+                print(f"  {label} {preset}: {clients} client(s), {args.duration:.0f} s", flush=True)
+                rows[preset][clients] = closed_loop(url, headers, image, clients, args.duration)
+    finally:
+        ts.stop()
+    return {
+        "run": str(run),
+        "runtime": runtime or "eager",
+        "accuracy_check": checks,
+        "settings": configs,
+        "bare": base,
+        "served": {p: {str(c): s for c, s in r.items()} for p, r in rows.items()},
+        "targets": targets(rows, base),
+    }
+
+
+def run_presets(args, run: Path, detector_run: Path | None, image: bytes, work: Path) -> dict:
+    """Every --preset-runtimes runtime of the classifier, and the detector (eager), under --presets."""
+    presets = [p for p in PRESETS if p in args.presets.split(",")]  # checked by scripts/bench.py's main
+    out = {}
+    for runtime in [r for r in args.preset_runtimes.split(",") if r]:
+        print(f"presets: classifier, runtime {runtime}", flush=True)
+        out[f"classifier {runtime}"] = bench_model(f"cls_{runtime}", run, runtime, presets, image, work, args)
+    if detector_run is not None:
+        print("presets: detector (eager)", flush=True)
+        out["detector eager"] = bench_model("detector", detector_run, None, presets, image, work, args)
+    return out
+
+
+def report(result: dict) -> str:
+    """The presets' rows and their targets, as printed at the end of scripts/bench.sh."""
+    head = ("workers x threads", "batch/delay", "1-client p50", "4-client img/s")
+    lines = [f"{'model, preset':34} {head[0]:>17} {head[1]:>11} {head[2]:>12} {head[3]:>14}"]
+    for model, r in result.items():
+        b = r["bare"]
+        lines.append(f"{model + ', bare':34} {'-':>17} {'1 / -':>11} {b['p50_batch1']:12.1f} {b['throughput']:14.1f}")
+        for preset, loads in r["served"].items():
+            s = r["settings"][preset]
+            lines.append(
+                f"{model + ', ' + preset:34} {str(s['workers']) + ' x ' + str(s['torch_threads']):>17} "
+                f"{str(s['batch_size']) + ' / ' + str(s['max_batch_delay']) + ' ms':>11} "
+                f"{loads['1']['p50']:12.1f} {loads['4']['throughput']:14.1f}"
+            )
+        lines.append("  targets: " + json.dumps(r["targets"]))
+    return "\n".join(lines)
