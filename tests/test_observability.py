@@ -27,7 +27,7 @@ def server(trained_digits, shared_server):
             [
                 str(trained_digits),
                 "--name",
-                "digits",
+                "digits_obs",
                 "--model-store",
                 str(store),
                 "--version",
@@ -43,13 +43,13 @@ def server(trained_digits, shared_server):
         == 0
     )
     with serving(shared_server) as ts:
-        assert ts.register("digits", "digits-2.0.mar") == "2.0"
+        assert ts.register("digits_obs", "digits_obs-2.0.mar") == "2.0"
         yield ts
 
 
 def post(ts, data: bytes, content_type="application/octet-stream"):
     return requests.post(
-        f"{ts.url('inference')}/predictions/digits",
+        f"{ts.url('inference')}/predictions/digits_obs",
         data=data,
         timeout=60,
         headers={**ts.headers("inference"), "Content-Type": content_type},
@@ -90,7 +90,7 @@ def delta(load, name, **labels):
 
 
 def test_answered_and_refused_items_are_counted_by_model_version_code_and_type(load):
-    labels = {"model_name": "digits", "model_version": "2.0"}
+    labels = {"model_name": "digits_obs", "model_version": "2.0"}
     codes = [r.status_code for r in load["answers"]]
     assert codes.count(200) == load["pngs"] + load["jpegs"]
     assert delta(load, hm.ANSWERED, **labels) == codes.count(200)
@@ -107,11 +107,11 @@ def test_answered_and_refused_items_are_counted_by_model_version_code_and_type(l
 
 def test_decode_fallbacks_count_the_images_pil_decoded(load):
     # The digits PNGs go to PIL; the grey JPEGs are decoded by torchvision.io.
-    assert delta(load, hm.DECODE_FALLBACKS, model_name="digits", model_version="2.0") == load["pngs"]
+    assert delta(load, hm.DECODE_FALLBACKS, model_name="digits_obs", model_version="2.0") == load["pngs"]
 
 
 def test_time_and_batch_size_histograms_have_buckets_and_count_every_batch(load):
-    labels = {"model_name": "digits", "model_version": "2.0"}
+    labels = {"model_name": "digits_obs", "model_version": "2.0"}
     batches = delta(load, hm.BATCH_SIZE + "_count", **labels)
     assert 0 < batches < len(load["bodies"])  # concurrent requests shared batches
     assert delta(load, hm.BATCH_SIZE + "_sum", **labels) == len(load["bodies"])
@@ -132,7 +132,7 @@ def test_time_and_batch_size_histograms_have_buckets_and_count_every_batch(load)
 
 
 def test_worker_start_is_counted(server):
-    assert total(scrape(server), hm.WORKER_STARTS, model_name="digits", model_version="2.0") == 1
+    assert total(scrape(server), hm.WORKER_STARTS, model_name="digits_obs", model_version="2.0") == 1
 
 
 def json_log_lines(ts) -> list[dict]:
@@ -151,7 +151,7 @@ def test_json_logs_give_one_line_per_refused_item_and_per_batch_without_bytes_or
     assert sum(b["size"] for b in batches) == len(load["bodies"])  # the module's only load
     assert sum(b["refused"] for b in batches) == 4
     for x in refused:
-        assert x["model"] == "digits" and x["version"] == "2.0" and x["request_id"]
+        assert x["model"] == "digits_obs" and x["version"] == "2.0" and x["request_id"]
         assert x["preprocess_ms"] >= 0 and x["batch_ms"] >= x["preprocess_ms"]
     for b in batches:
         assert len(b["request_ids"]) == b["size"] == len(b["statuses"]) and all(b["request_ids"])
@@ -255,7 +255,7 @@ def test_top_reports_rate_errors_quantiles_workers_and_queue_of_a_known_load(ser
     rows = top.report(top.served_versions(server), before, after, seconds)
     assert len(rows) == 1
     row = rows[0]
-    assert (row["model"], row["version"], row["default"]) == ("digits", "2.0", True)
+    assert (row["model"], row["version"], row["default"]) == ("digits_obs", "2.0", True)
     assert row["requests_per_s"] == round(8 / seconds, 2)
     assert row["error_ratio"] == 0.25
     assert 0 < row["p50_ms"] <= row["p99_ms"] <= 10_000
@@ -274,7 +274,7 @@ def test_top_json_prints_one_snapshot(server, capsys):
     snap = json.loads(capsys.readouterr().out)
     assert snap["seconds"] >= 0.3
     [row] = snap["versions"]
-    assert row["model"] == "digits" and row["workers"] == 1 and row["requests_per_s"] == 0
+    assert row["model"] == "digits_obs" and row["workers"] == 1 and row["requests_per_s"] == 0
 
 
 def test_top_counts_a_killed_worker_as_a_restart(server):
@@ -286,7 +286,7 @@ def test_top_counts_a_killed_worker_as_a_restart(server):
     from scripts.ops import top
 
     def worker():
-        return server.versions("digits")[0]["workers"][0]
+        return server.versions("digits_obs")[0]["workers"][0]
 
     old = worker()
     os.kill(old["pid"], signal.SIGKILL)
@@ -295,7 +295,7 @@ def test_top_counts_a_killed_worker_as_a_restart(server):
         time.sleep(0.5)
     assert worker()["status"] == "READY"
     deadline = time.time() + 30
-    version = {"model_name": "digits", "model_version": "2.0"}  # earlier modules served other digits
+    version = {"model_name": "digits_obs", "model_version": "2.0"}
     while time.time() < deadline and total(scrape(server), hm.WORKER_STARTS, **version) < 2:
         time.sleep(0.5)
     [row] = top.report(top.served_versions(server), {}, top.scrape(server), 1.0)

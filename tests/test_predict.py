@@ -121,8 +121,9 @@ def server(runs, shared_server, tmp_path_factory):
     manifest.write_text(yaml.safe_dump({"defaults": {"max_batch_delay": 50}, "models": entries}))
     with serving(shared_server) as ts:
         assert archive.main(["--manifest", str(manifest), "--model-store", str(store)]) == 0
-        for mar in sorted(store.glob("*.mar"), key=lambda m: "-" in m.stem):  # 1.0 first: the default
-            ts.register(mar.stem.split("-")[0], mar.name, timeout=400)
+        versions = {mar: (mar.stem.rsplit("-", 1) + ["1.0"])[:2] for mar in store.glob("*.mar")}  # name, version
+        for mar, (name, _) in sorted(versions.items(), key=lambda kv: kv[1][1]):  # 1.0 first: the default
+            ts.register(name, mar.name, timeout=400)
         yield ts
 
 

@@ -215,7 +215,10 @@ def test_logs_hold_each_line_once_at_info(server, digits_dir):
     lines = [
         line for line in (server.run_dir / "logs" / "ts_log.log").read_text().splitlines() if line[:4].isdigit()
     ]  # each record's first line starts with its timestamp (to the ms)
-    assert len(lines) > 20 and len(set(lines)) == len(lines)
+    # A record written twice (two appenders) would repeat every line. The shared server's log
+    # also holds a few genuinely repeated lines: the same message from two threads in one ms.
+    repeated = len(lines) - len(set(lines))
+    assert len(lines) > 20 and repeated <= len(lines) // 100, (repeated, len(lines))
     assert not any("[DEBUG]" in line for line in lines)
     assert "org.pytorch.serve" not in (server.run_dir / "logs" / "console.log").read_text()
 

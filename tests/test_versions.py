@@ -45,7 +45,8 @@ def store(trained_digits, second_run, tmp_path_factory) -> Path:
                 "name": "digits",
                 "version": "2.0",
                 "run": str(second_run),
-                "config": {"batch_size": 4, "preset": "balanced", "runtime": "eager"},
+                # torch_threads overrides the preset's (1 worker x 2 threads on 2 cores) so that 2.0 scales to 2
+                "config": {"batch_size": 4, "preset": "balanced", "runtime": "eager", "torch_threads": 1},
             },
         ],
         defaults={"max_batch_delay": 20, "topk": 10, "device": "cpu"},
