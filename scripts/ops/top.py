@@ -15,6 +15,11 @@ from scripts.ops.serve import ServeError, TorchServe
 Samples = dict[tuple[str, tuple], float]
 
 
+# TorchServe's Java Prometheus client exports a counter with "_total" appended; older
+# clients exported the bare name. Only one of the two is ever present.
+QUEUE_LATENCY = ("ts_queue_latency_microseconds", "ts_queue_latency_microseconds_total")
+
+
 def scrape(ts: TorchServe) -> Samples:
     """/metrics as {(sample name, sorted labels without the host): value}."""
     try:
@@ -92,7 +97,11 @@ def report(served: list[dict], before: Samples, after: Samples, seconds: float) 
         p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
         # The frontend labels a request by the version it named, "default" when it named none.
         asked = [v["version"]] + (["default"] if v["default"] else [])
-        queued_us = sum(delta("ts_queue_latency_microseconds", model_name=v["model"], model_version=a) for a in asked)
+        queued_us = sum(
+            delta(name, model_name=v["model"], model_version=a)
+            for a in asked
+            for name in QUEUE_LATENCY  # the frontend's counter, under either spelling
+        )
         requests_in = sum(delta("ts_inference_requests_total", model_name=v["model"], model_version=a) for a in asked)
         starts = total(after, WORKER_STARTS, **labels)
         rows.append(
