@@ -128,10 +128,15 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     bad = [b"not an image", b"\xff\xd8\xff truncated jpeg", b'{"data": "***"}']
     session = requests.Session()
     session.headers.update(server.headers("inference"))
-    # One good and one bad item first, so that both counters exist before the measured load.
+    # One good item and each bad one first, so that every series (refused is labelled by code
+    # and error type) exists before the measured load: rate() cannot see the increase that
+    # brings a series into being, so a series born during the load would be undercounted.
+    items = f'sum({{__name__=~"handler_items_(answered|refused)_total", model_name="{MODEL}"}})'
     assert session.post(url, data=good[0]).status_code == 200
-    assert session.post(url, data=bad[0]).status_code == 400
-    wait_for(prometheus, "handler_items_refused_total", bool)
+    for body in bad:
+        assert session.post(url, data=body).status_code == 400
+    warm = 1 + len(bad)
+    wait_for(prometheus, items, lambda r: r and next(iter(r.values())) == warm)
     time.sleep(2)
 
     latencies, statuses, errors = [], [], []
@@ -159,9 +164,8 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     client_ratio = statuses.count(400) / len(statuses)
     client_p99 = float(np.percentile(latencies, 99))
 
-    # Every item of the load scraped: the counters hold the load plus the two first items.
-    total = 2 + len(statuses)
-    items = f'sum({{__name__=~"handler_items_(answered|refused)_total", model_name="{MODEL}"}})'
+    # Every item of the load scraped: the counters hold the load plus the first items.
+    total = warm + len(statuses)
     got = wait_for(prometheus, items, lambda r: r and next(iter(r.values())) == total)
     assert next(iter(got.values())) == total
     time.sleep(2)  # the rules evaluated on the last scrape
@@ -171,13 +175,15 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     [ratio] = query(prometheus, "model_version:handler_error_ratio:rate5m" + this).items()
     [p99] = query(prometheus, "model_version:handler_batch_seconds:p99_5m" + this).items()
     assert ratio[0] == labels and p99[0] == labels
-    # rate() extrapolates each counter to the edges of a load of a few seconds, so on a busy
-    # machine the recorded ratio has been seen 0.024 from the client's (0.226 vs 0.250).
+    # rate() extrapolates the counters to the edges of a load of a few seconds: every series
+    # alike, since all exist before the load, but the ratio may still move by a scrape's worth.
     assert abs(ratio[1] - client_ratio) <= 0.04, (ratio[1], client_ratio)
 
+    # The handler's batch time is part of each client's latency, so its p99 lies at most in
+    # the bucket that holds the client's p99. No lower bound follows: on a quiet machine the
+    # client's time is mostly HTTP, the frontend and the batch delay (0.044 s vs 0.086 s seen).
     upper = min(b for b in BOUNDS if b >= client_p99)
-    below = BOUNDS[max(0, BOUNDS.index(upper) - 2)]
-    assert below <= p99[1] <= upper, (p99[1], client_p99)
+    assert 0 < p99[1] <= upper, (p99[1], client_p99)
     print(
         f"\nerror ratio: Prometheus {ratio[1]:.4f}, client {client_ratio:.4f}; "
         f"p99: Prometheus {p99[1] * 1000:.1f} ms, client {client_p99 * 1000:.1f} ms"
