@@ -8,7 +8,7 @@ exports at /metrics in Prometheus mode. Every metric is labelled by model_name a
 model_version, the version being the archive's own (the frontend's `ts_inference_*` series
 say "default" for requests that name no version).
 
-To keep the cost small (measured by scripts/bench_metrics.py) a batch writes a handful of
+To keep the cost small (measured by scripts/bench/metrics.py) a batch writes a handful of
 lines, not one per item, in one logging call rather than the one call per update that
 `CachingMetric.add_or_update` makes (that alone cost ~10% of a tiny model's throughput):
 counters carry the batch's counts, and the time histograms are observed once per batch,

@@ -13,7 +13,7 @@ The image is resized whole (no crop) to the model's input size; the logits are s
 to the original size before the argmax, one class at a time (`mask_at_size`): the same mask
 as model_defs.preprocessing.logits_to_mask, in about 10 bytes a pixel whatever the number
 of classes, where scaling every class at once takes 4 bytes a pixel per class plus the
-argmax's 8 (scripts/memory_peak.py measures both).
+argmax's 8 (scripts/bench/memory_peak.py measures both).
 `/explanations` answers with Integrated Gradients of a class over its predicted region
 (handlers/explain.py).
 """

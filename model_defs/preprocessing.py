@@ -166,7 +166,7 @@ def load_image_tensors(
     """Many requests' images at once, each as `load_image_tensor` gives it, or its error in its place.
 
     The upright JPEGs go to nvJPEG in one batched call on `device` (per image, a GPU worker
-    spends more time decoding than inferring: scripts/bench_gpu.py); the others, and every
+    spends more time decoding than inferring: scripts/bench/gpu.py); the others, and every
     JPEG of a batch the batched call refuses, are decoded one by one."""
     out: list = [None] * len(datas)
     fast = []

@@ -1,4 +1,4 @@
-"""scripts/bench_explain.py end to end, briefly: it times real explanations against real
+"""scripts/bench/explain.py end to end, briefly: it times real explanations against real
 predictions of an archived handler and writes what it measured."""
 
 from __future__ import annotations

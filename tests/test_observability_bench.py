@@ -1,4 +1,4 @@
-"""scripts/bench_metrics.py end to end, short: one server, the same archive with and without
+"""scripts/bench/metrics.py end to end, short: one server, the same archive with and without
 handler metrics, real JPEG bytes. The figures are not asserted (this machine is noisy)."""
 
 from __future__ import annotations

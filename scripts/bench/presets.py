@@ -92,7 +92,7 @@ def bench_model(label: str, run: Path, runtime: str, presets: list[str], image: 
 
 def run_presets(args, run: Path, detector_run: Path | None, image: bytes, work: Path) -> dict:
     """Every --preset-runtimes runtime of the classifier, and the detector (eager), under --presets."""
-    presets = [p for p in PRESETS if p in args.presets.split(",")]  # checked by scripts/bench.py's main
+    presets = [p for p in PRESETS if p in args.presets.split(",")]  # checked by scripts/bench/serving.py's main
     out = {}
     for runtime in [r for r in args.preset_runtimes.split(",") if r]:
         print(f"presets: classifier, runtime {runtime}", flush=True)

@@ -27,7 +27,7 @@ import time
 from handlers.options import PRESETS as CHOICES  # the three below and auto
 
 PRESETS = tuple(c for c in CHOICES if c != "auto")
-INT8_TASKS = ("classification",)  # scripts/optimize.py's SUPPORTED_TASKS for the int8 runtime
+INT8_TASKS = ("classification",)  # scripts/ops/optimize.py's SUPPORTED_TASKS for the int8 runtime
 
 
 def preset_options(preset: str, cores: int, gpu: bool = False, task: str | None = None) -> dict:
