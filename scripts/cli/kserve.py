@@ -28,13 +28,11 @@ from pathlib import Path
 
 from scripts.ops.catalog import Catalog, CatalogError
 from scripts.ops.kserve import ROOT, inference_service, parse_spec, write_layout
-from scripts.ops.names import UsageError
+from scripts.ops.names import OneLineParser, UsageError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="scripts/kserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = OneLineParser(prog="scripts/kserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("versions", nargs="+", metavar="NAME:VERSION", help="catalogued model versions to serve")
     p.add_argument("--out", required=True, help="folder to write the layout into (copied to the storage URI)")
     p.add_argument("--protocol", choices=("v1", "v2"), default="v2", help="KServe protocol (default: v2)")

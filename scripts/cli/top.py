@@ -27,6 +27,7 @@ from pathlib import Path
 
 import requests
 
+from scripts.ops.names import OneLineParser
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 from scripts.ops.top import snapshot
 
@@ -59,7 +60,7 @@ def table(snap: dict) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="scripts/top", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default=str(ROOT / ".serve"), help="the server's run folder (default: .serve/)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     p.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit (default: off)")

@@ -26,6 +26,7 @@ import requests
 from PIL import Image, ImageDraw
 
 from model_defs.preprocessing import ImageDecodeError, load_image
+from scripts.ops.names import OneLineParser
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 from training.draw import draw_detections, draw_mask, enlarge_small
 
@@ -64,7 +65,9 @@ def render(image: Image.Image, answer) -> Image.Image:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="scripts/visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("image", help="image file to send")
     p.add_argument("--model", required=True, help="served model name (required)")
     p.add_argument("--out", default=None, help="PNG to write (default: <image stem>_<model>.png next to the image)")
