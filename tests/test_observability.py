@@ -131,6 +131,21 @@ def test_time_and_batch_size_histograms_have_buckets_and_count_every_batch(load)
     assert 0 < steps <= whole
 
 
+def test_per_request_chatter_is_not_logged_but_metrics_and_the_access_log_are(server, load):
+    """TorchServe logs each backend [METRICS] line again in ts_log.log, and a few lines per request
+    that /metrics and the access log already carry; scripts/log4j2.xml drops those (part of the
+    metrics' cost), while the frontend still parses and exports the metrics."""
+    assert delta(load, hm.ANSWERED, model_name="digits_obs", model_version="2.0") > 0
+    logs = server.run_dir / "logs"
+    ts_log = (logs / "ts_log.log").read_text(errors="replace")
+    assert "ModelManager" in ts_log  # the frontend's other INFO lines are still written
+    for chatter in ("result=[METRICS]", "Sending response for jobId", "Backend response time", "Looping backend"):
+        assert chatter not in ts_log, chatter
+    assert "Backend received inference at" not in (logs / "model_log.log").read_text(errors="replace")
+    access = (logs / "access_log.log").read_text(errors="replace")
+    assert access.count("/predictions/digits_obs") >= len(load["bodies"])
+
+
 def test_worker_start_is_counted(server):
     assert total(scrape(server), hm.WORKER_STARTS, model_name="digits_obs", model_version="2.0") == 1
 
