@@ -10,11 +10,10 @@ handler's device, so preprocessing and postprocessing never depend on the runtim
 - torchscript: `model.ts`, traced and frozen at archive time;
 - onnx:        `model.onnx`, run by ONNX Runtime (imported only by this runtime);
 - int8:        `model_int8.ts`, post-training static quantization (x86), CPU only;
-- compile:     the eager module through torch.compile, compiled when the worker starts;
-- openvino:    `model.xml` + `model.bin`, converted by OpenVINO at archive time and run by
-               its CPU plugin (imported only by these two runtimes), CPU only;
-- openvino_int8: `model_int8.xml`, that model quantized by NNCF (OpenVINO's post-training
-               int8), CPU only.
+- compile:     the eager module through torch.compile, compiled when the worker starts.
+
+OpenVINO (fp32, and int8 through NNCF) was tried beside int8 and measured slower than it on
+the 2-core host, so it is not a runtime here (README, BENCHMARKS).
 
 This module is only what a worker needs to load and run them; it ships inside every
 archive. Building the files and checking them against eager is scripts/ops/optimize.py, at
@@ -39,14 +38,12 @@ from model_defs.checkpoint import data_config_from_meta, read_meta
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("eager", "torchscript", "onnx", "int8", "compile", "openvino", "openvino_int8")
-CPU_ONLY = ("int8", "openvino", "openvino_int8")
-ARTIFACTS = {  # in the archive root (OpenVINO's weights lie beside its .xml, in a .bin of the same name)
+RUNTIMES = ("eager", "torchscript", "onnx", "int8", "compile")
+CPU_ONLY = ("int8",)
+ARTIFACTS = {  # in the archive root
     "torchscript": "model.ts",
     "onnx": "model.onnx",
     "int8": "model_int8.ts",
-    "openvino": "model.xml",
-    "openvino_int8": "model_int8.xml",
 }
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPP_COMPILERS = ("cc", "gcc", "g++", "clang")  # torch.compile's inductor builds C++ kernels on the CPU
@@ -158,25 +155,6 @@ class OnnxRunner:
         return torch.from_numpy(self.session.run(None, {self.input_name: x})[0]).to(self.device)
 
 
-class OpenVinoRunner:
-    """model.xml compiled by OpenVINO for the CPU, with the handler's thread count (cores / workers)."""
-
-    def __init__(self, path: Path, device: torch.device):
-        import openvino as ov  # only OpenVINO archives need it installed
-
-        config = {
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",  # not bf16 where the CPU has it: the archive was checked in f32
-        }
-        self.model = ov.Core().compile_model(str(path), "CPU", config)
-        self.device = device
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.model(x)[0].copy()).to(self.device)
-
-
 def warm_up(runner, model_dir: Path, batch_sizes: list[int], device: torch.device) -> None:
     """Run each batch size once, so compilation and first-call profiling happen before any request."""
     cfg = data_config_from_meta(read_meta(model_dir))
@@ -201,12 +179,7 @@ def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device
         path = Path(model_dir) / ARTIFACTS[kind]
         if not path.is_file():
             raise RuntimeConfigError(f"runtime {kind} needs {path.name} in the archive, and it is missing")
-        if kind == "onnx":
-            runner = OnnxRunner(path, device)
-        elif kind.startswith("openvino"):
-            runner = OpenVinoRunner(path, device)
-        else:
-            runner = TorchScriptRunner(path, device, int8=kind == "int8")
+        runner = OnnxRunner(path, device) if kind == "onnx" else TorchScriptRunner(path, device, int8=kind == "int8")
     start = time.time()
     batch_sizes = handler_config.get("warmup_batch_sizes") or [1]
     warm_up(runner, model_dir, batch_sizes, device)

@@ -1,4 +1,4 @@
-"""Optimized runtimes (torchscript, onnx, int8, compile, openvino): built at archive time, checked
+"""Optimized runtimes (torchscript, onnx, int8, compile): built at archive time, checked
 against eager on the run's real validation split, then loaded by the real handler from the
 unpacked archive and compared with eager on real digit images; and the refusals."""
 
@@ -33,8 +33,6 @@ KINDS = [
     "torchscript",
     "onnx",
     "int8",
-    "openvino",
-    "openvino_int8",
     pytest.param("compile", marks=pytest.mark.skipif(runtimes.cpp_compiler() is None, reason=NO_COMPILER)),
 ]
 RUNNERS = {
@@ -42,17 +40,13 @@ RUNNERS = {
     "onnx": runtimes.OnnxRunner,
     "int8": runtimes.TorchScriptRunner,
     "compile": runtimes.CompiledRunner,
-    "openvino": runtimes.OpenVinoRunner,
-    "openvino_int8": runtimes.OpenVinoRunner,
 }
 # How far a runtime's probabilities may be from eager's: float kernels vs an int8 model.
 PROB_TOLERANCE = {
     "torchscript": 1e-4,
     "onnx": 1e-4,
     "compile": 1e-4,
-    "openvino": 1e-4,
     "int8": 0.15,
-    "openvino_int8": 0.15,
 }
 
 
@@ -131,8 +125,7 @@ def test_int8_calibrates_on_the_training_split_only(trained_digits):
 
 def test_workers_import_the_runtimes_without_onnx():
     code = (
-        "import sys, handlers.runtimes; "
-        "sys.exit(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript', 'openvino')))"
+        "import sys, handlers.runtimes; sys.exit(any(m in sys.modules for m in ('onnx', 'onnxruntime', 'onnxscript')))"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=archive.ROOT).returncode == 0
 

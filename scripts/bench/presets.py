@@ -1,6 +1,6 @@
 """The serving presets side by side, in scripts/bench.sh's run: are their targets met here?
 
-For each runtime (ResNet-18 int8 and eager fp32, the OpenVINO runtimes) and for the FCOS
+For each runtime (ResNet-18 int8 and eager fp32) and for the FCOS
 detector, it archives the model with each preset for this host (scripts/ops/presets.py), serves
 the archives of one model together on one server and loads them one after the other: one
 client, then four. Its baseline, in the same run, is the bare handler of the same archive

@@ -564,8 +564,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preset-runtimes",
-        default="int8,eager,openvino,openvino_int8",
-        help="the classifier's runtimes measured under --presets (default: int8,eager,openvino,openvino_int8)",
+        default="int8,eager",
+        help="the classifier's runtimes measured under --presets (default: int8,eager)",
     )
     p.add_argument("--no-stock", action="store_true", help="skip the stock-handler comparison (default: off)")
     p.add_argument("--no-detector", action="store_true", help="skip the detector latency (default: off)")

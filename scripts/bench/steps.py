@@ -7,9 +7,8 @@ happen inside a worker, on the same 451x300 JPEG:
 - preprocessing: the stock handler's (PIL decode, PIL resize, float tensor), ours with
   PIL decode, and ours as served (torchvision.io decode, resize on uint8);
 - runtimes: our handler's whole handle() at batch 1 and 2 with each runtime built by the
-  archiver (eager without and with channels_last, torchscript, onnx, int8, openvino,
-  openvino_int8, and compile where a C++ compiler exists), with the archiver's accuracy
-  check against eager;
+  archiver (eager without and with channels_last, torchscript, onnx, int8, and compile
+  where a C++ compiler exists), with the archiver's accuracy check against eager;
 - stages: where one request's time goes at one client behind TorchServe, from its own
   metrics and the handler's (scripts/bench/stages.py).
 Each in-process measurement is repeated in interleaved rounds and the median kept, so a
@@ -86,8 +85,6 @@ def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: flo
         "torchscript": ("torchscript", {}),
         "onnx": ("onnx", {}),
         "int8": ("int8", {}),
-        "openvino": ("openvino", {}),
-        "openvino_int8 (NNCF)": ("openvino_int8", {}),
     }
     if cpp_compiler():
         variants["compile"] = ("compile", {})

@@ -11,7 +11,7 @@
 this host or `--target-cores` (scripts/ops/presets.py); explicit flags override it.
 
 `--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8,
-compile, openvino or openvino_int8 (see handlers/runtimes.py). Every runtime but eager is built here and checked
+or compile (see handlers/runtimes.py). Every runtime but eager is built here and checked
 against eager on the run's validation split (or --val-data) before anything is written;
 one that loses more than --max-accuracy-drop points of top-1 is refused
 (scripts/ops/optimize.py). The check is kept in archive.json and the catalog.
@@ -188,7 +188,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="{" + ",".join(RUNTIMES) + "}",
         help="how workers run the model: eager PyTorch, a frozen TorchScript trace, ONNX Runtime, "
-        "int8 static quantization (CPU), torch.compile in the worker, or OpenVINO (fp32 or NNCF int8, CPU); "
+        "int8 static quantization (CPU) or torch.compile in the worker; "
         "all but eager are checked against eager on the validation set before the archive is written (default: eager)",
     )
     p.add_argument(

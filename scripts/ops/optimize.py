@@ -2,7 +2,7 @@
 
 scripts/archive calls `prepare_runtime` for any runtime other than eager, before the
 archive is written. It builds the runtime's file into the archive's staged folder
-(TorchScript, ONNX, OpenVINO, or an int8 model calibrated on training images), loads it exactly as
+(TorchScript, ONNX, or an int8 model calibrated on training images), loads it exactly as
 a worker will (handlers/runtimes.py) and runs it beside the eager model over the run's
 validation split, so an optimized archive that answers worse than the trained model is
 refused instead of served. The check's numbers go into archive.json and the catalog.
@@ -39,7 +39,7 @@ from training.datasets import (
 )
 
 SUPPORTED_TASKS = ("classification",)
-INT8 = ("int8", "openvino_int8")  # the runtimes calibrated on training images
+INT8 = ("int8",)  # the runtimes calibrated on training images
 
 
 class RuntimeCheckError(ValueError):
@@ -182,30 +182,6 @@ def save_int8(model: nn.Module, example: torch.Tensor, calibration, path: Path) 
     save_torchscript(quantized, example, path)
 
 
-def save_openvino(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """OpenVINO's own converter from the eager module, any batch size, weights kept in fp32."""
-    import openvino as ov
-
-    shape = ov.PartialShape([-1, *example.shape[1:]])
-    with torch.no_grad():
-        converted = ov.convert_model(model.eval(), example_input=example, input=[shape])
-    ov.save_model(converted, str(path), compress_to_fp16=False)
-
-
-def save_openvino_int8(model: nn.Module, example: torch.Tensor, calibration, path: Path) -> None:
-    """The OpenVINO model quantized by NNCF on the calibration images (its default: 8-bit
-    weights and activations, symmetric, the CPU plugin's int8 kernels)."""
-    import nncf
-    import openvino as ov
-
-    shape = ov.PartialShape([-1, *example.shape[1:]])
-    with torch.no_grad():
-        converted = ov.convert_model(model.eval(), example_input=example, input=[shape])
-    images = [batch.numpy() for batch, _ in calibration]
-    quantized = nncf.quantize(converted, nncf.Dataset(images), subset_size=len(images))  # every batch
-    ov.save_model(quantized, str(path), compress_to_fp16=False)
-
-
 def save_artifact(kind: str, model: nn.Module, example: torch.Tensor, calibration, folder: Path) -> None:
     """The file `kind` loads, into `folder`, from a copy of `model`."""
     if kind not in ARTIFACTS:
@@ -215,10 +191,6 @@ def save_artifact(kind: str, model: nn.Module, example: torch.Tensor, calibratio
         save_torchscript(model, example, path)
     elif kind == "onnx":
         save_onnx(model, example, path)
-    elif kind == "openvino":
-        save_openvino(model, example, path)
-    elif kind == "openvino_int8":
-        save_openvino_int8(model, example, calibration, path)
     else:
         save_int8(model, example, calibration, path)
 
