@@ -7,7 +7,9 @@
 #   scripts/bench_train.sh --epochs 1 --tasks classification,detection
 #
 # Prints one line per task and precision (seconds per epoch, the first epoch apart, since it
-# pays for start-up and cuDNN autotuning) and appends them to runs/bench_train/epoch_times.jsonl.
+# pays for start-up and cuDNN autotuning) and appends them to runs/bench_train/epoch_times.jsonl;
+# then README's table, "first / later" seconds per task, with this run's columns beside those
+# of docs/benchmarks/*_train_epoch_times.jsonl (the H200's). A failed run prints its log's end.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -51,7 +53,9 @@ for task in ${TASKS//,/ }; do
     # shellcheck disable=SC2086
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m ${CMD[$task]} --epochs "$EPOCHS" \
         --device "$DEVICE" --amp "$amp" --out "$run" --no-progress > "$run.log" 2>&1 \
-      || { echo "$task $DEVICE $amp: FAILED, see $run.log:"; grep -m 3 -E "Error|error:" "$run.log" | grep -v elastic; continue; }
+      || { echo "$task $DEVICE $amp: FAILED, see $run.log; its last lines:"
+           grep -v -E "torch\.distributed\.elastic|ChildFailedError|^[[:space:]]*$|^=+$" "$run.log" | tail -n 12 | sed 's/^/    /' || true
+           continue; }
     "$PY" - "$run" "$task" "$DEVICE" "$amp" "$NPROC" <<'PY'
 import csv, json, sys
 from pathlib import Path
@@ -65,3 +69,24 @@ with open(Path(run).parent / "epoch_times.jsonl", "a") as f:
 PY
   done
 done
+"$PY" - docs/benchmarks/*_train_epoch_times.jsonl "$OUT/epoch_times.jsonl" <<'PY'
+import json, sys
+from pathlib import Path
+cells, columns = {}, {}
+for path in sys.argv[1:]:
+    if not Path(path).is_file():
+        continue
+    tag = "this machine" if path == sys.argv[-1] else Path(path).name.split("_")[0]
+    for line in open(path):
+        r = json.loads(line)
+        column = f"{tag}: {r['device']} {r['amp']} x{r['processes']}"
+        columns[column] = None
+        s = r["epoch_seconds"]
+        later = sum(s[1:]) / len(s[1:]) if len(s) > 1 else float("nan")
+        cells[r["task"], column] = f"{s[0]:.1f} / {later:.1f}"  # a later line of a file replaces an earlier one
+tasks = dict.fromkeys(t for t, _ in cells)
+print("\n| task | " + " | ".join(columns) + " |")
+print("|---|" + "---:|" * len(columns))
+for task in tasks:
+    print(f"| {task} | " + " | ".join(cells.get((task, c), "-") for c in columns) + " |")
+PY
