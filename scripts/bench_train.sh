@@ -34,10 +34,17 @@ done
 NPROC=1
 if [ "$DEVICE" = cuda ]; then NPROC="$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')"; fi
 mkdir -p "$DATA" "$OUT"
-[ -d "$DATA/digits" ] || "$PY" -m training.sample_data digits --out "$DATA/digits" >/dev/null
-[ -d "$DATA/det/train" ] || { "$PY" -m training.shapes --out "$DATA/det/train" --layout voc --n 300 --size 128 --seed 0 --no-progress;
-                             "$PY" -m training.shapes --out "$DATA/det/val" --layout voc --n 50 --size 128 --seed 1 --no-progress; } >/dev/null
-[ -d "$DATA/masks" ] || "$PY" -m training.shapes --out "$DATA/masks" --layout masks --n 400 --size 128 --seed 0 --no-progress >/dev/null
+wants() { case ",$TASKS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }  # the data only the tasks run need
+if wants classification || wants generation || wants embedding; then
+  [ -d "$DATA/digits" ] || "$PY" -m training.sample_data digits --out "$DATA/digits" >/dev/null
+fi
+if wants detection && [ ! -d "$DATA/det/train" ]; then
+  "$PY" -m training.shapes --out "$DATA/det/train" --layout voc --n 300 --size 128 --seed 0 --no-progress >/dev/null
+  "$PY" -m training.shapes --out "$DATA/det/val" --layout voc --n 50 --size 128 --seed 1 --no-progress >/dev/null
+fi
+if wants segmentation; then
+  [ -d "$DATA/masks" ] || "$PY" -m training.shapes --out "$DATA/masks" --layout masks --n 400 --size 128 --seed 0 --no-progress >/dev/null
+fi
 D="$DATA"
 declare -A CMD=(
   [classification]="training.train --data $D/digits/train --model resnet18 --channels 3 --hflip-prob 0 --batch-size 64"
@@ -82,8 +89,8 @@ for path in sys.argv[1:]:
         column = f"{tag}: {r['device']} {r['amp']} x{r['processes']}"
         columns[column] = None
         s = r["epoch_seconds"]
-        later = sum(s[1:]) / len(s[1:]) if len(s) > 1 else float("nan")
-        cells[r["task"], column] = f"{s[0]:.1f} / {later:.1f}"  # a later line of a file replaces an earlier one
+        later = f"{sum(s[1:]) / len(s[1:]):.1f}" if len(s) > 1 else "-"
+        cells[r["task"], column] = f"{s[0]:.1f} / {later}"  # a later line of a file replaces an earlier one
 tasks = dict.fromkeys(t for t, _ in cells)
 print("\n| task | " + " | ".join(columns) + " |")
 print("|---|" + "---:|" * len(columns))

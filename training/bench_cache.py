@@ -3,7 +3,7 @@ trainers on JPEG datasets without a cache, with `--cache memory` and with `--cac
 measured in the same run.
 
     .venv/bin/python -m training.bench_cache --out runs/bench_cache
-    .venv/bin/python -m training.bench_cache --tasks detection --images 40 --epochs 2   # a smoke run
+    .venv/bin/python -m training.bench_cache --images 20 --epochs 2   # a smoke run
 
 It writes the data under OUT/data once: for classification, N JPEG photographs (random
 640x480 crops of scikit-image's pictures, one class per source picture); for detection and
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tasks = args.tasks.split(",")
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown or args.images < 8 or args.epochs < 2:
-        print(f"error: --tasks takes {', '.join(TASKS)}, --images >= 8, --epochs >= 2", file=sys.stderr)
+    if unknown or args.images < 20 or args.epochs < 2:
+        print(f"error: --tasks takes {', '.join(TASKS)}, --images >= 20, --epochs >= 2", file=sys.stderr)
         return 2
     out = Path(args.out)
     data = out / "data"
