@@ -84,6 +84,39 @@ def run_cli(module, argv, capsys) -> tuple[int, str]:
 
 CLS = ["--model", "small_cnn", "--channels", "1", "--hflip-prob", "0", "--workers", "0", "--no-progress"]
 
+EVERY_TASK = {  # each trainer at its smallest, with the data of this module
+    "classification": (train, "small", [*CLS, "--batch-size", "8"]),
+    "detection": (
+        train_detection,
+        "voc",
+        ["--model", "fasterrcnn_mobilenet_320", "--input-size", "64", "--batch-size", "2", "--pictures", "0"],
+    ),
+    "segmentation": (
+        train_segmentation,
+        "masks",
+        [
+            "--model-arg",
+            "depth=2",
+            "--model-arg",
+            "width=8",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--pictures",
+            "0",
+        ],
+    ),
+    "generation": (train_gan, "small", ["--width", "8", "--latent-dim", "8", "--batch-size", "4", "--grid-size", "4"]),
+    "embedding": (
+        train_simclr,
+        "small",
+        ["--eval-data", "{small}", "--channels", "1", "--hflip-prob", "0", "--batch-size", "4"]
+        + ["--model-arg", "widths=[4, 8, 8]", "--model-arg", "proj_hidden=8", "--model-arg", "proj_dim=8"],
+    ),
+}
+
+
 # (trainer, extra flags, words the one line must hold); "{data}" etc. are filled in per test
 MISTAKES = [
     ("train", ["--epochs", "0"], "--epochs must be >= 1"),
@@ -319,6 +352,24 @@ def test_a_detector_without_pycocotools_is_told_before_training(voc, tmp_path, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("task", list(EVERY_TASK))
+def test_every_task_stops_at_the_time_limit_and_resumes(task, request, tmp_path, capsys):
+    """--max-minutes ends a run after the epoch that passes it; --resume then finishes it,
+    on every trainer (the engine's, not each task's)."""
+    module, data, flags = EVERY_TASK[task]
+    data = request.getfixturevalue(data)
+    flags = [f.format(small=request.getfixturevalue("small")) for f in flags]
+    out = tmp_path / "o"
+    argv = ["--data", str(data), "--out", str(out), *flags, "--workers", "0", "--threads", "1", "--no-progress"]
+    code, err = run_cli(module, [*argv, "--epochs", "3", "--max-minutes", "1e-6"], capsys)
+    assert code == 0 and "stopping: --max-minutes 1e-06 reached" in err, err
+    assert len(read_csv(out / "metrics.csv")) == 1
+    code, err = run_cli(module, [*argv, "--epochs", "2", "--resume", str(out)], capsys)
+    assert code == 0 and "resumed from" in err and "epoch 2/2" in err and "epoch 1/2" not in err, err
+    assert [r["epoch"] for r in read_csv(out / "metrics.csv")] == ["1", "2"]
+    assert json.loads((out / "model.json").read_text())["metrics"]["epochs_run"] == 2
+
+
 def test_force_overwrites_an_existing_run(small, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
@@ -535,30 +586,7 @@ def decodes(monkeypatch) -> Counter:
     return calls
 
 
-CACHED_RUNS = {  # two epochs of each task whose trainer reads labelled images, at its smallest
-    "classification": (train, "small", [*CLS, "--batch-size", "8"]),
-    "detection": (
-        train_detection,
-        "voc",
-        ["--model", "fasterrcnn_mobilenet_320", "--input-size", "64", "--batch-size", "2", "--pictures", "0"],
-    ),
-    "segmentation": (
-        train_segmentation,
-        "masks",
-        [
-            "--model-arg",
-            "depth=2",
-            "--model-arg",
-            "width=8",
-            "--input-size",
-            "32",
-            "--batch-size",
-            "2",
-            "--pictures",
-            "0",
-        ],
-    ),
-}
+CACHED_RUNS = {task: EVERY_TASK[task] for task in ("classification", "detection", "segmentation")}
 
 
 @pytest.mark.parametrize("task", list(CACHED_RUNS))
