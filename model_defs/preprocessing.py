@@ -364,13 +364,22 @@ def detection_size(width: int, height: int, max_size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def detection_input(img: Image.Image | torch.Tensor, max_size: int) -> tuple[torch.Tensor, tuple[float, float]]:
-    """RGB PIL image or uint8 tensor → (float tensor 3 x H' x W' in [0, 1], (scale_x, scale_y))."""
+def detection_resize(img: Image.Image | torch.Tensor, max_size: int, boxes=None):
+    """RGB PIL image or uint8 tensor (and its tv_tensors.BoundingBoxes) → the uint8 tensor
+    resized so its longer side is max_size (and the boxes moved with it): the first step of
+    every detection transform; an image already at that size is returned as it is."""
     height, width = v2.functional.get_size(img)
     new_w, new_h = detection_size(width, height, max_size)
     x = v2.functional.pil_to_tensor(img) if isinstance(img, Image.Image) else img
     x = v2.functional.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return v2.functional.to_dtype(x, torch.float32, scale=True), (new_w / width, new_h / height)
+    return x if boxes is None else (x, v2.functional.resize(boxes, [new_h, new_w]))
+
+
+def detection_input(img: Image.Image | torch.Tensor, max_size: int) -> tuple[torch.Tensor, tuple[float, float]]:
+    """RGB PIL image or uint8 tensor → (float tensor 3 x H' x W' in [0, 1], (scale_x, scale_y))."""
+    height, width = v2.functional.get_size(img)
+    x = detection_resize(img, max_size)
+    return v2.functional.to_dtype(x, torch.float32, scale=True), (x.shape[-1] / width, x.shape[-2] / height)
 
 
 def boxes_to_original(boxes: torch.Tensor, scale: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
@@ -383,8 +392,8 @@ def boxes_to_original(boxes: torch.Tensor, scale: tuple[float, float], size: tup
 
 
 def detection_train_transform(max_size: int, hflip_prob: float = 0.5, vflip_prob: float = 0.0):
-    """(PIL image, tv_tensors.BoundingBoxes) → (float tensor, boxes): the eval resize, flips
-    and a mild colour jitter, moving the boxes with the image."""
+    """(PIL image or uint8 tensor, tv_tensors.BoundingBoxes) → (float tensor, boxes): the
+    eval resize, flips and a mild colour jitter, moving the boxes with the image."""
     flips = []
     if hflip_prob > 0:
         flips.append(v2.RandomHorizontalFlip(hflip_prob))
@@ -392,22 +401,19 @@ def detection_train_transform(max_size: int, hflip_prob: float = 0.5, vflip_prob
         flips.append(v2.RandomVerticalFlip(vflip_prob))
     flip, jitter = v2.Compose(flips), v2.ColorJitter(0.2, 0.2, 0.2, 0.02)
 
-    def transform(img: Image.Image, boxes):
-        new_w, new_h = detection_size(img.width, img.height, max_size)
-        x, boxes = flip(v2.functional.pil_to_tensor(img), boxes)
-        x = v2.functional.resize(x, [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        boxes = v2.functional.resize(boxes, [new_h, new_w])
+    def transform(img: Image.Image | torch.Tensor, boxes):
+        x, boxes = flip(*detection_resize(img, max_size, boxes))
         return v2.functional.to_dtype(jitter(x), torch.float32, scale=True), boxes
 
     return transform
 
 
 def detection_eval_transform(max_size: int):
-    """The same (PIL image, boxes) → (tensor, boxes) signature as training, with no augmentation."""
+    """The same (image, boxes) → (tensor, boxes) signature as training, with no augmentation."""
 
-    def transform(img: Image.Image, boxes):
-        x, _ = detection_input(img, max_size)
-        return x, v2.functional.resize(boxes, [x.shape[1], x.shape[2]])
+    def transform(img: Image.Image | torch.Tensor, boxes):
+        x, boxes = detection_resize(img, max_size, boxes)
+        return v2.functional.to_dtype(x, torch.float32, scale=True), boxes
 
     return transform
 

@@ -7,7 +7,9 @@
 #   scripts/bench_train.sh --epochs 1 --tasks classification,detection
 #
 # Prints one line per task and precision (seconds per epoch, the first epoch apart, since it
-# pays for start-up and cuDNN autotuning) and appends them to runs/bench_train/epoch_times.jsonl.
+# pays for start-up and cuDNN autotuning) and appends them to runs/bench_train/epoch_times.jsonl;
+# then README's table, "first / later" seconds per task, with this run's columns beside those
+# of docs/benchmarks/*_train_epoch_times.jsonl (the H200's). A failed run prints its log's end.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -32,10 +34,17 @@ done
 NPROC=1
 if [ "$DEVICE" = cuda ]; then NPROC="$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')"; fi
 mkdir -p "$DATA" "$OUT"
-[ -d "$DATA/digits" ] || "$PY" -m training.sample_data digits --out "$DATA/digits" >/dev/null
-[ -d "$DATA/det/train" ] || { "$PY" -m training.shapes --out "$DATA/det/train" --layout voc --n 300 --size 128 --seed 0 --no-progress;
-                             "$PY" -m training.shapes --out "$DATA/det/val" --layout voc --n 50 --size 128 --seed 1 --no-progress; } >/dev/null
-[ -d "$DATA/masks" ] || "$PY" -m training.shapes --out "$DATA/masks" --layout masks --n 400 --size 128 --seed 0 --no-progress >/dev/null
+wants() { case ",$TASKS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }  # the data only the tasks run need
+if wants classification || wants generation || wants embedding; then
+  [ -d "$DATA/digits" ] || "$PY" -m training.sample_data digits --out "$DATA/digits" >/dev/null
+fi
+if wants detection && [ ! -d "$DATA/det/train" ]; then
+  "$PY" -m training.shapes --out "$DATA/det/train" --layout voc --n 300 --size 128 --seed 0 --no-progress >/dev/null
+  "$PY" -m training.shapes --out "$DATA/det/val" --layout voc --n 50 --size 128 --seed 1 --no-progress >/dev/null
+fi
+if wants segmentation; then
+  [ -d "$DATA/masks" ] || "$PY" -m training.shapes --out "$DATA/masks" --layout masks --n 400 --size 128 --seed 0 --no-progress >/dev/null
+fi
 D="$DATA"
 declare -A CMD=(
   [classification]="training.train --data $D/digits/train --model resnet18 --channels 3 --hflip-prob 0 --batch-size 64"
@@ -51,7 +60,9 @@ for task in ${TASKS//,/ }; do
     # shellcheck disable=SC2086
     "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m ${CMD[$task]} --epochs "$EPOCHS" \
         --device "$DEVICE" --amp "$amp" --out "$run" --no-progress > "$run.log" 2>&1 \
-      || { echo "$task $DEVICE $amp: FAILED, see $run.log:"; grep -m 3 -E "Error|error:" "$run.log" | grep -v elastic; continue; }
+      || { echo "$task $DEVICE $amp: FAILED, see $run.log; its last lines:"
+           grep -v -E "torch\.distributed\.elastic|ChildFailedError|^[[:space:]]*$|^=+$" "$run.log" | tail -n 12 | sed 's/^/    /' || true
+           continue; }
     "$PY" - "$run" "$task" "$DEVICE" "$amp" "$NPROC" <<'PY'
 import csv, json, sys
 from pathlib import Path
@@ -65,3 +76,24 @@ with open(Path(run).parent / "epoch_times.jsonl", "a") as f:
 PY
   done
 done
+"$PY" - docs/benchmarks/*_train_epoch_times.jsonl "$OUT/epoch_times.jsonl" <<'PY'
+import json, sys
+from pathlib import Path
+cells, columns = {}, {}
+for path in sys.argv[1:]:
+    if not Path(path).is_file():
+        continue
+    tag = "this machine" if path == sys.argv[-1] else Path(path).name.split("_")[0]
+    for line in open(path):
+        r = json.loads(line)
+        column = f"{tag}: {r['device']} {r['amp']} x{r['processes']}"
+        columns[column] = None
+        s = r["epoch_seconds"]
+        later = f"{sum(s[1:]) / len(s[1:]):.1f}" if len(s) > 1 else "-"
+        cells[r["task"], column] = f"{s[0]:.1f} / {later}"  # a later line of a file replaces an earlier one
+tasks = dict.fromkeys(t for t, _ in cells)
+print("\n| task | " + " | ".join(columns) + " |")
+print("|---|" + "---:|" * len(columns))
+for task in tasks:
+    print(f"| {task} | " + " | ".join(cells.get((task, c), "-") for c in columns) + " |")
+PY

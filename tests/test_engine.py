@@ -4,22 +4,34 @@ decode cache, skipped files named, class names with spaces. Real digit PNGs and 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import shutil
+import xml.etree.ElementTree as ET
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from model_defs import get_model
+from model_defs import get_entry, get_model, preprocessing
 from model_defs.checkpoint import data_config_from_meta, load_trained
-from model_defs.preprocessing import eval_transform, load_image, train_transform
+from model_defs.preprocessing import (
+    detection_eval_transform,
+    detection_train_transform,
+    eval_transform,
+    load_image,
+    segmentation_train_transform,
+    segmentation_transform,
+)
+from scripts.ops.names import OneLineParser
 from tests.conftest import train_cli_args
-from training import cache as cache_mod
-from training import train, train_detection, train_gan, train_segmentation, train_simclr
+from training import engine, scores, train, train_detection, train_gan, train_segmentation, train_simclr
+from training.cache import DecodeCache
 from training.datasets import ImageDataset, read_dataset
+from training.det_datasets import DetectionDataset, SegmentationDataset, read_detection, read_masks
 from training.diagnostics import activation_stats, grad_flags, layer_grad_norms
 from training.shapes import generate
 
@@ -72,6 +84,39 @@ def run_cli(module, argv, capsys) -> tuple[int, str]:
 
 CLS = ["--model", "small_cnn", "--channels", "1", "--hflip-prob", "0", "--workers", "0", "--no-progress"]
 
+EVERY_TASK = {  # each trainer at its smallest, with the data of this module
+    "classification": (train, "small", [*CLS, "--batch-size", "8"]),
+    "detection": (
+        train_detection,
+        "voc",
+        ["--model", "fasterrcnn_mobilenet_320", "--input-size", "64", "--batch-size", "2", "--pictures", "0"],
+    ),
+    "segmentation": (
+        train_segmentation,
+        "masks",
+        [
+            "--model-arg",
+            "depth=2",
+            "--model-arg",
+            "width=8",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--pictures",
+            "0",
+        ],
+    ),
+    "generation": (train_gan, "small", ["--width", "8", "--latent-dim", "8", "--batch-size", "4", "--grid-size", "4"]),
+    "embedding": (
+        train_simclr,
+        "small",
+        ["--eval-data", "{small}", "--channels", "1", "--hflip-prob", "0", "--batch-size", "4"]
+        + ["--model-arg", "widths=[4, 8, 8]", "--model-arg", "proj_hidden=8", "--model-arg", "proj_dim=8"],
+    ),
+}
+
+
 # (trainer, extra flags, words the one line must hold); "{data}" etc. are filled in per test
 MISTAKES = [
     ("train", ["--epochs", "0"], "--epochs must be >= 1"),
@@ -117,14 +162,34 @@ MISTAKES = [
     ("detection", ["--model-arg", "nope=2"], "takes no argument 'nope'"),
     ("segmentation", ["--model-arg", "depth=[1]"], "cannot be built"),
     ("segmentation", ["--epochs", "-3"], "--epochs must be >= 1"),
-    ("gan", ["--image-size", "12"], "power of two"),
+    ("gan", ["--input-size", "12"], "power of two"),
     ("gan", ["--score-classifier", "{tmp}/nowhere"], "nowhere"),
     ("gan", ["--beta1", "1"], "--beta1 must be >= 0 and < 1"),
     ("simclr", ["--knn-k", "0"], "--knn-k must be >= 1"),
     ("simclr", ["--temperature", "0"], "--temperature must be > 0"),
     ("simclr", ["--eval-data", "{tmp}/nowhere"], "nowhere"),
-    ("simclr", ["--optimizer", "adam"], None),  # argparse's own usage error, exit 2
+    ("simclr", ["--optimizer", "adam"], "invalid choice: 'adam'"),
+    ("segmentation", ["--data", "{one_class_masks}"], "at least 1 other class"),
+    ("detection", ["--data", "{no_object_voc}"], "names no object class"),
+    ("simclr", ["--eval-data", "{one_class}"], "at least 2 classes"),
+    ("gan", ["--model-arg", "width=8"], "sets width itself"),
 ]
+
+# Each mistake section 5 of the issue tried, on each of the five trainers.
+TRAINERS = ("train", "detection", "segmentation", "gan", "simclr")
+EVERY_TRAINER = [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--input-size", "0"], "--input-size must be >= 8"),
+    (["--model-arg", "bogus=1"], "takes no argument 'bogus'"),
+    (["--weights-path", "/nope.pt"], "{weights_words}"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--out", "{a_file}"], "is a file"),
+    (["--out", "{existing}"], "--resume"),
+    (["--resume", "{truncated}"], "not a readable checkpoint"),
+    (["--cache", "ram"], "invalid choice: 'ram'"),
+]
+MISTAKES += [(trainer, extra, words) for extra, words in EVERY_TRAINER for trainer in TRAINERS]
 
 
 @pytest.mark.parametrize("trainer,extra,words", MISTAKES, ids=[f"{m[0]}:{' '.join(m[1])}" for m in MISTAKES])
@@ -133,6 +198,8 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(
 ):
     if "cuda:99" in extra and torch.cuda.device_count() > 99:
         pytest.skip("a machine with 100 GPUs")
+    if extra == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "model.pt").write_bytes(b"keep")
@@ -144,7 +211,23 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(
     (tmp_path / "truncated" / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     torch.save({"weights": torch.zeros(1)}, tmp_path / "not_a_checkpoint.pt")
     one_class = subset(digits_dir, tmp_path / "one_class", {"4": 5})
+    one_class_masks = tmp_path / "one_class_masks"
+    shutil.copytree(masks, one_class_masks)
+    (one_class_masks / "classes.txt").write_text("background\n")
+    for mask in (one_class_masks / "masks").glob("*.png"):
+        Image.new("L", Image.open(mask).size).save(mask)
+    no_object_voc = tmp_path / "no_object_voc"
+    shutil.copytree(voc, no_object_voc)
+    (no_object_voc / "classes.txt").unlink()
+    for xml in (no_object_voc / "Annotations").glob("*.xml"):
+        tree = ET.parse(xml)
+        for obj in tree.getroot().findall("object"):
+            tree.getroot().remove(obj)
+        tree.write(xml)
     fill = {
+        "weights_words": "does not support --weights-path" if trainer == "train" else "unrecognized arguments",
+        "one_class_masks": str(one_class_masks),
+        "no_object_voc": str(no_object_voc),
         "tmp": str(tmp_path),
         "labels_txt": str(labels_txt_data),
         "one_class": str(one_class),
@@ -153,7 +236,7 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(
         "truncated": str(tmp_path / "truncated"),
         "not_a_checkpoint": str(tmp_path / "not_a_checkpoint.pt"),
     }
-    extra = [e.format(**fill) for e in extra]
+    extra, words = [e.format(**fill) for e in extra], words.format(**fill)
     out = tmp_path / "out"
     module, base = {
         "train": (train, ["--data", str(small), "--out", str(out), *CLS]),
@@ -163,11 +246,6 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(
         "simclr": (train_simclr, ["--data", str(small), "--out", str(out), "--workers", "0"]),
     }[trainer]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    if words is None:
-        with pytest.raises(SystemExit) as e:
-            module.cli(base + extra)
-        assert e.value.code == 2
-        return
     code, err = run_cli(module, base + extra, capsys)
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -177,8 +255,35 @@ def test_a_mistake_is_one_line_exit_2_and_writes_nothing(
     assert (tmp_path / "existing" / "model.pt").read_bytes() == b"keep"
 
 
-def test_the_mistakes_table_covers_at_least_25():
+def test_the_mistakes_table_covers_at_least_25_and_each_trainer_gets_every_mistake():
     assert len(MISTAKES) >= 25
+    for extra, _ in EVERY_TRAINER:
+        assert {t for t, e, _ in MISTAKES if e == extra} == set(TRAINERS)
+
+
+def test_shared_flags_have_one_name_default_and_help():
+    """A flag two trainers share has one help text and one default, except the defaults a
+    task sets for its models (shown by --help) and the flags whose meaning is the task's."""
+    from training import engine
+
+    task_defaults = engine.TASK_DEFAULTS | {"model", "hflip_prob", "min_scale"}
+    task_meaning = {"data", "layout", "input_size", "pictures", "model"}
+    seen = {}
+    for module in (train, train_detection, train_segmentation, train_gan, train_simclr):
+        parser = module.get_args_parser()
+        assert isinstance(parser, OneLineParser)
+        for a in parser._actions:
+            help_text = (a.help or "").split("(default:")[0]
+            assert a.dest in ("help", "data") or "(default:" in a.help, (module.__name__, a.dest)
+            first = seen.setdefault(a.dest, (module.__name__, a.option_strings[:1], help_text, a.default))
+            assert a.option_strings[:1] == first[1], (a.dest, module.__name__, first[0])  # one name (old aliases kept)
+            if a.dest not in task_meaning:
+                assert help_text == first[2], (a.dest, module.__name__, first[0])
+            if a.dest not in task_defaults | task_meaning:
+                assert a.default == first[3], (a.dest, module.__name__, first[0])
+    engine_flags = {a.dest for a in engine.add_engine_args(argparse.ArgumentParser())._actions}
+    for module in (train, train_detection, train_segmentation, train_gan, train_simclr):
+        assert engine_flags <= {a.dest for a in module.get_args_parser()._actions}, module.__name__
 
 
 def test_cuda_on_a_machine_without_one_is_one_line(small, tmp_path, capsys):
@@ -204,6 +309,65 @@ def test_amp_trains_and_resumes_on_the_cpu(amp, small, tmp_path, capsys):
         capsys,
     )
     assert code == 0 and "epoch 2/2" in err, err
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_a_detector_trains_under_amp_on_the_cpu(amp, voc, tmp_path, capsys):
+    """The path the GPU takes with a detector, whose loss is a dict of losses summed: the
+    forward under autocast, for fp16 the GradScaler with clipping, and the mAP of float32
+    boxes on the CPU (FCOS, the model scripts/bench_train.sh trains)."""
+    out = tmp_path / "o"
+    argv = ["--data", str(voc), "--out", str(out), "--model", "fcos_regnet_x_400mf", "--input-size", "64"]
+    argv += ["--batch-size", "2", "--epochs", "1", "--pictures", "1", "--workers", "0", "--threads", "1"]
+    code, err = run_cli(train_detection, [*argv, "--no-progress", "--amp", amp], capsys)
+    assert code == 0, err
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["amp"] == amp and 0 <= meta["metrics"]["map_50"] <= 1
+    assert (out / "detections.png").is_file()
+    scaler = torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]["model"]
+    assert (scaler.get("scale", 0) > 0) == (amp == "fp16")
+
+
+def test_a_detection_batch_moves_whole_to_the_device(voc):
+    """Every tensor of a detection batch goes to the training device: the images and each
+    target's boxes and labels (dicts inside a list); the dataset indices stay ints."""
+    ds = DetectionDataset(read_detection(voc).samples, detection_eval_transform(64), 64)
+    images, targets, indices = engine.to_device(train_detection.Detection.collate([ds[0], ds[1]]), torch.device("meta"))
+    assert [x.device.type for x in images] == ["meta", "meta"]
+    assert {t[k].device.type for t in targets for k in ("boxes", "labels")} == {"meta"}
+    assert indices == [0, 1]
+
+
+def test_a_detector_without_pycocotools_is_told_before_training(voc, tmp_path, capsys, monkeypatch):
+    """A machine whose torchmetrics cannot compute the mAP (no pycocotools, or too old for
+    backend=) gets one line and exit 1 before anything is trained or written."""
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("Backend `pycocotools` in metric `MeanAveragePrecision` requires pycocotools")
+
+    monkeypatch.setattr(scores, "MeanAveragePrecision", missing)
+    out = tmp_path / "o"
+    code, err = run_cli(train_detection, ["--data", str(voc), "--out", str(out), "--no-progress"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "needs torchmetrics with pycocotools" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("task", list(EVERY_TASK))
+def test_every_task_stops_at_the_time_limit_and_resumes(task, request, tmp_path, capsys):
+    """--max-minutes ends a run after the epoch that passes it; --resume then finishes it,
+    on every trainer (the engine's, not each task's)."""
+    module, data, flags = EVERY_TASK[task]
+    data = request.getfixturevalue(data)
+    flags = [f.format(small=request.getfixturevalue("small")) for f in flags]
+    out = tmp_path / "o"
+    argv = ["--data", str(data), "--out", str(out), *flags, "--workers", "0", "--threads", "1", "--no-progress"]
+    code, err = run_cli(module, [*argv, "--epochs", "3", "--max-minutes", "1e-6"], capsys)
+    assert code == 0 and "stopping: --max-minutes 1e-06 reached" in err, err
+    assert len(read_csv(out / "metrics.csv")) == 1
+    code, err = run_cli(module, [*argv, "--epochs", "2", "--resume", str(out)], capsys)
+    assert code == 0 and "resumed from" in err and "epoch 2/2" in err and "epoch 1/2" not in err, err
+    assert [r["epoch"] for r in read_csv(out / "metrics.csv")] == ["1", "2"]
+    assert json.loads((out / "model.json").read_text())["metrics"]["epochs_run"] == 2
 
 
 def test_force_overwrites_an_existing_run(small, tmp_path, capsys):
@@ -409,23 +573,96 @@ def test_no_diagnostics_by_default(trained_digits):
 # -- decode cache -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["memory", "disk"])
-def test_cache_decodes_each_image_once_and_augmentation_still_varies(mode, small, tmp_path, capsys, monkeypatch):
-    calls = []
-    real = cache_mod.load_image
-    monkeypatch.setattr(cache_mod, "load_image", lambda p, c: calls.append(p) or real(p, c))
-    out = tmp_path / "o"
-    code, err = run_cli(
-        train, train_cli_args(small, out, "--epochs", "3", "--batch-size", "8", "--cache", mode), capsys
-    )
-    assert code == 0, err
-    n = len(list(small.glob("*/*.png")))
-    assert len(calls) == n  # once each, over three epochs of training and validation
-    if mode == "disk":
-        assert len(list((out / "cache").glob("*.npy"))) == n
-    cfg = data_config_from_meta(json.loads((out / "model.json").read_text()))
-    spec = read_dataset(small)
-    load = cache_mod.decoder(mode, cfg, out / "cache", [s.path for s in spec.samples], progress=False)
-    ds = ImageDataset(spec.samples, 3, False, 1, train_transform(cfg, hflip_prob=0, min_scale=0.5), load)
-    torch.manual_seed(0)
-    assert not torch.equal(ds[0][0], ds[0][0])  # the random crop still runs on every read
+@pytest.fixture
+def decodes(monkeypatch) -> Counter:
+    """Every image decode of this test (decode_image: what load_image calls), by path."""
+    calls, real = Counter(), preprocessing.decode_image
+
+    def counted(source, *args, **kwargs):
+        calls[str(source)] += 1
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(preprocessing, "decode_image", counted)
+    return calls
+
+
+CACHED_RUNS = {task: EVERY_TASK[task] for task in ("classification", "detection", "segmentation")}
+
+
+@pytest.mark.parametrize("task", list(CACHED_RUNS))
+def test_the_cache_decodes_each_image_once_and_changes_no_batch(task, request, decodes, tmp_path, capsys):
+    """Over two epochs (training, BatchNorm recalibration, validation) --cache memory and
+    --cache disk decode each image once, where no cache decodes it every epoch; detection
+    and segmentation, whose cache holds the transforms' own resize, train on the very same
+    batches (the same losses to the last digit) with their flips and jitter on."""
+    module, data, flags = CACHED_RUNS[task]
+    data = request.getfixturevalue(data)
+    images = {p for p in data.rglob("*") if p.suffix in (".png", ".jpg") and p.parent.name != "masks"}
+    counts, rows = {}, {}
+    for mode in ("none", "memory", "disk"):
+        decodes.clear()
+        out = tmp_path / mode
+        argv = ["--data", str(data), "--out", str(out), *flags, "--epochs", "2", "--threads", "1"]
+        code, err = run_cli(module, [*argv, "--workers", "0", "--no-progress", "--cache", mode], capsys)
+        assert code == 0, err
+        assert set(decodes) == {str(p) for p in images}
+        counts[mode] = sum(decodes.values())
+        rows[mode] = [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(out / "metrics.csv")]
+    assert counts["memory"] == counts["disk"] == len(images)  # once each
+    assert counts["none"] >= 2 * len(images)  # every epoch again
+    assert len(list((tmp_path / "disk" / "cache").glob("*.npz"))) == len(images)
+    assert not (tmp_path / "none" / "cache").exists() and not (tmp_path / "memory" / "cache").exists()
+    if task != "classification":  # a classifier's random crop is taken from the shrunk image
+        assert rows["memory"] == rows["disk"] == rows["none"]
+    if task != "classification":
+        return
+    decodes.clear()  # a second run into the same folder reads the disk cache
+    argv = ["--data", str(data), "--out", str(tmp_path / "disk"), *flags, "--epochs", "1", "--workers", "0"]
+    assert run_cli(module, [*argv, "--no-progress", "--cache", "disk", "--force"], capsys)[0] == 0
+    assert not decodes
+
+
+def test_a_cached_item_is_the_uncached_item(voc, masks, small, tmp_path):
+    """Item by item, with the same seed: the same pixels, boxes and masks with or without
+    the cache (memory, then disk, each read twice: once decoded, once kept), with the random
+    flips, crops and jitter on; and the random steps still differ between two reads."""
+    det = read_detection(voc).samples
+    seg_cfg = get_entry("unet", task="segmentation").data_config.replace(input_size=32, resize_size=32)
+    eval_seg = segmentation_transform(seg_cfg)
+    cls_cfg = get_entry("small_cnn", task="classification").data_config.replace(input_size=20, resize_size=24)
+    cls = read_dataset(small).samples
+    for cache in (DecodeCache("memory"), DecodeCache("disk", tmp_path / "cache")):
+        pairs = [
+            (DetectionDataset(det, tf, 64), DetectionDataset(det, tf, 64, cache))
+            for tf in (detection_train_transform(64, 0.5, 0.5), detection_eval_transform(64))
+        ] + [
+            (
+                SegmentationDataset(read_masks(masks).samples, tf, 3, seg_cfg, full_masks=full),
+                SegmentationDataset(read_masks(masks).samples, tf, 3, seg_cfg, full_masks=full, cache=cache),
+            )
+            for tf, full in (
+                (segmentation_train_transform(seg_cfg, hflip_prob=0.5, min_scale=0.5), False),
+                (lambda image, mask: (eval_seg(image), mask), True),
+            )
+        ]
+        pairs.append(
+            (
+                ImageDataset(cls, 3, False, 1, eval_transform(cls_cfg)),
+                ImageDataset(cls, 3, False, 1, eval_transform(cls_cfg), cache.image_loader(cls_cfg)),
+            )
+        )
+        for plain, cached in pairs:
+            for i in range(len(plain)):
+                for _ in range(2):
+                    torch.manual_seed(i)
+                    a = plain[i]
+                    torch.manual_seed(i)
+                    b = cached[i]
+                    for x, y in zip(a, b):
+                        if isinstance(x, dict):
+                            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                        else:
+                            assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)), (type(plain).__name__, i)
+    flips = DetectionDataset(det, detection_train_transform(64, 0.5, 0.5), 64, DecodeCache("memory"))
+    assert any(not torch.equal(flips[0][0], flips[0][0]) for _ in range(5))  # augmentation runs on every read
+    assert any((tmp_path / "cache").glob("*.npz"))  # the disk cache was written

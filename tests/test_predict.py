@@ -25,6 +25,7 @@ from scripts.cli.predict import Answer
 from scripts.ops import task_metrics as tm
 from tests.conftest import serving, train_cli_args
 from training import shapes, train, train_detection, train_segmentation, train_simclr
+from training.scores import multilabel_scores
 
 ROUND = {0, 6, 8, 9}  # digits with a closed loop: the second label of the multi-label set
 
@@ -367,7 +368,7 @@ def test_answer_lines_per_task():
 def test_multilabel_scores_on_known_sets():
     predicted = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool)
     truth = torch.tensor([[1, 0, 0], [0, 1, 0]], dtype=torch.bool)
-    s = train.multilabel_scores(predicted, truth)
+    s = multilabel_scores(predicted, truth)
     assert s["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1)) and s["exact_match"] == pytest.approx(0.5)
 
 

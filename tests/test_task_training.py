@@ -19,7 +19,7 @@ from model_defs.checkpoint import load_trained
 from model_defs.embedding import nt_xent_loss
 from model_defs.generative import latent_vectors
 from model_defs.preprocessing import logits_to_mask, mask_to_image, tensor_to_images
-from training import train_gan, train_segmentation, train_simclr
+from training import scores, train_gan, train_segmentation, train_simclr
 from training.shapes import generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -101,7 +101,7 @@ def test_segmentation_bad_annotations_are_named(shapes_masks, tmp_path, capsys):
 
 def test_miou_and_pixel_accuracy_on_a_known_confusion_matrix():
     # rows = truth, columns = prediction
-    s = train_segmentation.scores(np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]]))
+    s = scores.segmentation_scores(np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]]))
     assert s["iou"][0] == pytest.approx(3 / 4) and s["iou"][1] == pytest.approx(4 / 5)
     assert s["iou"][2] is None  # absent from truth and prediction: not averaged
     assert s["miou"] == pytest.approx((3 / 4 + 4 / 5) / 2)
@@ -286,10 +286,8 @@ def test_knn_accuracy_on_separable_points():
     bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]]), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
     query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 1.0]]), dim=1)
-    assert train_simclr.knn_accuracy(bank, labels, query, torch.tensor([0, 1, 1]), k=2, num_classes=2) == 1.0
-    assert train_simclr.knn_accuracy(bank, labels, query, torch.tensor([1, 1, 1]), k=2, num_classes=2) == pytest.approx(
-        2 / 3
-    )
+    assert scores.knn_accuracy(bank, labels, query, torch.tensor([0, 1, 1]), k=2, num_classes=2) == 1.0
+    assert scores.knn_accuracy(bank, labels, query, torch.tensor([1, 1, 1]), k=2, num_classes=2) == pytest.approx(2 / 3)
 
 
 # -- every entry point ---------------------------------------------------------------------

@@ -1,12 +1,18 @@
-"""Benchmark of `--cache`: epoch time of the classification trainer on a JPEG dataset
-without a cache, with `--cache memory` and with `--cache disk`, measured in the same run.
+"""Benchmark of `--cache`: epoch time of the classification, detection and segmentation
+trainers on JPEG datasets without a cache, with `--cache memory` and with `--cache disk`,
+measured in the same run.
 
     .venv/bin/python -m training.bench_cache --out runs/bench_cache
+    .venv/bin/python -m training.bench_cache --images 20 --epochs 2   # a smoke run
 
-It writes N JPEG photographs (random 640x480 crops of scikit-image's pictures, one class
-per source picture) under OUT/data, trains small_cnn at 64 px for --epochs epochs with each
-setting, and reports the mean time of the epochs after the first (the first one decodes in
-every setting) and the speed-up over no cache, as a table and OUT/cache_benchmark.json.
+It writes the data under OUT/data once: for classification, N JPEG photographs (random
+640x480 crops of scikit-image's pictures, one class per source picture); for detection and
+segmentation, N 640x480 JPEGs of shapes painted on those photographs (training.shapes;
+VOC boxes, PNG masks). Each trainer runs with each setting for --epochs epochs (small_cnn at
+64 px, fasterrcnn_mobilenet_320 at 128 px, unet at 64 px), and the table reports the mean
+time of the epochs after the first (the first one decodes in every setting but memory, which
+decodes before it) and the speed-up over no cache; OUT/cache_benchmark.json holds the
+figures. Ratios within one run are what it measures, not absolute times.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training import train
+from training import train, train_detection, train_segmentation
+from training.shapes import generate
 
 PICTURES = ("astronaut", "chelsea", "coffee", "rocket")
+TASKS = ("classification", "detection", "segmentation")
 
 
 def write_jpegs(root: Path, n: int, seed: int = 0) -> Path:
@@ -38,6 +46,16 @@ def write_jpegs(root: Path, n: int, seed: int = 0) -> Path:
     return root
 
 
+def write_masks_as_jpegs(root: Path, n: int) -> Path:
+    """training.shapes' masks layout (PNG images) with the images re-saved as JPEGs."""
+    generate(root, "masks", n, 640, seed=0, aspect=4 / 3, progress=False)
+    for png in sorted((root / "images").glob("*.png")):
+        with Image.open(png) as img:
+            img.convert("RGB").save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    return root
+
+
 def epoch_seconds(run: Path) -> list[float]:
     with open(run / "metrics.csv") as f:
         return [float(r["seconds"]) for r in csv.DictReader(f)]
@@ -48,57 +66,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", default="runs/bench_cache", help="folder for the data and the runs (default: runs/bench_cache)"
     )
-    p.add_argument("--images", type=int, default=400, help="JPEGs written, split over 4 classes (default: 400)")
+    p.add_argument("--images", type=int, default=400, help="JPEGs written per dataset (default: 400)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per setting; the first is not counted (default: 4)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)} (default: all three)"
+    )
     args = p.parse_args(argv)
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or args.images < 20 or args.epochs < 2:
+        print(f"error: --tasks takes {', '.join(TASKS)}, --images >= 20, --epochs >= 2", file=sys.stderr)
+        return 2
     out = Path(args.out)
     data = out / "data"
-    if not data.is_dir():
-        write_jpegs(data, args.images)
+    common = ["--epochs", str(args.epochs), "--patience", "0", "--workers", str(args.workers), "--threads", "1"]
+    common += ["--no-progress", "--force"]
+    runs = {
+        "classification": (
+            train,
+            lambda: write_jpegs(data / "classification", args.images),
+            ["--model", "small_cnn", "--input-size", "64", "--resize-size", "72", "--batch-size", "32"],
+        ),
+        "detection": (
+            train_detection,
+            lambda: generate(data / "detection", "voc", args.images, 640, seed=0, aspect=4 / 3, progress=False),
+            ["--model", "fasterrcnn_mobilenet_320", "--input-size", "128", "--batch-size", "8", "--pictures", "0"],
+        ),
+        "segmentation": (
+            train_segmentation,
+            lambda: write_masks_as_jpegs(data / "segmentation", args.images),
+            ["--model", "unet", "--model-arg", "depth=3", "--input-size", "64", "--batch-size", "8"],
+        ),
+    }
     results = {}
-    for mode in ("none", "memory", "disk"):
-        run = out / f"run_{mode}"
-        code = train.cli(
-            [
-                "--data",
-                str(data),
-                "--out",
-                str(run),
-                "--force",
-                "--model",
-                "small_cnn",
-                "--input-size",
-                "64",
-                "--resize-size",
-                "72",
-                "--epochs",
-                str(args.epochs),
-                "--batch-size",
-                "32",
-                "--patience",
-                "0",
-                "--workers",
-                str(args.workers),
-                "--threads",
-                "1",
-                "--no-progress",
-                "--cache",
-                mode,
-            ]
-        )
-        if code:
-            return code
-        seconds = epoch_seconds(run)
-        results[mode] = {"first_epoch_s": seconds[0], "later_epoch_s": float(np.mean(seconds[1:]))}
-    base = results["none"]["later_epoch_s"]
-    print(f"\n{args.images} JPEGs of 640x480, small_cnn at 64 px, {args.epochs} epochs, workers {args.workers}")
-    print(f"{'cache':<8} {'epoch 1 (s)':>12} {'later epochs (s)':>17} {'speed-up':>9}")
-    for mode, r in results.items():
-        r["speed_up"] = round(base / r["later_epoch_s"], 2)
-        print(f"{mode:<8} {r['first_epoch_s']:>12.2f} {r['later_epoch_s']:>17.2f} {r['speed_up']:>8.2f}x")
+    for task in tasks:
+        module, write, flags = runs[task]
+        if not (data / task).is_dir():
+            write()
+        for mode in ("none", "memory", "disk"):
+            run = out / f"{task}_{mode}"
+            code = module.cli(["--data", str(data / task), "--out", str(run), *flags, *common, "--cache", mode])
+            if code:
+                return code
+            seconds = epoch_seconds(run)
+            results.setdefault(task, {})[mode] = {
+                "first_epoch_s": seconds[0],
+                "later_epoch_s": float(np.mean(seconds[1:])),
+            }
+    print(f"\n{args.images} JPEGs of 640x480 per task, {args.epochs} epochs, workers {args.workers}")
+    print(f"{'task':<15} {'cache':<8} {'epoch 1 (s)':>12} {'later epochs (s)':>17} {'speed-up':>9}")
+    for task, by_mode in results.items():
+        base = by_mode["none"]["later_epoch_s"]
+        for mode, r in by_mode.items():
+            r["speed_up"] = round(base / r["later_epoch_s"], 2)
+            print(
+                f"{task:<15} {mode:<8} {r['first_epoch_s']:>12.2f} {r['later_epoch_s']:>17.2f} {r['speed_up']:>8.2f}x"
+            )
     (out / "cache_benchmark.json").write_text(
-        json.dumps({"images": args.images, "epochs": args.epochs, **results}, indent=2) + "\n"
+        json.dumps({"images": args.images, "epochs": args.epochs, "workers": args.workers, **results}, indent=2) + "\n"
     )
     return 0
 

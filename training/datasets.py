@@ -282,7 +282,9 @@ def parse_split_source(text: str) -> tuple[float, int] | None:
 
 
 class ImageDataset(Dataset):
-    """Samples → (tensor, target). An unreadable image yields Skipped (dropped and named)."""
+    """Samples → (tensor, target). `load(path, channels)` gives the image (a PIL image, or a
+    uint8 tensor from training.cache's loader); an unreadable one yields Skipped (dropped and
+    named)."""
 
     def __init__(
         self, samples: list[Sample], num_classes: int, multi_label: bool, channels: int, transform, load=load_image
@@ -300,13 +302,15 @@ class ImageDataset(Dataset):
             return t
         return sample.labels[0]
 
+    def read(self, i: int):
+        return self.load(self.samples[i].path, self.channels)
+
     def __getitem__(self, i: int):
-        sample = self.samples[i]
         try:
-            image = self.load(sample.path, self.channels)
+            image = self.read(i)
         except (ValueError, OSError):
-            return Skipped(sample.path)
-        return self.transform(image), self.target(sample)
+            return Skipped(self.samples[i].path)
+        return self.transform(image), self.target(self.samples[i])
 
 
 class SkipCollate:

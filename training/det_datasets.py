@@ -26,8 +26,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
-from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
+from model_defs.preprocessing import IMAGE_EXTENSIONS, detection_resize, load_image
+from training.cache import DecodeCache
 from training.datasets import DatasetError, Skipped, fingerprint, read_class_names
 
 DETECTION_LAYOUTS = ("auto", "voc", "coco")
@@ -345,58 +347,102 @@ def read_masks(root: str | Path, classes: list[str] | None = None, check_values:
 
 
 class DetectionDataset(Dataset):
-    """DetSample → (image, target) for torchvision detectors: labels are 1-based (0 is the
-    background), boxes in the pixel frame of the transformed image.
+    """DetSample → (image, target, index) for torchvision detectors: labels are 1-based (0 is
+    the background), boxes in the pixel frame of the transformed image.
 
-    `transform(image: PIL, boxes: tv_tensors.BoundingBoxes)` → (tensor, boxes); see
-    model_defs.preprocessing.detection_train_transform. An unreadable image yields Skipped.
+    `transform(image: uint8 tensor, boxes: tv_tensors.BoundingBoxes)` → (tensor, boxes); see
+    model_defs.preprocessing.detection_train_transform. With a cache, the image and its boxes
+    are kept resized to `size` (the transform's own first step). An unreadable image yields
+    Skipped.
     """
 
-    def __init__(self, samples: list[DetSample], transform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[DetSample], transform, size: int = 0, cache: DecodeCache | None = None):
+        self.samples, self.transform, self.size, self.cache = samples, transform, size, cache or DecodeCache()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def read(self, i: int) -> dict[str, torch.Tensor]:
         s = self.samples[i]
+
+        def decode():
+            return {
+                "image": v2.functional.pil_to_tensor(load_image(s.path, 3)),
+                "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
+            }
+
+        def shrink(item):
+            image, boxes = detection_resize(item["image"], self.size, xyxy(item["boxes"], item["image"]))
+            return {"image": image, "boxes": boxes.as_subclass(torch.Tensor)}
+
+        return self.cache.get([s.path], f"detection {self.size} {s.boxes}", decode, shrink)
+
+    def __getitem__(self, i: int):
         try:
-            image = load_image(s.path, 3)
+            item = self.read(i)
         except (ValueError, OSError):
-            return Skipped(s.path)
-        boxes = tv_tensors.BoundingBoxes(
-            torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
-            format="XYXY",
-            canvas_size=(image.height, image.width),
-        )
-        tensor, boxes = self.transform(image, boxes)
-        target = {"boxes": boxes.as_subclass(torch.Tensor), "labels": torch.tensor(s.labels, dtype=torch.int64) + 1}
+            return Skipped(self.samples[i].path)
+        tensor, boxes = self.transform(item["image"], xyxy(item["boxes"], item["image"]))
+        target = {
+            "boxes": boxes.as_subclass(torch.Tensor),
+            "labels": torch.tensor(self.samples[i].labels, dtype=torch.int64) + 1,
+        }
         return tensor, target, i
+
+
+def xyxy(boxes: torch.Tensor, image: torch.Tensor) -> tv_tensors.BoundingBoxes:
+    return tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
 
 
 class SegmentationDataset(Dataset):
     """MaskSample → (image, mask): tv_tensors.Image (uint8, C x H x W) and tv_tensors.Mask
     (int64, H x W), passed through `transforms(image, mask)` when given (torchvision v2
-    transforms move both together). An unreadable file yields Skipped."""
+    transforms move both together). With a cache (and `cfg`), the image is kept resized to
+    the input square (the transforms' own first step), and the mask with it unless
+    `full_masks` (validation scores masks at their original size). An unreadable file
+    yields Skipped."""
 
-    def __init__(self, samples: list[MaskSample], transforms=None, channels: int = 3):
+    def __init__(
+        self,
+        samples: list[MaskSample],
+        transforms=None,
+        channels: int = 3,
+        cfg=None,
+        full_masks: bool = False,
+        cache: DecodeCache | None = None,
+    ):
         self.samples, self.transforms, self.channels = samples, transforms, channels
+        self.cfg, self.full_masks, self.cache = cfg, full_masks, cache or DecodeCache()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def read(self, i: int) -> dict[str, torch.Tensor]:
         s = self.samples[i]
-        try:
-            image = load_image(s.image, self.channels)
+
+        def decode():
+            image = v2.functional.pil_to_tensor(load_image(s.image, self.channels))
             with Image.open(s.mask) as m:
-                mask = np.asarray(m, dtype=np.uint8).copy()
+                mask = torch.from_numpy(np.asarray(m, dtype=np.uint8).copy())
+            return {"image": image, "mask": mask}
+
+        def shrink(item):
+            size = (self.cfg.input_size, self.cfg.input_size)
+            resize = v2.Resize(size, interpolation=v2.InterpolationMode(self.cfg.interpolation), antialias=True)
+            image = resize(item["image"])
+            mask = item["mask"] if self.full_masks else resize(tv_tensors.Mask(item["mask"])).as_subclass(torch.Tensor)
+            return {"image": image, "mask": mask}
+
+        recipe = f"segmentation {self.channels} {self.cfg and (self.cfg.input_size, self.cfg.interpolation)}"
+        recipe += " full mask" if self.full_masks else ""
+        return self.cache.get([s.image, s.mask], recipe, decode, shrink)
+
+    def __getitem__(self, i: int):
+        try:
+            item = self.read(i)
         except (ValueError, OSError):
-            return Skipped(s.image)
-        image = tv_tensors.Image(
-            torch.from_numpy(np.asarray(image).copy()).reshape(image.height, image.width, -1).permute(2, 0, 1)
-        )
-        mask = tv_tensors.Mask(torch.from_numpy(mask).long())
+            return Skipped(self.samples[i].image)
+        image, mask = tv_tensors.Image(item["image"]), tv_tensors.Mask(item["mask"])
         if self.transforms is not None:
-            return self.transforms(image, mask)
-        return image, mask
+            image, mask = self.transforms(image, mask)
+        return image, mask.to(torch.int64)

@@ -39,7 +39,9 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_torch_save, read_meta, save_model_files, unwrap
 from model_defs.files import atomic_write
+from scripts.ops.names import OneLineParser
 from training import distributed as dist
+from training.cache import CACHE_MODES, DecodeCache
 from training.datasets import SkipCollate, Skipped
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
 from training.key_values import parse_key_values
@@ -69,20 +71,84 @@ TASK_DEFAULTS = {
 }
 
 
-def add_model_arg(g, example: str = "") -> None:
-    """--model-arg KEY=VALUE, the same flag on every trainer that builds from the registry."""
+def task_parser(task: Task) -> argparse.ArgumentParser:
+    """A trainer's parser: its module's docstring as the description; a usage mistake (an
+    unknown flag, a value of the wrong type) is one line and exit 2, like every other mistake."""
+    module = sys.modules[type(task).__module__]
+    return OneLineParser(
+        prog=f"python -m training.{Path(module.__file__).stem}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def add_data_args(p, data_help: str, layouts=(), layout_help="dataset layout", val: bool = True):
+    """--data, --layout, --val-data and --val-fraction: one name, default and help everywhere."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help=f"{data_help} (required)")
+    if layouts:
+        g.add_argument("--layout", default="auto", choices=layouts, help=f"{layout_help} (default: auto, detected)")
+    if val:
+        g.add_argument(
+            "--val-data",
+            default=None,
+            help="validation dataset, same layout; if not given --val-fraction of --data is held out (default: None)",
+        )
+        g.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.2,
+            help="share of --data held out for validation without --val-data, per class for classifiers "
+            "(default: %(default)s)",
+        )
+    return g
+
+
+def add_model_args(p, task: str, model: str, *, example="", channels=True, input_size="", hflip=0.5, min_scale=None):
+    """--model, --model-arg, --channels, --input-size, --hflip-prob, --min-scale: one name and
+    help everywhere; the defaults that differ by task are the task's."""
+    g = p.add_argument_group("model and augmentation")
+    g.add_argument(
+        "--model", default=model, help=f"registered {task} model, see `python -m model_defs` (default: {model})"
+    )
     g.add_argument(
         "--model-arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra keyword argument for the model builder, value parsed as YAML"
-        + (f", e.g. {example}" if example else "")
-        + "; repeatable (default: none)",
+        help="extra keyword argument for the model builder, value parsed as YAML; repeatable (default: none"
+        + (f"; e.g. {example})" if example else ")"),
     )
+    if channels:
+        g.add_argument(
+            "--channels",
+            type=int,
+            choices=(1, 3),
+            default=None,
+            help="1 = grey images, 3 = RGB (default: the model's data config)",
+        )
+    if input_size:
+        g.add_argument(
+            "--input-size", type=int, default=None, help=f"{input_size} in pixels (default: the model's data config)"
+        )
+    if hflip is not None:
+        g.add_argument(
+            "--hflip-prob",
+            type=float,
+            default=hflip,
+            help="horizontal-flip probability in training; 0 for digits and text (default: %(default)s)",
+        )
+    if min_scale is not None:
+        g.add_argument(
+            "--min-scale",
+            type=float,
+            default=min_scale,
+            help="smallest area share of the training random resized crop; 1 = no crop (default: %(default)s)",
+        )
+    return g
 
 
-def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaults) -> argparse.ArgumentParser:
+def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
     unknown = set(defaults) - TASK_DEFAULTS
     assert not unknown, unknown
     g = p.add_argument_group("optimization (every trainer)")
@@ -193,14 +259,13 @@ def add_engine_args(p: argparse.ArgumentParser, *, cache: bool = False, **defaul
     g.add_argument(
         "--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)"
     )
-    if cache:
-        g.add_argument(
-            "--cache",
-            default="none",
-            choices=("none", "memory", "disk"),
-            help="keep decoded, resized images in memory or in <out>/cache so later epochs skip decoding; "
-            "augmentation still runs every epoch (default: %(default)s)",
-        )
+    g.add_argument(
+        "--cache",
+        default="none",
+        choices=CACHE_MODES,
+        help="keep decoded, resized images (and their boxes or masks) in memory or in <out>/cache so later epochs "
+        "skip decoding; augmentation still runs every epoch (default: %(default)s)",
+    )
     g = p.add_argument_group("diagnostics (every trainer, written into --out)")
     g.add_argument(
         "--log-grad-norms",
@@ -232,7 +297,6 @@ RANGES = {
     "batch_size": (1, None, True, True),
     "input_size": (8, None, True, True),
     "resize_size": (8, None, True, True),
-    "image_size": (8, None, True, True),
     "latent_dim": (1, None, True, True),
     "width": (1, None, True, True),
     "knn_k": (1, None, True, True),
@@ -321,6 +385,8 @@ def build_model(name: str, task: str, pairs: list[str], **fixed) -> tuple[nn.Mod
         for key in [*extra, *fixed]:
             if key not in params:
                 raise UsageError(f"--model {name} takes no argument {key!r}; it takes {', '.join(params)}")
+    for key in set(extra) & set(fixed):
+        raise UsageError(f"--model-arg {key}: the trainer sets {key} itself, from the data or its own flag")
     kwargs = {**fixed, **extra}
     try:
         return get_model(name, **kwargs), kwargs
@@ -454,6 +520,7 @@ class Task:
         self.extra_metrics: dict = {}
         self.skipped: list[str] = []
         self.optimizer_kwargs: dict[str, dict] = {}
+        self.cache = DecodeCache()  # what the datasets read through; fit() sets the one --cache names
         self.args = self.device = None
 
     def parser(self) -> argparse.ArgumentParser:
@@ -468,6 +535,11 @@ class Task:
 
     def setup(self, args) -> None:
         raise NotImplementedError
+
+    def datasets(self) -> list:
+        """Every dataset the run reads (--cache memory decodes them all before training)."""
+        found = (self.train_set, getattr(self, "val_set", None), getattr(self, "calibration_set", None))
+        return list({id(d): d for d in found if d is not None}.values())
 
     @staticmethod
     def collate(items):
@@ -519,7 +591,10 @@ class Task:
 
 def cli(task: Task, argv: list[str] | None = None) -> int:
     """Parse, check, train. Mistakes are one `error:` line and exit 2, a failed run exit 1."""
-    args = task.parser().parse_args(argv)
+    try:
+        args = task.parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a usage mistake already answered in one line (2)
+        return e.code
     try:
         fit(task, args)
     except (ValueError, KeyError) as e:
@@ -534,6 +609,11 @@ def cli(task: Task, argv: list[str] | None = None) -> int:
     finally:
         dist.close()
     return 0
+
+
+def entry_points(task_class: type[Task]):
+    """A trainer module's `cli(argv) -> exit code` and `get_args_parser()`."""
+    return (lambda argv=None: cli(task_class(), argv)), (lambda: task_class().parser())
 
 
 def log(message: str) -> None:
@@ -574,7 +654,9 @@ def fit(task: Task, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     task.args, task.device = args, device
+    task.cache = DecodeCache(args.cache, Path(args.out) / "cache")
     task.setup(args)
+    task.cache.fill(task.datasets(), not args.no_progress and dist.is_main())
     out, world, rank = Path(args.out), dist.world_size(), dist.rank()
 
     models = {"model": task.model, **task.extra_modules}

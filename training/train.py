@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
 
 from model_defs import get_entry
 from model_defs.preprocessing import eval_transform, train_transform
 from training import engine
-from training.cache import decoder
 from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, split_source, stratified_split
+from training.scores import multilabel_scores
 
 
 class Classification(engine.Task):
@@ -35,26 +34,12 @@ class Classification(engine.Task):
     }
 
     def parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        g = p.add_argument_group("data")
-        g.add_argument("--data", required=True, help="training dataset folder (required)")
-        g.add_argument(
-            "--layout",
-            default="auto",
-            choices=LAYOUTS,
-            help="dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt "
-            "(default: auto, detected)",
-        )
-        g.add_argument(
-            "--val-data",
-            default=None,
-            help="validation dataset folder; if not given a stratified share of --data is held out (default: None)",
-        )
-        g.add_argument(
-            "--val-fraction",
-            type=float,
-            default=0.2,
-            help="share of each class held out for validation when --val-data is not given (default: 0.2)",
+        p = engine.task_parser(self)
+        g = engine.add_data_args(
+            p,
+            "training dataset folder",
+            LAYOUTS,
+            "dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt",
         )
         g.add_argument(
             "--balance",
@@ -73,25 +58,8 @@ class Classification(engine.Task):
             default=0.5,
             help="probability over which a label is predicted, multi-label only (default: 0.5)",
         )
-        g = p.add_argument_group("model and preprocessing")
-        g.add_argument(
-            "--model",
-            default="small_cnn",
-            help="registered model name, see `python -m model_defs` (default: small_cnn)",
-        )
-        engine.add_model_arg(g)
-        g.add_argument(
-            "--channels",
-            type=int,
-            choices=(1, 3),
-            default=None,
-            help="1 = train on grey images, 3 = RGB (default: the model's data config)",
-        )
-        g.add_argument(
-            "--input-size",
-            type=int,
-            default=None,
-            help="center-crop / training crop size in pixels (default: the model's data config)",
+        g = engine.add_model_args(
+            p, "classification", "small_cnn", input_size="center-crop / training crop size", min_scale=0.6
         )
         g.add_argument(
             "--resize-size",
@@ -110,22 +78,13 @@ class Classification(engine.Task):
             help="train only the new head (models that accept it) (default: off)",
         )
         g.add_argument(
-            "--hflip-prob",
-            type=float,
-            default=0.5,
-            help="horizontal-flip probability in training augmentation; 0 for digits and text (default: 0.5)",
-        )
-        g.add_argument(
-            "--min-scale", type=float, default=0.6, help="smallest area share of the random resized crop (default: 0.6)"
-        )
-        g.add_argument(
             "--label-smoothing",
             type=float,
             default=0.0,
             help="label smoothing of the cross-entropy loss (default: 0.0)",
         )
         return engine.add_engine_args(
-            p, cache=True, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0
+            p, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0
         )
 
     def check(self, args) -> None:
@@ -168,7 +127,7 @@ class Classification(engine.Task):
         start = {k: v for k, v in (("weights_path", args.weights_path), ("freeze_backbone", args.freeze_backbone)) if v}
         self.model, kwargs = engine.build_model(args.model, "classification", args.model_arg, **fixed, **start)
         arch_args = {k: v for k, v in kwargs.items() if k not in start}  # the start weights are in model.pt
-        load = decoder(args.cache, cfg, Path(args.out) / "cache", [s.path for s in self.train_samples + val_samples])
+        load = self.cache.image_loader(cfg)
         self.train_set = ImageDataset(
             self.train_samples,
             len(classes),
@@ -245,29 +204,7 @@ class Classification(engine.Task):
         return result
 
 
-def multilabel_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Micro F1 ("f1"), macro F1 and exact match of boolean (images, classes) label sets; the
-    figures training records and scripts/predict reports over REST (torchmetrics)."""
-    n = truth.shape[1]
-    predicted, truth = predicted.long(), truth.long()
-    return {
-        "f1": MultilabelF1Score(n, average="micro")(predicted, truth).item(),
-        "f1_macro": MultilabelF1Score(n, average="macro")(predicted, truth).item(),
-        "exact_match": MultilabelExactMatch(n)(predicted, truth).item(),
-    }
-
-
-def main(args) -> dict:
-    return engine.fit(Classification(), args)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    return Classification().parser()
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return engine.cli(Classification(), argv)
-
+cli, get_args_parser = engine.entry_points(Classification)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torchmetrics.detection import MeanAveragePrecision
 
 from model_defs import get_entry
 from model_defs.checkpoint import load_trained
@@ -32,9 +31,10 @@ from model_defs.preprocessing import (
     load_image,
 )
 from training import engine
-from training.datasets import random_split
+from training.datasets import DatasetError, random_split
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, read_detection
 from training.draw import draw_detections, enlarge_small, grid
+from training.scores import map_metric
 
 
 class Detection(engine.Task):
@@ -42,40 +42,12 @@ class Detection(engine.Task):
     panels = {"loss": ["train_loss"], "validation mAP": ["val_map_50", "val_map"]}
 
     def parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        g = p.add_argument_group("data")
-        g.add_argument(
-            "--data", required=True, help="training dataset: VOC folder, COCO folder or COCO .json (required)"
+        p = engine.task_parser(self)
+        engine.add_data_args(
+            p, "training dataset: VOC folder, COCO folder or COCO .json", DETECTION_LAYOUTS, "annotation layout"
         )
-        g.add_argument(
-            "--layout", default="auto", choices=DETECTION_LAYOUTS, help="annotation layout (default: auto, detected)"
-        )
-        g.add_argument(
-            "--val-data",
-            default=None,
-            help="validation dataset; if not given --val-fraction of --data is held out (default: None)",
-        )
-        g.add_argument(
-            "--val-fraction",
-            type=float,
-            default=0.2,
-            help="share of the images held out for validation without --val-data (default: 0.2)",
-        )
-        g = p.add_argument_group("model")
-        g.add_argument(
-            "--model",
-            default="fasterrcnn_mobilenet_320",
-            help="registered detection model, see `python -m model_defs` (default: fasterrcnn_mobilenet_320)",
-        )
-        engine.add_model_arg(g)
-        g.add_argument(
-            "--input-size",
-            type=int,
-            default=None,
-            help="longer image side the model sees, in pixels (default: the model's data config)",
-        )
-        g.add_argument(
-            "--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training (default: 0.5)"
+        g = engine.add_model_args(
+            p, "detection", "fasterrcnn_mobilenet_320", channels=False, input_size="longer image side the model sees"
         )
         g.add_argument(
             "--vflip-prob", type=float, default=0.0, help="vertical-flip probability in training (default: 0.0)"
@@ -98,10 +70,23 @@ class Detection(engine.Task):
             p, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, clip_grad_norm=10.0, bn_recalibration_batches=0
         )
 
+    def check(self, args) -> None:
+        """The mAP needs torchmetrics with pycocotools: a machine without them (or with a
+        torchmetrics too old for `backend=`) is told now, not after the first epoch."""
+        try:
+            map_metric()
+        except (ImportError, TypeError, ValueError) as e:
+            raise engine.TrainingError(
+                f"detection's mAP needs torchmetrics with pycocotools (requirements.txt pins both): "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+
     def setup(self, args) -> None:
         self.monitor = self.metric_name = args.select_metric
         spec = read_detection(args.data, args.layout)
         classes = spec.classes
+        if not classes:
+            raise DatasetError(f"{args.data} (layout {spec.layout}) names no object class: a detector needs at least 1")
         if args.val_data:
             train_samples, self.val_samples = (
                 spec.samples,
@@ -117,9 +102,9 @@ class Detection(engine.Task):
             args.model, "detection", args.model_arg, num_classes=len(classes), image_size=self.size
         )
         self.train_set = DetectionDataset(
-            train_samples, detection_train_transform(self.size, args.hflip_prob, args.vflip_prob)
+            train_samples, detection_train_transform(self.size, args.hflip_prob, args.vflip_prob), self.size, self.cache
         )
-        self.val_set = DetectionDataset(self.val_samples, detection_eval_transform(self.size))
+        self.val_set = DetectionDataset(self.val_samples, detection_eval_transform(self.size), self.size, self.cache)
         self.meta = {
             "arch": args.model,
             "arch_args": arch_args,
@@ -201,19 +186,7 @@ class Detection(engine.Task):
         grid(pictures).save(out / "detections.png")
 
 
-def map_metric() -> MeanAveragePrecision:
-    """The mAP training records and scripts/predict reports (boxes xyxy in the original
-    image's pixels, labels 1-based); computed on one process (rank 0 alone)."""
-    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return engine.cli(Detection(), argv)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    return Detection().parser()
-
+cli, get_args_parser = engine.entry_points(Detection)
 
 if __name__ == "__main__":
     sys.exit(cli())

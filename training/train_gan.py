@@ -24,12 +24,11 @@ import torch.nn.functional as F
 import torchvision
 
 from model_defs import get_entry
-from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.generative import dcgan_discriminator, latent_vectors
-from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
+from model_defs.preprocessing import eval_transform
 from training import engine
-from training.cache import decoder
 from training.datasets import Skipped, fingerprint
+from training.scores import InceptionScorer
 from training.unlabeled import UnlabeledImages, find_images
 
 
@@ -42,22 +41,10 @@ class GAN(engine.Task):
     }
 
     def parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        g = p.add_argument_group("data and model")
-        g.add_argument("--data", required=True, help="folder of training images, searched recursively (required)")
-        g.add_argument("--model", default="dcgan", help="registered generation model (default: dcgan)")
-        g.add_argument(
-            "--channels",
-            type=int,
-            choices=(1, 3),
-            default=None,
-            help="1 = grey images, 3 = RGB (default: the model's data config, 1)",
-        )
-        g.add_argument(
-            "--image-size",
-            type=int,
-            default=None,
-            help="generated image side, a power of two >= 8 (default: the model's data config, 32)",
+        p = engine.task_parser(self)
+        engine.add_data_args(p, "folder of training images, searched recursively", val=False)
+        g = engine.add_model_args(
+            p, "generation", "dcgan", input_size="generated image side, a power of two", hflip=None
         )
         g.add_argument("--latent-dim", type=int, default=64, help="length of the latent vector z (default: 64)")
         g.add_argument(
@@ -84,23 +71,23 @@ class GAN(engine.Task):
         )
         # DCGAN's schedule: Adam (no weight decay) at a constant learning rate.
         return engine.add_engine_args(
-            p, cache=True, epochs=20, batch_size=64, lr=2e-4, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0
+            p, epochs=20, batch_size=64, lr=2e-4, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0
         )
 
     def check(self, args) -> None:
-        if args.image_size is not None and (args.image_size < 8 or args.image_size & (args.image_size - 1)):
-            raise engine.UsageError(f"--image-size must be a power of two >= 8, got {args.image_size}")
+        if args.input_size is not None and args.input_size & (args.input_size - 1):
+            raise engine.UsageError(f"--input-size must be a power of two >= 8, got {args.input_size}")
         if not 0 <= args.beta1 < 1:
             raise engine.UsageError(f"--beta1 must be >= 0 and < 1, got {args.beta1}")
 
     def setup(self, args) -> None:
         entry = get_entry(args.model, task="generation")
-        size = args.image_size or entry.data_config.input_size
+        size = args.input_size or entry.data_config.input_size
         self.cfg = cfg = entry.data_config.replace(channels=args.channels, input_size=size, resize_size=size)
         self.model, arch_args = engine.build_model(
             args.model,
             "generation",
-            [],
+            args.model_arg,
             latent_dim=args.latent_dim,
             channels=cfg.channels,
             image_size=size,
@@ -109,9 +96,9 @@ class GAN(engine.Task):
         self.extra_modules = {"disc": dcgan_discriminator(channels=cfg.channels, image_size=size, width=args.width)}
         self.optimizer_kwargs = {name: {"betas": (args.beta1, 0.999)} for name in ("model", "disc")}
         paths = find_images(args.data)
-        self.scorer = SampleScorer(args.score_classifier, cfg) if args.score_classifier else None
+        self.scorer = InceptionScorer(args.score_classifier, cfg) if args.score_classifier else None
         # The training images go through the same resize/crop/normalize the data config names.
-        load = decoder(args.cache, cfg, Path(args.out) / "cache", paths)
+        load = self.cache.image_loader(cfg)
         self.train_set = UnlabeledImages(paths, cfg.channels, eval_transform(cfg), load=load)
         self.fixed_z = latent_vectors(args.grid_seed, args.grid_size, args.latent_dim)
         self.score_z = latent_vectors(args.grid_seed + 1, args.score_samples, args.latent_dim)
@@ -186,37 +173,7 @@ class GAN(engine.Task):
         return result
 
 
-class SampleScorer:
-    """Scores generated images with a trained classifier, the way its handler would see
-    them (PNG pixels, its own preprocessing): the Inception Score exp(E[KL(p(y|x) || p(y))]),
-    between 1 and the number of classes, high when each image is clearly one class and the
-    classes are evenly covered; and how many classes are the top-1 of at least 1% of them."""
-
-    def __init__(self, run_dir: str, gen_cfg):
-        self.model, meta = load_trained(run_dir)
-        if meta["task"] != "classification":
-            raise engine.UsageError(f"--score-classifier {run_dir} is a {meta['task']} model, not a classifier")
-        self.cfg = data_config_from_meta(meta)
-        self.transform, self.classes, self.gen_cfg = eval_transform(self.cfg), meta["classes"], gen_cfg
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> dict:
-        pil = tensor_to_images(images, self.gen_cfg)
-        x = torch.stack([self.transform(to_model_mode(im, self.cfg.channels)) for im in pil])
-        p = torch.cat([torch.softmax(self.model(chunk).float(), 1) for chunk in x.split(256)])
-        marginal = p.mean(0, keepdim=True)
-        kl = (p * (torch.log(p + 1e-12) - torch.log(marginal + 1e-12))).sum(1)
-        share = torch.bincount(p.argmax(1), minlength=p.shape[1]).float() / p.shape[0]
-        return {"inception_score": kl.mean().exp().item(), "classes_covered": int((share >= 0.01).sum())}
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return engine.cli(GAN(), argv)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    return GAN().parser()
-
+cli, get_args_parser = engine.entry_points(GAN)
 
 if __name__ == "__main__":
     sys.exit(cli())

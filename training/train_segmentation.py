@@ -16,7 +16,6 @@ mask and the predicted one.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -29,9 +28,10 @@ from model_defs import get_entry
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import load_image, logits_to_mask, segmentation_train_transform, segmentation_transform
 from training import engine
-from training.datasets import random_split
+from training.datasets import DatasetError, random_split
 from training.det_datasets import IGNORE_INDEX, SegmentationDataset, read_masks
 from training.draw import colour, draw_mask, grid
+from training.scores import segmentation_scores
 
 
 class Segmentation(engine.Task):
@@ -39,47 +39,22 @@ class Segmentation(engine.Task):
     panels = {"loss": ["train_loss"], "validation": ["val_miou", "val_pixel_accuracy"]}
 
     def parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        g = p.add_argument_group("data")
-        g.add_argument("--data", required=True, help="dataset folder: images/ + masks/ + classes.txt (required)")
-        g.add_argument(
-            "--val-data", default=None, help="validation dataset folder, same layout (default: a share of --data)"
+        p = engine.task_parser(self)
+        engine.add_data_args(p, "dataset folder: images/ + masks/ + classes.txt")
+        g = engine.add_model_args(
+            p,
+            "segmentation",
+            "unet",
+            example="depth=3",
+            input_size="side of the square the whole image is resized to",
+            min_scale=1.0,
         )
         g.add_argument(
-            "--val-fraction",
-            type=float,
-            default=0.2,
-            help="share of --data held out when --val-data is not given (default: 0.2)",
-        )
-        g = p.add_argument_group("model and augmentation")
-        g.add_argument(
-            "--model", default="unet", help="registered segmentation model, see `python -m model_defs` (default: unet)"
-        )
-        engine.add_model_arg(g, example="depth=3")
-        g.add_argument(
-            "--channels",
+            "--pictures",
+            "--vis-count",
             type=int,
-            choices=(1, 3),
-            default=None,
-            help="1 = grey, 3 = RGB (default: the model's data config)",
-        )
-        g.add_argument(
-            "--input-size",
-            type=int,
-            default=None,
-            help="side of the square the whole image is resized to (default: the model's data config)",
-        )
-        g.add_argument(
-            "--hflip-prob", type=float, default=0.5, help="horizontal-flip probability in training (default: 0.5)"
-        )
-        g.add_argument(
-            "--min-scale",
-            type=float,
-            default=1.0,
-            help="smallest area share of a random square crop; 1 = no crop (default: 1.0)",
-        )
-        g.add_argument(
-            "--vis-count", type=int, default=8, help="validation images drawn in predictions.png (default: 8)"
+            default=8,
+            help="validation images drawn into predictions.png at the end; 0 = none (default: 8)",
         )
         return engine.add_engine_args(p, epochs=30, batch_size=8, lr=3e-3)
 
@@ -90,6 +65,11 @@ class Segmentation(engine.Task):
         self.cfg = cfg = cfg.replace(resize_size=cfg.input_size)  # segmentation resizes the whole image, no crop
         spec = read_masks(args.data)
         self.classes = spec.classes
+        if len(self.classes) < 2:
+            raise DatasetError(
+                f"{args.data} holds {len(self.classes)} class ({', '.join(self.classes)}): a segmentation model "
+                "needs the background and at least 1 other class"
+            )
         if args.val_data:
             train_samples, self.val_samples = spec.samples, read_masks(args.val_data, classes=self.classes).samples
         else:
@@ -100,11 +80,18 @@ class Segmentation(engine.Task):
         self.train_set = SegmentationDataset(
             train_samples,
             segmentation_train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale),
-            channels=cfg.channels,
+            cfg.channels,
+            cfg,
+            cache=self.cache,
         )
         eval_tf = segmentation_transform(cfg)
         self.val_set = SegmentationDataset(
-            self.val_samples, lambda image, mask: (eval_tf(image), mask), channels=cfg.channels
+            self.val_samples,
+            lambda image, mask: (eval_tf(image), mask),
+            cfg.channels,
+            cfg,
+            full_masks=True,
+            cache=self.cache,
         )
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
         self.meta = {
@@ -148,7 +135,7 @@ class Segmentation(engine.Task):
                 keep = truth != IGNORE_INDEX
                 pred = logits_to_mask(item, truth.shape)
                 confusion += np.bincount(truth[keep].astype(np.int64) * n + pred[keep], minlength=n**2).reshape(n, n)
-        s = scores(confusion)
+        s = segmentation_scores(confusion)
         return {
             "miou": s["miou"],
             "pixel_accuracy": s["pixel_accuracy"],
@@ -159,12 +146,12 @@ class Segmentation(engine.Task):
     def finish(self, out: Path, cell: int = 256) -> None:
         """predictions.png, one row per validation image: the prediction over the image, the
         true mask, the predicted mask (scaled up to `cell` pixels so small images stay readable)."""
-        if self.args.vis_count <= 0:
+        if self.args.pictures <= 0:
             return
         model, _ = load_trained(out)
         tf, tiles = segmentation_transform(self.cfg), []
         lut = np.array([(0, 0, 0)] + [colour(k - 1) for k in range(1, 256)], dtype=np.uint8)
-        for s in self.val_samples[: self.args.vis_count]:
+        for s in self.val_samples[: self.args.pictures]:
             image = load_image(s.image, self.cfg.channels)
             with Image.open(s.mask) as m:
                 truth = np.asarray(m, dtype=np.uint8).copy()
@@ -180,25 +167,7 @@ class Segmentation(engine.Task):
         grid(tiles, columns=3, cell=cell).save(out / "predictions.png")
 
 
-def scores(confusion: np.ndarray) -> dict:
-    """mIoU over the classes present in truth or prediction, pixel accuracy, per-class IoU."""
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    return {
-        "miou": float(np.nanmean(iou)) if np.any(union > 0) else 0.0,
-        "pixel_accuracy": float(tp.sum() / max(1, confusion.sum())),
-        "iou": [None if math.isnan(v) else float(v) for v in iou],
-    }
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return engine.cli(Segmentation(), argv)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    return Segmentation().parser()
-
+cli, get_args_parser = engine.entry_points(Segmentation)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -27,8 +27,8 @@ from model_defs.checkpoint import unwrap
 from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
 from training import engine
-from training.cache import decoder
 from training.datasets import LAYOUTS, DatasetError, ImageDataset, fingerprint, read_dataset, stratified_split
+from training.scores import knn_accuracy
 from training.unlabeled import UnlabeledImages, find_images
 
 
@@ -37,10 +37,13 @@ class SimCLR(engine.Task):
     panels = {"NT-Xent loss": ["train_loss"], "k-NN accuracy": ["val_knn_accuracy"]}
 
     def parser(self) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-        g = p.add_argument_group("data")
-        g.add_argument(
-            "--data", required=True, help="folder of unlabeled training images, searched recursively (required)"
+        p = engine.task_parser(self)
+        g = engine.add_data_args(
+            p,
+            "folder of unlabeled training images, searched recursively",
+            LAYOUTS,
+            "layout of the labeled eval datasets",
+            val=False,
         )
         g.add_argument(
             "--eval-data",
@@ -58,37 +61,14 @@ class SimCLR(engine.Task):
             default=0.2,
             help="share of --eval-data held out as k-NN queries when --eval-val-data is not given (default: 0.2)",
         )
-        g.add_argument(
-            "--layout", default="auto", choices=LAYOUTS, help="layout of the labeled eval datasets (default: auto)"
-        )
         g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN accuracy (default: 20)")
-        g = p.add_argument_group("model and augmentation")
-        g.add_argument("--model", default="simclr", help="registered embedding model (default: simclr)")
-        engine.add_model_arg(g, example="backbone=resnet18")
-        g.add_argument(
-            "--channels",
-            type=int,
-            choices=(1, 3),
-            default=None,
-            help="1 = grey, 3 = RGB (default: the model's data config)",
-        )
-        g.add_argument(
-            "--input-size",
-            type=int,
-            default=None,
-            help="image side the encoder sees (default: the model's data config)",
-        )
-        g.add_argument(
-            "--min-scale",
-            type=float,
-            default=0.3,
-            help="smallest area share of a view's random resized crop (default: 0.3)",
-        )
-        g.add_argument(
-            "--hflip-prob",
-            type=float,
-            default=0.5,
-            help="horizontal-flip probability of a view; 0 for digits and text (default: 0.5)",
+        g = engine.add_model_args(
+            p,
+            "embedding",
+            "simclr",
+            example="backbone=resnet18",
+            input_size="image side the encoder sees",
+            min_scale=0.3,
         )
         g.add_argument(
             "--jitter",
@@ -100,7 +80,7 @@ class SimCLR(engine.Task):
             "--rotation", type=float, default=0.0, help="largest random rotation of a view in degrees (default: 0)"
         )
         g.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
-        return engine.add_engine_args(p, cache=True, epochs=20, batch_size=256, lr=1e-3)
+        return engine.add_engine_args(p, epochs=20, batch_size=256, lr=1e-3)
 
     def setup(self, args) -> None:
         self.cfg = cfg = get_entry(args.model, task="embedding").data_config.replace(
@@ -108,23 +88,27 @@ class SimCLR(engine.Task):
         )
         self.model, arch_args = engine.build_model(args.model, "embedding", args.model_arg, in_channels=cfg.channels)
         paths = find_images(args.data)
+        load = self.cache.image_loader(cfg)
         self.knn = None
         if args.eval_data:
             spec = read_dataset(args.eval_data, args.layout)
-            if spec.multi_label:
-                raise DatasetError(f"{args.eval_data}: k-NN accuracy needs one label per image")
+            if spec.multi_label or len(spec.classes) < 2:
+                raise DatasetError(
+                    f"--eval-data {args.eval_data} (layout {spec.layout}): k-NN accuracy needs one label per image "
+                    f"and at least 2 classes; it has {len(spec.classes)}"
+                )
             if args.eval_val_data:
                 bank, query = spec.samples, read_dataset(args.eval_val_data, args.layout, classes=spec.classes).samples
             else:
                 bank, query = stratified_split(spec.samples, args.eval_val_fraction, args.seed)
             self.knn = [
-                ImageDataset(s, len(spec.classes), False, cfg.channels, eval_transform(cfg)) for s in (bank, query)
+                ImageDataset(s, len(spec.classes), False, cfg.channels, eval_transform(cfg), load)
+                for s in (bank, query)
             ]
             self.val_set, self.monitor, self.metric_name = self.knn[1], "knn_accuracy", "knn_accuracy"
         view = simclr_view_transform(
             cfg, min_scale=args.min_scale, hflip_prob=args.hflip_prob, jitter=args.jitter, rotation=args.rotation
         )
-        load = decoder(args.cache, cfg, Path(args.out) / "cache", paths)
         self.train_set = UnlabeledImages(paths, cfg.channels, view, views=2, load=load)
         self.drop_last = True
         self.meta = {
@@ -157,6 +141,9 @@ class SimCLR(engine.Task):
             self.extra_metrics = {"knn_k": args.knn_k, "untrained_knn_accuracy": baseline}
             engine.log(f"untrained encoder: k-NN accuracy {baseline:.4f}")
 
+    def datasets(self) -> list:
+        return [self.train_set, *(self.knn or [])]
+
     def step(self, batch, models, update):
         v1, v2 = batch
         if len(v1) < 2:
@@ -186,42 +173,7 @@ class SimCLR(engine.Task):
         return torch.cat(feats), torch.cat(labels)
 
 
-def knn_accuracy(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    query: torch.Tensor,
-    query_labels: torch.Tensor,
-    k: int,
-    num_classes: int,
-    temperature: float = 0.1,
-) -> float:
-    """Cosine k-NN with exp(similarity / T) weighted votes (Wu et al., 2018), top-1 accuracy."""
-    return (knn_predict(bank, bank_labels, query, k, num_classes, temperature) == query_labels).float().mean().item()
-
-
-def knn_predict(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    query: torch.Tensor,
-    k: int,
-    num_classes: int,
-    temperature: float = 0.1,
-) -> torch.Tensor:
-    """The class each query embedding gets from its k most similar bank embeddings' votes."""
-    sim = query @ bank.T
-    top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)
-    votes = torch.zeros(query.shape[0], num_classes)
-    votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
-    return votes.argmax(1)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return engine.cli(SimCLR(), argv)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    return SimCLR().parser()
-
+cli, get_args_parser = engine.entry_points(SimCLR)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -27,8 +27,8 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 class UnlabeledImages(Dataset):
-    """paths → transform(image), or `views` independent transforms of it (SimCLR's pairs).
-    An unreadable image yields Skipped."""
+    """paths → transform(image), or `views` independent transforms of it (SimCLR's pairs);
+    `load` as ImageDataset's. An unreadable image yields Skipped."""
 
     def __init__(self, paths: list[Path], channels: int, transform, views: int = 1, load=load_image):
         self.paths, self.channels, self.transform, self.views, self.load = paths, channels, transform, views, load
@@ -36,9 +36,12 @@ class UnlabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, i: int):
+        return self.load(self.paths[i], self.channels)
+
     def __getitem__(self, i: int):
         try:
-            image = self.load(self.paths[i], self.channels)
+            image = self.read(i)
         except (ValueError, OSError):
             return Skipped(self.paths[i])
         if self.views == 1:

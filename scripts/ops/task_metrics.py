@@ -37,10 +37,7 @@ from torchvision.ops import box_iou
 from model_defs.preprocessing import IMAGE_EXTENSIONS
 from training.datasets import DatasetError, random_split, read_dataset, stratified_split
 from training.det_datasets import IGNORE_INDEX, read_detection, read_masks
-from training.train import multilabel_scores
-from training.train_detection import map_metric
-from training.train_segmentation import scores as segmentation_scores
-from training.train_simclr import knn_predict
+from training.scores import knn_predict, map_metric, multilabel_scores, segmentation_scores
 
 SHOWN_SCORE = 0.5  # detections at or above this score are shown and matched between versions
 KNN_K = 20  # training's --knn-k default, for a model.json that records none
