@@ -77,6 +77,7 @@ class SegmentationSpec:
     root: Path
     classes: list[str]  # index = class value in the masks; classes[0] is the background
     samples: list[MaskSample] = field(default_factory=list)
+    layout = "masks"
 
     def fingerprint(self) -> str:
         return fingerprint(self.root, [p for s in self.samples for p in (s.image, s.mask)])

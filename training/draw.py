@@ -1,5 +1,6 @@
-"""Draw what a detector or segmenter answered over the image: boxes with labels and scores,
-or the class mask in colour. Training's end-of-run pictures and scripts/visualize share it."""
+"""Draw what a model answered: a detector's boxes with labels and scores, a segmenter's class
+mask in colour over the image, a generator's samples as a grid. Training's pictures and
+scripts/visualize share it."""
 
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def draw_mask(image: Image.Image, mask: np.ndarray, classes: list[str], alpha: f
     return out
 
 
+def mask_row(image: Image.Image, truth: np.ndarray, pred: np.ndarray, classes: list[str], cell: int = 256) -> list:
+    """One validation image's pictures: the predicted mask over the image, the true mask and the
+    predicted one (255, ignored, shown as background), scaled up to `cell` pixels so that
+    small images stay readable."""
+    lut = np.array([(0, 0, 0)] + [colour(k - 1) for k in range(1, 256)], dtype=np.uint8)
+    scale = max(1.0, cell / max(image.size))
+    size = (round(image.width * scale), round(image.height * scale))
+    return [
+        draw_mask(image, pred, classes).resize(size, Image.Resampling.BILINEAR),
+        Image.fromarray(lut[np.where(truth == 255, 0, truth)]).resize(size, Image.Resampling.NEAREST),
+        Image.fromarray(lut[pred]).resize(size, Image.Resampling.NEAREST),
+    ]
+
+
 def grid(images: list[Image.Image], columns: int = 4, cell: int = 320) -> Image.Image:
     """Images scaled to fit `cell` x `cell` and laid out in a grid (for a quick look)."""
     rows = (len(images) + columns - 1) // columns
@@ -72,3 +87,13 @@ def grid(images: list[Image.Image], columns: int = 4, cell: int = 320) -> Image.
         img.thumbnail((cell, cell))
         sheet.paste(img, ((i % columns) * cell, (i // columns) * cell))
     return sheet
+
+
+def save_samples(images, cfg, path) -> None:
+    """Generated images (normalized as the data config `cfg` says) as a square grid at `path`."""
+    import torch
+    import torchvision
+
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (cfg.mean, cfg.std))
+    nrow = max(1, round(len(images) ** 0.5))
+    torchvision.utils.save_image(images * std + mean, path, nrow=nrow, padding=2, pad_value=1.0)

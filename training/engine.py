@@ -42,7 +42,15 @@ from model_defs.files import atomic_write
 from scripts.ops.names import OneLineParser
 from training import distributed as dist
 from training.cache import CACHE_MODES, DecodeCache
-from training.datasets import SkipCollate, Skipped
+from training.datasets import (
+    DatasetError,
+    DatasetSpec,
+    SkipCollate,
+    Skipped,
+    random_split,
+    split_source,
+    stratified_split,
+)
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
 from training.key_values import parse_key_values
 
@@ -104,9 +112,12 @@ def add_data_args(p, data_help: str, layouts=(), layout_help="dataset layout", v
     return g
 
 
-def add_model_args(p, task: str, model: str, *, example="", channels=True, input_size="", hflip=0.5, min_scale=None):
-    """--model, --model-arg, --channels, --input-size, --hflip-prob, --min-scale: one name and
-    help everywhere; the defaults that differ by task are the task's."""
+def add_model_args(
+    p, task: str, model: str, *, example="", channels=True, input_size="", hflip=0.5, min_scale=None, pictures=""
+):
+    """--model, --model-arg, --channels, --input-size, --hflip-prob, --min-scale and --pictures
+    (the picture file drawn at the end): one name and help everywhere; the defaults that differ
+    by task are the task's."""
     g = p.add_argument_group("model and augmentation")
     g.add_argument(
         "--model", default=model, help=f"registered {task} model, see `python -m model_defs` (default: {model})"
@@ -144,6 +155,14 @@ def add_model_args(p, task: str, model: str, *, example="", channels=True, input
             type=float,
             default=min_scale,
             help="smallest area share of the training random resized crop; 1 = no crop (default: %(default)s)",
+        )
+    if pictures:
+        g.add_argument(
+            "--pictures",
+            "--vis-count",
+            type=int,
+            default=8,
+            help=f"validation images drawn into {pictures} at the end; 0 = none (default: 8)",
         )
     return g
 
@@ -372,14 +391,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def build_model(name: str, task: str, pairs: list[str], **fixed) -> tuple[nn.Module, dict]:
+def build_model(
+    name: str, task: str, pairs: list[str], optional: dict | None = None, **fixed
+) -> tuple[nn.Module, dict]:
     """A registered model of `task`, with the --model-arg pairs checked against its builder;
-    returns it and the keyword arguments that rebuild it."""
+    returns it and the keyword arguments that rebuild it. `optional` arguments are given only
+    to builders that take them."""
     try:
         entry = get_entry(name, task=task)
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     params = inspect.signature(entry.builder).parameters
+    fixed.update({k: v for k, v in (optional or {}).items() if k in params})
     extra = parse_key_values(pairs, "--model-arg", UsageError)
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         for key in [*extra, *fixed]:
@@ -392,6 +415,14 @@ def build_model(name: str, task: str, pairs: list[str], **fixed) -> tuple[nn.Mod
         return get_model(name, **kwargs), kwargs
     except (TypeError, ValueError, RuntimeError, OSError) as e:
         raise UsageError(f"--model {name} cannot be built with {kwargs}: {str(e).splitlines()[0]}") from None
+
+
+def require_classes(args, spec, minimum: int, need: str) -> list[str]:
+    """The classes of `spec`, read from --data; fewer than `minimum` is a DatasetError naming them."""
+    n, names = len(spec.classes), f" ({', '.join(spec.classes)})" if spec.classes else ""
+    if n < minimum:
+        raise DatasetError(f"{args.data} (layout {spec.layout}) holds {n} class{'' if n == 1 else 'es'}{names}: {need}")
+    return spec.classes
 
 
 def builder_accepts(name: str, task: str, arg: str) -> bool:
@@ -514,6 +545,7 @@ class Task:
     monitor: str | None = None  # evaluate()'s key that picks the saved epoch (higher is better); None: the last epoch
     drop_last = False  # drop a last incomplete batch (BatchNorm needs more than one image)
     panels: dict[str, list[str]] = {}
+    details: list[str] = []  # the end of the run's first line (describe), set by setup
 
     def __init__(self):
         self.extra_modules: dict[str, nn.Module] = {}
@@ -527,14 +559,51 @@ class Task:
         raise NotImplementedError
 
     def describe(self) -> str:
-        """The run's first line."""
-        return self.name
+        """The run's first line, from model.json's record: the model, its classes and images,
+        then the task's `details` (its input size, its kind of output)."""
+        classes, data = self.meta["classes"], self.meta["dataset"]
+        names = f" ({', '.join(classes)})" if len(classes) <= 12 else ""
+        parts = [f"{len(classes)} classes{names}"] if classes else []
+        if "val_images" in data:
+            parts.append(f"{data['train_images']} train / {data['val_images']} val images")
+        else:
+            parts.append(f"{data['train_images']} {data['layout']}")
+        return f"{self.meta['arch']}: " + ", ".join(parts + self.details)
 
     def check(self, args) -> None:
         """Task-specific flag checks, before anything is read (raise UsageError)."""
 
     def setup(self, args) -> None:
         raise NotImplementedError
+
+    def split(self, args, spec, read_val) -> tuple[list, list, dict]:
+        """(train, validation) samples of `spec` and model.json's record of them: --val-data read
+        by `read_val(path, classes=...)` with the training classes, or a seeded share of --data,
+        stratified by class for labelled images. The archiver and scripts/predict rebuild the
+        split from the record's `val_source`."""
+        if args.val_data:
+            train, val, source = spec.samples, read_val(args.val_data, classes=spec.classes).samples, args.val_data
+        elif isinstance(spec, DatasetSpec):
+            train, val = stratified_split(spec.samples, args.val_fraction, args.seed)
+            source = split_source(args.val_fraction, args.seed)
+        else:
+            train, val = random_split(spec.samples, args.val_fraction, args.seed, args.data)
+            source = f"random {args.val_fraction} of --data (seed {args.seed})"
+        record = {"layout": spec.layout, "train_images": len(train), "val_images": len(val), "val_source": source}
+        return train, val, {**record, "fingerprint": spec.fingerprint()}
+
+    def record(self, args, arch_args: dict, cfg, classes: list[str], dataset: dict, **extra) -> dict:
+        """model.json's fields every task writes (how to rebuild and preprocess the model, what
+        it was trained on), then the task's own `extra`."""
+        return {
+            "arch": args.model,
+            "arch_args": arch_args,
+            "task": self.name,
+            "classes": classes,
+            "preprocessing": cfg.to_dict(),
+            **extra,
+            "dataset": {"root": str(Path(args.data).resolve()), **dataset},
+        }
 
     def datasets(self) -> list:
         """Every dataset the run reads (--cache memory decodes them all before training)."""

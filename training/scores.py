@@ -15,6 +15,19 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
+from training.datasets import Skipped
+
+
+def batch_scores(logits: torch.Tensor, targets: torch.Tensor, criterion, threshold: float | None) -> dict:
+    """A classifier's loss (a tensor, for the update) and its batch figure: top-1 accuracy, or
+    for multi-label (a `threshold` given) the micro F1 of the labels over the threshold."""
+    logits = logits.float()
+    loss = criterion(logits, targets)
+    if threshold is None:
+        return {"loss": loss, "accuracy": (logits.argmax(1) == targets).float().mean().item()}
+    pred, truth = torch.sigmoid(logits) >= threshold, targets >= 0.5
+    tp = (pred & truth).sum().item()
+    return {"loss": loss, "f1": 2 * tp / max(1, 2 * tp + (pred ^ truth).sum().item())}
 
 
 def multilabel_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
@@ -88,6 +101,12 @@ class InceptionScorer:
             raise ValueError(f"--score-classifier {run_dir} is a {meta['task']} model, not a classifier")
         self.cfg = data_config_from_meta(meta)
         self.transform, self.classes, self.gen_cfg = eval_transform(self.cfg), meta["classes"], gen_cfg
+
+    def reference(self, dataset, samples: int) -> dict:
+        """The score of up to `samples` real images of `dataset`, spread evenly over its sorted
+        files (so every class folder is represented): what the generated images aim at."""
+        picks = torch.linspace(0, len(dataset) - 1, min(len(dataset), samples)).round().long().unique()
+        return self(torch.stack([x for i in picks.tolist() if not isinstance(x := dataset[i], Skipped)]))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,8 @@ import torch.nn as nn
 from model_defs import get_entry
 from model_defs.preprocessing import eval_transform, train_transform
 from training import engine
-from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, split_source, stratified_split
-from training.scores import multilabel_scores
+from training.datasets import LAYOUTS, ImageDataset, read_dataset
+from training.scores import batch_scores, multilabel_scores
 
 
 class Classification(engine.Task):
@@ -94,19 +94,8 @@ class Classification(engine.Task):
 
     def setup(self, args) -> None:
         spec = read_dataset(args.data, args.layout)
-        classes = spec.classes
-        if len(classes) < 2:
-            raise DatasetError(
-                f"{args.data} (layout {spec.layout}) holds {len(classes)} class ({', '.join(classes)}): "
-                f"a classifier needs at least 2; is --layout right?"
-            )
-        if args.val_data:
-            self.train_samples, val_samples = (
-                spec.samples,
-                read_dataset(args.val_data, args.layout, classes=classes).samples,
-            )
-        else:
-            self.train_samples, val_samples = stratified_split(spec.samples, args.val_fraction, args.seed)
+        classes = engine.require_classes(args, spec, 2, "a classifier needs at least 2; is --layout right?")
+        self.train_samples, val_samples, dataset = self.split(args, spec, partial(read_dataset, layout=args.layout))
         self.multi_label = args.multi_label or spec.multi_label
         if self.multi_label:
             self.monitor = self.metric_name = "f1"
@@ -117,53 +106,31 @@ class Classification(engine.Task):
         cfg = get_entry(args.model, task="classification").data_config.replace(
             channels=args.channels, input_size=args.input_size, resize_size=args.resize_size
         )
-        fixed = {"num_classes": len(classes)}
-        if engine.builder_accepts(args.model, "classification", "in_channels"):
-            fixed["in_channels"] = cfg.channels
-        elif cfg.channels != 3:
+        if cfg.channels != 3 and not engine.builder_accepts(args.model, "classification", "in_channels"):
             raise engine.UsageError(f"model {args.model} takes RGB input only; drop --channels {cfg.channels}")
-        if engine.builder_accepts(args.model, "classification", "image_size"):
-            fixed["image_size"] = cfg.input_size
         start = {k: v for k, v in (("weights_path", args.weights_path), ("freeze_backbone", args.freeze_backbone)) if v}
-        self.model, kwargs = engine.build_model(args.model, "classification", args.model_arg, **fixed, **start)
+        optional = {"in_channels": cfg.channels, "image_size": cfg.input_size}
+        self.model, kwargs = engine.build_model(
+            args.model, "classification", args.model_arg, optional, num_classes=len(classes), **start
+        )
         arch_args = {k: v for k, v in kwargs.items() if k not in start}  # the start weights are in model.pt
         load = self.cache.image_loader(cfg)
-        self.train_set = ImageDataset(
-            self.train_samples,
-            len(classes),
-            self.multi_label,
-            cfg.channels,
-            train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale),
-            load,
+        train_tf = train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale)
+        n, multi, channels = len(classes), self.multi_label, cfg.channels
+        self.train_set = ImageDataset(self.train_samples, n, multi, channels, train_tf, load)
+        self.val_set = ImageDataset(val_samples, n, multi, channels, eval_transform(cfg), load)
+        self.calibration_set = ImageDataset(self.train_samples, n, multi, channels, eval_transform(cfg), load)
+        self.meta = self.record(
+            args,
+            arch_args,
+            cfg,
+            classes,
+            dataset,
+            multi_label=self.multi_label,
+            threshold=args.threshold,
+            init_weights=args.weights_path,
         )
-        self.val_set = ImageDataset(
-            val_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load
-        )
-        self.calibration_set = ImageDataset(
-            self.train_samples, len(classes), self.multi_label, cfg.channels, eval_transform(cfg), load
-        )
-        self.meta = {
-            "arch": args.model,
-            "arch_args": arch_args,
-            "task": "classification",
-            "multi_label": self.multi_label,
-            "threshold": args.threshold,
-            "classes": classes,
-            "preprocessing": cfg.to_dict(),
-            "dataset": {
-                "root": str(Path(args.data).resolve()),
-                "layout": spec.layout,
-                "train_images": len(self.train_samples),
-                "val_images": len(val_samples),
-                "val_source": args.val_data or split_source(args.val_fraction, args.seed),
-                "fingerprint": spec.fingerprint(),
-            },
-            "init_weights": args.weights_path,
-        }
-        self.describe = lambda: (
-            f"{args.model}: {len(classes)} classes, {len(self.train_samples)} train / {len(val_samples)} val images, "
-            f"{'multi-label' if self.multi_label else 'single-label'}, {cfg.channels}x{cfg.input_size}px"
-        )
+        self.details = ["multi-label" if self.multi_label else "single-label", f"{cfg.channels}x{cfg.input_size}px"]
 
     def sample_weights(self):
         if self.multi_label:
@@ -172,13 +139,7 @@ class Classification(engine.Task):
         return [1.0 / counts[s.labels[0]] for s in self.train_samples]
 
     def scores(self, logits, targets) -> dict:
-        logits = logits.float()
-        loss = self.criterion(logits, targets)
-        if not self.multi_label:
-            return {"loss": loss, "accuracy": (logits.argmax(1) == targets).float().mean().item()}
-        pred, truth = torch.sigmoid(logits) >= self.args.threshold, targets >= 0.5
-        tp = (pred & truth).sum().item()
-        return {"loss": loss, "f1": 2 * tp / max(1, 2 * tp + (pred ^ truth).sum().item())}
+        return batch_scores(logits, targets, self.criterion, self.args.threshold if self.multi_label else None)
 
     def step(self, batch, models, update):
         images, targets = batch

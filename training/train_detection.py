@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,6 @@ from model_defs.preprocessing import (
     load_image,
 )
 from training import engine
-from training.datasets import DatasetError, random_split
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, read_detection
 from training.draw import draw_detections, enlarge_small, grid
 from training.scores import map_metric
@@ -47,7 +47,12 @@ class Detection(engine.Task):
             p, "training dataset: VOC folder, COCO folder or COCO .json", DETECTION_LAYOUTS, "annotation layout"
         )
         g = engine.add_model_args(
-            p, "detection", "fasterrcnn_mobilenet_320", channels=False, input_size="longer image side the model sees"
+            p,
+            "detection",
+            "fasterrcnn_mobilenet_320",
+            channels=False,
+            input_size="longer image side the model sees",
+            pictures="detections.png",
         )
         g.add_argument(
             "--vflip-prob", type=float, default=0.0, help="vertical-flip probability in training (default: 0.0)"
@@ -57,12 +62,6 @@ class Detection(engine.Task):
             default="map_50",
             choices=("map_50", "map"),
             help="validation metric that picks the saved epoch (default: map_50)",
-        )
-        g.add_argument(
-            "--pictures",
-            type=int,
-            default=8,
-            help="validation images drawn into detections.png at the end; 0 = none (default: 8)",
         )
         # No BatchNorm recalibration by default: torchvision's detection references keep BatchNorm
         # frozen, and a detector trained a few steps from scratch answers nothing once recalibrated.
@@ -84,16 +83,8 @@ class Detection(engine.Task):
     def setup(self, args) -> None:
         self.monitor = self.metric_name = args.select_metric
         spec = read_detection(args.data, args.layout)
-        classes = spec.classes
-        if not classes:
-            raise DatasetError(f"{args.data} (layout {spec.layout}) names no object class: a detector needs at least 1")
-        if args.val_data:
-            train_samples, self.val_samples = (
-                spec.samples,
-                read_detection(args.val_data, args.layout, classes=classes).samples,
-            )
-        else:
-            train_samples, self.val_samples = random_split(spec.samples, args.val_fraction, args.seed, args.data)
+        classes = engine.require_classes(args, spec, 1, "it names no object class, and a detector needs at least 1")
+        train_samples, self.val_samples, dataset = self.split(args, spec, partial(read_detection, layout=args.layout))
         cfg = get_entry(args.model, task="detection").data_config.replace(
             input_size=args.input_size, resize_size=args.input_size
         )
@@ -101,34 +92,21 @@ class Detection(engine.Task):
         self.model, arch_args = engine.build_model(
             args.model, "detection", args.model_arg, num_classes=len(classes), image_size=self.size
         )
-        self.train_set = DetectionDataset(
-            train_samples, detection_train_transform(self.size, args.hflip_prob, args.vflip_prob), self.size, self.cache
-        )
+        train_tf = detection_train_transform(self.size, args.hflip_prob, args.vflip_prob)
+        self.train_set = DetectionDataset(train_samples, train_tf, self.size, self.cache)
         self.val_set = DetectionDataset(self.val_samples, detection_eval_transform(self.size), self.size, self.cache)
-        self.meta = {
-            "arch": args.model,
-            "arch_args": arch_args,
-            "task": "detection",
-            "classes": classes,
-            "classes_note": "background excluded: model label k is classes[k - 1]",
-            "preprocessing": cfg.to_dict(),
-            "preprocessing_note": "resize so the longer side is input_size (no crop), float [0, 1]; the "
-            "model normalizes with mean/std",
-            "dataset": {
-                "root": str(Path(args.data).resolve()),
-                "layout": spec.layout,
-                "train_images": len(train_samples),
-                "val_images": len(self.val_samples),
-                "train_boxes": sum(len(s.boxes) for s in train_samples),
-                "val_source": args.val_data or f"random {args.val_fraction} of --data (seed {args.seed})",
-                "fingerprint": spec.fingerprint(),
-            },
-            "versions": engine.package_versions("torchmetrics", "pycocotools"),
-        }
-        self.describe = lambda: (
-            f"{args.model}: {len(classes)} classes ({', '.join(classes)}), {len(train_samples)} train / "
-            f"{len(self.val_samples)} val images, longer side {self.size}px"
+        self.meta = self.record(
+            args,
+            arch_args,
+            cfg,
+            classes,
+            {**dataset, "train_boxes": sum(len(s.boxes) for s in train_samples)},
+            classes_note="background excluded: model label k is classes[k - 1]",
+            preprocessing_note="resize so the longer side is input_size (no crop), float [0, 1]; the model "
+            "normalizes with mean/std",
+            versions=engine.package_versions("torchmetrics", "pycocotools"),
         )
+        self.details = [f"longer side {self.size}px"]
 
     @staticmethod
     def collate(items):
@@ -152,37 +130,25 @@ class Detection(engine.Task):
             for out, i in zip(model(images), indices):
                 s = self.val_samples[i]
                 w, h = detection_size(s.width, s.height, self.size)
-                preds.append(
-                    {
-                        "boxes": boxes_to_original(
-                            out["boxes"].float().cpu(), (w / s.width, h / s.height), (s.width, s.height)
-                        ),
-                        "scores": out["scores"].float().cpu(),
-                        "labels": out["labels"].cpu(),
-                    }
-                )
-                truths.append(
-                    {
-                        "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
-                        "labels": torch.tensor(s.labels, dtype=torch.int64) + 1,
-                    }
-                )
+                boxes = boxes_to_original(out["boxes"], (w / s.width, h / s.height), (s.width, s.height))
+                preds.append({"boxes": boxes, "scores": out["scores"].float().cpu(), "labels": out["labels"].cpu()})
+                truth = torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4)
+                truths.append({"boxes": truth, "labels": torch.tensor(s.labels, dtype=torch.int64) + 1})
             metric.update(preds, truths)
-        result = metric.compute()
-        return {"map_50": float(result["map_50"]), "map": float(result["map"])}
+        return {k: float(v) for k, v in metric.compute().items() if k in ("map_50", "map")}
 
+    @torch.no_grad()
     def finish(self, out: Path) -> None:
         """detections.png: the best model's answers (score >= 0.5) on the first validation images."""
         if not self.args.pictures:
             return
         model, _ = load_trained(out)
         pictures = []
-        with torch.no_grad():
-            for s in self.val_samples[: self.args.pictures]:
-                image = load_image(s.path, 3)
-                x, scale = detection_input(image, self.size)
-                answers = detect_answers(model([x])[0], scale, image.size, self.classes, 0.5, 100)
-                pictures.append(draw_detections(*enlarge_small(image, answers), self.classes))
+        for s in self.val_samples[: self.args.pictures]:
+            image = load_image(s.path, 3)
+            x, scale = detection_input(image, self.size)
+            answers = detect_answers(model([x])[0], scale, image.size, self.classes, 0.5, 100)
+            pictures.append(draw_detections(*enlarge_small(image, answers), self.classes))
         grid(pictures).save(out / "detections.png")
 
 

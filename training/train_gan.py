@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from model_defs import get_entry
 from model_defs.generative import dcgan_discriminator, latent_vectors
 from model_defs.preprocessing import eval_transform
 from training import engine
-from training.datasets import Skipped, fingerprint
+from training.draw import save_samples
 from training.scores import InceptionScorer
-from training.unlabeled import UnlabeledImages, find_images
+from training.unlabeled import UnlabeledImages, find_images, unlabeled_record
 
 
 class GAN(engine.Task):
@@ -84,16 +83,11 @@ class GAN(engine.Task):
         entry = get_entry(args.model, task="generation")
         size = args.input_size or entry.data_config.input_size
         self.cfg = cfg = entry.data_config.replace(channels=args.channels, input_size=size, resize_size=size)
+        shape = {"channels": cfg.channels, "image_size": size, "width": args.width}  # both networks'
         self.model, arch_args = engine.build_model(
-            args.model,
-            "generation",
-            args.model_arg,
-            latent_dim=args.latent_dim,
-            channels=cfg.channels,
-            image_size=size,
-            width=args.width,
+            args.model, "generation", args.model_arg, latent_dim=args.latent_dim, **shape
         )
-        self.extra_modules = {"disc": dcgan_discriminator(channels=cfg.channels, image_size=size, width=args.width)}
+        self.extra_modules = {"disc": dcgan_discriminator(**shape)}
         self.optimizer_kwargs = {name: {"betas": (args.beta1, 0.999)} for name in ("model", "disc")}
         paths = find_images(args.data)
         self.scorer = InceptionScorer(args.score_classifier, cfg) if args.score_classifier else None
@@ -102,26 +96,10 @@ class GAN(engine.Task):
         self.train_set = UnlabeledImages(paths, cfg.channels, eval_transform(cfg), load=load)
         self.fixed_z = latent_vectors(args.grid_seed, args.grid_size, args.latent_dim)
         self.score_z = latent_vectors(args.grid_seed + 1, args.score_samples, args.latent_dim)
-        self.meta = {
-            "arch": args.model,
-            "arch_args": arch_args,
-            "task": "generation",
-            "classes": [],
-            "preprocessing": cfg.to_dict(),
-            "dataset": {
-                "root": str(Path(args.data).resolve()),
-                "layout": "unlabeled images",
-                "train_images": len(paths),
-                "fingerprint": fingerprint(args.data, paths),
-            },
-        }
-        self.describe = lambda: f"{args.model}: {len(paths)} images, {cfg.channels}x{size}px, latent {args.latent_dim}"
+        self.meta = self.record(args, arch_args, cfg, [], unlabeled_record(args.data, paths))
+        self.details = [f"{cfg.channels}x{size}px", f"latent {args.latent_dim}"]
         if self.scorer is not None:
-            # Evenly spread over the sorted files, so class folders are all represented.
-            picks = torch.linspace(0, len(paths) - 1, min(len(paths), args.score_samples)).round().long().unique()
-            real = self.scorer(
-                torch.stack([x for i in picks.tolist() if not isinstance(x := self.train_set[i], Skipped)])
-            )
+            real = self.scorer.reference(self.train_set, args.score_samples)
             self.metric_name = "inception_score"
             self.extra_metrics = {
                 "score_classifier": str(Path(args.score_classifier).resolve()),
@@ -159,11 +137,7 @@ class GAN(engine.Task):
         out = Path(self.args.out)
         grid = out / "samples" / f"epoch_{self.epoch:03d}.png"
         grid.parent.mkdir(exist_ok=True)
-        images = gen(self.fixed_z.to(self.device)).float().cpu()
-        mean, std = torch.tensor(self.cfg.mean).view(1, -1, 1, 1), torch.tensor(self.cfg.std).view(1, -1, 1, 1)
-        torchvision.utils.save_image(
-            images * std + mean, grid, nrow=max(1, round(len(images) ** 0.5)), padding=2, pad_value=1.0
-        )
+        save_samples(gen(self.fixed_z.to(self.device)).float().cpu(), self.cfg, grid)
         (out / "samples.png").write_bytes(grid.read_bytes())
         result = {"sample_grid": str(grid.relative_to(out))}
         if self.scorer is not None:

@@ -28,9 +28,8 @@ from model_defs import get_entry
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import load_image, logits_to_mask, segmentation_train_transform, segmentation_transform
 from training import engine
-from training.datasets import DatasetError, random_split
 from training.det_datasets import IGNORE_INDEX, SegmentationDataset, read_masks
-from training.draw import colour, draw_mask, grid
+from training.draw import grid, mask_row
 from training.scores import segmentation_scores
 
 
@@ -41,20 +40,14 @@ class Segmentation(engine.Task):
     def parser(self) -> argparse.ArgumentParser:
         p = engine.task_parser(self)
         engine.add_data_args(p, "dataset folder: images/ + masks/ + classes.txt")
-        g = engine.add_model_args(
+        engine.add_model_args(
             p,
             "segmentation",
             "unet",
             example="depth=3",
             input_size="side of the square the whole image is resized to",
             min_scale=1.0,
-        )
-        g.add_argument(
-            "--pictures",
-            "--vis-count",
-            type=int,
-            default=8,
-            help="validation images drawn into predictions.png at the end; 0 = none (default: 8)",
+            pictures="predictions.png",
         )
         return engine.add_engine_args(p, epochs=30, batch_size=8, lr=3e-3)
 
@@ -64,27 +57,15 @@ class Segmentation(engine.Task):
         )
         self.cfg = cfg = cfg.replace(resize_size=cfg.input_size)  # segmentation resizes the whole image, no crop
         spec = read_masks(args.data)
-        self.classes = spec.classes
-        if len(self.classes) < 2:
-            raise DatasetError(
-                f"{args.data} holds {len(self.classes)} class ({', '.join(self.classes)}): a segmentation model "
-                "needs the background and at least 1 other class"
-            )
-        if args.val_data:
-            train_samples, self.val_samples = spec.samples, read_masks(args.val_data, classes=self.classes).samples
-        else:
-            train_samples, self.val_samples = random_split(spec.samples, args.val_fraction, args.seed, args.data)
+        need = "a segmentation model needs the background and at least 1 other class"
+        self.classes = engine.require_classes(args, spec, 2, need)
+        train_samples, self.val_samples, dataset = self.split(args, spec, read_masks)
         self.model, arch_args = engine.build_model(
             args.model, "segmentation", args.model_arg, num_classes=len(self.classes), in_channels=cfg.channels
         )
-        self.train_set = SegmentationDataset(
-            train_samples,
-            segmentation_train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale),
-            cfg.channels,
-            cfg,
-            cache=self.cache,
-        )
+        train_tf = segmentation_train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale)
         eval_tf = segmentation_transform(cfg)
+        self.train_set = SegmentationDataset(train_samples, train_tf, cfg.channels, cfg, cache=self.cache)
         self.val_set = SegmentationDataset(
             self.val_samples,
             lambda image, mask: (eval_tf(image), mask),
@@ -94,25 +75,8 @@ class Segmentation(engine.Task):
             cache=self.cache,
         )
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-        self.meta = {
-            "arch": args.model,
-            "arch_args": arch_args,
-            "task": "segmentation",
-            "classes": self.classes,
-            "preprocessing": cfg.to_dict(),
-            "dataset": {
-                "root": str(Path(args.data).resolve()),
-                "layout": "masks",
-                "train_images": len(train_samples),
-                "val_images": len(self.val_samples),
-                "val_source": args.val_data or f"random {args.val_fraction} of --data (seed {args.seed})",
-                "fingerprint": spec.fingerprint(),
-            },
-        }
-        self.describe = lambda: (
-            f"{args.model}: {len(self.classes)} classes ({', '.join(self.classes)}), {len(train_samples)} train / "
-            f"{len(self.val_samples)} val images, {cfg.channels}x{cfg.input_size}px"
-        )
+        self.meta = self.record(args, arch_args, cfg, self.classes, dataset)
+        self.details = [f"{cfg.channels}x{cfg.input_size}px"]
 
     @staticmethod
     def collate(items):
@@ -136,34 +100,23 @@ class Segmentation(engine.Task):
                 pred = logits_to_mask(item, truth.shape)
                 confusion += np.bincount(truth[keep].astype(np.int64) * n + pred[keep], minlength=n**2).reshape(n, n)
         s = segmentation_scores(confusion)
-        return {
-            "miou": s["miou"],
-            "pixel_accuracy": s["pixel_accuracy"],
-            "iou_per_class": dict(zip(self.classes, s["iou"])),
-        }
+        per_class = dict(zip(self.classes, s["iou"]))
+        return {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "iou_per_class": per_class}
 
     @torch.no_grad()
     def finish(self, out: Path, cell: int = 256) -> None:
         """predictions.png, one row per validation image: the prediction over the image, the
-        true mask, the predicted mask (scaled up to `cell` pixels so small images stay readable)."""
+        true mask, the predicted mask."""
         if self.args.pictures <= 0:
             return
         model, _ = load_trained(out)
         tf, tiles = segmentation_transform(self.cfg), []
-        lut = np.array([(0, 0, 0)] + [colour(k - 1) for k in range(1, 256)], dtype=np.uint8)
         for s in self.val_samples[: self.args.pictures]:
             image = load_image(s.image, self.cfg.channels)
             with Image.open(s.mask) as m:
-                truth = np.asarray(m, dtype=np.uint8).copy()
-            truth[truth == IGNORE_INDEX] = 0
+                truth = np.asarray(m, dtype=np.uint8)
             pred = logits_to_mask(model(tf(image)[None])[0], (image.height, image.width))
-            scale = max(1.0, cell / max(image.size))
-            size = (round(image.width * scale), round(image.height * scale))
-            tiles += [
-                draw_mask(image, pred, self.classes).resize(size, Image.Resampling.BILINEAR),
-                Image.fromarray(lut[truth]).resize(size, Image.Resampling.NEAREST),
-                Image.fromarray(lut[pred]).resize(size, Image.Resampling.NEAREST),
-            ]
+            tiles += mask_row(image, truth, pred, self.classes, cell)
         grid(tiles, columns=3, cell=cell).save(out / "predictions.png")
 
 

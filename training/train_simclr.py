@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from model_defs import get_entry
 from model_defs.checkpoint import unwrap
 from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
 from training import engine
-from training.datasets import LAYOUTS, DatasetError, ImageDataset, fingerprint, read_dataset, stratified_split
+from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, stratified_split
 from training.scores import knn_accuracy
-from training.unlabeled import UnlabeledImages, find_images
+from training.unlabeled import UnlabeledImages, find_images, unlabeled_record
 
 
 class SimCLR(engine.Task):
@@ -101,40 +99,20 @@ class SimCLR(engine.Task):
                 bank, query = spec.samples, read_dataset(args.eval_val_data, args.layout, classes=spec.classes).samples
             else:
                 bank, query = stratified_split(spec.samples, args.eval_val_fraction, args.seed)
-            self.knn = [
-                ImageDataset(s, len(spec.classes), False, cfg.channels, eval_transform(cfg), load)
-                for s in (bank, query)
-            ]
+            tf = eval_transform(cfg)
+            self.knn = [ImageDataset(s, len(spec.classes), False, cfg.channels, tf, load) for s in (bank, query)]
             self.val_set, self.monitor, self.metric_name = self.knn[1], "knn_accuracy", "knn_accuracy"
         view = simclr_view_transform(
             cfg, min_scale=args.min_scale, hflip_prob=args.hflip_prob, jitter=args.jitter, rotation=args.rotation
         )
         self.train_set = UnlabeledImages(paths, cfg.channels, view, views=2, load=load)
         self.drop_last = True
-        self.meta = {
-            "arch": args.model,
-            "arch_args": arch_args,
-            "task": "embedding",
-            "classes": [],
-            "embedding_dim": self.model.feature_dim,
-            "preprocessing": cfg.to_dict(),
-            "dataset": {
-                "root": str(Path(args.data).resolve()),
-                "layout": "unlabeled images",
-                "train_images": len(paths),
-                "fingerprint": fingerprint(args.data, paths),
-                "eval_data": args.eval_data,
-                "eval_fingerprint": spec.fingerprint() if args.eval_data else None,
-                "eval_val_data": args.eval_val_data
-                or (
-                    f"stratified {args.eval_val_fraction} of --eval-data (seed {args.seed})" if args.eval_data else None
-                ),
-            },
-        }
-        self.describe = (
-            lambda: f"{args.model}: {len(paths)} unlabeled images, {cfg.channels}x{cfg.input_size}px, "
-            f"embedding dim {self.model.feature_dim}"
-        )
+        dataset = unlabeled_record(args.data, paths) | {"eval_data": args.eval_data}
+        if args.eval_data:
+            split = f"stratified {args.eval_val_fraction} of --eval-data (seed {args.seed})"
+            dataset |= {"eval_fingerprint": spec.fingerprint(), "eval_val_data": args.eval_val_data or split}
+        self.meta = self.record(args, arch_args, cfg, [], dataset, embedding_dim=self.model.feature_dim)
+        self.details = [f"{cfg.channels}x{cfg.input_size}px", f"embedding dim {self.model.feature_dim}"]
         if self.knn and engine.dist.is_main():
             self.model.to(self.device)
             baseline = self.evaluate(self.model.eval())["knn_accuracy"]
@@ -163,11 +141,8 @@ class SimCLR(engine.Task):
 
     def embed(self, model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalized embeddings (as the embedder handler serves them) and their labels."""
-        loader = DataLoader(
-            dataset, batch_size=256, num_workers=self.args.workers, collate_fn=engine.SkipCollate(self.collate)
-        )
         feats, labels = [], []
-        for images, targets in self.batches(loader, "k-NN"):
+        for images, targets in self.batches(self.loader(dataset), "k-NN"):
             feats.append(F.normalize(model(images).float(), dim=1).cpu())
             labels.append(targets.cpu())
         return torch.cat(feats), torch.cat(labels)

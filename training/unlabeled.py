@@ -12,7 +12,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
-from training.datasets import DatasetError, Skipped, is_image
+from training.datasets import DatasetError, Skipped, fingerprint, is_image
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -24,6 +24,11 @@ def find_images(root: str | Path) -> list[Path]:
     if not paths:
         raise DatasetError(f"no images found under {root} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return paths
+
+
+def unlabeled_record(root: str | Path, paths: list[Path]) -> dict:
+    """model.json's record of unlabeled training images (the GAN's, SimCLR's)."""
+    return {"layout": "unlabeled images", "train_images": len(paths), "fingerprint": fingerprint(root, paths)}
 
 
 class UnlabeledImages(Dataset):
