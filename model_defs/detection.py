@@ -172,7 +172,7 @@ def fcos_resnet(
     """FCOS on a small ResNet of basic blocks (c3-c5) + FPN p3-p5, random init: for small data
     on a CPU, where it trains about 4x faster per image than the RegNetX-400MF one."""
     # RegNetX's grouped convolutions fall back to PyTorch's slow CPU convolution (half of
-    # a training step's time); a ResNet's plain ones all run on oneDNN.
+    # a training step's time, seen with torch.profiler); a ResNet has none.
     trunk = ResNet(tuple(layers), tuple(widths))
     backbone = TrunkFPN(trunk, {"stages.1": "c3", "stages.2": "c4", "stages.3": "c5"}, fpn_channels)
     return _fcos(backbone, num_classes, image_size, head_convs, score_thresh, nms_thresh, detections_per_img)

@@ -1,5 +1,6 @@
 """scripts/predict and scripts/models compare / promote --if-better for every task, against
-one real TorchServe serving a model of each task trained here for a few steps.
+one real TorchServe serving a model of each task trained here for a few steps (the detector
+is conftest.py's shapes_detector, trained until it really detects).
 
 Parity: the metric scripts/predict reports over REST on training's validation split
 (`--split val`) equals the one training recorded in model.json: the same number of right
@@ -26,7 +27,7 @@ from scripts.ops import task_metrics as tm
 from tests.conftest import serving, train_cli_args
 from training import shapes, train, train_segmentation, train_simclr
 
-DETECTOR_FLOOR = 0.3  # mAP@0.5 the shapes detector must reach (0.49 measured), so parity is not 0 == 0
+DETECTOR_FLOOR = 0.3  # mAP@0.5 the shapes detector must reach (0.51 measured), so parity is not 0 == 0
 ROUND = {0, 6, 8, 9}  # digits with a closed loop: the second label of the multi-label set
 
 
