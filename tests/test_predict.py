@@ -1,5 +1,6 @@
 """scripts/predict and scripts/models compare / promote --if-better for every task, against
-one real TorchServe serving a model of each task trained here for a few steps.
+one real TorchServe serving a model of each task trained here for a few steps (the detector
+is conftest.py's shapes_detector, trained until it really detects).
 
 Parity: the metric scripts/predict reports over REST on training's validation split
 (`--split val`) equals the one training recorded in model.json: the same number of right
@@ -24,9 +25,10 @@ from scripts.cli import archive, models, predict
 from scripts.cli.predict import Answer
 from scripts.ops import task_metrics as tm
 from tests.conftest import serving, train_cli_args
-from training import shapes, train, train_detection, train_segmentation, train_simclr
+from training import shapes, train, train_segmentation, train_simclr
 from training.scores import multilabel_scores
 
+DETECTOR_FLOOR = 0.3  # mAP@0.5 the shapes detector must reach (0.51 measured), so parity is not 0 == 0
 ROUND = {0, 6, 8, 9}  # digits with a closed loop: the second label of the multi-label set
 
 
@@ -49,8 +51,9 @@ def multi_data(digits_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def voc(tmp_path_factory) -> Path:
-    return shapes.generate(tmp_path_factory.mktemp("det") / "voc", "voc", 10, 128, seed=0, aspect=1.6, progress=False)
+def voc(shapes_detector) -> Path:
+    """The shapes detector's VOC dataset (conftest.py)."""
+    return shapes_detector.data
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +65,10 @@ FAST = ["--workers", "0", "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def runs(trained_digits, digits_dir, multi_data, voc, masks, tmp_path_factory) -> dict[str, Path]:
+def runs(trained_digits, digits_dir, multi_data, shapes_detector, masks, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict_runs")
     multi = root / "multi"
     assert train.cli(train_cli_args(multi_data, multi, "--epochs", "2", "--batch-size", "32")) == 0
-    det = root / "det"
-    assert (
-        train_detection.cli(
-            ["--data", str(voc), "--out", str(det), "--input-size", "128", "--epochs", "1", "--batch-size", "4"]
-            + ["--pictures", "0", *FAST]
-        )
-        == 0
-    )
     seg = root / "seg"
     seg_args = ["--model", "unet", "--model-arg", "depth=2", "--model-arg", "width=8", "--input-size", "32"]
     assert (
@@ -105,7 +100,7 @@ def runs(trained_digits, digits_dir, multi_data, voc, masks, tmp_path_factory) -
             "preprocessing": DataConfig(input_size=32, resize_size=32, channels=1, mean=(0.5,), std=(0.5,)).to_dict(),
         },
     )
-    return {"digits": trained_digits, "multi": multi, "det": det, "seg": seg, "emb": emb, "gan": gan}
+    return {"digits": trained_digits, "multi": multi, "det": shapes_detector.run, "seg": seg, "emb": emb, "gan": gan}
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +173,13 @@ def test_multi_label_f1_and_exact_match_equal_training(server, runs, multi_data,
 @pytest.mark.serve
 @pytest.mark.slow
 def test_detection_map_is_within_a_hundredth_of_training(server, runs, voc, tmp_path):
+    """On a detector that really detects (the floor): a wrong box scale, a lost box or a
+    score threshold would move mAP by far more than 0.01."""
     report = predicted(tmp_path, server, "--model", "det", "--split", "val", voc)
     want = recorded(runs["det"])
+    assert want["map_50"] >= DETECTOR_FLOOR, want
     assert abs(report["metrics"]["map_50"] - want["map_50"]) <= 0.01, (report["metrics"], want)
-    assert abs(report["metrics"]["map"] - want["map"]) <= 0.01
+    assert abs(report["metrics"]["map"] - want["map"]) <= 0.01, (report["metrics"], want)
     assert all(isinstance(a["answer"], list) for a in report["answers"])
 
 
