@@ -56,8 +56,8 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory) -> TorchServe:
     """One TorchServe with the bundle's config.properties on free ports, for the whole run.
-    Modules borrow it through `serving` below; a module that needs process-level settings
-    of its own (an envelope, a snapshot, a restart) starts its own server instead."""
+    Modules borrow it through `serving` below (test_versions restarts it); a module that needs
+    process-level settings of its own (KServe's layout, the k8s ConfigMap) starts its own."""
     ts = TorchServe(
         run_dir=tmp_path_factory.mktemp("shared_serve"), model_store=tmp_path_factory.mktemp("shared_store"), ports={}
     )
@@ -83,6 +83,7 @@ def serving(ts: TorchServe, *models: str, timeout: float = 240):
                 ts.unregister(name, version)
         for path in ts.model_store.iterdir():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        ts.state.save({"models": {}})  # a version refused at a restart stays in the record: forget it
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The serving benchmark runs end to end, short: real servers, real archives, real JPEG bytes.
+"""The serving benchmark runs end to end, short: a real server (the shared one, through the
+bench's Python API: the command line starts its own), real archives, real JPEG bytes.
 
 The figures themselves are not asserted (this machine is noisy); what is asserted is that
 every side was measured without errors, that the served model answers what the bare
@@ -13,15 +14,19 @@ import re
 import pytest
 
 from scripts.bench import serving as bench
+from tests.conftest import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys):
+def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys, shared_server):
     out = tmp_path / "bench"
-    code = bench.main(["--duration", "2", "--clients", "1,4", "--rate", "3", "--out", str(out)])
+    with serving(shared_server) as ts:
+        code = bench.main(["--duration", "2", "--clients", "1,4", "--rate", "3", "--out", str(out)], server=ts)
+        left = ts.models()
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert left == []  # each side was unregistered once measured
     result = json.loads((out / "bench.json").read_text())
     assert [b["batch"] for b in result["bare"]] == [1, 2]  # the CPU default batch size
     for side in ("served", "stock"):

@@ -28,7 +28,7 @@ from tests.test_task_serving import SHAPE_CLASSES, _perturb_batchnorm, _save
 from training import train as train_mod
 from training.shapes import CLASSES, generate
 
-pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]  # its fixture trains 20 epochs
+pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]  # its fixture trains 10 epochs
 
 SIZE = 40  # image side = model input: the map and the masks share pixels
 # Completeness at the default 32 steps: |delta| <= 5% of |f(x) - f(baseline)| + 0.05 (in
@@ -69,7 +69,7 @@ def shapes_run(tmp_path_factory):
                 "--min-scale",
                 "1.0",
                 "--epochs",
-                "20",
+                "10",
                 "--batch-size",
                 "32",
                 "--lr",

@@ -1,6 +1,7 @@
-"""KServe's v1 and v2 protocols: the handler's envelope in-process, then a real TorchServe
-started with each of TorchServe's envelopes (`service_envelope=kserve`, `kservev2`), asked
-through plain JSON (v1) and the real v2 client, `tritonclient.http` (JSON and binary data)."""
+"""KServe's v1 and v2 protocols: the handler's envelope in-process (behind each of TorchServe's
+envelopes, `kserve` and `kservev2`, which the bundle turns into pass-throughs), then one real
+TorchServe started from the layout scripts/kserve writes, asked through plain JSON (v1) and the
+real v2 client, `tritonclient.http` (JSON and binary data)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import pytest
 import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
+from ts.torch_handler.request_envelope import kserve as ts_kserve
+from ts.torch_handler.request_envelope import kservev2 as ts_kservev2
 
 from handlers import kserve
 from scripts.cli import archive
 from scripts.cli import kserve as kserve_layout
-from scripts.ops.serve import ROOT, TorchServe, read_properties
+from scripts.ops.serve import TorchServe
 from tests.conftest import classify_in_process
 from tests.test_handler import load_handler, make_context
 
@@ -142,12 +145,29 @@ def test_v2_unknown_output_is_a_400(handler, trained_digits, digit_files):
     assert codes == [400] and "no output named 'logits'" in answers[0]["error"]
 
 
+@pytest.mark.parametrize("envelope", [ts_kserve.KServeEnvelope, ts_kservev2.KServev2Envelope], ids=["v1", "v2"])
+def test_torchserve_envelopes_pass_every_request_through(handler, trained_digits, digit_files, envelope):
+    """A worker started with `service_envelope=kserve|kservev2` wraps the handler in that
+    envelope (ts.model_loader); importing handlers.kserve makes both hand the whole batch to
+    the handler unchanged, so v1, v2 and plain requests are answered the same either way."""
+    data = [f.read_bytes() for f in digit_files[:3]]
+    rows = [
+        {"body": {"instances": [b64(data[0]), b64(NOT_AN_IMAGE)]}},
+        {"body": v2_body([b64(data[1])], "r2")},
+        {"body": data[2]},
+    ]
+    wrapped, wrapped_codes = run(envelope(handler.handle), trained_digits, rows)
+    direct, direct_codes = run(handler, trained_digits, rows)
+    assert wrapped == direct and wrapped_codes == direct_codes == [200, 200, 200]
+    assert len(wrapped[0]["predictions"]) == 2 and wrapped[1]["id"] == "r2"  # each protocol's own answer
+
+
 def test_plain_requests_do_not_go_through_the_envelope(digit_files):
     assert not kserve.is_kserve([{"body": digit_files[0].read_bytes()}, {"body": b'{"data": "AAAA"}'}])
     assert kserve.parse({"body": b'{"instances": []}'})[0] == "v1"
 
 
-# -- a real TorchServe with each envelope ------------------------------------------------------
+# -- a real TorchServe as KServe starts it ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -174,27 +194,13 @@ def store(trained_digits, tmp_path_factory):
     return store
 
 
-def start(store, tmp_path_factory, envelope: str) -> TorchServe:
-    run_dir = tmp_path_factory.mktemp(f"serve_{envelope}")
-    config = run_dir / "base.properties"
-    props = {**read_properties(ROOT / "config.properties"), "service_envelope": envelope}
-    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={})
-    ts.start(["digits"], timeout=240)
-    return ts
-
-
 @pytest.fixture(scope="module")
-def server_v1(store, tmp_path_factory):
-    ts = start(store, tmp_path_factory, "kserve")
-    yield ts
-    ts.stop()
-
-
-@pytest.fixture(scope="module")
-def server_v2(store, tmp_path_factory):
+def server(store, tmp_path_factory):
     """TorchServe as KServe starts it: from the layout scripts/kserve writes (model_snapshot,
-    service_envelope=kservev2, token authorization off), on free loopback ports here."""
+    service_envelope=kservev2, token authorization off), on free loopback ports here. It
+    answers v1 requests too: the envelope is a pass-through (handlers/kserve.py) and the
+    frontend routes /v1/models/{name}:predict whatever the envelope; that TorchServe's `kserve`
+    (v1) envelope passes requests through as well is checked in-process above."""
     layout = tmp_path_factory.mktemp("layout") / "kserve"
     assert kserve_layout.main(["digits:1.0", "--out", str(layout), "--model-store", str(store)]) == 0
     ts = TorchServe(
@@ -212,12 +218,12 @@ def server_v2(store, tmp_path_factory):
         ts.stop()
 
 
-def test_v1_served_concurrently_equals_in_process(server_v1, trained_digits, digit_files):
-    url = f"{server_v1.url('inference')}/v1/models/digits:predict"
+def test_v1_served_concurrently_equals_in_process(server, trained_digits, digit_files):
+    url = f"{server.url('inference')}/v1/models/digits:predict"
 
     def ask(f):
         body = {"instances": [{"data": b64(f.read_bytes())}, {"data": b64(NOT_AN_IMAGE)}]}
-        return requests.post(url, json=body, headers=server_v1.headers(), timeout=60)
+        return requests.post(url, json=body, headers=server.headers(), timeout=60)
 
     with ThreadPoolExecutor(6) as pool:  # concurrent, so TorchServe puts them in one batch
         answers = list(pool.map(ask, digit_files))
@@ -227,21 +233,21 @@ def test_v1_served_concurrently_equals_in_process(server_v1, trained_digits, dig
         labels, probs = expected(trained_digits, f.read_bytes(), 3)
         assert list(good) == labels and np.allclose(list(good.values()), probs, atol=1e-4)
         assert bad["code"] == 400 and bad["type"] == "InvalidImage"
-    r = requests.post(url, json={"instances": [b64(NOT_AN_IMAGE)]}, headers=server_v1.headers(), timeout=60)
+    r = requests.post(url, json={"instances": [b64(NOT_AN_IMAGE)]}, headers=server.headers(), timeout=60)
     assert r.status_code == 400 and "error" in r.json()
     # The bundle's plain endpoint still answers on the same server.
     r = requests.post(
-        f"{server_v1.url('inference')}/predictions/digits",
+        f"{server.url('inference')}/predictions/digits",
         data=digit_files[0].read_bytes(),
-        headers=server_v1.headers(),
+        headers=server.headers(),
         timeout=60,
     )
     assert r.status_code == 200 and list(r.json()) == expected(trained_digits, digit_files[0].read_bytes(), 3)[0]
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary_data"])
-def test_v2_through_tritonclient_equals_in_process(server_v2, trained_digits, digit_files, binary):
-    host = server_v2.url("inference").removeprefix("http://")
+def test_v2_through_tritonclient_equals_in_process(server, trained_digits, digit_files, binary):
+    host = server.url("inference").removeprefix("http://")
     images = [f.read_bytes() for f in digit_files]
 
     def ask(pair):
@@ -251,7 +257,7 @@ def test_v2_through_tritonclient_equals_in_process(server_v2, trained_digits, di
         payload = batch if binary else [b64(x) for x in batch]
         inp.set_data_from_numpy(np.array(payload, dtype=object), binary_data=binary)
         try:
-            return client.infer("digits", [inp], headers=server_v2.headers())
+            return client.infer("digits", [inp], headers=server.headers())
         finally:
             client.close()
 
@@ -270,10 +276,10 @@ def test_v2_through_tritonclient_equals_in_process(server_v2, trained_digits, di
         assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
 
 
-def test_v2_request_without_good_image_is_a_4xx(server_v2):
-    client = triton.InferenceServerClient(server_v2.url("inference").removeprefix("http://"))
+def test_v2_request_without_good_image_is_a_4xx(server):
+    client = triton.InferenceServerClient(server.url("inference").removeprefix("http://"))
     inp = triton.InferInput("images", [1], "BYTES")
     inp.set_data_from_numpy(np.array([NOT_AN_IMAGE], dtype=object))
     with pytest.raises(InferenceServerException) as e:
-        client.infer("digits", [inp], headers=server_v2.headers())
+        client.infer("digits", [inp], headers=server.headers())
     assert e.value.status() == "400" or "400" in str(e.value)

@@ -1,5 +1,6 @@
-"""scripts/bench/metrics.py end to end, short: one server, the same archive with and without
-handler metrics, real JPEG bytes. The figures are not asserted (this machine is noisy)."""
+"""scripts/bench/metrics.py end to end, short: one server (the shared one, through the bench's
+Python API: the command line starts its own), the same archive with and without handler
+metrics, real JPEG bytes. The figures are not asserted (this machine is noisy)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,35 @@ import re
 import pytest
 
 from scripts.bench import metrics as bench_metrics
+from tests.conftest import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
-def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys):
+def test_bench_metrics_measures_both_sides_in_one_run(tmp_path, capsys, shared_server):
     out = tmp_path / "bench"
-    code = bench_metrics.main(
-        [
-            "--model",
-            "small_cnn",
-            "--duration",
-            "1",
-            "--rounds",
-            "2",
-            "--clients",
-            "2",
-            "--warmup",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
+    with serving(shared_server) as ts:
+        code = bench_metrics.main(
+            [
+                "--model",
+                "small_cnn",
+                "--duration",
+                "1",
+                "--rounds",
+                "2",
+                "--clients",
+                "2",
+                "--warmup",
+                "1",
+                "--out",
+                str(out),
+            ],
+            server=ts,
+        )
+        left = ts.models()
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert left == []  # both sides were unregistered once measured
     result = json.loads((out / "bench_metrics.json").read_text())
     for side in ("with", "without"):
         assert len(result["rounds"][side]) == 2

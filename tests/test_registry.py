@@ -17,12 +17,31 @@ import torchvision
 from model_defs import get_entry, get_model, list_models, register_model
 from model_defs.transfer import TRANSFER, TRANSFER_MODELS
 
-pytestmark = pytest.mark.unit
-
-pytestmark = pytest.mark.unit
-
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
+# Builds that take seconds each on the 2-core CPU machine, even with their test_kwargs (measured:
+# 2 to 35 s for a build and a forward pass): their cases are `slow`, every other test here is
+# `unit` (marked one by one, as a module mark would make the heavy cases `unit` too), so that
+# `-m unit` stays quick. The full suite still builds them all.
+HEAVY = {
+    "convnext_tiny",
+    "fasterrcnn_mobilenet_320",
+    "fasterrcnn_resnet50",
+    "fcos_regnet_x_400mf",
+    "lraspp_mobilenet_v3",
+    "resnet18",
+    "resnet50",
+    "vit_b_16",
+}
+
+
+def models(*tasks: str) -> list:
+    """The registered names of `tasks` as test cases, `slow` for the HEAVY ones, else `unit`."""
+    return [pytest.param(n, id=n, marks=speed(n)) for t in tasks for n in list_models(t)]
+
+
+def speed(name: str):
+    return pytest.mark.slow if name in HEAVY else pytest.mark.unit
 
 
 def build(name: str, **extra) -> tuple[torch.nn.Module, dict]:
@@ -38,7 +57,7 @@ def random_batch(name: str, channels: int | None = None, size: int | None = None
     return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", list_models("classification"))
+@pytest.mark.parametrize("name", models("classification"))
 def test_forward_and_state_dict_round_trip(name, tmp_path):
     model, kwargs = build(name)
     x = random_batch(name)
@@ -54,7 +73,7 @@ def test_forward_and_state_dict_round_trip(name, tmp_path):
         assert torch.equal(rebuilt(x), out)
 
 
-@pytest.mark.parametrize("name", list_models("classification"))
+@pytest.mark.parametrize("name", models("classification"))
 def test_grey_input(name):
     model, _ = build(name, in_channels=1)
     with torch.no_grad():
@@ -62,6 +81,7 @@ def test_grey_input(name):
     assert out.shape == (2, NUM_CLASSES)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("size", [28, 32, 64])
 def test_small_cnn_any_input_size(size):
     model, _ = build("small_cnn")
@@ -80,10 +100,11 @@ def layer_names_cases() -> list:
                 kwargs |= {"num_classes": NUM_CLASSES, "in_channels": 1}
             if name in TRANSFER:
                 kwargs["freeze_backbone"] = True
-            cases.append(pytest.param(name, kwargs, id=name))
+            cases.append(pytest.param(name, kwargs, id=name, marks=speed(name)))
     return cases
 
 
+@pytest.mark.unit
 def test_every_classifier_names_its_stem_and_head():
     classifiers = list_models("classification")
     assert {spec.name for spec in TRANSFER_MODELS} <= set(classifiers)
@@ -113,6 +134,7 @@ def test_registry_layer_names_are_in_the_state_dict(name, kwargs):
         assert trainable == {f"{entry.head}.weight", f"{entry.head}.bias"}
 
 
+@pytest.mark.unit
 def test_unknown_name_lists_registered_models():
     with pytest.raises(KeyError) as excinfo:
         get_model("no_such_model")
@@ -122,6 +144,7 @@ def test_unknown_name_lists_registered_models():
         assert name in message
 
 
+@pytest.mark.unit
 def test_duplicate_name_is_refused():
     original = get_entry("small_cnn").builder
     with pytest.raises(ValueError, match="small_cnn"):
@@ -129,6 +152,7 @@ def test_duplicate_name_is_refused():
     assert get_entry("small_cnn").builder is original
 
 
+@pytest.mark.unit
 def test_vit_small_rejects_image_size_not_divisible_by_patch_size():
     with pytest.raises(ValueError, match="divisible"):
         get_model("vit_small", image_size=30, patch_size=4)
@@ -142,6 +166,7 @@ def resnet18_weights(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_resnet18_transfer_learning(resnet18_weights):
     saved = torch.load(resnet18_weights, weights_only=True)
     model = get_model("resnet18", num_classes=5, weights_path=str(resnet18_weights), freeze_backbone=True)
@@ -155,6 +180,7 @@ def test_resnet18_transfer_learning(resnet18_weights):
         assert model.eval()(random_batch("resnet18")).shape == (2, 5)
 
 
+@pytest.mark.unit
 def test_resnet18_transfer_learning_grey(resnet18_weights):
     saved = torch.load(resnet18_weights, weights_only=True)
     model = get_model("resnet18", num_classes=5, in_channels=1, weights_path=str(resnet18_weights))
@@ -164,6 +190,7 @@ def test_resnet18_transfer_learning_grey(resnet18_weights):
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spec", TRANSFER_MODELS, ids=lambda s: s.name)
 def test_transfer_builder_signature(spec):
     """Each table row's builder takes the common arguments plus its own options (what training
@@ -174,12 +201,14 @@ def test_transfer_builder_signature(spec):
         get_model(spec.name, no_such_arg=1)
 
 
+@pytest.mark.unit
 def test_missing_weights_file_is_named(tmp_path):
     missing = tmp_path / "not_there.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         get_model("resnet18", weights_path=str(missing))
 
 
+@pytest.mark.unit
 def test_mismatched_weights_file_is_named(tmp_path):
     wrong = tmp_path / "wrong.pth"
     torch.save({"not_a_resnet_key": torch.zeros(1)}, wrong)
@@ -187,6 +216,7 @@ def test_mismatched_weights_file_is_named(tmp_path):
         get_model("resnet18", weights_path=str(wrong))
 
 
+@pytest.mark.unit
 def test_cli_lists_every_model():
     result = subprocess.run([sys.executable, "-m", "model_defs"], cwd=REPO, capture_output=True, text=True, check=True)
     lines = result.stdout.splitlines()
@@ -211,7 +241,7 @@ def task_input_and_output(name: str, model: torch.nn.Module) -> tuple[torch.Tens
     return x, (2, model.feature_dim)  # embedding: one vector per image
 
 
-@pytest.mark.parametrize("name", [n for t in ("segmentation", "generation", "embedding") for n in list_models(t)])
+@pytest.mark.parametrize("name", models("segmentation", "generation", "embedding"))
 def test_segmentation_generation_embedding_forward_and_round_trip(name, tmp_path):
     entry = get_entry(name)
     kwargs = dict(entry.test_kwargs)
@@ -233,7 +263,7 @@ def test_segmentation_generation_embedding_forward_and_round_trip(name, tmp_path
 # -- detection models: torchvision-style list input, boxes and losses ---------------------
 
 
-@pytest.mark.parametrize("name", list_models("detection"))
+@pytest.mark.parametrize("name", models("detection"))
 def test_detection_forward_losses_and_round_trip(name, tmp_path):
     kwargs = {"num_classes": NUM_CLASSES, **get_entry(name).test_kwargs}
     size = kwargs["image_size"]

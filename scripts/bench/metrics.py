@@ -37,13 +37,16 @@ ROOT = Path(__file__).resolve().parents[2]
 SIDES = {"with": {}, "without": {"metrics": False}}  # handler options of each side
 
 
-def run_bench(args) -> dict:
+def run_bench(args, server: TorchServe | None = None) -> dict:
+    """Both sides, measured on `server` (a running TorchServe; the archives are built into its
+    model store and unregistered at the end), else on one started with config.properties."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-metrics-", dir=out))
     try:
-        store = work / "model_store"
-        store.mkdir()
+        ts = server or TorchServe(run_dir=work / "serve", model_store=work / "model_store", ports={})
+        store = ts.model_store
+        store.mkdir(exist_ok=True)
         run = random_weights_run(args.model, work / "run")
         for side, handler in SIDES.items():
             options = {
@@ -55,9 +58,12 @@ def run_bench(args) -> dict:
             }
             build_archive(run, side, store, options, force=True)
         image = cat_jpeg()
-        ts = TorchServe(run_dir=work / "serve", model_store=store, ports={})
-        ts.start(list(SIDES), timeout=300)
+        if server is None:
+            ts.start([], timeout=300)
+        versions = {}
         try:
+            for side in SIDES:
+                versions[side] = ts.register(side, f"{side}.mar", timeout=300)
             headers = ts.headers("inference")
             urls = {side: f"{ts.url('inference')}/predictions/{side}" for side in SIDES}
             for side, url in urls.items():
@@ -79,7 +85,11 @@ def run_bench(args) -> dict:
                     cpu, served = server_cpu_seconds(ts) - cpu, requests_served(ts, side) - served
                     rounds[side].append(m | {"server_cpu_ms_per_request": round(cpu * 1000 / served, 3)})
         finally:
-            ts.stop()
+            if server is None:
+                ts.stop()
+            else:
+                for side, version in versions.items():
+                    ts.unregister(side, version)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -162,7 +172,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, server: TorchServe | None = None) -> int:
+    """The command line; `server` (from Python only): a running TorchServe to measure on
+    instead of starting one (see run_bench)."""
     args = get_args_parser().parse_args(argv)
     if args.clients < 1 or args.rounds < 1 or args.duration <= 0 or args.batch_size < 1 or args.warmup <= 0:
         print(
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        result = run_bench(args)
+        result = run_bench(args, server)
     except (ServeError, ArchiveError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -19,9 +19,10 @@ On this machine, with the same weights and the same real JPEG bytes (scikit-imag
 - presets (--presets, which scripts/bench.sh passes): the classifier under each runtime of
           --preset-runtimes and the detector, archived with each serving preset and
           measured at 1 and 4 clients against their bare handler (scripts/bench/presets.py).
-Servers run one after the other, never side by side. It prints a table, writes bench.json
-and bench.png to --out, and its last line is `served/bare=X.XX served/stock=Y.YY`, both
-throughput ratios at 4 clients (or the largest --clients count under 4 if 4 is not run).
+The served sides take turns on one TorchServe, never side by side. It prints a table,
+writes bench.json and bench.png to --out, and its last line is `served/bare=X.XX
+served/stock=Y.YY`, both throughput ratios at 4 clients (or the largest --clients count
+under 4 if 4 is not run).
 Weights do not change speed: without --run a model of --model is built with random weights.
 """
 
@@ -239,12 +240,9 @@ def open_loop(url: str, headers: dict, image: bytes, rate: float, seconds: float
     return summary(latencies, errors[0], time.perf_counter() - start) | {"rate": rate}
 
 
-def serve_and_load(
-    name: str, store: Path, run_dir: Path, config: Path, image: bytes, args, expect_top1: str | None
-) -> dict:
-    """Start a server for one archive, run every load against it, stop it."""
-    ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={})
-    ts.start([name], timeout=300)
+def serve_and_load(ts: TorchServe, name: str, image: bytes, args, expect_top1: str | None) -> dict:
+    """Register one archive of the server's store, run every load against it, unregister it."""
+    version = ts.register(name, f"{name}.mar", timeout=300)
     try:
         url, headers = f"{ts.url('inference')}/predictions/{name}", ts.headers("inference")
         ok, answer = Client(url, headers).post(image)
@@ -262,7 +260,7 @@ def serve_and_load(
             results["open"] = open_loop(url, headers, image, args.rate, args.duration)
         return results
     finally:
-        ts.stop()
+        ts.unregister(name, version)
 
 
 # -- the archives -----------------------------------------------------------------------
@@ -376,27 +374,37 @@ def detector_run(args, work: Path) -> tuple[Path, str]:
     return random_weights_run("fcos_regnet_x_400mf", work / "detector_run", num_classes=3), "random"
 
 
-def bench_detector(args, image: bytes, work: Path, store: Path, config: Path) -> dict:
+def bench_detector(args, image: bytes, work: Path, ts: TorchServe) -> dict:
     run, weights = detector_run(args, work)
-    build_archive(run, "detector", store, {"batch_size": 1, "max_batch_delay": 0}, force=True)
-    handler, _ = unpack_handler(store / "detector.mar", work / "detector_unpacked", torch_threads=os.cpu_count())
+    build_archive(run, "detector", ts.model_store, {"batch_size": 1, "max_batch_delay": 0}, force=True)
+    handler, _ = unpack_handler(
+        ts.model_store / "detector.mar", work / "detector_unpacked", torch_threads=os.cpu_count()
+    )
     input_size = handler.data_config.input_size
     print(
         f"detector: {json.loads((run / 'model.json').read_text())['arch']} ({weights} weights) at {input_size} px",
         flush=True,
     )
     bare_result = bare(handler, image, 1, args.duration)
-    ts = TorchServe(run_dir=work / "serve_detector", model_store=store, config=config, ports={})
-    ts.start(["detector"], timeout=300)
+    version = ts.register("detector", "detector.mar", timeout=300)
     try:
         url, headers = f"{ts.url('inference')}/predictions/detector", ts.headers("inference")
         served = closed_loop(url, headers, image, 1, args.duration)
     finally:
-        ts.stop()
+        ts.unregister("detector", version)
     return {"run": str(run), "weights": weights, "input_size": input_size, "bare": bare_result, "served": served}
 
 
-def run_bench(args) -> dict:
+def run_bench(args, server: TorchServe | None = None) -> dict:
+    """Every side of the benchmark; `server`: a running TorchServe to register the served sides
+    on (built into its model store), else one is started with the bundle's config.properties.
+
+    Each served side is registered for its own loads and unregistered after them. Before,
+    each side had a server of its own, the stock one's without config.properties'
+    `default_workers_per_model`; that default never applied, since every registration names
+    its workers (the archive's minWorkers: 1 for the stock archive, which declares none). What
+    differs: a later side finds the JVM warmed by the earlier ones (the closed loop's unmeasured
+    warm-up covers the rest), and the detector's bare handler is timed beside an idle server."""
     import torch
 
     if args.device == "gpu":
@@ -404,8 +412,11 @@ def run_bench(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=out))
-    store = work / "model_store"
-    store.mkdir()
+    ts = server or TorchServe(
+        run_dir=work / "serve", model_store=work / "model_store", config=ROOT / "config.properties", ports={}
+    )
+    store = ts.model_store
+    store.mkdir(exist_ok=True)
     image = cat_jpeg()
     if args.run and not (Path(args.run) / "model.json").is_file():
         raise ValueError(f"training output folder {args.run} does not exist or holds no model.json")
@@ -462,21 +473,26 @@ def run_bench(args) -> dict:
     expect = next(iter(handler.handle([{"body": image}], request_context(1))[0]))
     del handler
 
-    properties = ROOT / "config.properties"
-    print("served: our archive behind TorchServe", flush=True)
-    result["served"] = serve_and_load("served", store, work / "serve_ours", properties, image, args, expect)
-    if not args.no_stock:
-        stock_archive(run, store, work)
-        print("stock: TorchServe's image_classifier handler, default model configuration", flush=True)
-        result["stock"] = serve_and_load("stock", store, work / "serve_stock", stock_config(work), image, args, expect)
-    if args.presets:  # the detector is measured there, under each preset
+    if server is None:
+        ts.start([], timeout=300)
+    try:
+        print("served: our archive behind TorchServe", flush=True)
+        result["served"] = serve_and_load(ts, "served", image, args, expect)
+        if not args.no_stock:
+            stock_archive(run, store, work)
+            print("stock: TorchServe's image_classifier handler, default model configuration", flush=True)
+            result["stock"] = serve_and_load(ts, "stock", image, args, expect)
+        if not args.presets and not args.no_detector:
+            result["detector"] = bench_detector(args, image, work, ts)
+    finally:
+        if server is None:
+            ts.stop()
+    if args.presets:  # the detector is measured there, under each preset, on servers of their own
         from scripts.bench.presets import run_presets
 
-        args.properties = properties
+        args.properties = ROOT / "config.properties"
         detector = None if args.no_detector else detector_run(args, work)[0]
         result["presets"] = run_presets(args, run, detector, image, work)
-    elif not args.no_detector:
-        result["detector"] = bench_detector(args, image, work, store, properties)
     result["ratios"] = ratios(result)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -581,7 +597,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, server: TorchServe | None = None) -> int:
+    """The command line; `server` (from Python only): a running TorchServe to measure the
+    served sides on instead of starting one (see run_bench)."""
     args = get_args_parser().parse_args(argv)
     try:
         args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
@@ -604,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        result = run_bench(args)
+        result = run_bench(args, server)
     except (ServeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
