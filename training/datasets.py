@@ -270,14 +270,15 @@ def random_split(samples: list, fraction: float, seed: int, name: str) -> tuple[
     return shuffled[n_val:], shuffled[:n_val]
 
 
-def split_source(fraction: float, seed: int) -> str:
-    """How model.json records a stratified split (`val_source`), so it can be rebuilt later."""
-    return f"stratified {fraction} of --data (seed {seed})"
+def split_source(fraction: float, seed: int, kind: str = "stratified", of: str = "--data") -> str:
+    """How model.json records a seeded split of `of` (`val_source`, SimCLR's `eval_val_data`),
+    stratified by class or random (detection, masks), so that it can be rebuilt later."""
+    return f"{kind} {fraction} of {of} (seed {seed})"
 
 
 def parse_split_source(text: str) -> tuple[float, int] | None:
     """(fraction, seed) of a `split_source` record; None for a separate validation folder."""
-    match = re.fullmatch(r"stratified ([0-9.]+) of --data \(seed (-?\d+)\)", text)
+    match = re.fullmatch(r"(?:stratified|random) ([0-9.]+) of --(?:eval-)?data \(seed (-?\d+)\)", text)
     return (float(match[1]), int(match[2])) if match else None
 
 

@@ -588,7 +588,7 @@ class Task:
             source = split_source(args.val_fraction, args.seed)
         else:
             train, val = random_split(spec.samples, args.val_fraction, args.seed, args.data)
-            source = f"random {args.val_fraction} of --data (seed {args.seed})"
+            source = split_source(args.val_fraction, args.seed, "random")
         record = {"layout": spec.layout, "train_images": len(train), "val_images": len(val), "val_source": source}
         return train, val, {**record, "fingerprint": spec.fingerprint()}
 

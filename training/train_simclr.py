@@ -25,7 +25,7 @@ from model_defs.checkpoint import unwrap
 from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
 from training import engine
-from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, stratified_split
+from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, split_source, stratified_split
 from training.scores import knn_accuracy
 from training.unlabeled import UnlabeledImages, find_images, unlabeled_record
 
@@ -109,7 +109,7 @@ class SimCLR(engine.Task):
         self.drop_last = True
         dataset = unlabeled_record(args.data, paths) | {"eval_data": args.eval_data}
         if args.eval_data:
-            split = f"stratified {args.eval_val_fraction} of --eval-data (seed {args.seed})"
+            split = split_source(args.eval_val_fraction, args.seed, of="--eval-data")
             dataset |= {"eval_fingerprint": spec.fingerprint(), "eval_val_data": args.eval_val_data or split}
         self.meta = self.record(args, arch_args, cfg, [], dataset, embedding_dim=self.model.feature_dim)
         self.details = [f"{cfg.channels}x{cfg.input_size}px", f"embedding dim {self.model.feature_dim}"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from model_defs.preprocessing import IMAGE_EXTENSIONS
-from training.datasets import DatasetError, random_split, read_dataset, stratified_split
+from training.datasets import DatasetError, parse_split_source, random_split, read_dataset, stratified_split
 from training.det_datasets import IGNORE_INDEX, read_detection, read_masks
 from training.scores import knn_predict, map_metric, multilabel_scores, segmentation_scores
 
@@ -203,7 +202,7 @@ def _classification(data: Path, meta: dict, name: str, split: str, reference: Pa
             raise MetricsError(f"{data}: k-NN accuracy needs one label per image; some images have several")
         if split == "val":
             recorded = meta.get("dataset", {}).get("eval_val_data") or ""
-            fraction_seed = _parse_split(recorded)
+            fraction_seed = parse_split_source(recorded)
             if fraction_seed is None:
                 raise MetricsError(f"{name}'s model.json records no split of --eval-data to rebuild ({recorded!r})")
             _check_fingerprint(spec.fingerprint(), meta["dataset"].get("eval_fingerprint"), name, data)
@@ -228,12 +227,6 @@ def _classification(data: Path, meta: dict, name: str, split: str, reference: Pa
     return EvalSet(data, [s.path for s in samples], [s.labels for s in samples])
 
 
-def _parse_split(text: str) -> tuple[float, int] | None:
-    """(fraction, seed) of a recorded split such as "random 0.2 of --data (seed 0)"."""
-    match = re.fullmatch(r"(?:stratified|random) ([0-9.]+) of --(?:eval-)?data \(seed (-?\d+)\)", text)
-    return (float(match[1]), int(match[2])) if match else None
-
-
 def _check_fingerprint(actual: str, recorded: str | None, name: str, data: Path) -> None:
     if recorded and actual != recorded:
         raise MetricsError(
@@ -247,7 +240,7 @@ def _split(samples: list, fingerprint: str, meta: dict, name: str, split: str, d
     if split == "all":
         return samples
     recorded = meta.get("dataset", {}).get("val_source", "")
-    fraction_seed = _parse_split(recorded)
+    fraction_seed = parse_split_source(recorded)
     if fraction_seed is None:
         raise MetricsError(
             f"{name} was validated on the separate folder {recorded}; give that folder, without --split val"
