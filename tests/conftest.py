@@ -4,14 +4,22 @@ TorchServe for every module that needs no process-level config of its own.
 The digits are scikit-learn's real handwritten digits as PNG files; the photographs are
 scikit-image's real pictures. Nothing is downloaded. Starting TorchServe costs seconds of
 JVM and worker start-up on every start, so the run counts its starts and prints them at the end.
+
+The suite runs on every core with pytest-xdist (pytest.ini). Each xdist worker is a session of
+its own, so: every test that uses the shared TorchServe goes to one group, which one worker
+runs (the other tests spread over the rest); the session's trained models are built once, by
+the first worker that needs them, in the run's common folder (`built_once`); each worker gets
+its share of the cores for torch; and the workers hand their TorchServe starts to the count.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from _pytest.nodeid import NodeId  # pytest_collection_modifyitems: the xdist group
 from PIL import Image
 
 from model_defs import DataConfig
@@ -30,6 +39,45 @@ from training import train as train_mod
 from training.sample_data import write_digits
 
 STARTS: list[str] = []  # the test (node id) during which each TorchServe start happened
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # torch threads that outnumber the cores stall on each other's OpenMP barriers
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))  # for subprocesses too
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# Served modules whose fixtures train for a minute or more: they run last in the shared server's
+# group, and the tests of those trainings that need no server run first on another worker, so
+# that the trainings (session-scoped, `built_once`) overlap the other served tests.
+TRAINED_LAST = ("test_explain.py", "test_predict.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under --dist loadgroup (xdist), the groups:
+    - every test of the shared TorchServe goes to one worker, in collection order but with
+      TRAINED_LAST's modules at the end;
+    - the other tests of TRAINED_LAST's modules form the next group, which another worker takes first;
+    - a test that uses a module-scoped fixture (a module's own server or model) goes with the rest
+      of its module, so that the fixture is made once; any other test goes to any free worker.
+    xdist 3.8 reads a test's group from an "@group" suffix of its node id, which it can no longer
+    write since pytest 9.2 made node ids structured (pytest-xdist#1386), so it is written here."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist workers only
+        return
+
+    def group(item) -> str | None:
+        if "shared_server" in item.fixturenames:
+            return "shared_server"
+        if item.path.name in TRAINED_LAST:
+            return "trained_first"
+        scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values()}
+        return item.path.name if "module" in scopes else None
+
+    groups = {item: group(item) for item in items}
+    order = {"shared_server": 0, "trained_first": 1}
+    items.sort(key=lambda i: (order.get(groups[i], 2), groups[i] == "shared_server" and i.path.name in TRAINED_LAST))
+    for item in items:
+        if groups[item]:
+            item._id = NodeId.parse(f"{item.nodeid}@{groups[item]}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +93,16 @@ def count_torchserve_starts():
     TorchServe._write_config = counted
     yield
     TorchServe._write_config = write_config
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: its starts go to the controller
+        session.config.workeroutput["torchserve_starts"] = STARTS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    STARTS.extend(getattr(node, "workeroutput", {}).get("torchserve_starts", []))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -86,12 +144,27 @@ def serving(ts: TorchServe, *models: str, timeout: float = 240):
         ts.state.save({"models": {}})  # a version refused at a restart stays in the record: forget it
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, made by `build(folder)` once per run: under xdist the first worker
+    builds it in the workers' common temporary folder while the others wait on a lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-<user>/pytest-N, above each worker's popen-gwK
+    folder, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """data/digits-like tree: train/<digit>/*.png and test/<digit>/*.png (32x32 grey)."""
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root, size=32, test_fraction=0.2, seed=0)
-    return root
+    return built_once(tmp_path_factory, "digits", lambda root: write_digits(root, size=32, test_fraction=0.2, seed=0))
 
 
 def train_cli_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -116,9 +189,23 @@ def train_cli_args(data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_digits(digits_dir, tmp_path_factory) -> Path:
     """A small CNN trained for a few epochs on the digits: a real training output folder."""
-    out = tmp_path_factory.mktemp("run") / "digits"
-    assert train_mod.cli(train_cli_args(digits_dir / "train", out, "--epochs", "3", "--batch-size", "32")) == 0
-    return out
+
+    def train(root: Path) -> None:
+        argv = train_cli_args(digits_dir / "train", root / "digits", "--epochs", "3", "--batch-size", "32")
+        assert train_mod.cli(argv) == 0
+
+    return built_once(tmp_path_factory, "trained_digits", train) / "digits"
+
+
+@pytest.fixture(scope="session")
+def digits_run(digits_dir, tmp_path_factory) -> Path:
+    """The same model after one epoch on the 287 test digits (a few seconds): a real training
+    output folder for tests that need one, but not a model that has learned much."""
+
+    def train(root: Path) -> None:
+        assert train_mod.cli(train_cli_args(digits_dir / "test", root / "digits", "--epochs", "1")) == 0
+
+    return built_once(tmp_path_factory, "digits_run", train) / "digits"
 
 
 class TrainedRun(NamedTuple):
@@ -138,19 +225,21 @@ SHAPES_DETECTOR_TRAINING += ["--lr", "3e-3", "--threads", "1", "--workers", "0",
 @pytest.fixture(scope="session")
 def shapes_detector(tmp_path_factory) -> TrainedRun:
     """A detector trained on shapes (VOC layout): 160 training and 40 validation images."""
-    root = tmp_path_factory.mktemp("shapes_detector")
-    data = shapes.generate(root / "voc", "voc", progress=False, **SHAPES_DETECTOR_DATA)
-    run = root / "run"
-    assert train_detection.cli(["--data", str(data), "--out", str(run), *SHAPES_DETECTOR_TRAINING]) == 0
-    return TrainedRun(run, data)
+
+    def train(root: Path) -> None:
+        data = shapes.generate(root / "voc", "voc", progress=False, **SHAPES_DETECTOR_DATA)
+        assert train_detection.cli(["--data", str(data), "--out", str(root / "run"), *SHAPES_DETECTOR_TRAINING]) == 0
+
+    root = built_once(tmp_path_factory, "shapes_detector", train)
+    return TrainedRun(root / "run", root / "voc")
 
 
 @pytest.fixture(scope="module")
-def digits_model_dir(trained_digits, tmp_path_factory) -> Path:
-    """The trained digits model alone in a folder, as a worker's model_dir holds it."""
+def digits_model_dir(digits_run, tmp_path_factory) -> Path:
+    """The digits model alone in a folder, as a worker's model_dir holds it."""
     model_dir = tmp_path_factory.mktemp("digits_model")
     for name in ("model.pt", "model.json"):
-        shutil.copy(trained_digits / name, model_dir / name)
+        shutil.copy(digits_run / name, model_dir / name)
     return model_dir
 
 

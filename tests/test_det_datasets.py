@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 N, SIZE = 6, 96
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap data: each xdist worker makes its own
 def generated(tmp_path_factory) -> dict[str, Path]:
     """The same seed in all three layouts."""
     root = tmp_path_factory.mktemp("shapes")
@@ -310,7 +310,7 @@ def test_trainer_reads_the_coco_layout_end_to_end(coco, tmp_path):
                 "--val-fraction",
                 "0.34",
                 "--model",
-                "fasterrcnn_mobilenet_320",
+                "fcos_resnet",
                 "--input-size",
                 "96",
                 "--epochs",

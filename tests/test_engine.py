@@ -28,7 +28,7 @@ from model_defs.preprocessing import (
 )
 from scripts.ops.names import OneLineParser
 from tests.conftest import train_cli_args
-from training import engine, scores, train, train_detection, train_gan, train_segmentation, train_simclr
+from training import engine, train, train_detection, train_gan, train_segmentation, train_simclr
 from training.cache import DecodeCache
 from training.datasets import ImageDataset, read_dataset
 from training.det_datasets import DetectionDataset, SegmentationDataset, read_detection, read_masks
@@ -46,22 +46,22 @@ def subset(digits_dir, dest, counts: dict[str, int]):
     return dest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap data: each xdist worker makes its own
 def small(digits_dir, tmp_path_factory):
     return subset(digits_dir, tmp_path_factory.mktemp("small"), {"0": 6, "1": 6, "2": 6})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap data: each xdist worker makes its own
 def masks(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("masks") / "m", "masks", n=6, size=48, seed=2, progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap data: each xdist worker makes its own
 def voc(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("voc") / "v", "voc", 6, 96, seed=3, progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # cheap data: each xdist worker makes its own
 def labels_txt_data(small, tmp_path_factory):
     """The same images as `small`, in the images/ + labels.txt layout."""
     root = tmp_path_factory.mktemp("ltxt")
@@ -89,7 +89,7 @@ EVERY_TASK = {  # each trainer at its smallest, with the data of this module
     "detection": (
         train_detection,
         "voc",
-        ["--model", "fasterrcnn_mobilenet_320", "--input-size", "64", "--batch-size", "2", "--pictures", "0"],
+        ["--model", "fcos_resnet", "--input-size", "64", "--batch-size", "2", "--pictures", "0"],
     ),
     "segmentation": (
         train_segmentation,
@@ -315,9 +315,9 @@ def test_amp_trains_and_resumes_on_the_cpu(amp, small, tmp_path, capsys):
 def test_a_detector_trains_under_amp_on_the_cpu(amp, voc, tmp_path, capsys):
     """The path the GPU takes with a detector, whose loss is a dict of losses summed: the
     forward under autocast, for fp16 the GradScaler with clipping, and the mAP of float32
-    boxes on the CPU (FCOS, the model scripts/bench_train.sh trains)."""
+    boxes on the CPU (FCOS, as scripts/bench_train.sh trains it, on the light backbone)."""
     out = tmp_path / "o"
-    argv = ["--data", str(voc), "--out", str(out), "--model", "fcos_regnet_x_400mf", "--input-size", "64"]
+    argv = ["--data", str(voc), "--out", str(out), "--model", "fcos_resnet", "--input-size", "64"]
     argv += ["--batch-size", "2", "--epochs", "1", "--pictures", "1", "--workers", "0", "--threads", "1"]
     code, err = run_cli(train_detection, [*argv, "--no-progress", "--amp", amp], capsys)
     assert code == 0, err
@@ -345,7 +345,7 @@ def test_a_detector_without_pycocotools_is_told_before_training(voc, tmp_path, c
     def missing(*args, **kwargs):
         raise ModuleNotFoundError("Backend `pycocotools` in metric `MeanAveragePrecision` requires pycocotools")
 
-    monkeypatch.setattr(scores, "MeanAveragePrecision", missing)
+    monkeypatch.setattr("torchmetrics.detection.MeanAveragePrecision", missing)  # map_metric imports it on use
     out = tmp_path / "o"
     code, err = run_cli(train_detection, ["--data", str(voc), "--out", str(out), "--no-progress"], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "needs torchmetrics with pycocotools" in err, err
@@ -565,9 +565,9 @@ def test_diagnostics_written_into_the_run_folder(small, tmp_path, capsys):
     assert "aten::" in top and "Self CPU" in top
 
 
-def test_no_diagnostics_by_default(trained_digits):
+def test_no_diagnostics_by_default(digits_run):
     for name in ("grad_norms.csv", "activations.csv", "profile"):
-        assert not (trained_digits / name).exists()
+        assert not (digits_run / name).exists()
 
 
 # -- decode cache -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,12 +24,12 @@ from model_defs import DataConfig, get_model
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import eval_transform, load_image, segmentation_transform
 from scripts.cli import archive
-from tests.conftest import encode, serving
+from tests.conftest import built_once, encode, serving
 from tests.test_task_serving import SHAPE_CLASSES, _perturb_batchnorm, _save
 from training import train as train_mod
 from training.shapes import CLASSES, generate
 
-pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]  # its fixture trains 10 epochs
+pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]  # its fixture trains 10 epochs (30 s)
 
 SIZE = 40  # image side = model input: the map and the masks share pixels
 # Completeness at the default 32 steps: |delta| <= 5% of |f(x) - f(baseline)| + 0.05 (in
@@ -47,45 +48,55 @@ def write_one_shape_dataset(out, n: int, seed: int):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shapes_run(tmp_path_factory):
-    data = write_one_shape_dataset(tmp_path_factory.mktemp("shapes") / "train", n=1500, seed=0)
-    out = tmp_path_factory.mktemp("shapes_run") / "run"
-    assert (
-        train_mod.cli(
-            [
-                "--data",
-                str(data),
-                "--layout",
-                "labels_txt",
-                "--model",
-                "small_cnn",
-                "--channels",
-                "3",
-                "--input-size",
-                str(SIZE),
-                "--resize-size",
-                str(SIZE),
-                "--min-scale",
-                "1.0",
-                "--epochs",
-                "10",
-                "--batch-size",
-                "32",
-                "--lr",
-                "3e-3",
-                "--workers",
-                "0",
-                "--seed",
-                "0",
-                "--no-progress",
-                "--out",
-                str(out),
-            ]
+    """A small classifier trained on one shape per photo (about 30 s). Built once per run, by any
+    xdist worker: the served tests below are ordered after one that needs it (conftest.py)."""
+
+    def build(root):
+        data = write_one_shape_dataset(root / "train", n=1500, seed=0)
+        out = root / "run"
+        assert (
+            train_mod.cli(
+                [
+                    "--data",
+                    str(data),
+                    "--layout",
+                    "labels_txt",
+                    "--model",
+                    "lenet5_bn",
+                    "--channels",
+                    "3",
+                    "--input-size",
+                    str(SIZE),
+                    "--resize-size",
+                    str(SIZE),
+                    "--min-scale",
+                    "1.0",
+                    "--epochs",
+                    "10",
+                    "--batch-size",
+                    "32",
+                    "--lr",
+                    "3e-3",
+                    "--workers",
+                    "0",
+                    "--seed",
+                    "0",
+                    "--no-progress",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
         )
-        == 0
-    )
-    return out
+
+    return built_once(tmp_path_factory, "explain_shapes_run", build) / "run"
+
+
+def test_the_classifier_it_explains_has_learned_the_shapes(shapes_run):
+    """Where attributions fall says something only for a classifier that sees the shapes."""
+    assert json.loads((shapes_run / "model.json").read_text())["metrics"]["best_val"] >= 0.75
 
 
 @pytest.fixture(scope="module")

@@ -155,12 +155,12 @@ def test_batch_crosses_to_the_gpu_in_one_pinned_copy(photo_model, jpeg_rows, mon
     not HAS_CUDA or "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
     reason="this onnxruntime has no CUDAExecutionProvider (GPU hosts install onnxruntime-gpu)",
 )
-def test_onnx_runtime_cuda_provider_answers_like_eager(trained_digits, digits_dir, tmp_path, digit_rows):
+def test_onnx_runtime_cuda_provider_answers_like_eager(digits_run, digits_dir, tmp_path, digit_rows):
     store = tmp_path / "store"
     assert (
         archive.main(
             [
-                str(trained_digits),
+                str(digits_run),
                 "--name",
                 "digits",
                 "--model-store",
@@ -185,12 +185,12 @@ def test_onnx_runtime_cuda_provider_answers_like_eager(trained_digits, digits_di
 
 
 @needs_cuda
-def test_torchserve_gpu_worker_answers_like_the_cpu(trained_digits, digits_model_dir, digit_rows, tmp_path):
+def test_torchserve_gpu_worker_answers_like_the_cpu(digits_run, digits_model_dir, digit_rows, tmp_path):
     store = tmp_path / "store"
     assert (
         archive.main(
             [
-                str(trained_digits),
+                str(digits_run),
                 "--name",
                 "digits",
                 "--model-store",
@@ -275,7 +275,7 @@ def test_worker_device_without_cuda_falls_back_to_cpu_and_says_so(monkeypatch, c
     assert "sees no CUDA device" in caplog.text
 
 
-def test_onnx_runner_asks_for_the_cuda_provider_first_with_faked_cuda(trained_digits, tmp_path, monkeypatch):
+def test_onnx_runner_asks_for_the_cuda_provider_first_with_faked_cuda(digits_run, tmp_path, monkeypatch):
     """ONNX Runtime's CUDA provider is asked for, on the worker's GPU, when the installed
     onnxruntime has it; the session is recorded instead of created (no GPU here)."""
     import onnxruntime as ort
@@ -284,7 +284,7 @@ def test_onnx_runner_asks_for_the_cuda_provider_first_with_faked_cuda(trained_di
     assert (
         archive.main(
             [
-                str(trained_digits),
+                str(digits_run),
                 "--name",
                 "digits",
                 "--model-store",
@@ -316,12 +316,12 @@ def test_onnx_runner_asks_for_the_cuda_provider_first_with_faked_cuda(trained_di
     assert seen["providers"] == ["CPUExecutionProvider"]
 
 
-def test_gpu_archive_config_and_refusals(trained_digits, tmp_path, capsys):
+def test_gpu_archive_config_and_refusals(digits_run, tmp_path, capsys):
     store = tmp_path / "store"
     assert (
         archive.main(
             [
-                str(trained_digits),
+                str(digits_run),
                 "--name",
                 "digits",
                 "--model-store",

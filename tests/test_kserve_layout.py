@@ -21,12 +21,12 @@ SCHEMA = yaml.safe_load((Path(__file__).parent / "schemas" / "kserve_inferencese
 
 
 @pytest.fixture(scope="module")
-def store(trained_digits, tmp_path_factory):
+def store(digits_run, tmp_path_factory):
     store = tmp_path_factory.mktemp("layout_store")
     assert (
         archive.main(
             [
-                str(trained_digits),
+                str(digits_run),
                 "--name",
                 "digits",
                 "--version",
@@ -46,7 +46,7 @@ def store(trained_digits, tmp_path_factory):
     assert (
         archive.main(
             [
-                str(trained_digits),
+                str(digits_run),
                 "--name",
                 "digits",
                 "--version",

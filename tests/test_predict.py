@@ -24,7 +24,7 @@ from model_defs.checkpoint import save_model_files
 from scripts.cli import archive, models, predict
 from scripts.cli.predict import Answer
 from scripts.ops import task_metrics as tm
-from tests.conftest import serving, train_cli_args
+from tests.conftest import built_once, serving, train_cli_args
 from training import shapes, train, train_segmentation, train_simclr
 from training.scores import multilabel_scores
 
@@ -32,7 +32,7 @@ DETECTOR_FLOOR = 0.3  # mAP@0.5 the shapes detector must reach (0.51 measured), 
 ROUND = {0, 6, 8, 9}  # digits with a closed loop: the second label of the multi-label set
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def multi_data(digits_dir, tmp_path_factory) -> Path:
     """A multi-label set of real digits: images/ + labels.txt, "even"/"odd" and maybe "round"."""
     root = tmp_path_factory.mktemp("multi")
@@ -56,7 +56,7 @@ def voc(shapes_detector) -> Path:
     return shapes_detector.data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def masks(tmp_path_factory) -> Path:
     return shapes.generate(tmp_path_factory.mktemp("seg") / "masks", "masks", 16, 64, seed=1, progress=False)
 
@@ -64,43 +64,61 @@ def masks(tmp_path_factory) -> Path:
 FAST = ["--workers", "0", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(trained_digits, digits_dir, multi_data, shapes_detector, masks, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("predict_runs")
-    multi = root / "multi"
-    assert train.cli(train_cli_args(multi_data, multi, "--epochs", "2", "--batch-size", "32")) == 0
-    seg = root / "seg"
-    seg_args = ["--model", "unet", "--model-arg", "depth=2", "--model-arg", "width=8", "--input-size", "32"]
-    assert (
-        train_segmentation.cli(
-            ["--data", str(masks), "--out", str(seg), *seg_args, "--epochs", "2", "--batch-size", "4"]
-            + ["--vis-count", "0", *FAST]
+    """A trained run of every task (about a minute). Built once per run, by any xdist worker: the
+    served tests below are ordered after one that needs it (conftest.py)."""
+
+    def build(root: Path) -> None:
+        multi = root / "multi"
+        assert train.cli(train_cli_args(multi_data, multi, "--epochs", "2", "--batch-size", "32")) == 0
+        seg = root / "seg"
+        seg_args = ["--model", "unet", "--model-arg", "depth=2", "--model-arg", "width=8", "--input-size", "32"]
+        assert (
+            train_segmentation.cli(
+                ["--data", str(masks), "--out", str(seg), *seg_args, "--epochs", "2", "--batch-size", "4"]
+                + ["--vis-count", "0", *FAST]
+            )
+            == 0
         )
-        == 0
-    )
-    emb = root / "emb"
-    emb_args = ["--model-arg", "widths=[8, 16, 32]", "--model-arg", "proj_hidden=32", "--model-arg", "proj_dim=16"]
-    assert (
-        train_simclr.cli(
-            ["--data", str(digits_dir / "test"), "--eval-data", str(digits_dir / "test"), "--out", str(emb)]
-            + ["--channels", "1", "--hflip-prob", "0", *emb_args, "--epochs", "1", "--batch-size", "128", *FAST]
+        emb = root / "emb"
+        emb_args = ["--model-arg", "widths=[8, 16, 32]", "--model-arg", "proj_hidden=32", "--model-arg", "proj_dim=16"]
+        assert (
+            train_simclr.cli(
+                ["--data", str(digits_dir / "test"), "--eval-data", str(digits_dir / "test"), "--out", str(emb)]
+                + ["--channels", "1", "--hflip-prob", "0", *emb_args, "--epochs", "1", "--batch-size", "128", *FAST]
+            )
+            == 0
         )
-        == 0
-    )
-    gan = root / "gan"  # untrained: only its refusal is under test
-    gan_args = {"latent_dim": 16, "channels": 1, "image_size": 32, "width": 8}
-    save_model_files(
-        gan,
-        get_model("dcgan", **gan_args),
-        {
-            "arch": "dcgan",
-            "arch_args": gan_args,
-            "task": "generation",
-            "classes": [],
-            "preprocessing": DataConfig(input_size=32, resize_size=32, channels=1, mean=(0.5,), std=(0.5,)).to_dict(),
-        },
-    )
-    return {"digits": trained_digits, "multi": multi, "det": shapes_detector.run, "seg": seg, "emb": emb, "gan": gan}
+        gan = root / "gan"  # untrained: only its refusal is under test
+        gan_args = {"latent_dim": 16, "channels": 1, "image_size": 32, "width": 8}
+        save_model_files(
+            gan,
+            get_model("dcgan", **gan_args),
+            {
+                "arch": "dcgan",
+                "arch_args": gan_args,
+                "task": "generation",
+                "classes": [],
+                "preprocessing": DataConfig(
+                    input_size=32, resize_size=32, channels=1, mean=(0.5,), std=(0.5,)
+                ).to_dict(),
+            },
+        )
+
+    root = built_once(tmp_path_factory, "predict_runs", build)
+    return {
+        "digits": trained_digits,
+        "det": shapes_detector.run,
+        **{t: root / t for t in ("multi", "seg", "emb", "gan")},
+    }
+
+
+def test_every_task_recorded_the_figures_predict_is_compared_with(runs):
+    """Each run's model.json holds its validation figures (the served tests compare with them)."""
+    for task, run in runs.items():
+        meta = json.loads((run / "model.json").read_text())
+        assert task == "gan" or meta.get("metrics"), f"{task}: no metrics in model.json"
 
 
 @pytest.fixture(scope="module")

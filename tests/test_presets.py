@@ -69,9 +69,9 @@ def test_auto_picks_from_how_well_threads_scale(speedup, cores, picked):
     assert pick({"cores": cores, "threads_speedup": speedup}) == picked
 
 
-def test_archive_writes_the_preset_and_its_overrides(trained_digits, tmp_path, capsys):
+def test_archive_writes_the_preset_and_its_overrides(digits_run, tmp_path, capsys):
     store = tmp_path / "store"
-    args = [str(trained_digits), "--name", "digits", "--model-store", str(store), "--runtime", "eager"]
+    args = [str(digits_run), "--name", "digits", "--model-store", str(store), "--runtime", "eager"]
     assert archive.main([*args, "--preset", "latency", "--target-cores", "4", "--max-batch-delay", "3"]) == 0
     with zipfile.ZipFile(store / "digits.mar") as z:
         config = yaml.safe_load(z.read("model-config.yaml"))
@@ -89,9 +89,9 @@ def test_archive_writes_the_preset_and_its_overrides(trained_digits, tmp_path, c
     assert record["auto"]["ms_1_thread"] > 0 and record["auto"]["ms_all_threads"] > 0
 
 
-def test_a_bad_preset_is_one_line_and_writes_nothing(trained_digits, tmp_path, capsys):
+def test_a_bad_preset_is_one_line_and_writes_nothing(digits_run, tmp_path, capsys):
     store = tmp_path / "store"
-    args = [str(trained_digits), "--name", "digits", "--model-store", str(store)]
+    args = [str(digits_run), "--name", "digits", "--model-store", str(store)]
     with pytest.raises(SystemExit) as e:
         archive.main([*args, "--preset", "fastest"])
     assert e.value.code == 2 and "latency" in capsys.readouterr().err
@@ -101,9 +101,9 @@ def test_a_bad_preset_is_one_line_and_writes_nothing(trained_digits, tmp_path, c
     assert not store.exists()
 
 
-def test_a_manifest_takes_the_preset_key(trained_digits, tmp_path, capsys):
+def test_a_manifest_takes_the_preset_key(digits_run, tmp_path, capsys):
     manifest = tmp_path / "models.yaml"
-    entry = {"name": "digits", "version": "1.0", "run": str(trained_digits), "config": {"workers": 2}}
+    entry = {"name": "digits", "version": "1.0", "run": str(digits_run), "config": {"workers": 2}}
     manifest.write_text(yaml.safe_dump({"defaults": {"preset": "throughput", "target_cores": 4}, "models": [entry]}))
     assert archive.main(["--manifest", str(manifest), "--model-store", str(tmp_path / "s"), "--dry-run"]) == 0
     config = json.loads(capsys.readouterr().out.strip().splitlines()[-1].split(": ", 1)[1])

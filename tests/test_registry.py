@@ -6,8 +6,7 @@ moment it is registered; `test_kwargs` on its entry keep heavy models quick.
 
 import inspect
 import re
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -217,9 +216,9 @@ def test_mismatched_weights_file_is_named(tmp_path):
 
 
 @pytest.mark.unit
-def test_cli_lists_every_model():
-    result = subprocess.run([sys.executable, "-m", "model_defs"], cwd=REPO, capture_output=True, text=True, check=True)
-    lines = result.stdout.splitlines()
+def test_cli_lists_every_model(capsys):
+    runpy.run_module("model_defs", run_name="__main__")  # python -m model_defs, in this process
+    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(list_models())
     for line, name in zip(lines, list_models()):
         fields = line.split("\t")

@@ -2,20 +2,25 @@
 definition each: multi-label F1 and exact match, detection mAP, segmentation mIoU and pixel
 accuracy, embedding k-NN accuracy, and a generator's Inception Score under a trained
 classifier.
+
+torchmetrics is imported where it is used: importing it loads all of its domains (scipy's
+signal processing among them), about 5 s of every trainer's and every CLI's start-up.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
-from torchmetrics.detection import MeanAveragePrecision
 
 from model_defs.checkpoint import data_config_from_meta, load_trained
 from model_defs.preprocessing import eval_transform, tensor_to_images, to_model_mode
 from training.datasets import Skipped
+
+if TYPE_CHECKING:
+    from torchmetrics.detection import MeanAveragePrecision
 
 
 def batch_scores(logits: torch.Tensor, targets: torch.Tensor, criterion, threshold: float | None) -> dict:
@@ -33,6 +38,8 @@ def batch_scores(logits: torch.Tensor, targets: torch.Tensor, criterion, thresho
 def multilabel_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
     """Micro F1 ("f1"), macro F1 and exact match of boolean (images, classes) label sets; the
     figures training records and scripts/predict reports over REST (torchmetrics)."""
+    from torchmetrics.classification import MultilabelExactMatch, MultilabelF1Score
+
     n = truth.shape[1]
     predicted, truth = predicted.long(), truth.long()
     return {
@@ -45,6 +52,8 @@ def multilabel_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict:
 def map_metric() -> MeanAveragePrecision:
     """The mAP training records and scripts/predict reports (boxes xyxy in the original
     image's pixels, labels 1-based); computed on one process (rank 0 alone)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
     return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
 
 
