@@ -41,4 +41,4 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
     exit 1
   fi
 fi
-echo "setup: ready ($(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'), java $(java_major))"
+echo "setup: ready ($(.venv/bin/python --version), torch $(.venv/bin/python -c 'from importlib.metadata import version; print(version("torch"))'), java $(java_major))"

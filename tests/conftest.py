@@ -22,27 +22,24 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import pytest
-import torch
 from _pytest.nodeid import NodeId  # pytest_collection_modifyitems: the xdist group
-from PIL import Image
 
-from model_defs import DataConfig
-from model_defs.checkpoint import load_trained
-from model_defs.preprocessing import eval_transform, load_image
 from scripts.ops.serve import TorchServe
-from training import shapes, train_detection
-from training import train as train_mod
-from training.sample_data import write_digits
+
+# torch, PIL and the trainers are imported where they are used: xdist's controller loads this
+# file too, and runs no test.
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 STARTS: list[str] = []  # the test (node id) during which each TorchServe start happened
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if WORKERS > 1:  # torch threads that outnumber the cores stall on each other's OpenMP barriers
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))  # for subprocesses too
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if WORKERS > 1:  # torch threads that outnumber the cores stall on each other's OpenMP barriers (set
+    # before a test module imports torch; inherited by the processes the tests start)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
 
 
 # Served modules whose fixtures train for a minute or more: they run last in the shared server's
@@ -164,6 +161,8 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """data/digits-like tree: train/<digit>/*.png and test/<digit>/*.png (32x32 grey)."""
+    from training.sample_data import write_digits
+
     return built_once(tmp_path_factory, "digits", lambda root: write_digits(root, size=32, test_fraction=0.2, seed=0))
 
 
@@ -190,6 +189,8 @@ def train_cli_args(data: Path, out: Path, *extra: str) -> list[str]:
 def trained_digits(digits_dir, tmp_path_factory) -> Path:
     """A small CNN trained for a few epochs on the digits: a real training output folder."""
 
+    from training import train as train_mod
+
     def train(root: Path) -> None:
         argv = train_cli_args(digits_dir / "train", root / "digits", "--epochs", "3", "--batch-size", "32")
         assert train_mod.cli(argv) == 0
@@ -201,6 +202,8 @@ def trained_digits(digits_dir, tmp_path_factory) -> Path:
 def digits_run(digits_dir, tmp_path_factory) -> Path:
     """The same model after one epoch on the 287 test digits (a few seconds): a real training
     output folder for tests that need one, but not a model that has learned much."""
+
+    from training import train as train_mod
 
     def train(root: Path) -> None:
         assert train_mod.cli(train_cli_args(digits_dir / "test", root / "digits", "--epochs", "1")) == 0
@@ -226,6 +229,8 @@ SHAPES_DETECTOR_TRAINING += ["--lr", "3e-3", "--threads", "1", "--workers", "0",
 def shapes_detector(tmp_path_factory) -> TrainedRun:
     """A detector trained on shapes (VOC layout): 160 training and 40 validation images."""
 
+    from training import shapes, train_detection
+
     def train(root: Path) -> None:
         data = shapes.generate(root / "voc", "voc", progress=False, **SHAPES_DETECTOR_DATA)
         assert train_detection.cli(["--data", str(data), "--out", str(root / "run"), *SHAPES_DETECTOR_TRAINING]) == 0
@@ -246,6 +251,7 @@ def digits_model_dir(digits_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
     """Real photographs of several sizes and modes from scikit-image."""
+    from PIL import Image
     from skimage import data
 
     return {
@@ -258,6 +264,12 @@ def photos() -> dict[str, Image.Image]:
 
 def classify_in_process(run_dir: Path, data: bytes) -> torch.Tensor:
     """Class probabilities of a training output folder's model for image bytes, no server."""
+    import torch
+
+    from model_defs import DataConfig
+    from model_defs.checkpoint import load_trained
+    from model_defs.preprocessing import eval_transform, load_image
+
     model, meta = load_trained(run_dir)
     cfg = DataConfig.from_dict(meta["preprocessing"])
     with torch.inference_mode():
@@ -272,6 +284,9 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def image_variants(photo: Image.Image) -> dict[str, bytes]:
     """The same photo in the formats and modes users send."""
+    import numpy as np
+    from PIL import Image
+
     rgb = photo.convert("RGB")
     small = rgb.resize((96, 64))
     grey16 = Image.fromarray(np.asarray(small.convert("L"), dtype=np.uint16) * 257)
