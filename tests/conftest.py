@@ -43,8 +43,8 @@ if WORKERS > 1:  # torch threads that outnumber the cores stall on each other's 
 
 
 # Served modules whose fixtures train for a minute or more: they run last in the shared server's
-# group, and the tests of those trainings that need no server run first on another worker, so
-# that the trainings (session-scoped, `built_once`) overlap the other served tests.
+# group, while another worker runs their tests that need no server, which train those models
+# (session-scoped, `built_once`) as the other served tests run.
 TRAINED_LAST = ("test_explain.py", "test_predict.py")
 
 
@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(config, items):
     """Under --dist loadgroup (xdist), the groups:
     - every test of the shared TorchServe goes to one worker, in collection order but with
       TRAINED_LAST's modules at the end;
-    - the other tests of TRAINED_LAST's modules form the next group, which another worker takes first;
+    - the other tests of TRAINED_LAST's modules form a group of their own (xdist hands out the
+      larger groups first, so another worker takes it early);
     - a test that uses a module-scoped fixture (a module's own server or model) goes with the rest
       of its module, so that the fixture is made once; any other test goes to any free worker.
     xdist 3.8 reads a test's group from an "@group" suffix of its node id, which it can no longer
@@ -70,8 +71,7 @@ def pytest_collection_modifyitems(config, items):
         return item.path.name if "module" in scopes else None
 
     groups = {item: group(item) for item in items}
-    order = {"shared_server": 0, "trained_first": 1}
-    items.sort(key=lambda i: (order.get(groups[i], 2), groups[i] == "shared_server" and i.path.name in TRAINED_LAST))
+    items.sort(key=lambda i: groups[i] == "shared_server" and i.path.name in TRAINED_LAST)
     for item in items:
         if groups[item]:
             item._id = NodeId.parse(f"{item.nodeid}@{groups[item]}")
