@@ -75,15 +75,14 @@ def bench_model(label: str, run: Path, runtime: str, presets: list[str], image: 
         # Warm the frontend (the JVM compiles its request path as it runs) and every worker first:
         # without it the first timed load, latency's lone client, read up to 1.5x slower than
         # balanced's on the same worker setting measured a minute later.
+        urls, headers = {p: f"{ts.url('inference')}/predictions/{p}" for p in names}, ts.headers("inference")
         for preset in names:
-            url, headers = f"{ts.url('inference')}/predictions/{preset}", ts.headers("inference")
-            closed_loop(url, headers, image, 4, min(WARM_SECONDS, args.duration / 2))
+            closed_loop(urls[preset], headers, image, 4, min(WARM_SECONDS, args.duration / 2))
         for preset in names:
-            url, headers = f"{ts.url('inference')}/predictions/{preset}", ts.headers("inference")
             rows[preset] = {}
             for clients in (1, 4):
                 print(f"  {label} {preset}: {clients} client(s), {args.duration:.0f} s", flush=True)
-                rows[preset][clients] = closed_loop(url, headers, image, clients, args.duration)
+                rows[preset][clients] = closed_loop(urls[preset], headers, image, clients, args.duration)
     finally:
         ts.stop()
     return {
