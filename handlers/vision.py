@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
 from handlers import kserve
@@ -200,6 +201,9 @@ class VisionHandler(BaseHandler):
         self.handler_config = dict(self.config.get("handler") or {})
         self.max_pixels = int(self.handler_config.get("max_pixels") or DEFAULT_MAX_PIXELS)
         self.max_bytes = int(self.handler_config.get("max_bytes") or DEFAULT_MAX_BYTES)
+        # PIL imports its rarer format plugins on the first bytes its common ones cannot
+        # identify (about 0.1 s): import them here, not in a client's first unusual image.
+        Image.init()
 
         self.device = worker_device(props.get("gpu_id"))
         self.map_location = str(self.device)

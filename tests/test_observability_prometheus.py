@@ -3,14 +3,13 @@ real TorchServe under a short mixed load of good and bad images: what Prometheus
 agrees with what the load generator measured.
 
 Tolerances, and why:
-- error ratio: within 0.02 (absolute). Both counters are scraped at the same instants, so
+- error ratio: within 0.04 (absolute). Both counters are scraped at the same instants, so
   the only difference is rate()'s extrapolation at the window's edges, the same for both
   to within a sample.
 - p99: TorchServe 0.12 histograms have fixed buckets (5, 10, 25, 50, 75, 100, 250 ms, ...),
   and Prometheus interpolates inside them, so the two can only agree to a bucket: the
   recorded p99 (the handler's time) lies at or below the upper bound of the bucket that holds
-  the client's p99 (which adds HTTP and the frontend), and at or above the lower bound of the
-  bucket below it.
+  the client's p99 (which adds HTTP and the frontend) over the same requests.
 """
 
 from __future__ import annotations
@@ -132,14 +131,15 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     # and error type) exists before the measured load: rate() cannot see the increase that
     # brings a series into being, so a series born during the load would be undercounted.
     items = f'sum({{__name__=~"handler_items_(answered|refused)_total", model_name="{MODEL}"}})'
-    assert session.post(url, data=good[0]).status_code == 200
-    for body in bad:
-        assert session.post(url, data=body).status_code == 400
-    warm = 1 + len(bad)
+    # Their latencies count too: the recorded p99 covers every batch in its 5-minute window.
+    latencies, statuses, errors = [], [], []
+    for body, code in [(good[0], 200)] + [(b, 400) for b in bad]:
+        t = time.perf_counter()
+        assert session.post(url, data=body).status_code == code
+        latencies.append(time.perf_counter() - t)
+    warm = len(latencies)
     wait_for(prometheus, items, lambda r: r and next(iter(r.values())) == warm)
     time.sleep(2)
-
-    latencies, statuses, errors = [], [], []
 
     def client(k: int):
         try:
@@ -165,7 +165,7 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     client_p99 = float(np.percentile(latencies, 99))
 
     # Every item of the load scraped: the counters hold the load plus the first items.
-    total = warm + len(statuses)
+    total = len(latencies)
     got = wait_for(prometheus, items, lambda r: r and next(iter(r.values())) == total)
     assert next(iter(got.values())) == total
     time.sleep(2)  # the rules evaluated on the last scrape
@@ -180,8 +180,9 @@ def test_recorded_error_ratio_and_p99_agree_with_the_load_generator(server, prom
     assert abs(ratio[1] - client_ratio) <= 0.04, (ratio[1], client_ratio)
 
     # The handler's batch time is part of each client's latency, so its p99 lies at most in
-    # the bucket that holds the client's p99. No lower bound follows: on a quiet machine the
-    # client's time is mostly HTTP, the frontend and the batch delay (0.044 s vs 0.086 s seen).
+    # the bucket that holds the client's p99 over the same requests, the first ones included.
+    # No lower bound follows: on a quiet machine the client's time is mostly HTTP, the
+    # frontend and the batch delay (0.044 s vs 0.086 s seen).
     upper = min(b for b in BOUNDS if b >= client_p99)
     assert 0 < p99[1] <= upper, (p99[1], client_p99)
     print(
