@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from ts.context import Context, RequestProcessor
 from handlers.image_classifier import ImageClassifier
 from model_defs import DataConfig, get_entry, get_model
 from model_defs.checkpoint import load_trained, save_model_files
+from scripts.ops.serve import ROOT
 from tests.conftest import classify_in_process, encode, image_variants
 
 pytestmark = pytest.mark.unit
@@ -143,3 +146,15 @@ def test_threads_fit_workers_into_the_cores(rgb_model_dir, monkeypatch):
     assert handler.threads_per_worker() == 2
     handler.handler_config = {"torch_threads": 3}
     assert handler.threads_per_worker() == 3
+
+
+def test_a_worker_imports_every_image_format_at_start(rgb_model_dir):
+    """PIL imports its rarer format plugins on the first bytes it cannot identify, about 0.1 s;
+    a fresh worker pays that in initialize, not in a client's first unusual image."""
+    code = (
+        "import sys; from tests.test_handler import load_handler; "
+        f"assert 'PIL.XVThumbImagePlugin' not in sys.modules; load_handler({str(rgb_model_dir)!r}); "
+        "assert 'PIL.XVThumbImagePlugin' in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
