@@ -11,6 +11,10 @@ SECONDS=0
 "$ROOT/scripts/setup.sh"
 echo "setup: ${SECONDS} s" >&2
 cd "$ROOT"
+# Python caches compiled modules in __pycache__ (git ignores it, no .mar carries it), so the
+# hundreds of processes the suite starts (trainers, CLIs, torchrun, TorchServe workers) compile
+# the bundle's code once instead of each time; some hosts turn that cache off.
+unset PYTHONDONTWRITEBYTECODE
 if [[ "$image" == 1 ]]; then
   export BUNDLE_IMAGE_TEST=1
   exec .venv/bin/python -m pytest tests/test_image.py -s "${args[@]}"
