@@ -2,7 +2,7 @@
 # Serving speed side by side: the bare handler in-process, our archive behind TorchServe
 # and TorchServe's stock image_classifier handler, with the same weights and JPEG bytes.
 #
-#   ./scripts/bench.sh                          # ResNet-18 int8 vs stock, then the presets: about 25 minutes
+#   ./scripts/bench.sh                          # ResNet-18 int8 vs stock, then the presets: about 20 minutes on 2 cores
 #   ./scripts/bench.sh --presets ""             # without the presets, about 6 minutes
 #   ./scripts/bench.sh --runtime eager          # our fp32 eager path instead
 #   ./scripts/bench.sh --duration 5 --clients 1,4 --no-detector
