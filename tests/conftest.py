@@ -185,30 +185,27 @@ def train_cli_args(data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="session")
-def trained_digits(digits_dir, tmp_path_factory) -> Path:
-    """A small CNN trained for a few epochs on the digits: a real training output folder."""
-
+def trained_once(tmp_path_factory, name: str, data: Path, *extra: str) -> Path:
+    """The digits CNN trained on `data` with train_cli_args and `extra`, once per run (`built_once`)."""
     from training import train as train_mod
 
     def train(root: Path) -> None:
-        argv = train_cli_args(digits_dir / "train", root / "digits", "--epochs", "3", "--batch-size", "32")
-        assert train_mod.cli(argv) == 0
+        assert train_mod.cli(train_cli_args(data, root / "digits", *extra)) == 0
 
-    return built_once(tmp_path_factory, "trained_digits", train) / "digits"
+    return built_once(tmp_path_factory, name, train) / "digits"
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits_dir, tmp_path_factory) -> Path:
+    """A small CNN trained for a few epochs on the digits: a real training output folder."""
+    return trained_once(tmp_path_factory, "trained_digits", digits_dir / "train", "--epochs", "3", "--batch-size", "32")
 
 
 @pytest.fixture(scope="session")
 def digits_run(digits_dir, tmp_path_factory) -> Path:
     """The same model after one epoch on the 287 test digits (a few seconds): a real training
     output folder for tests that need one, but not a model that has learned much."""
-
-    from training import train as train_mod
-
-    def train(root: Path) -> None:
-        assert train_mod.cli(train_cli_args(digits_dir / "test", root / "digits", "--epochs", "1")) == 0
-
-    return built_once(tmp_path_factory, "digits_run", train) / "digits"
+    return trained_once(tmp_path_factory, "digits_run", digits_dir / "test", "--epochs", "1")
 
 
 class TrainedRun(NamedTuple):
