@@ -95,6 +95,18 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+ARCHITECTURES = ("cnn", "convnext", "detection", "embedding", "generative", "resnet", "segmentation", "transfer", "vit")
+
+
+def _registered() -> dict[str, ModelEntry]:
+    """The registry, with every architecture module imported (each registers its builders on
+    import). Imported on the first lookup, so that `model_defs`' light modules (usage, files)
+    load without torchvision."""
+    import importlib
+
+    for module in ARCHITECTURES:
+        importlib.import_module(f"model_defs.{module}")
+    return _REGISTRY
 
 
 def register_model(
@@ -124,7 +136,7 @@ def register_model(
 def get_entry(name: str, task: str | None = None) -> ModelEntry:
     """The registered entry of `name`; with `task`, a model of another task is refused."""
     try:
-        entry = _REGISTRY[name]
+        entry = _registered()[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise KeyError(f"unknown model {name!r}; registered models: {known}") from None
@@ -141,4 +153,4 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
 
 def list_models(task: str | None = None) -> list[str]:
-    return sorted(n for n, e in _REGISTRY.items() if task is None or e.task == task)
+    return sorted(n for n, e in _registered().items() if task is None or e.task == task)

@@ -26,7 +26,7 @@ from model_defs.preprocessing import (
     segmentation_train_transform,
     segmentation_transform,
 )
-from scripts.ops.names import OneLineParser
+from model_defs.usage import OneLineParser
 from tests.conftest import train_cli_args
 from training import engine, train, train_detection, train_gan, train_segmentation, train_simclr
 from training.cache import DecodeCache

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_torch_save, read_meta, save_model_files, unwrap
 from model_defs.files import atomic_write
-from scripts.ops.names import OneLineParser
+from model_defs.usage import OneLineParser, UsageError
 from training import distributed as dist
 from training.cache import CACHE_MODES, DecodeCache
 from training.datasets import (
@@ -53,10 +53,6 @@ from training.datasets import (
 )
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
 from training.key_values import parse_key_values
-
-
-class UsageError(ValueError):
-    """A wrong flag, value, path or name: one line on stderr, exit 2, nothing written."""
 
 
 class TrainingError(RuntimeError):

@@ -44,7 +44,8 @@ from pathlib import Path
 from handlers.runtimes import RUNTIMES
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import REJECTED, Catalog, CatalogError
-from scripts.ops.names import OneLineParser, check_name, check_version
+from model_defs.usage import OneLineParser
+from scripts.ops.names import check_name, check_version
 from scripts.ops.packaging import (
     ROOT,
     ArchiveError,

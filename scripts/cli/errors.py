@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import requests
 
-from scripts.ops.names import UsageError
+from model_defs.usage import UsageError
 
 
 def one_line_errors(work: Callable[[], int], refusals: tuple[type[Exception], ...]) -> int:

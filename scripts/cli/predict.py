@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import requests
 
 from scripts.ops import task_metrics as tm
-from scripts.ops.names import OneLineParser
+from model_defs.usage import OneLineParser
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 
 

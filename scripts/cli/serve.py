@@ -22,7 +22,7 @@ from pathlib import Path
 
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import CatalogError
-from scripts.ops.names import OneLineParser, UsageError
+from model_defs.usage import OneLineParser, UsageError
 from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe
 
 

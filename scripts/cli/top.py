@@ -27,7 +27,7 @@ from pathlib import Path
 
 import requests
 
-from scripts.ops.names import OneLineParser
+from model_defs.usage import OneLineParser
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 from scripts.ops.top import snapshot
 

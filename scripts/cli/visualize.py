@@ -26,7 +26,7 @@ import requests
 from PIL import Image, ImageDraw
 
 from model_defs.preprocessing import ImageDecodeError, load_image
-from scripts.ops.names import OneLineParser
+from model_defs.usage import OneLineParser
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 from training.draw import draw_detections, draw_mask, enlarge_small
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from scripts.ops.catalog import Catalog
-from scripts.ops.names import UsageError
+from model_defs.usage import UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,31 +5,19 @@ The rule is TorchServe's own (model-archiver's `^[A-Za-z0-9][A-Za-z0-9_\\-.]*$`)
 version that passes can be a file name and a management-URL segment, and can never walk
 out of a folder or into another model's URL. scripts/archive (command line and manifest),
 scripts/models and scripts/serve check every name and version here before any request or
-write. It also holds what the three commands share about mistakes: UsageError (exit 2)
-and a parser that answers a usage mistake in one line. It imports nothing heavy: the
-fast commands (`scripts/serve key`, `status`) use it.
+write. It imports nothing heavy: the fast commands (`scripts/serve key`, `status`) use it.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
+
+from model_defs.usage import UsageError
 
 PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 MAX_LENGTH = 64
 RULE = f"letters, digits, '_', '.' and '-', starting with a letter or digit, no '..', at most {MAX_LENGTH} characters"
-
-
-class UsageError(ValueError):
-    """What was typed breaks a rule (a name, an option, a value): the commands exit 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage mistake answered in one line (exit 2) instead of the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def check_name(value, what: str = "model name") -> str:

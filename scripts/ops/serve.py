@@ -28,7 +28,8 @@ import requests
 import yaml
 
 from scripts.ops.catalog import Catalog, sha256_file
-from scripts.ops.names import UsageError, atomic_write, check_name, check_version, inside
+from model_defs.usage import UsageError
+from scripts.ops.names import atomic_write, check_name, check_version, inside
 
 ROOT = Path(__file__).resolve().parents[2]
 
