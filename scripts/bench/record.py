@@ -16,6 +16,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -65,10 +66,8 @@ def machine() -> dict:
 def versions(extra: tuple[str, ...] = ()) -> dict:
     found = {"python": platform.python_version()}
     for package in (*PACKAGES, *extra):
-        try:
+        with suppress(PackageNotFoundError):
             found[package] = version(package)
-        except PackageNotFoundError:
-            pass
     return found
 
 

@@ -42,9 +42,9 @@ import sys
 from pathlib import Path
 
 from handlers.runtimes import RUNTIMES
+from model_defs.usage import OneLineParser
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import REJECTED, Catalog, CatalogError
-from model_defs.usage import OneLineParser
 from scripts.ops.names import check_name, check_version
 from scripts.ops.packaging import (
     ROOT,

@@ -26,9 +26,9 @@ import re
 import sys
 from pathlib import Path
 
+from model_defs.usage import OneLineParser, UsageError
 from scripts.ops.catalog import Catalog, CatalogError
 from scripts.ops.kserve import ROOT, inference_service, parse_spec, write_layout
-from model_defs.usage import OneLineParser, UsageError
 
 
 def get_args_parser() -> argparse.ArgumentParser:

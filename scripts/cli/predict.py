@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 
 import requests
 
-from scripts.ops import task_metrics as tm
 from model_defs.usage import OneLineParser
+from scripts.ops import task_metrics as tm
 from scripts.ops.serve import ROOT, ServeError, TorchServe
 
 

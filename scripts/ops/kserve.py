@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from scripts.ops.catalog import Catalog
 from model_defs.usage import UsageError
+from scripts.ops.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,8 +21,8 @@ import yaml
 
 from handlers.options import OptionError, check_keys, check_options
 from handlers.runtimes import CPU_ONLY, RUNTIMES
-from scripts.ops.catalog import INNER_FILE, Catalog, CatalogError, sha256_file, versioned_file_name
 from model_defs.usage import UsageError
+from scripts.ops.catalog import INNER_FILE, Catalog, CatalogError, sha256_file, versioned_file_name
 from scripts.ops.names import check_name, check_version, inside
 from scripts.ops.presets import apply_preset, calibrate
 from scripts.ops.serve import DEFAULT_RUN_DIR, served_versions
