@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers import kserve
+from handlers import kserve_protocol
 from handlers.metrics import HandlerMetrics
 from handlers.options import refuse_bad_config
 from handlers.runtimes import Runner, load_runtime
@@ -373,8 +373,8 @@ class VisionHandler(BaseHandler):
 
     def handle(self, data, context):
         """Predictions and explanations (handlers/explain.py), with a per-item answer for bad items."""
-        if kserve.is_kserve(data):  # KServe v1/v2 bodies: each of their images is one item here
-            return kserve.handle(self, data, context)
+        if kserve_protocol.is_kserve(data):  # KServe v1/v2 bodies: each of their images is one item here
+            return kserve_protocol.handle(self, data, context)
         self.context = context
         from handlers.explain import explain_requests, explain_rows  # a module that imports this one
 

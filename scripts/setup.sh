@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the virtual environment .venv with the pins of requirements.txt and
+# Creates (or reuses) the virtual environment .venv with the locked versions of every dependency
+# group (requirements/dev.txt: serve, train and dev, compiled from pyproject.toml by scripts/lock) and
 # makes sure Java 17, which TorchServe's frontend needs, and Prometheus (promtool) are installed.
 # Idempotent: a second run checks and returns in a second.
 set -euo pipefail
@@ -12,10 +13,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha256
-want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+want="$(sha256sum requirements/dev.txt | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing requirements.txt into .venv (torch is large: a few minutes the first time)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  echo "setup: installing requirements/dev.txt into .venv (torch is large: a few minutes the first time)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
   echo "$want" > "$stamp"
 fi
 

@@ -315,7 +315,7 @@ def test_amp_trains_and_resumes_on_the_cpu(amp, small, tmp_path, capsys):
 def test_a_detector_trains_under_amp_on_the_cpu(amp, voc, tmp_path, capsys):
     """The path the GPU takes with a detector, whose loss is a dict of losses summed: the
     forward under autocast, for fp16 the GradScaler with clipping, and the mAP of float32
-    boxes on the CPU (FCOS, as scripts/bench_train.sh trains it, on the light backbone)."""
+    boxes on the CPU (FCOS, as scripts/bench_train trains it, on the light backbone)."""
     out = tmp_path / "o"
     argv = ["--data", str(voc), "--out", str(out), "--model", "fcos_resnet", "--input-size", "64"]
     argv += ["--batch-size", "2", "--epochs", "1", "--pictures", "1", "--workers", "0", "--threads", "1"]

@@ -15,8 +15,6 @@ from scripts.ops.serve import ROOT, read_properties
 
 pytestmark = pytest.mark.unit
 
-pytestmark = pytest.mark.unit
-
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 
 
@@ -30,14 +28,56 @@ def test_base_is_a_build_argument_defaulting_to_python_slim():
     assert steps[0] == ("ARG", "BASE=python:3.11-slim-bookworm") and steps[1] == ("FROM", "${BASE}")
 
 
-def test_serving_pins_come_from_requirements():
-    """The image installs the exact pins of requirements.txt its grep selects, torch among them."""
+def locked(path) -> dict[str, str]:
+    return dict(re.findall(r"^([\w.-]+)==(\S+)", path.read_text(), flags=re.M))
+
+
+def test_image_installs_the_serve_lock_whole():
+    """The image installs requirements/serve.txt as it is (no pin picked out of it), and that lock
+    holds every import a handler can make, explanations included, at the versions of the full lock."""
+    (copy,) = [arg for op, arg in instructions() if op == "COPY" and "requirements/" in arg]
     (run,) = [arg for op, arg in instructions() if op == "RUN" and "pip install" in arg]
-    pattern = re.search(r"grep -E '([^']+)'", run).group(1)
-    picked = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if re.match(pattern, line)]
-    names = {line.split("==")[0] for line in picked}
-    assert {"torch", "torchvision", "torchserve", "pyyaml", "pillow"} <= names
-    assert all(re.fullmatch(r"[\w.-]+==[\w.+]+", line) for line in picked)
+    assert copy.split()[0] == "requirements/serve.txt" and f"-r {copy.split()[1]}" in run and "grep" not in run
+    serve, dev = locked(ROOT / "requirements" / "serve.txt"), locked(ROOT / "requirements" / "dev.txt")
+    assert "torchserve" in serve and {name: dev[name] for name in serve} == serve
+    assert handler_distributions() <= {name.lower() for name in serve}
+
+
+def handler_distributions() -> set[str]:
+    """The distributions behind every module that code inside a .mar (handlers/, model_defs/)
+    imports, at the top of a file or inside a function, the standard library and the bundle aside."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    found = set()
+    for path in [*(ROOT / "handlers").glob("*.py"), *(ROOT / "model_defs").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top not in sys.stdlib_module_names and top not in ("handlers", "model_defs", "ts"):
+                    found.update(d.lower() for d in owners[top])
+    assert {"torch", "captum", "matplotlib"} <= found  # the walk sees imports inside functions too
+    return found
+
+
+def test_locks_follow_pyproject():
+    """Every pin of pyproject.toml's groups is in the full lock at the same version (scripts/lock
+    compiles it; a pin changed without a new lock fails here)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(d for group in project["optional-dependencies"].values() for d in group)]
+    dev = {name.lower().replace("_", "-"): v for name, v in locked(ROOT / "requirements" / "dev.txt").items()}
+    for requirement in declared:
+        name, pin = re.match(r"([\w.-]+)(?:\[[\w,]+\])?==(\S+)", requirement).groups()
+        assert dev.get(name.lower().replace("_", "-")) == pin, requirement
 
 
 def test_java_non_root_user_and_healthcheck_on_the_inference_port():

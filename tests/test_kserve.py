@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from ts.torch_handler.request_envelope import kserve as ts_kserve
 from ts.torch_handler.request_envelope import kservev2 as ts_kservev2
 
-from handlers import kserve
+from handlers import kserve_protocol as kserve
 from scripts.cli import archive
 from scripts.cli import kserve as kserve_layout
 from scripts.ops.serve import TorchServe
@@ -148,7 +148,7 @@ def test_v2_unknown_output_is_a_400(handler, trained_digits, digit_files):
 @pytest.mark.parametrize("envelope", [ts_kserve.KServeEnvelope, ts_kservev2.KServev2Envelope], ids=["v1", "v2"])
 def test_torchserve_envelopes_pass_every_request_through(handler, trained_digits, digit_files, envelope):
     """A worker started with `service_envelope=kserve|kservev2` wraps the handler in that
-    envelope (ts.model_loader); importing handlers.kserve makes both hand the whole batch to
+    envelope (ts.model_loader); importing handlers.kserve_protocol makes both hand the whole batch to
     the handler unchanged, so v1, v2 and plain requests are answered the same either way."""
     data = [f.read_bytes() for f in digit_files[:3]]
     rows = [
@@ -198,7 +198,7 @@ def store(trained_digits, tmp_path_factory):
 def server(store, tmp_path_factory):
     """TorchServe as KServe starts it: from the layout scripts/kserve writes (model_snapshot,
     service_envelope=kservev2, token authorization off), on free loopback ports here. It
-    answers v1 requests too: the envelope is a pass-through (handlers/kserve.py) and the
+    answers v1 requests too: the envelope is a pass-through (handlers/kserve_protocol.py) and the
     frontend routes /v1/models/{name}:predict whatever the envelope; that TorchServe's `kserve`
     (v1) envelope passes requests through as well is checked in-process above."""
     layout = tmp_path_factory.mktemp("layout") / "kserve"

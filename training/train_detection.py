@@ -76,7 +76,7 @@ class Detection(engine.Task):
             map_metric()
         except (ImportError, TypeError, ValueError) as e:
             raise engine.TrainingError(
-                f"detection's mAP needs torchmetrics with pycocotools (requirements.txt pins both): "
+                f"detection's mAP needs torchmetrics with pycocotools (the train dependency group pins both): "
                 f"{str(e).splitlines()[0]}"
             ) from None
 

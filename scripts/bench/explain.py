@@ -1,7 +1,7 @@
 """What an explanation costs: Integrated Gradients time per image against a prediction.
 
-    scripts/bench_explain.sh                                  # small_cnn and resnet18, about 3 minutes
-    scripts/bench_explain.sh --models resnet18 --steps 16 32 64
+    scripts/bench_explain                                  # small_cnn and resnet18, about 3 minutes
+    scripts/bench_explain --models resnet18 --steps 16 32 64
 
 IG runs `n_steps` forward and backward passes of the model, so an explanation costs about
 that many predictions, or more. This measures it: for each model (random weights: speed
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scripts.bench.serving import cat_jpeg, random_weights_run, request_context, unpack_handler
+from scripts.bench.harness import cat_jpeg, random_weights_run, request_context, unpack_handler
 from scripts.bench.steps import interleaved
 from scripts.ops.packaging import build_archive
 
@@ -68,7 +68,7 @@ def measure(arch: str, image: bytes, steps: list[int], work: Path, rounds: int, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="scripts/bench_explain.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/bench_explain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--models",

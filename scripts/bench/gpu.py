@@ -1,7 +1,7 @@
 """Serving on a GPU, side by side in one run: where the time goes, and what each option buys.
 
-    scripts/bench_gpu.sh                                  # ResNet-18 and ResNet-50, about 6 minutes on one GPU
-    scripts/bench_gpu.sh --models resnet18 --batches 1,8 --duration 1   # a quick look
+    scripts/bench_gpu                                  # ResNet-18 and ResNet-50, about 6 minutes on one GPU
+    scripts/bench_gpu --models resnet18 --batches 1,8 --duration 1   # a quick look
 
 For each model (random weights: speed does not depend on them; 224 px, ImageNet preprocessing),
 with the same real JPEG (scikit-image's 451x300 cat), it measures in one run:
@@ -31,21 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.bench.serving import (
-    ROOT,
-    STOCK_LAYOUTS,
-    bare,
-    cat_jpeg,
-    closed_loop_raw,
-    machine,
-    random_weights_run,
-    require_gpu,
-    stock_archive,
-    stock_config,
-    summary,
-    table,
-    unpack_handler,
-)
+from scripts.bench.harness import bare, cat_jpeg, closed_loop_raw, random_weights_run, summary, unpack_handler
+from scripts.bench.serving import ROOT, STOCK_LAYOUTS, machine, require_gpu, stock_archive, stock_config, table
 
 # What each bare row runs: the archive's runtime, its handler options.
 CONFIGS = {
@@ -380,7 +367,7 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="scripts/bench_gpu.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/bench_gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--models",
@@ -438,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --configs {','.join(unknown)!r} unknown; choose from: {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     try:
-        require_gpu("bench_gpu measures a GPU", "; scripts/bench.sh measures the CPU")
+        require_gpu("bench_gpu measures a GPU", "; scripts/bench_serving measures the CPU")
         for m in models:
             get_entry(m, task="classification")
     except (ValueError, KeyError) as e:

@@ -1,7 +1,7 @@
 """What the handler metrics cost: the same archive served with and without them, in one run.
 
-    scripts/bench_metrics.sh                         # ResNet-18 (random weights), ~4 minutes
-    scripts/bench_metrics.sh --model small_cnn       # a tiny model, where a per-batch cost shows most
+    scripts/bench_metrics                         # ResNet-18 (random weights), ~4 minutes
+    scripts/bench_metrics --model small_cnn       # a tiny model, where a per-batch cost shows most
 
 Two archives of the same weights and model configuration, one with the handler option
 `metrics: false`, are served by one TorchServe (started with the bundle's config.properties
@@ -26,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scripts.bench.serving import cat_jpeg, closed_loop, machine, random_weights_run
+from scripts.bench.harness import cat_jpeg, closed_loop, random_weights_run
+from scripts.bench.serving import machine
 from scripts.ops.client import Client
 from scripts.ops.packaging import ArchiveError, build_archive
 from scripts.ops.serve import ServeError, TorchServe
@@ -154,7 +155,7 @@ def plot(result: dict, path: Path) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="scripts/bench_metrics.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/bench_metrics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--model", default="resnet18", help="registered classifier, built with random weights (default: resnet18)"

@@ -1,4 +1,4 @@
-"""The serving presets side by side, in scripts/bench.sh's run: are their targets met here?
+"""The serving presets side by side, in scripts/bench_serving's run: are their targets met here?
 
 For each runtime (ResNet-18 int8 and eager fp32) and for the FCOS
 detector, it archives the model with each preset for this host (scripts/ops/presets.py), serves
@@ -23,6 +23,7 @@ import os
 import statistics
 from pathlib import Path
 
+from scripts.bench.harness import bare, closed_loop, unpack_handler
 from scripts.ops.packaging import build_archive
 from scripts.ops.presets import PRESETS
 from scripts.ops.serve import TorchServe
@@ -80,8 +81,6 @@ def targets(rounds: list[dict | None]) -> dict:
 def bench_model(label: str, run: Path, runtime: str, presets: list[str], image: bytes, work: Path, args) -> dict:
     """One model under each preset: archives built, one server, then ROUNDS rounds of bare and
     of each preset at 1 and 4 clients."""
-    from scripts.bench.serving import bare, closed_loop, unpack_handler
-
     store = work / f"store_{label}"
     store.mkdir(parents=True, exist_ok=True)
     names, configs, checks = [], {}, None
@@ -157,7 +156,7 @@ def run_presets(args, run: Path, detector_run: Path | None, image: bytes, work: 
 
 
 def report(result: dict) -> str:
-    """The presets' rows and their targets, as printed at the end of scripts/bench.sh."""
+    """The presets' rows and their targets, as printed at the end of scripts/bench_serving."""
     head = ("workers x threads", "batch/delay", "1-client p50", "4-client img/s")
     lines = [f"{'model, preset':34} {head[0]:>17} {head[1]:>11} {head[2]:>12} {head[3]:>14}"]
     for model, r in result.items():

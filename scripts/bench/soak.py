@@ -1,7 +1,7 @@
 """Soak test: keep a served model busy for a while with good and bad requests mixed.
 
-    scripts/soak.sh                                   # 180 s, 8 clients, 25% bad requests
-    scripts/soak.sh --duration 600 --clients 8        # the 10-minute run the README reports
+    scripts/soak                                   # 180 s, 8 clients, 25% bad requests
+    scripts/soak --duration 600 --clients 8        # the 10-minute run the README reports
 
 Why it exists: one request at a time proves little about a server that must stay up.
 A long, concurrent run shows whether good requests keep getting 200 while bad ones
@@ -189,7 +189,7 @@ def summarize(records: list, seconds: float) -> dict:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="scripts/soak.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="digits", help="served model to load (default: digits)")
     p.add_argument(

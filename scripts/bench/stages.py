@@ -1,6 +1,6 @@
 """Where one request's time goes at one client, from TorchServe's own metrics and the handler's.
 
-scripts/bench_steps.sh ends with this: the model archived with a preset, served, and sent
+scripts/bench_steps ends with this: the model archived with a preset, served, and sent
 `--requests` requests one after the other from one keep-alive client. The counters of
 /metrics before and after give each stage's mean per request:
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from scripts.bench.serving import cat_jpeg
+from scripts.bench.harness import cat_jpeg
 from scripts.ops.client import Client
 from scripts.ops.packaging import build_archive
 from scripts.ops.serve import ROOT, TorchServe

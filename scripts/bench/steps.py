@@ -1,8 +1,8 @@
 """What each in-process step gives, measured in one run: preprocessing and runtimes.
 
-    scripts/bench_steps.sh --run runs/digits_resnet18          # about 3 minutes
+    scripts/bench_steps --run runs/digits_resnet18          # about 3 minutes
 
-Where scripts/bench.sh measures the whole served path, this isolates the two steps that
+Where scripts/bench_serving measures the whole served path, this isolates the two steps that
 happen inside a worker, on the same 451x300 JPEG:
 - preprocessing: the stock handler's (PIL decode, PIL resize, float tensor), ours with
   PIL decode, and ours as served (torchvision.io decode, resize on uint8);
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from handlers.runtimes import cpp_compiler
-from scripts.bench.serving import cat_jpeg, request_context, unpack_handler
+from scripts.bench.harness import cat_jpeg, request_context, unpack_handler
 from scripts.ops.packaging import ArchiveError, build_archive
 from scripts.ops.serve import ServeError
 
@@ -124,7 +124,7 @@ def runtime_steps(run: Path, image: bytes, work: Path, rounds: int, seconds: flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="scripts/bench_steps.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="scripts/bench_steps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--run",

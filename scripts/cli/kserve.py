@@ -28,7 +28,7 @@ from pathlib import Path
 
 from model_defs.usage import OneLineParser, UsageError
 from scripts.ops.catalog import Catalog, CatalogError
-from scripts.ops.kserve import ROOT, inference_service, parse_spec, write_layout
+from scripts.ops.kserve_layout import ROOT, inference_service, parse_spec, write_layout
 
 
 def get_args_parser() -> argparse.ArgumentParser:

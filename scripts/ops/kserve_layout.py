@@ -18,7 +18,7 @@ from scripts.ops.catalog import Catalog
 ROOT = Path(__file__).resolve().parents[2]
 
 # The envelope KServe asks TorchServe for (the bundle's handlers read the bodies themselves:
-# handlers/kserve.py); KServe also sets it through TS_SERVICE_ENVELOPE from the protocol.
+# handlers/kserve_protocol.py); KServe also sets it through TS_SERVICE_ENVELOPE from the protocol.
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
 PROPERTIES = """\
 # Written by scripts/kserve for KServe's TorchServe runtime (storage mounted at /mnt/models).
