@@ -1,6 +1,8 @@
 """The serving image, built and run for real: `scripts/image build` builds the Containerfile
-with the demo's digits.mar in its model store, `scripts/image run` serves it, and its REST
-answers, seen from the host, equal the in-process model's.
+with the demo's digits.mar in its model store, `scripts/image run` serves it, and what it
+answers, seen from the host, equals the in-process model: REST predictions, explanations
+(captum and matplotlib in the image), gRPC predictions, and Prometheus metrics. The build's
+time and the image's size go to benchmarks/results/serving_image.json.
 
 Opt-in and slow (the CUDA torch build makes a multi-GB image): `./scripts/test.sh --image`
 sets BUNDLE_IMAGE_TEST=1; the normal suite skips it. It needs buildah, the one tool that runs
@@ -11,7 +13,10 @@ python:3.11-slim-bookworm.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
+import json
 import os
 import shutil
 import signal
@@ -22,6 +27,7 @@ import psutil
 import pytest
 import requests
 
+from scripts.bench.record import write_record
 from scripts.cli import archive
 from scripts.ops.serve import ROOT, free_port, read_properties
 from tests.conftest import classify_in_process
@@ -71,8 +77,14 @@ def image(demo_store):
     subprocess.run(cmd, check=True, env=env, timeout=3600)
     for image_id in set(earlier) - set(buildah("images", "--quiet", TAG).split()):
         subprocess.run(["buildah", "rmi", image_id], capture_output=True)  # the last run's, now untagged
+    seconds = round(time.monotonic() - started)
     size = buildah("images", "--format", "{{.Size}}", TAG)
-    print(f"\nimage {TAG}: built in {time.monotonic() - started:.0f} s (less where layers were cached), {size}")
+    print(f"\nimage {TAG}: built in {seconds} s (less where layers were cached), {size}")
+    write_record(
+        "serving_image",
+        {"tag": TAG, "base": base_image(), "build_seconds": seconds, "size": size, "layers_cached": bool(earlier)},
+        command="./scripts/test.sh --image",
+    )
     return TAG
 
 
@@ -153,3 +165,49 @@ def test_image_runs_as_non_root_with_its_healthcheck(served, image):
     assert server.uids().real == 1000 and server.cmdline()[0] == "java"
     check = buildah("inspect", "--type", "image", "--format", "{{.Docker.Config.Healthcheck.Test}}", image)
     assert "/ping" in check
+
+
+def test_image_explains_with_the_heatmap_it_promises(served, trained_digits, digits_dir):
+    """/explanations needs captum and matplotlib inside the image: the top class's explanation,
+    with a heatmap of the image's size, for the class the in-process model predicts."""
+    from PIL import Image
+
+    url, _, _ = served
+    data = sorted((digits_dir / "test").rglob("*.png"))[0].read_bytes()
+    r = requests.post(f"{url}/explanations/digits", data=data, timeout=300)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    probs = classify_in_process(trained_digits, data)
+    assert answer["target"] == str(int(probs.argmax()))
+    assert answer["probability"] == pytest.approx(probs.max().item(), abs=1e-4)
+    heatmap = Image.open(io.BytesIO(base64.b64decode(answer["heatmap"])))
+    assert heatmap.size == Image.open(io.BytesIO(data)).size == (answer["width"], answer["height"])
+
+
+def test_image_answers_grpc_as_rest(served, digits_dir, tmp_path):
+    import grpc
+
+    from tests.grpc_stubs import inference_stubs
+
+    url, ports, _ = served
+    stubs = inference_stubs(tmp_path / "stubs")
+    with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        service = stubs.service(channel)
+        data = sorted((digits_dir / "test").rglob("*.png"))[1].read_bytes()
+        request = stubs.pb2.PredictionsRequest(model_name="digits", input={"data": data})
+        answer = json.loads(service.Predictions(request, timeout=120).prediction)
+    assert answer == pytest.approx(requests.post(f"{url}/predictions/digits", data=data, timeout=60).json(), abs=1e-6)
+
+
+def test_image_exports_the_handler_metrics(served, digits_dir):
+    """After the predictions above and one bad image, /metrics (Prometheus) counts them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, ports, _ = served
+    requests.post(f"{url}/predictions/digits", data=b"not an image", timeout=60)
+    text = requests.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=30).text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    names = {s.name for s in samples}
+    assert any("ts_inference_requests_total" in n for n in names), sorted(names)[:20]
+    refused = [s for s in samples if "refused" in s.name and s.labels.get("model_name") == "digits"]
+    assert refused and sum(s.value for s in refused) >= 1, sorted(names)

@@ -137,6 +137,33 @@ def test_bad_items_get_4xx_while_their_batch_mates_succeed(server, digits_dir, t
         assert body["message"]
 
 
+def test_grpc_predictions_equal_rest_with_the_token_and_refuse_without(server, digits_dir, tmp_path):
+    """TorchServe's gRPC inference API (stubs compiled from its own jar's inference.proto): the
+    answer equals REST's; the token goes as `authorization: Bearer KEY` metadata, and a call
+    without it is refused; a bad image's JSON error comes back in the body."""
+    import grpc
+    from google.protobuf.empty_pb2 import Empty
+
+    from tests.grpc_stubs import inference_stubs
+
+    stubs = inference_stubs(tmp_path / "stubs")
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.listen_ports()['grpc_inference'][1]}")
+    service = stubs.service(channel)
+    token = [("authorization", server.headers("inference")["Authorization"])]
+    assert service.Ping(Empty(), metadata=token).health
+    data = sorted((digits_dir / "test").rglob("*.png"))[0].read_bytes()
+    request = stubs.pb2.PredictionsRequest(model_name="digits", input={"data": data})
+    answer = json.loads(service.Predictions(request, metadata=token, timeout=60).prediction)
+    assert answer == pytest.approx(predict(server, "digits", data).json(), abs=1e-6)
+    with pytest.raises(grpc.RpcError) as refused:
+        service.Predictions(request, timeout=60)
+    assert refused.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    bad = stubs.pb2.PredictionsRequest(model_name="digits", input={"data": b"not an image"})
+    error = json.loads(service.Predictions(bad, metadata=token, timeout=60).prediction)
+    assert error["code"] == 400 and "image" in error["message"].lower()
+    channel.close()
+
+
 def test_requests_without_the_token_are_refused(server, digits_dir):
     data = next((digits_dir / "test").rglob("*.png")).read_bytes()
     for headers in ({}, {"Authorization": "Bearer wrong-key"}):
