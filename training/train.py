@@ -206,7 +206,13 @@ class Classification(engine.Task):
             "rotation": args.rotation,
             "color_jitter": list(args.color_jitter) if args.color_jitter else None,
         }
-        train_tf = train_transform(cfg, **{**augmentation, "color_jitter": args.color_jitter})
+        train_tf = train_transform(
+            cfg,
+            hflip_prob=args.hflip_prob,
+            min_scale=args.min_scale,
+            color_jitter=args.color_jitter,
+            rotation=args.rotation,
+        )
         n, multi, channels = len(classes), self.multi_label, cfg.channels
         self.train_set = ImageDataset(self.train_samples, n, multi, channels, train_tf, load)
         self.val_set = ImageDataset(val_samples, n, multi, channels, eval_transform(cfg), load)
