@@ -5,7 +5,8 @@
 scikit-learn's handwritten digits (training.sample_data, 32 px) with one class cut to
 --minority-share of its training images (5%: 7 of 139); the classifier trainer run twice on
 them with the same seed, data, epochs and flags, once with --loss ce and once with --loss
-focal; then each saved model's recall of every class on the held-out test digits (every
+focal (each keeps its best validation epoch, and the trainer's --patience may stop it
+early); then each saved model's recall of every class on the held-out test digits (every
 class complete, seen as serving sees them: load_image + eval_transform). Writes one JSON
 record under benchmarks/results/: the command, date, machine, package versions, the settings
 and the raw figures. A quality figure, one seed per run, not a timing.
