@@ -219,14 +219,31 @@ def eval_transform(cfg: DataConfig) -> v2.Compose:
     )
 
 
-def train_transform(cfg: DataConfig, *, hflip_prob: float = 0.5, min_scale: float = 0.6) -> v2.Compose:
-    """Training augmentation: random resized crop and optional horizontal flip."""
+def train_transform(
+    cfg: DataConfig,
+    *,
+    hflip_prob: float = 0.5,
+    min_scale: float = 0.6,
+    color_jitter: tuple[float, float, float, float] | None = None,
+    rotation: float = 0.0,
+) -> v2.Compose:
+    """A classifier's training preset (torchvision's ClassificationPresetTrain): random resized
+    crop, then, where asked, a random rotation of up to `rotation` degrees either way (the
+    corners it uncovers are black), a horizontal flip and a colour jitter of (brightness,
+    contrast, saturation, hue). Only the training images see it: evaluation and serving use
+    `eval_transform` of the same DataConfig, so the augmentation never changes what a served
+    model is given."""
     steps = [
         v2.PILToTensor(),
         v2.RandomResizedCrop(cfg.input_size, scale=(min_scale, 1.0), interpolation=_interpolation(cfg), antialias=True),
     ]
+    if rotation > 0:
+        steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
     if hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(hflip_prob))
+    if color_jitter is not None and any(color_jitter):
+        brightness, contrast, saturation, hue = color_jitter
+        steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
     return v2.Compose(steps)
 

@@ -142,6 +142,94 @@ def test_label_files_multi_label_names(cat, tmp_path):
     assert {s.path.name: s.labels for s in spec.samples} == {"a.png": [0, 1], "b.png": [0]}
 
 
+# -- multi-hot rows: one 0/1 per class of classes.txt ---------------------------------------
+
+
+def test_label_files_multi_hot_rows(cat, tmp_path):
+    """The layout of images/001.jpg + labels/001.txt holding '1 0 1', classes.txt naming the columns."""
+    labels = {"a": "1 0 1\n", "b": "0 1 0", "c": "1,1,0", "d": "0 0 0"}
+    spec = read_dataset(make_label_files(cat, tmp_path / "ds", labels, classes=["sky", "tree", "car"]))
+    assert spec.label_format == "multi-hot"
+    assert spec.classes == ["sky", "tree", "car"]
+    assert by_name(spec) == {"a.png": ["sky", "car"], "b.png": ["tree"], "c.png": ["sky", "tree"], "d.png": []}
+    assert spec.multi_label
+
+
+def test_labels_txt_multi_hot_rows(cat, tmp_path):
+    lines = ["a.png 1 0 1", "b.png\t0\t1\t1", "c.png,1,0,0"]
+    spec = read_dataset(make_labels_txt(cat, tmp_path / "ds", lines, classes=["sky", "tree", "car"]))
+    assert spec.label_format == "multi-hot"
+    assert by_name(spec) == {"a.png": ["sky", "car"], "b.png": ["tree", "car"], "c.png": ["sky"]}
+
+
+def test_one_hot_rows_are_a_single_label_dataset(cat, tmp_path):
+    labels = {"a": "1 0 0", "b": "0 1 0", "c": "0 0 1"}
+    spec = read_dataset(make_label_files(cat, tmp_path / "ds", labels, classes=["sky", "tree", "car"]))
+    assert spec.label_format == "multi-hot" and not spec.multi_label
+    assert by_name(spec) == {"a.png": ["sky"], "b.png": ["tree"], "c.png": ["car"]}
+
+
+def test_index_rows_stay_indices(cat, tmp_path):
+    # Indices, even of 0s and 1s, when a row is not as long as classes.txt.
+    labels = {"a": "0 1", "b": "2", "c": "1"}
+    spec = read_dataset(make_label_files(cat, tmp_path / "ds", labels, classes=["sky", "tree", "car"]))
+    assert spec.label_format == "indices"
+    assert by_name(spec) == {"a.png": ["sky", "tree"], "b.png": ["car"], "c.png": ["tree"]}
+
+
+def test_two_classes_rows_of_two_bits_are_ambiguous(cat, tmp_path):
+    root = make_label_files(cat, tmp_path / "ds", {"a": "0 1", "b": "1 0", "c": "1 1"}, classes=["sky", "tree"])
+    with pytest.raises(DatasetError) as e:
+        read_dataset(root)
+    msg = str(e.value)
+    assert str(root / "labels" / "a.txt") in msg and "--label-format multi-hot or indices" in msg
+    hot = read_dataset(root, label_format="multi-hot")
+    assert by_name(hot) == {"a.png": ["tree"], "b.png": ["sky"], "c.png": ["sky", "tree"]}
+    indices = read_dataset(root, label_format="indices")
+    assert indices.label_format == "indices"
+    assert by_name(indices) == {"a.png": ["sky", "tree"], "b.png": ["sky", "tree"], "c.png": ["tree"]}
+
+
+def test_multi_hot_row_without_classes_txt_is_refused(cat, tmp_path):
+    root = make_label_files(cat, tmp_path / "ds", {"a": "1 0 1", "b": "0 1 1"})
+    with pytest.raises(DatasetError) as e:
+        read_dataset(root)
+    msg = str(e.value)
+    assert str(root / "labels" / "a.txt") in msg and str(root / "classes.txt") in msg
+    assert "naming its 3 columns" in msg and "write each once (0 2)" in msg
+
+
+def test_multi_hot_rows_mixed_with_indices_are_refused(cat, tmp_path):
+    root = make_label_files(cat, tmp_path / "ds", {"a": "1 0 1", "b": "2"}, classes=["sky", "tree", "car"])
+    with pytest.raises(DatasetError) as e:
+        read_dataset(root)
+    msg = str(e.value)
+    assert str(root / "labels" / "a.txt") in msg and str(root / "labels" / "b.txt") in msg
+
+
+def test_multi_hot_row_of_the_wrong_length_is_refused(cat, tmp_path):
+    root = make_label_files(cat, tmp_path / "ds", {"a": "1 0 1 0", "b": "0 1 1 0"}, classes=["sky", "tree", "car"])
+    with pytest.raises(DatasetError, match="needs 3 values of 0 or 1"):
+        read_dataset(root)
+    with pytest.raises(DatasetError, match=re.escape(f"{root / 'labels' / 'a.txt'}: a multi-hot row is 3 values")):
+        read_dataset(root, label_format="multi-hot")
+
+
+def test_label_format_multi_hot_needs_classes_txt(cat, tmp_path):
+    root = make_label_files(cat, tmp_path / "ds", {"a": "1 0", "b": "0 1"})
+    with pytest.raises(DatasetError, match=re.escape(f"needs {root / 'classes.txt'}")):
+        read_dataset(root, label_format="multi-hot")
+    with pytest.raises(DatasetError, match="unknown label format 'one-hot'"):
+        read_dataset(root, label_format="one-hot")
+
+
+def test_validation_set_read_as_multi_hot_with_the_training_classes(cat, tmp_path):
+    classes = ["sky", "tree", "car"]
+    train = read_dataset(make_label_files(cat, tmp_path / "train", {"a": "1 0 1", "b": "0 1 0"}, classes=classes))
+    val = read_dataset(make_label_files(cat, tmp_path / "val", {"c": "0 1 1"}), classes=train.classes)
+    assert val.label_format == "multi-hot" and by_name(val) == {"c.png": ["tree", "car"]}
+
+
 # -- auto-detection -----------------------------------------------------------------------
 
 

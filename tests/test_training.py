@@ -304,3 +304,141 @@ def test_early_stopping(capsys, digits_dir, tmp_path):
     assert meta["metrics"]["epochs_run"] == 2  # epoch 1 sets the best, epoch 2 cannot beat it
     assert len(read_csv(out / "metrics.csv")) == 2
     assert "early stop" in err
+
+
+# -- multi-hot label files, augmentation, focal loss ----------------------------------------
+
+
+def multi_hot_dataset(digits_dir: Path, root: Path, classes: list[str], rows: dict[tuple[str, ...], int]) -> Path:
+    """images/ + labels/<stem>.txt holding one 0/1 per class of classes.txt ('1 0 1'): for each
+    set of digits in `rows`, that many images of them side by side."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    n = 0
+    for digits, count in rows.items():
+        for k in range(count):
+            canvas = Image.new("L", (32 * len(digits), 32))
+            for i, d in enumerate(digits):
+                canvas.paste(digit_image(digits_dir, d, k), (32 * i, 0))
+            canvas.resize((32, 32)).save(root / "images" / f"im{n:03d}.png")
+            row = " ".join("1" if str(c) in digits else "0" for c in range(len(classes)))
+            (root / "labels" / f"im{n:03d}.txt").write_text(row + "\n")
+            n += 1
+    return root
+
+
+@pytest.mark.parametrize("loss", [[], ["--loss", "focal", "--focal-alpha", "0.25"]], ids=["ce", "focal"])
+def test_multi_hot_label_files(capsys, digits_dir, tmp_path, loss):
+    classes = ["zero", "one", "two"]
+    rows = {("0",): 5, ("1",): 5, ("2",): 5, ("0", "2"): 4, ("1", "2"): 4}
+    root = multi_hot_dataset(digits_dir, tmp_path / "ml", classes, rows)
+    assert (root / "labels" / "im015.txt").read_text() == "1 0 1\n"
+    out = tmp_path / "out"
+    run_ok(capsys, root, out, "--epochs", "1", "--batch-size", "8", *loss)
+    meta = read_json(out / "model.json")
+    # Read as label sets over classes.txt's columns, not as the class indices 0 and 1.
+    assert meta["classes"] == classes and meta["multi_label"] is True
+    assert meta["dataset"]["label_format"] == "multi-hot"
+    assert meta["loss"] == (
+        {"name": "focal", "gamma": 2.0, "alpha": 0.25} if loss else {"name": "ce", "function": "binary cross-entropy"}
+    )
+    assert 0.0 <= meta["metrics"]["f1"] <= 1.0
+    model, _ = load_trained(out)
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 3)
+
+
+def test_ambiguous_label_files_are_refused_until_the_format_is_given(capsys, digits_dir, tmp_path):
+    root = multi_hot_dataset(digits_dir, tmp_path / "ml", ["zero", "one"], {("0",): 4, ("1",): 4, ("0", "1"): 4})
+    out = tmp_path / "out"
+    line = run_error(capsys, train_cli_args(root, out, "--epochs", "1"))
+    assert "--label-format multi-hot or indices" in line and str(root / "labels") in line
+    assert not out.exists()
+    run_ok(capsys, root, out, "--epochs", "1", "--batch-size", "8", "--label-format", "multi-hot")
+    meta = read_json(out / "model.json")
+    assert meta["classes"] == ["zero", "one"] and meta["multi_label"] is True
+    assert meta["dataset"]["label_format"] == "multi-hot"
+
+
+def test_augmentation_is_training_only(capsys, digits_dir, tmp_path):
+    """With --lr 0 the weights stay at their (seeded) start, so only the pictures differ
+    between the runs: the training images do, the validation ones and the served ones don't."""
+    from handlers.image_classifier import ImageClassifier
+    from tests.test_handler import make_context
+
+    data = subset(digits_dir, tmp_path / "ds", {"0": 10, "1": 10, "2": 10})
+    plain, augmented = tmp_path / "plain", tmp_path / "augmented"
+    common = ["--epochs", "1", "--batch-size", "8", "--lr", "0"]
+    run_ok(capsys, data, plain, *common)
+    run_ok(capsys, data, augmented, *common, "--color-jitter", "0.5,0.5", "--rotation", "20")
+    a, b = read_json(plain / "model.json"), read_json(augmented / "model.json")
+    assert a["augmentation"] == {"min_scale": 0.6, "hflip_prob": 0.0, "rotation": 0.0, "color_jitter": None}
+    assert b["augmentation"] == {
+        "min_scale": 0.6,
+        "hflip_prob": 0.0,
+        "rotation": 20.0,
+        "color_jitter": [0.5, 0.5, 0, 0],
+    }
+    assert a["preprocessing"] == b["preprocessing"]
+    rows_a, rows_b = read_csv(plain / "metrics.csv")[0], read_csv(augmented / "metrics.csv")[0]
+    assert rows_a["train_loss"] != rows_b["train_loss"]
+    assert rows_a["val_loss"] == rows_b["val_loss"]
+    # The serving transform: the real handler's, loaded from each training output folder.
+    image = load_image(sorted((digits_dir / "test" / "7").glob("*.png"))[0], 1)
+    tensors = []
+    for run in (plain, augmented):
+        handler = ImageClassifier()
+        handler.initialize(make_context(run, 1))
+        tensors.append(handler.transform(image))
+    assert torch.equal(tensors[0], tensors[1])
+    assert torch.equal(tensors[0], eval_transform(data_config_from_meta(a))(image))
+
+
+def test_focal_loss_beside_balance(capsys, digits_dir, tmp_path):
+    data = subset(digits_dir, tmp_path / "ds", {"0": 30, "1": 5, "2": 5})
+    ce, focal = tmp_path / "ce", tmp_path / "focal"
+    run_ok(capsys, data, ce, "--epochs", "1", "--batch-size", "8", "--balance")
+    run_ok(
+        capsys,
+        data,
+        focal,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--balance",
+        "--loss",
+        "focal",
+        "--focal-gamma",
+        "1.5",
+    )
+    assert read_json(ce / "model.json")["loss"] == {"name": "ce", "function": "cross-entropy", "label_smoothing": 0.0}
+    assert read_json(focal / "model.json")["loss"] == {"name": "focal", "gamma": 1.5, "alpha": None}
+    # Same seed, data and sampler: only the loss differs; focal's is below cross-entropy's on every image.
+    assert float(read_csv(focal / "metrics.csv")[0]["train_loss"]) < float(
+        read_csv(ce / "metrics.csv")[0]["train_loss"]
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--color-jitter", "bright"], "argument --color-jitter: 'bright' is not 1 to 4"),
+        (["--color-jitter", "0.1,-0.2"], "argument --color-jitter: '0.1,-0.2' is not 1 to 4"),
+        (["--color-jitter", "0.4,0.4,0.4,0.9"], "hue 0.9 is over 0.5"),
+        (["--color-jitter", "0.4,0.4,0.4"], "saturation and hue change nothing on grey images"),
+        (["--rotation", "181"], "--rotation must be >= 0 and <= 180, got 181.0"),
+        (["--loss", "huber"], "argument --loss: invalid choice: 'huber'"),
+        (["--focal-gamma", "2"], "--focal-gamma is a focal-loss setting; give --loss focal with it"),
+        (["--loss", "focal", "--focal-gamma", "-1"], "--focal-gamma must be >= 0, got -1.0"),
+        (["--loss", "focal", "--focal-alpha", "1.5"], "--focal-alpha must be > 0 and <= 1, got 1.5"),
+        (["--loss", "focal", "--label-smoothing", "0.1"], "--label-smoothing goes with --loss ce only"),
+        (["--label-format", "one-hot"], "argument --label-format: invalid choice: 'one-hot'"),
+    ],
+)
+def test_bad_augmentation_loss_and_label_format_values(capsys, digits_dir, tmp_path, flags, words):
+    data = subset(digits_dir, tmp_path / "ds", {"0": 3, "1": 3})
+    out = tmp_path / "out"
+    line = run_error(capsys, train_cli_args(data, out, "--epochs", "1", *flags))
+    assert words in line
+    assert not out.exists()

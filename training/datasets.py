@@ -7,7 +7,12 @@
                       several for a multi-label dataset)
 
 For the two label-file layouts an optional root/classes.txt (one name per line) fixes the
-class names and their order; labels may then be indices into it or names from it.
+class names and their order; labels may then be indices into it or names from it, or a
+multi-hot row: one 0 or 1 per class of classes.txt, in its order ("1 0 1" = the first and
+the third class). `label_format` "auto" reads a row of 0s and 1s as multi-hot when every
+row of the dataset is one with exactly as many values as classes.txt has names; a file
+that could be read both ways, or rows of 0s and 1s that cannot be class indices (a value
+repeated) without such a classes.txt, are refused with a line that says how to write them.
 
 Separators, the same rule in both label layouts: a line that holds a tab is split on tabs;
 else one that holds a comma or semicolon is split on those; else it is split on whitespace.
@@ -31,6 +36,7 @@ from torch.utils.data import Dataset, default_collate
 from model_defs.preprocessing import IMAGE_EXTENSIONS, load_image
 
 LAYOUTS = ("auto", "folders", "labels_txt", "label_files")
+LABEL_FORMATS = ("auto", "indices", "multi-hot")
 
 
 class DatasetError(ValueError):
@@ -57,6 +63,7 @@ class DatasetSpec:
     layout: str
     classes: list[str]
     samples: list[Sample] = field(default_factory=list)
+    label_format: str = ""  # how the label files were read: "indices" (names or indices) or "multi-hot"
 
     @property
     def multi_label(self) -> bool:
@@ -87,17 +94,25 @@ def detect_layout(root: Path) -> str:
     return "folders"
 
 
-def read_dataset(root: str | Path, layout: str = "auto", classes: list[str] | None = None) -> DatasetSpec:
-    """Read a dataset; `classes` (from the training set) fixes the names for a validation set."""
+def read_dataset(
+    root: str | Path, layout: str = "auto", classes: list[str] | None = None, label_format: str = "auto"
+) -> DatasetSpec:
+    """Read a dataset; `classes` (from the training set) fixes the names for a validation set;
+    `label_format` says how the label layouts' rows are read (module docstring)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
+    if label_format not in LABEL_FORMATS:
+        raise DatasetError(f"unknown label format {label_format!r}; choose one of {', '.join(LABEL_FORMATS)}")
     if layout == "auto":
         layout = detect_layout(root)
-    readers = {"folders": _read_folders, "labels_txt": _read_labels_txt, "label_files": _read_label_files}
-    if layout not in readers:
+    if layout == "folders":
+        spec = _read_folders(root, classes)
+    elif layout in ("labels_txt", "label_files"):
+        read = _read_labels_txt if layout == "labels_txt" else _read_label_files
+        spec = read(root, classes, label_format)
+    else:
         raise DatasetError(f"unknown dataset layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    spec = readers[layout](root, classes)
     if not spec.samples:
         raise DatasetError(f"no images found under {root} (layout: {layout}; extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return spec
@@ -159,10 +174,65 @@ def read_class_names(path: Path) -> list[str] | None:
     return names
 
 
+def _is_binary_row(tokens: list[str]) -> bool:
+    return len(tokens) >= 2 and all(t in ("0", "1") for t in tokens)
+
+
+def _label_format(raw: list[tuple[Path, list[str], str]], classes: list[str] | None, asked: str, root: Path) -> str:
+    """How to read these rows, "multi-hot" or "indices" (rule in the module docstring); a
+    DatasetError for rows that fit neither or could be either."""
+    n = len(classes) if classes else 0
+    shaped = [r for r in raw if n >= 2 and len(r[1]) == n and _is_binary_row(r[1])]
+    if asked == "multi-hot":
+        if not classes:
+            raise DatasetError(
+                f"label format multi-hot needs {root / 'classes.txt'} naming the columns, one class per line"
+            )
+        for _, toks, where in raw:
+            if len(toks) != n or not all(t in ("0", "1") for t in toks):
+                raise DatasetError(
+                    f"{where}: a multi-hot row is {n} values of 0 or 1, one per class of classes.txt in its order; "
+                    f"got {' '.join(toks)!r}"
+                )
+        return "multi-hot"
+    if asked == "indices":
+        return "indices"
+    if raw and len(shaped) == len(raw):
+        if n >= 3:  # n values of 0/1 as indices would repeat one: only multi-hot fits
+            return "multi-hot"
+        _, toks, where = raw[0]
+        raise DatasetError(
+            f"{where}: {' '.join(toks)!r} reads both as class indices and as a multi-hot row of the {n} classes of "
+            "classes.txt; give --label-format multi-hot or indices, or write class names"
+        )
+    for _, toks, where in raw:
+        if _is_binary_row(toks) and len(set(toks)) < len(toks):
+            row, ones = " ".join(toks), " ".join(str(i) for i, t in enumerate(toks) if t == "1") or "none"
+            if len(toks) == n:
+                other = next(w for _, t, w in raw if not (len(t) == n and _is_binary_row(t)))
+                raise DatasetError(
+                    f"{where} holds a multi-hot row ({row!r}) but {other} does not; write every label the same way: "
+                    f"{n} values of 0 or 1 in classes.txt's order, or class names or indices"
+                )
+            multi_hot = (
+                f"a multi-hot row needs {n} values of 0 or 1, one per class of classes.txt"
+                if n
+                else f"as a multi-hot row it needs {root / 'classes.txt'} naming its {len(toks)} columns, one per line"
+            )
+            raise DatasetError(
+                f"{where}: {row!r} repeats a class index; {multi_hot}; as class indices write each once ({ones})"
+            )
+    return "indices"
+
+
 def _resolve_labels(
-    raw: list[tuple[Path, list[str], str]], classes: list[str] | None, classes_file: str
+    raw: list[tuple[Path, list[str], str]], classes: list[str] | None, classes_file: str, fmt: str = "indices"
 ) -> tuple[list[str], list[Sample]]:
-    """Turn label tokens into class indices. `raw` holds (image, tokens, where-for-errors)."""
+    """Turn label tokens into class indices. `raw` holds (image, tokens, where-for-errors);
+    `fmt` is `_label_format`'s answer."""
+    if fmt == "multi-hot":
+        assert classes is not None
+        return classes, [Sample(path, [i for i, t in enumerate(toks) if t == "1"]) for path, toks, _ in raw]
     if classes is None:
         tokens = {t for _, toks, _ in raw for t in toks}
         if tokens and all(t.isdigit() for t in tokens):
@@ -190,7 +260,7 @@ def _check_no_empty_class(spec: DatasetSpec, source: Path) -> None:
         raise DatasetError(f"class {empty[0]!r} has no images in {source}")
 
 
-def _read_labels_txt(root: Path, classes: list[str] | None) -> DatasetSpec:
+def _read_labels_txt(root: Path, classes: list[str] | None, label_format: str = "auto") -> DatasetSpec:
     labels_file = root / "labels.txt"
     if not labels_file.is_file():
         raise DatasetError(f"{labels_file} does not exist")
@@ -208,14 +278,15 @@ def _read_labels_txt(root: Path, classes: list[str] | None) -> DatasetSpec:
         if not path.is_file():
             raise DatasetError(f"{where}: image {path} does not exist")
         raw.append((path, parts[1:], where))
-    names, samples = _resolve_labels(raw, fixed, "classes.txt" if fixed else "from labels.txt")
-    spec = DatasetSpec(root, "labels_txt", names, samples)
+    fmt = _label_format(raw, fixed, label_format, root)
+    names, samples = _resolve_labels(raw, fixed, "classes.txt" if fixed else "from labels.txt", fmt)
+    spec = DatasetSpec(root, "labels_txt", names, samples, fmt)
     if classes is None and samples:
         _check_no_empty_class(spec, labels_file)
     return spec
 
 
-def _read_label_files(root: Path, classes: list[str] | None) -> DatasetSpec:
+def _read_label_files(root: Path, classes: list[str] | None, label_format: str = "auto") -> DatasetSpec:
     images_dir, labels_dir = root / "images", root / "labels"
     for d in (images_dir, labels_dir):
         if not d.is_dir():
@@ -230,8 +301,9 @@ def _read_label_files(root: Path, classes: list[str] | None) -> DatasetSpec:
         if not tokens:
             raise DatasetError(f"label file {label_file} is empty")
         raw.append((path, tokens, str(label_file)))
-    names, samples = _resolve_labels(raw, fixed, "classes.txt" if fixed else "from labels/")
-    spec = DatasetSpec(root, "label_files", names, samples)
+    fmt = _label_format(raw, fixed, label_format, root)
+    names, samples = _resolve_labels(raw, fixed, "classes.txt" if fixed else "from labels/", fmt)
+    spec = DatasetSpec(root, "label_files", names, samples, fmt)
     if classes is None and samples:
         _check_no_empty_class(spec, labels_dir)
     return spec

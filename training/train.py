@@ -11,18 +11,35 @@ devices, torchrun and the shared flags are training/engine.py's.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from functools import partial
 
 import torch
-import torch.nn as nn
 
 from model_defs import get_entry
 from model_defs.preprocessing import eval_transform, train_transform
 from training import engine
-from training.datasets import LAYOUTS, ImageDataset, read_dataset
+from training.datasets import LABEL_FORMATS, LAYOUTS, ImageDataset, read_dataset
+from training.losses import FOCAL_GAMMA, LOSSES, classification_loss
 from training.scores import batch_scores, multilabel_scores
+
+
+def color_jitter(text: str) -> tuple[float, float, float, float]:
+    """--color-jitter B[,C,S,H] → (brightness, contrast, saturation, hue); those not given are 0."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 4 or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 1 to 4 comma-separated numbers >= 0 (brightness[,contrast,saturation,hue])"
+        )
+    values += [0.0] * (4 - len(values))
+    if values[3] > 0.5:
+        raise argparse.ArgumentTypeError(f"hue {values[3]} is over 0.5 (a shift of half the colour circle)")
+    return (values[0], values[1], values[2], values[3])
 
 
 class Classification(engine.Task):
@@ -40,6 +57,14 @@ class Classification(engine.Task):
             "training dataset folder",
             LAYOUTS,
             "dataset layout: class folders, images/ + labels.txt, or images/ + labels/*.txt",
+        )
+        g.add_argument(
+            "--label-format",
+            default="auto",
+            choices=LABEL_FORMATS,
+            help="how the label layouts' rows are read: class names or indices ('0 2'), or multi-hot rows of one 0/1 "
+            "per class of classes.txt ('1 0 1'); auto reads rows of 0s and 1s as long as classes.txt as multi-hot "
+            "and refuses a file that fits both (default: auto)",
         )
         g.add_argument(
             "--balance",
@@ -78,10 +103,50 @@ class Classification(engine.Task):
             help="train only the new head (models that accept it) (default: off)",
         )
         g.add_argument(
+            "--color-jitter",
+            type=color_jitter,
+            default=None,
+            metavar="B[,C,S,H]",
+            help="training images only: random brightness, contrast, saturation and hue changes of up to these "
+            "amounts (torchvision ColorJitter; those not given are 0; saturation and hue need RGB), e.g. "
+            "0.4,0.4,0.4,0.1 (default: off)",
+        )
+        g.add_argument(
+            "--rotation",
+            type=float,
+            default=0.0,
+            metavar="DEG",
+            help="largest random rotation of a training image in degrees, either way, the uncovered corners black; "
+            "0 = off (default: 0)",
+        )
+        g = p.add_argument_group("loss")
+        g.add_argument(
+            "--loss",
+            default="ce",
+            choices=LOSSES,
+            help="ce: cross-entropy (softmax; sigmoid/BCE for multi-label); focal: focal loss, which weighs the "
+            "images the model still gets wrong more, for rare classes; goes with or without --balance "
+            "(default: %(default)s)",
+        )
+        g.add_argument(
+            "--focal-gamma",
+            type=float,
+            default=None,
+            help=f"focal loss: the exponent of (1 - p_true) on each image's (label's) loss; 0 = cross-entropy "
+            f"(default: {FOCAL_GAMMA})",
+        )
+        g.add_argument(
+            "--focal-alpha",
+            type=float,
+            default=None,
+            help="focal loss, in (0, 1]: multi-label, the weight of a present label (1 - alpha an absent one, as "
+            "torchvision.ops.sigmoid_focal_loss); single-label, a constant factor on the loss (default: none)",
+        )
+        g.add_argument(
             "--label-smoothing",
             type=float,
             default=0.0,
-            help="label smoothing of the cross-entropy loss (default: 0.0)",
+            help="label smoothing of the cross-entropy loss, single-label --loss ce only (default: 0.0)",
         )
         return engine.add_engine_args(
             p, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0
@@ -91,23 +156,43 @@ class Classification(engine.Task):
         for flag, key in ((args.weights_path, "weights_path"), (args.freeze_backbone, "freeze_backbone")):
             if flag and not engine.builder_accepts(args.model, "classification", key):
                 raise engine.UsageError(f"--model {args.model} does not support --{key.replace('_', '-')}")
+        if args.loss != "focal":
+            for flag, value in (("--focal-gamma", args.focal_gamma), ("--focal-alpha", args.focal_alpha)):
+                if value is not None:
+                    raise engine.UsageError(f"{flag} is a focal-loss setting; give --loss focal with it")
+        elif args.label_smoothing:
+            raise engine.UsageError("--label-smoothing goes with --loss ce only; drop it or use --loss ce")
+        if args.focal_gamma is not None and not (math.isfinite(args.focal_gamma) and args.focal_gamma >= 0):
+            raise engine.UsageError(f"--focal-gamma must be >= 0, got {args.focal_gamma}")
+        if args.focal_alpha is not None and not 0 < args.focal_alpha <= 1:
+            raise engine.UsageError(f"--focal-alpha must be > 0 and <= 1, got {args.focal_alpha}")
 
     def setup(self, args) -> None:
-        spec = read_dataset(args.data, args.layout)
+        read = partial(read_dataset, layout=args.layout, label_format=args.label_format)
+        spec = read(args.data)
         classes = engine.require_classes(args, spec, 2, "a classifier needs at least 2; is --layout right?")
-        self.train_samples, val_samples, dataset = self.split(args, spec, partial(read_dataset, layout=args.layout))
+        self.train_samples, val_samples, dataset = self.split(args, spec, read)
+        if spec.label_format:
+            dataset["label_format"] = spec.label_format
         self.multi_label = args.multi_label or spec.multi_label
-        if self.multi_label:
-            self.monitor = self.metric_name = "f1"
-            self.criterion = nn.BCEWithLogitsLoss()
-        else:
-            self.metric_name = "accuracy"
-            self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.monitor = self.metric_name = "f1" if self.multi_label else "accuracy"
+        self.criterion, loss = classification_loss(
+            args.loss,
+            self.multi_label,
+            label_smoothing=args.label_smoothing,
+            gamma=args.focal_gamma,
+            alpha=args.focal_alpha,
+        )
         cfg = get_entry(args.model, task="classification").data_config.replace(
             channels=args.channels, input_size=args.input_size, resize_size=args.resize_size
         )
         if cfg.channels != 3 and not engine.builder_accepts(args.model, "classification", "in_channels"):
             raise engine.UsageError(f"model {args.model} takes RGB input only; drop --channels {cfg.channels}")
+        if cfg.channels == 1 and args.color_jitter and any(args.color_jitter[2:]):
+            raise engine.UsageError(
+                "--color-jitter: saturation and hue change nothing on grey images (--channels 1); give brightness "
+                "and contrast only, e.g. --color-jitter 0.4,0.4"
+            )
         start = {k: v for k, v in (("weights_path", args.weights_path), ("freeze_backbone", args.freeze_backbone)) if v}
         optional = {"in_channels": cfg.channels, "image_size": cfg.input_size}
         self.model, kwargs = engine.build_model(
@@ -115,7 +200,19 @@ class Classification(engine.Task):
         )
         arch_args = {k: v for k, v in kwargs.items() if k not in start}  # the start weights are in model.pt
         load = self.cache.image_loader(cfg)
-        train_tf = train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale)
+        augmentation = {
+            "min_scale": args.min_scale,
+            "hflip_prob": args.hflip_prob,
+            "rotation": args.rotation,
+            "color_jitter": list(args.color_jitter) if args.color_jitter else None,
+        }
+        train_tf = train_transform(
+            cfg,
+            hflip_prob=args.hflip_prob,
+            min_scale=args.min_scale,
+            color_jitter=args.color_jitter,
+            rotation=args.rotation,
+        )
         n, multi, channels = len(classes), self.multi_label, cfg.channels
         self.train_set = ImageDataset(self.train_samples, n, multi, channels, train_tf, load)
         self.val_set = ImageDataset(val_samples, n, multi, channels, eval_transform(cfg), load)
@@ -129,6 +226,8 @@ class Classification(engine.Task):
             multi_label=self.multi_label,
             threshold=args.threshold,
             init_weights=args.weights_path,
+            loss=loss,
+            augmentation=augmentation,  # training images only; "preprocessing" is what evaluation and serving do
         )
         self.details = ["multi-label" if self.multi_label else "single-label", f"{cfg.channels}x{cfg.input_size}px"]
 

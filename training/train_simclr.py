@@ -75,7 +75,12 @@ class SimCLR(engine.Task):
             help="colour-jitter strength (brightness, contrast, saturation) (default: 0.4)",
         )
         g.add_argument(
-            "--rotation", type=float, default=0.0, help="largest random rotation of a view in degrees (default: 0)"
+            "--rotation",
+            type=float,
+            default=0.0,
+            metavar="DEG",
+            help="largest random rotation of a training image in degrees, either way, the uncovered corners black; "
+            "0 = off (default: 0)",
         )
         g.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
         return engine.add_engine_args(p, epochs=20, batch_size=256, lr=1e-3)
