@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -280,3 +281,80 @@ def test_top_tells_a_scale_down_from_a_restart_and_shows_end_to_end_latency(serv
     header = frame.splitlines()[1]
     assert "e2e: mean per request" in frame and re.search(r"e2e ms +handler p50 +handler p99", header), frame
     assert header.rstrip().endswith("restarts  scaled down"), header
+
+
+# -- docs/clients.md, run as written --------------------------------------------------------
+
+CLIENTS_DOC = ROOT / "docs" / "clients.md"
+
+
+def doc_blocks() -> list[tuple[str, str, str]]:
+    """(section heading, language, code) of every bash and python block of docs/clients.md."""
+    blocks, section = [], ""
+    for match in re.finditer(r"^## ([^\n]+)$|^```(bash|python)\n(.*?)^```$", CLIENTS_DOC.read_text(), re.M | re.S):
+        if match.group(1):
+            section = match.group(1)
+        else:
+            blocks.append((section, match.group(2), match.group(3)))
+    return blocks
+
+
+def json_documents(text: str) -> list:
+    """The JSON documents printed one after another (curl's answers)."""
+    decoder, docs, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        doc, i = decoder.raw_decode(text, i)
+        docs.append(doc)
+    return docs
+
+
+def is_answer(doc) -> bool:
+    return isinstance(doc, dict) and len(doc) == 5 and all(isinstance(p, float) for p in doc.values())
+
+
+@pytest.mark.skipif(CURL is None, reason="needs curl")
+def test_every_client_example_runs_as_written(server, store, env, files, tmp_path):
+    """From a folder holding photo.jpg and digit.png (and scripts/ commands that run the
+    bundle's), each block in order; only the ports are the test servers' own."""
+    from PIL import Image
+    from skimage import data
+
+    from scripts.cli import kserve
+    from scripts.ops.kserve import layout_run_dir
+    from scripts.ops.serve import free_port
+
+    Image.fromarray(data.chelsea()).save(tmp_path / "photo.jpg", quality=90)
+    shutil.copy(files["png"], tmp_path / "digit.png")
+    (tmp_path / "scripts").mkdir()
+    for name in ("serve", "kserve"):
+        wrapper = tmp_path / "scripts" / name
+        wrapper.write_text(f'#!/bin/sh\nexec "{ROOT}/scripts/{name}" "$@"\n')
+        wrapper.chmod(0o755)
+    layout = tmp_path / "kserve-digits"
+    assert kserve.main(["digits:1.0", "--out", str(layout), "--model-store", str(store)]) == 0
+    ports = {"127.0.0.1:8080": server.url("inference").removeprefix("http://"), "8085": str(free_port())}
+    blocks = doc_blocks()
+    assert [lang for _, lang, _ in blocks] == ["bash", "python", "bash", "bash", "python", "python", "bash"]
+    outputs = []
+    try:
+        for section, lang, code in blocks:
+            for written, real in ports.items():
+                code = code.replace(written, real)
+            argv = ["bash", "-c", "set -euo pipefail\n" + code] if lang == "bash" else [sys.executable, "-c", code]
+            r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, (section, code, r.stdout, r.stderr)
+            outputs.append(r.stdout)
+    finally:
+        TorchServe(run_dir=layout_run_dir(layout)).stop()
+    curl_answers = json_documents(outputs[0])
+    assert len(curl_answers) == 5 and all(is_answer(d) for d in curl_answers), outputs[0]
+    assert "{'" in outputs[1] and "Traceback" not in outputs[1]
+    assert "as KServe would" in outputs[2] and f"127.0.0.1:{ports['8085']}" in outputs[2], outputs[2]
+    [v1] = json_documents(outputs[3])
+    assert len(v1["predictions"]) == 2 and all(is_answer(d) for d in v1["predictions"]), v1
+    assert "[b'' b'']" in outputs[4], outputs[4]  # no image refused
+    assert "'name': 'labels'" in outputs[5] and "'name': 'probabilities'" in outputs[5], outputs[5]
+    assert "stopped" in outputs[6] and not TorchServe(run_dir=layout_run_dir(layout)).is_running()
