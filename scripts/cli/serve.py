@@ -31,7 +31,7 @@ from scripts.ops.serve import (
     ADDRESS_KEYS,
     GRPC_PORT_KEYS,
     ROOT,
-    RUN_DIR_HELP,
+    RUN_DIR_ENV,
     ServeError,
     TorchServe,
     default_run_dir,
@@ -50,7 +50,8 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
     p.add_argument(
         "--run-dir",
         default=d(str(default_run_dir())),
-        help=f"folder for the server's config, logs, keys and serving record; {RUN_DIR_HELP}",
+        help=f"folder for the server's config, logs, keys and serving record (default: ${RUN_DIR_ENV} if set, "
+        "else .serve/)",
     )
     p.add_argument(
         "--config",
@@ -84,6 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--port-offset",
         type=int,
         default=0,
+        metavar="N",
         help="add N to every port of --config, to run beside a server on the usual ports (default: 0)",
     )
     for api, flag in PORT_FLAGS.items():
