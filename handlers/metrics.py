@@ -18,6 +18,11 @@ With the handler option `json_logs: true`, each batch and each refused item also
 JSON line in the model log: request ids, model, version, status, error type, timings. They
 never hold request bodies, image bytes or headers (so no keys).
 
+Worker starts are labelled by the worker's slot, the port the frontend gave it: TorchServe
+keeps a worker's port when it restarts a worker that died and gives a new one to each worker
+a scale-up adds, so a slot started more than once is a restart after a crash, and slots
+beyond the workers there are now were scaled down (scripts/top tells them apart).
+
 The handler option `metrics: false` turns the metrics off (the benchmark's baseline).
 """
 
@@ -25,7 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -38,13 +45,23 @@ request_log = logging.getLogger("handlers.requests")
 ANSWERED = "handler_items_answered_total"
 REFUSED = "handler_items_refused_total"  # also labelled by code and error_type
 DECODE_FALLBACKS = "handler_decode_fallbacks_total"  # images decoded by PIL, not torchvision.io
-WORKER_STARTS = "handler_worker_starts_total"
+WORKER_STARTS = "handler_worker_starts_total"  # also labelled by worker (worker_slot)
 STEPS = ("preprocess", "inference", "postprocess")
 STEP_SECONDS = {step: f"handler_{step}_seconds" for step in STEPS}
 BATCH_SECONDS = "handler_batch_seconds"  # the whole handle() of a batch
 BATCH_SIZE = "handler_batch_size"
 COUNTERS = (ANSWERED, REFUSED, DECODE_FALLBACKS, WORKER_STARTS)
 HISTOGRAMS = (*STEP_SECONDS.values(), BATCH_SECONDS, BATCH_SIZE)
+
+
+def worker_slot(argv: list[str] | None = None) -> str:
+    """This worker's port at the frontend, from the worker's command line (`--sock-name
+    /tmp/.ts.sock.9000` or `--port 9000`); "none" outside a TorchServe worker."""
+    argv = sys.argv if argv is None else argv
+    for flag in ("--sock-name", "--port"):
+        if flag in argv[:-1]:
+            return re.sub(r".*\D", "", argv[argv.index(flag) + 1]) or "none"
+    return "none"
 
 
 def _declared_metrics(context) -> dict:
@@ -84,7 +101,7 @@ class HandlerMetrics:
         self.host = socket.gethostname()
         self.lines: list[str] = []  # queued [METRICS] lines
         self.formats: dict[tuple, tuple[str, str]] = {}  # (name, extra labels) -> the line's head and tail
-        self._emit(WORKER_STARTS, 1)
+        self._emit(WORKER_STARTS, 1, worker_slot())
         self._flush()
         self.begin(None, 0)
 

@@ -157,6 +157,28 @@ def extract_image_bytes(row: object, max_bytes: int | None = None) -> bytes:
     return parse_request(row).image_bytes(max_bytes)
 
 
+FORM_ENCODED = "application/x-www-form-urlencoded"
+
+
+def form_encoded_error(context, idx: int, result: Any) -> Any:
+    """A request with no body that was sent form-encoded: `curl --data-binary @photo.jpg URL`
+    without a Content-Type, whose bytes the frontend read as form fields. It is answered 415
+    naming the fix, rather than "no body" (any other result is returned as it is)."""
+    if not (isinstance(result, RequestError) and result.type == "EmptyBody"):
+        return result
+    header = getattr(context, "get_request_header", None)
+    types = [header(idx, name) for name in ("Content-Type", "content-type")] if header else []
+    if not any(str(t or "").lower().startswith(FORM_ENCODED) for t in types):
+        return result
+    return RequestError(
+        415,
+        "FormEncodedBody",
+        f"the body was sent as {FORM_ENCODED} (curl --data-binary without a Content-Type), so it was "
+        "read as form fields, not as an image: send it with -H 'Content-Type: image/jpeg' (the image's "
+        "type), or with curl -T FILE, or as a multipart file with curl -F data=@FILE",
+    )
+
+
 def image_error(e: ImageDecodeError) -> RequestError:
     """An image that cannot be decoded, or is too large, as the request's 4xx."""
     if isinstance(e, ImageTooLargeError):
@@ -390,7 +412,7 @@ class VisionHandler(BaseHandler):
             raise
         answers, errors = [], {}
         for idx in range(len(data)):
-            result = results[idx]
+            result = form_encoded_error(context, idx, results[idx])
             if isinstance(result, RequestError):
                 logger.info("request %d of batch refused: %s", idx, result.message)
                 context.set_response_status(result.code, result.message, idx)

@@ -158,3 +158,21 @@ def test_a_worker_imports_every_image_format_at_start(rgb_model_dir):
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_form_encoded_body_with_no_image_gets_a_415_naming_the_fix(rgb_model_dir, photos):
+    """What `curl --data-binary @file` without a Content-Type sends: the frontend reads the bytes
+    as form fields, and the handler finds no image among them (tests/test_user_server.py sends
+    it with real curl)."""
+    handler = load_handler(rgb_model_dir)
+    rows = [{"shopping list: milk, eggs\n": b""}, {}, {"body": encode(photos["chelsea"], "JPEG")}]
+    ctx = make_context(rgb_model_dir, len(rows))
+    ctx.request_processor = [
+        RequestProcessor({"Content-Type": "application/x-www-form-urlencoded"}),
+        RequestProcessor({}),
+        RequestProcessor({"content-type": "application/x-www-form-urlencoded; charset=utf-8"}),
+    ]
+    answers = handler.handle(rows, ctx)
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [415, 400, 200]
+    assert answers[0]["type"] == "FormEncodedBody" and "Content-Type: image/jpeg" in answers[0]["message"]
+    assert answers[1]["type"] == "EmptyBody"

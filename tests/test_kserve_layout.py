@@ -151,3 +151,13 @@ def test_a_changed_archive_is_refused(store, tmp_path, capsys):
     assert kserve.main(["digits:1.0", "digits:2.0", "--out", str(out), "--model-store", str(victim)]) == 1
     assert "sha256" in capsys.readouterr().err and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no staging left behind
+
+
+def test_serving_what_is_not_a_layout_or_stopping_what_is_not_served_is_one_line(tmp_path, capsys):
+    assert kserve.main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a layout scripts/kserve wrote" in err and err.count("\n") == 1
+    assert kserve.main(["stop", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is not being served" in err and err.count("\n") == 1
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.serve"))

@@ -278,7 +278,9 @@ def test_top_reports_rate_errors_quantiles_workers_and_queue_of_a_known_load(ser
     # bucket (default bounds, in seconds) that holds the slowest client latency.
     bounds = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
     assert row["p99_ms"] <= 1000 * min(b for b in bounds if b >= max(latencies))
-    assert (row["workers_ready"], row["workers"], row["restarts"]) == (1, 1, 0)
+    assert (row["workers_ready"], row["workers"], row["restarts"], row["scaled_down"]) == (1, 1, 0, 0)
+    # The frontend's mean end-to-end time per request holds the queue and the handler's time.
+    assert row["e2e_ms"] is not None and row["e2e_ms"] >= row["queue_ms"]
     assert row["queue_ms"] is not None and row["queue_ms"] > 0  # requests wait for their batch mates
 
 
@@ -314,4 +316,4 @@ def test_top_counts_a_killed_worker_as_a_restart(server):
     while time.time() < deadline and total(scrape(server), hm.WORKER_STARTS, **version) < 2:
         time.sleep(0.5)
     [row] = top.report(top.served_versions(server), {}, top.scrape(server), 1.0)
-    assert (row["worker_starts"], row["restarts"], row["workers_ready"]) == (2, 1, 1)
+    assert (row["worker_starts"], row["restarts"], row["scaled_down"], row["workers_ready"]) == (2, 1, 0, 1)

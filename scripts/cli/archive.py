@@ -56,7 +56,7 @@ from scripts.ops.packaging import (
     refuse_if_served,
 )
 from scripts.ops.presets import CHOICES
-from scripts.ops.serve import DEFAULT_RUN_DIR
+from scripts.ops.serve import RUN_DIR_ENV, default_run_dir
 from training.key_values import parse_key_values
 
 
@@ -104,9 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--run-dir",
-        default=str(DEFAULT_RUN_DIR),
+        default=str(default_run_dir()),
         help="the run folder of the server whose serving record protects archives from --force, --remove "
-        "and --repair (default: .serve/)",
+        f"and --repair (default: ${RUN_DIR_ENV} if set, else .serve/)",
     )
     p.add_argument(
         "--jobs", type=int, default=None, help="parallel builds for --manifest (default: the number of cores)"

@@ -17,6 +17,19 @@ KServe's TorchServe runtime (ClusterServingRuntime kserve-torchserve) mounts the
   --gpus), canaryTrafficPercent with --canary (the new revision takes that share of traffic).
 Copy --out to the storage URI (e.g. `gsutil cp -r`, `aws s3 cp --recursive`, a PVC), then
 `kubectl apply -f OUT/inferenceservice.yaml`.
+
+To try a layout on this host first, as KServe's runtime would start it (its envelope, its
+model_snapshot, no token) but on loopback ports that clash with no other server:
+
+    scripts/kserve serve kserve-digits [--port 8085]
+    scripts/kserve stop kserve-digits
+
+The server's run folder (config, logs, pid) is `.kserve-digits.serve` beside the layout,
+never inside it (the layout is what gets copied to the storage URI).
+
+`serve` waits until every model of the snapshot is ready and prints the addresses; the
+inference API listens on --port (default: a free port), every other API on a free port.
+Client examples for both protocols: docs/clients.md.
 """
 
 from __future__ import annotations
@@ -28,11 +41,26 @@ from pathlib import Path
 
 from model_defs.usage import OneLineParser, UsageError
 from scripts.ops.catalog import Catalog, CatalogError
-from scripts.ops.kserve_layout import ROOT, inference_service, parse_spec, write_layout
+from scripts.ops.kserve_layout import (
+    ENVELOPES,
+    ROOT,
+    inference_service,
+    layout_run_dir,
+    parse_spec,
+    serve_layout,
+    snapshot_versions,
+    write_layout,
+)
+from scripts.ops.serve import ServeError, TorchServe, read_properties
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="scripts/kserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="scripts/kserve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scripts/kserve serve --help and scripts/kserve stop --help: a layout on this host",
+    )
     p.add_argument("versions", nargs="+", metavar="NAME:VERSION", help="catalogued model versions to serve")
     p.add_argument("--out", required=True, help="folder to write the layout into (copied to the storage URI)")
     p.add_argument("--protocol", choices=("v1", "v2"), default="v2", help="KServe protocol (default: v2)")
@@ -63,7 +91,68 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOCAL = ("serve", "stop")
+
+
+def get_local_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="scripts/kserve",
+        description="Serve a layout scripts/kserve wrote on this host, as KServe would, or stop it.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start TorchServe from a layout and wait until its models are ready")
+    s.add_argument("layout", help="the folder scripts/kserve ... --out wrote")
+    s.add_argument("--port", type=int, default=None, help="the inference API's port (default: a free port)")
+    s.add_argument("--timeout", type=float, default=240, help="seconds to wait for the models (default: 240)")
+    t = sub.add_parser("stop", help="stop the TorchServe serving a layout")
+    t.add_argument("layout", help="the layout's folder")
+    for q in (s, t):
+        q.add_argument(
+            "--run-dir",
+            default=None,
+            help="the server's run folder: config, logs, pid (default: .LAYOUT.serve beside the layout)",
+        )
+    return p
+
+
+def local(argv: list[str]) -> int:
+    """scripts/kserve serve|stop: exit 0 when done, 2 for a usage mistake, 1 when TorchServe refuses."""
+    args = get_local_parser().parse_args(argv)
+    layout = Path(args.layout)
+    run_dir = Path(args.run_dir) if args.run_dir else layout_run_dir(layout)
+    stop = f"scripts/kserve stop {layout}" + (f" --run-dir {args.run_dir}" if args.run_dir else "")
+    try:
+        if args.command == "stop":
+            if not TorchServe(run_dir=run_dir).stop():
+                raise ServeError(f"{layout} is not being served (nothing runs from {run_dir.resolve()})")
+            print("stopped")
+            return 0
+        ts = serve_layout(layout, run_dir, args.port, args.timeout)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ServeError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    props = read_properties(layout / "config" / "config.properties")
+    envelope = props.get("service_envelope", "none")
+    protocol = next((v for v, e in ENVELOPES.items() if e == envelope), envelope)
+    inference = ts.url("inference")
+    print(
+        f"serving {layout} ({', '.join(snapshot_versions(layout / 'config' / 'config.properties'))}) as KServe would:"
+    )
+    print(f"  envelope {envelope} (protocol {protocol}), the layout's model_snapshot, no token")
+    print(f"  v1: {inference}/v1/models/NAME:predict   v2: {inference}/v2/models/NAME/infer")
+    print(f"  tritonclient.http: InferenceServerClient({inference.removeprefix('http://')!r})")
+    print(f"  management {ts.url('management')}, metrics {ts.url('metrics')}")
+    print(f"  stop it: {stop}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LOCAL:
+        return local(argv)
     args = get_args_parser().parse_args(argv)
     try:
         versions = [parse_spec(s) for s in args.versions]

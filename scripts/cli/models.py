@@ -27,7 +27,7 @@ from model_defs.usage import OneLineParser, UsageError
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import Catalog, CatalogError
 from scripts.ops.names import check_name, check_version
-from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe, archive_manifest
+from scripts.ops.serve import ROOT, RUN_DIR_HELP, ServeError, TorchServe, archive_manifest, default_run_dir
 
 
 class OpsError(RuntimeError):
@@ -152,8 +152,10 @@ def compare(
 
 
 def print_compare(report: dict) -> None:
+    from scripts.ops.task_metrics import KIND_NAMES
+
     labelled = "labelled" if report["labelled"] else "unlabelled"
-    print(f"{report['model']} ({report['task']}) on {report['images']} {labelled} images")
+    print(f"{report['model']} ({KIND_NAMES[report['task']]}) on {report['images']} {labelled} images")
     figures = [k for k in next(iter(report["versions"].values())) if k not in ("errors", "p50_ms", "p99_ms")]
     print(f"{'version':<10} " + " ".join(f"{k:>12}" for k in figures) + f" {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for v, r in report["versions"].items():
@@ -166,7 +168,7 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
     """--run-dir, --model-store and --json, accepted before or after the subcommand."""
     p = argparse.ArgumentParser(add_help=False)
     d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
-    p.add_argument("--run-dir", default=d(str(DEFAULT_RUN_DIR)), help="the server's run folder (default: .serve/)")
+    p.add_argument("--run-dir", default=d(str(default_run_dir())), help=RUN_DIR_HELP)
     p.add_argument(
         "--model-store", default=d(str(ROOT / "model_store")), help="archives and their catalog (default: model_store/)"
     )
@@ -338,7 +340,7 @@ def command(args) -> int:
     ts = TorchServe(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
     catalog = Catalog(Path(args.model_store))
     if not ts.is_running():
-        raise ServeError(f"TorchServe is not running from {ts.run_dir}; start it with scripts/serve start")
+        raise ServeError(f"TorchServe is not running from {ts.run_dir}; start it with {ts.hint('start')}")
     result, line = run(args, ts, catalog)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -15,6 +15,10 @@ mAP@0.5 and mAP@[.5:.95] (detection); mIoU and pixel accuracy (segmentation); k-
 against --reference (embeddings). `--split val` rebuilds the validation split model.json
 records, so the figure is comparable to training's. A generator is refused (it takes seeds).
 
+The metric is taken over the images the model answered: a file the server could not read
+(a truncated JPEG, a text file named .jpg) is counted and listed, with the server's reason,
+not scored as a wrong answer.
+
 Reads the inference token from the server's run folder. Requests go out from several
 client threads at once so TorchServe can batch them.
 """
@@ -35,7 +39,7 @@ import requests
 
 from model_defs.usage import OneLineParser
 from scripts.ops import task_metrics as tm
-from scripts.ops.serve import ROOT, ServeError, TorchServe
+from scripts.ops.serve import RUN_DIR_HELP, ServeError, TorchServe, default_run_dir
 
 
 class Answer(NamedTuple):
@@ -120,8 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write every answer to this .json or .csv file (default: none)")
     p.add_argument(
         "--run-dir",
-        default=str(ROOT / ".serve"),
-        help="the server's run folder, for its address and token (default: .serve/)",
+        default=str(default_run_dir()),
+        help=f"{RUN_DIR_HELP}: its address and token",
     )
     p.add_argument("--clients", type=int, default=4, help="concurrent requests (default: 4)")
     p.add_argument("--show", type=int, default=8, help="predictions to print (default: 8)")
@@ -129,8 +133,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when every request was answered, 1 when some failed or the server refused,
-    2 for input that does not fit (arguments, files, layout, class names)."""
+    """Exit 0 when every image got an answer or a 4xx naming why its file cannot be read
+    (those are listed), 1 when some request failed otherwise (5xx, no answer) or the server
+    refused, 2 for input that does not fit (arguments, files, layout, class names)."""
     args = get_args_parser().parse_args(argv)
     out = Path(args.out) if args.out else None
     first = Path(args.inputs[0])
@@ -152,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise tm.MetricsError("--split val needs the dataset folder the model was trained on")
             evalset = tm.EvalSet(Path("."), [Path(x) for x in args.inputs])
         answers, reference = ask(ts, args.model, meta, evalset, args.clients, args.version)
+        scored, scored_answers = tm.answered(evalset, answers)
         metrics = None
-        if evalset.labelled and (tm.kind_of(meta) != "embedding" or reference):
-            metrics = tm.score(meta, answers, evalset, reference)
+        if scored.paths and evalset.labelled and (tm.kind_of(meta) != "embedding" or reference):
+            metrics = tm.score(meta, scored_answers, scored, reference)
     except tm.MetricsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -173,11 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'image':<{width}}  {'true':<{true_width}}  prediction")
     for i in list(range(0, len(paths), step))[: args.show]:
         print(f"{names[i]:<{width}}  {truths[i]:<{true_width}}  {tm.answer_text(meta, answers[i])}")
-    failed = sum(a.status != 200 for a in answers)
-    if failed:
-        print(f"{failed} of {len(answers)} request(s) failed", file=sys.stderr)
+    refused = [(name, a) for name, a in zip(names, answers) if 400 <= a.status < 500]
+    failed = [(name, a) for name, a in zip(names, answers) if a.status != 200 and not 400 <= a.status < 500]
+    for what, rows in (("could not be read", refused), ("failed (server error or no answer)", failed)):
+        if rows:
+            print(f"{len(rows)} of {len(answers)} image(s) {what}:", file=sys.stderr)
+            for name, a in rows:
+                print(f"  {name}  {tm.answer_text(meta, a)}", file=sys.stderr)
     if metrics:
-        print(f"{format_metrics(metrics)} on {len(paths)} labelled images ({args.model}, {tm.kind_of(meta)})")
+        unanswered = len(paths) - len(scored.paths)
+        print(
+            f"{format_metrics(metrics)} on the {len(scored.paths)} answered of {len(paths)} labelled images"
+            + (f" ({unanswered} unanswered, listed above, not scored)" if unanswered else "")
+            + f"; {args.model} is {tm.KIND_NAMES[tm.kind_of(meta)]}"
+        )
     elif evalset.labelled and tm.kind_of(meta) == "embedding":
         print("no k-NN accuracy: give --reference DIR, a labelled folder to vote from", file=sys.stderr)
     if out:

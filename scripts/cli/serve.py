@@ -2,6 +2,7 @@
 
     scripts/serve start [--models digits,other | all]    # waits until every model is ready; adds to
                                                          # what this run folder served before
+    scripts/serve --run-dir .serve-b start --port-offset 100   # a second server: 8180, 8181, ...
     scripts/serve status
     scripts/serve key [inference|management|API] [--header] [--refresh]
     scripts/serve stop
@@ -11,7 +12,10 @@ effective config.properties, TorchServe's logs, the pid file, `key_file.json` (t
 keys TorchServe writes at each start; token authorization stays on), the serving record
 (`serving.json`: versions, defaults, workers) and what the last start refused
 (`refused.json`). Giving each server its own run folder and ports lets several run side
-by side, as the tests do. `key` and `status` import no torch: they answer at once.
+by side: `--port-offset N` moves every port of the config by N, and `--inference-port`
+and the others set one each. Every command that takes --run-dir (scripts/serve, models,
+predict, top, archive) reads it from $BUNDLE_RUN_DIR when it is not given. `key` and
+`status` import no torch: they answer at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,19 @@ from pathlib import Path
 from model_defs.usage import OneLineParser, UsageError
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import CatalogError
-from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe
+from scripts.ops.serve import (
+    ADDRESS_KEYS,
+    GRPC_PORT_KEYS,
+    ROOT,
+    RUN_DIR_ENV,
+    ServeError,
+    TorchServe,
+    default_run_dir,
+    listen_ports,
+    read_properties,
+)
+
+PORT_FLAGS = {api: f"--{api.replace('_', '-')}-port" for api in (*ADDRESS_KEYS, *GRPC_PORT_KEYS)}
 
 
 def global_options(defaults: bool) -> argparse.ArgumentParser:
@@ -33,8 +49,9 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
     d = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
     p.add_argument(
         "--run-dir",
-        default=d(str(DEFAULT_RUN_DIR)),
-        help="folder for the server's config, logs, keys and serving record (default: .serve/)",
+        default=d(str(default_run_dir())),
+        help=f"folder for the server's config, logs, keys and serving record (default: ${RUN_DIR_ENV} if set, "
+        "else .serve/)",
     )
     p.add_argument(
         "--config",
@@ -64,6 +81,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--timeout", type=float, default=180, help="seconds to wait for the models to be ready (default: 180)"
     )
+    s.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N to every port of --config, to run beside a server on the usual ports (default: 0)",
+    )
+    for api, flag in PORT_FLAGS.items():
+        s.add_argument(
+            flag,
+            type=int,
+            default=None,
+            metavar="PORT",
+            help=f"the {api.replace('_', ' ')} port (default: the config's, plus --port-offset)",
+        )
     sub.add_parser("stop", parents=common, help="stop the TorchServe of this run folder")
     sub.add_parser(
         "status", parents=common, help="say whether it runs, where, which models it serves and what it refused"
@@ -91,6 +123,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def chosen_ports(args, config: Path) -> dict[str, int] | None:
+    """The ports `start` was asked for ({api: port}), or None to use the config's."""
+    given = {api: getattr(args, api + "_port") for api in PORT_FLAGS}
+    if args.port_offset == 0 and all(port is None for port in given.values()):
+        return None
+    ports = {}
+    for api, (_, port) in listen_ports(read_properties(config)).items():
+        ports[api] = given[api] if given[api] is not None else port + args.port_offset
+        if not 1 <= ports[api] <= 65535:
+            source = PORT_FLAGS[api] if given[api] is not None else f"--port-offset {args.port_offset}"
+            raise UsageError(f"{source} gives the {api} API port {ports[api]}; a port is 1 to 65535")
+    taken = [p for p in ports.values() if list(ports.values()).count(p) > 1]
+    if taken:
+        raise UsageError(f"port {taken[0]} is given to two APIs; each needs its own")
+    return ports
+
+
 def command(args) -> int:
     ts = TorchServe(
         run_dir=Path(args.run_dir),
@@ -98,6 +147,9 @@ def command(args) -> int:
         config=Path(args.config),
     )
     if args.command == "start":
+        ports = chosen_ports(args, ts.config_path)
+        if ports is not None:
+            ts.set_ports(ports)
         everything = args.models == "all"
         models = None if args.models is None or everything else [m for m in args.models.split(",") if m]
         if models is not None and not models:
@@ -109,7 +161,8 @@ def command(args) -> int:
             print(f"refused: {line}", file=sys.stderr)
         print(
             f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
-            f"(management {ts.url('management')}); stop it with scripts/serve stop"
+            f"(management {ts.url('management')}, metrics {ts.url('metrics')})\n"
+            f"  its token: {ts.hint('key')}\n  stop it:   {ts.hint('stop')}"
         )
         return 1 if refused else 0
     if args.command == "stop":
@@ -118,7 +171,9 @@ def command(args) -> int:
         print("TorchServe stopped")
     elif args.command == "status":
         if not ts.is_running():
-            raise ServeError(f"TorchServe is not running from {ts.run_dir}{ts.stale_pid_note()}")
+            raise ServeError(
+                f"TorchServe is not running from {ts.run_dir}{ts.stale_pid_note()}; start it with {ts.hint('start')}"
+            )
         print(f"running, pid {ts.pid()}, inference {ts.url('inference')}, management {ts.url('management')}")
         for name in ts.models():
             for d in ts.versions(name):

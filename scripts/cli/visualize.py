@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from model_defs.preprocessing import ImageDecodeError, load_image
 from model_defs.usage import OneLineParser
-from scripts.ops.serve import ROOT, ServeError, TorchServe
+from scripts.ops.serve import RUN_DIR_HELP, ServeError, TorchServe, default_run_dir
 from training.draw import draw_detections, draw_mask, enlarge_small
 
 
@@ -73,8 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG to write (default: <image stem>_<model>.png next to the image)")
     p.add_argument(
         "--run-dir",
-        default=str(ROOT / ".serve"),
-        help="the server's run folder, for its address and token (default: .serve/)",
+        default=str(default_run_dir()),
+        help=f"{RUN_DIR_HELP}: its address and token",
     )
     p.add_argument(
         "--score-threshold",

@@ -1,6 +1,7 @@
 """KServe's storage layout for catalogued model versions: a config.properties with the
 `model_snapshot` KServe's TorchServe runtime starts from, the checked .mar files, and an
-InferenceService. scripts/kserve is its command line."""
+InferenceService; and a TorchServe started from such a layout on this host, to try it.
+scripts/kserve is its command line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import yaml
 
 from model_defs.usage import UsageError
 from scripts.ops.catalog import Catalog
+from scripts.ops.serve import ServeError, TorchServe, port_is_free, read_properties
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,3 +140,38 @@ def write_layout(
             shutil.rmtree(out)
         stage.rename(out)
         stage.mkdir()  # for TemporaryDirectory's clean-up
+
+
+def layout_run_dir(layout: Path) -> Path:
+    """Where a layout served on this host keeps its server's state: beside it, not in it."""
+    layout = layout.resolve()
+    return layout.parent / f".{layout.name}.serve"
+
+
+def snapshot_versions(config: Path) -> list[str]:
+    """ "name/version" of every model a layout's model_snapshot registers."""
+    snapshot = json.loads(read_properties(config).get("model_snapshot", '{"models": {}}'))
+    return [f"{name}/{version}" for name, versions in snapshot["models"].items() for version in versions]
+
+
+def serve_layout(layout: Path, run_dir: Path, port: int | None = None, timeout: float = 240) -> TorchServe:
+    """Start TorchServe from a layout scripts/kserve wrote, as KServe's runtime starts it (its
+    config.properties: the envelope, the model_snapshot, no token), but on loopback ports: the
+    inference API on `port` (default: a free one), every other API on a free one. Returns the
+    running TorchServe once every version of the snapshot has a ready worker."""
+    layout = layout.resolve()  # TorchServe reads a relative model store from the bundle's root
+    config, store = layout / "config" / "config.properties", layout / "model-store"
+    if not config.is_file() or not store.is_dir():
+        raise UsageError(f"{layout} is not a layout scripts/kserve wrote (no config/config.properties, model-store/)")
+    if port is not None and not (1 <= port <= 65535 and port_is_free("127.0.0.1", port)):
+        raise UsageError(f"--port {port} is not a free port on 127.0.0.1; give another, or none for a free one")
+    ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={"inference": port} if port else {})
+    if ts.is_running():
+        raise ServeError(f"a layout is already served from {ts.run_dir}; stop it with scripts/kserve stop {layout}")
+    ts.start([], timeout=timeout)  # the layout's model_snapshot registers its models
+    try:
+        ts.wait_ready(snapshot_versions(config), timeout=timeout)
+    except ServeError:
+        ts.stop()
+        raise
+    return ts

@@ -25,7 +25,7 @@ from model_defs.usage import UsageError
 from scripts.ops.catalog import INNER_FILE, Catalog, CatalogError, sha256_file, versioned_file_name
 from scripts.ops.names import check_name, check_version, inside
 from scripts.ops.presets import apply_preset, calibrate
-from scripts.ops.serve import DEFAULT_RUN_DIR, served_versions
+from scripts.ops.serve import default_run_dir, served_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -245,7 +245,7 @@ def preset_record(options: dict, task: str) -> dict | None:
 def refuse_if_served(store: Path, wanted: set[str], serving_run_dir: Path | None, action: str) -> None:
     """Refuse to `action` a version ("name/version") or a file ("file NAME.mar") that the
     running server of `serving_run_dir` (default .serve/) serves from this store."""
-    run_dir = Path(serving_run_dir or DEFAULT_RUN_DIR)
+    run_dir = Path(serving_run_dir or default_run_dir())
     served = served_versions(run_dir, store)
     hits = sorted(k for k, file in served.items() if k in wanted or f"file {file}" in wanted)
     if hits:

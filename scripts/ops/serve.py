@@ -34,12 +34,23 @@ from scripts.ops.names import atomic_write, check_name, check_version, inside
 ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_RUN_DIR = ROOT / ".serve"
+# Names the run folder for every command that takes --run-dir, when --run-dir is not given:
+# `export BUNDLE_RUN_DIR=/srv/ts` once, and scripts/models, predict, top and serve find that server.
+RUN_DIR_ENV = "BUNDLE_RUN_DIR"
 LOG_CONFIG = ROOT / "scripts" / "log4j2.xml"  # one copy of each line, INFO, rotated by size
 REFUSAL = "refuses to load:"  # the one line a worker logs for an archive option it cannot use
 
 ADDRESS_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 # TorchServe always starts its gRPC servers too (there is no switch to turn them off).
 GRPC_PORT_KEYS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
+
+
+def default_run_dir() -> Path:
+    """The run folder a command uses when no --run-dir is given: $BUNDLE_RUN_DIR, else .serve/."""
+    return Path(os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
+
+
+RUN_DIR_HELP = f"the server's run folder (default: ${RUN_DIR_ENV} if set, else .serve/)"
 
 
 class ServeError(RuntimeError):
@@ -54,6 +65,20 @@ def read_properties(path: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             props[key.strip()] = value.strip()
     return props
+
+
+def listen_ports(props: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """Every (host, port) a server with these properties binds: three HTTP APIs, two gRPC ones."""
+    out = {}
+    for api, key in ADDRESS_KEYS.items():
+        address = urlparse(props[key])
+        out[api] = (address.hostname or "127.0.0.1", address.port or 80)
+    for api, key in GRPC_PORT_KEYS.items():
+        out[api] = (
+            props.get(f"{api}_address", "127.0.0.1"),
+            int(props.get(key, 7070 if api == "grpc_inference" else 7071)),
+        )
+    return out
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -144,7 +169,7 @@ class TorchServe:
         config: Path | None = None,
         ports: dict[str, int] | None = None,
     ):
-        self.run_dir = Path(run_dir or DEFAULT_RUN_DIR).resolve()
+        self.run_dir = Path(run_dir or default_run_dir()).resolve()
         self.config_path = Path(config or ROOT / "config.properties")
         if not self.config_path.is_file():
             raise UsageError(f"--config {self.config_path}: no such file")
@@ -167,18 +192,27 @@ class TorchServe:
 
     # -- addresses and keys -------------------------------------------------------------
 
+    def hint(self, subcommand: str) -> str:
+        """The scripts/serve command line that acts on this server, for messages."""
+        return f"scripts/serve {subcommand} --run-dir {self.run_dir}"
+
     def url(self, api: str) -> str:
         return self.props[ADDRESS_KEYS[api]].rstrip("/")
 
     def listen_ports(self) -> dict[str, tuple[str, int]]:
         """Every (host, port) the server binds: the three HTTP APIs and the two gRPC ones."""
-        out = {api: (urlparse(self.url(api)).hostname, urlparse(self.url(api)).port) for api in ADDRESS_KEYS}
-        for api, key in GRPC_PORT_KEYS.items():
-            out[api] = (
-                self.props.get(f"{api}_address", "127.0.0.1"),
-                int(self.props.get(key, 7070 if api == "grpc_inference" else 7071)),
-            )
-        return out
+        return listen_ports(self.props)
+
+    def set_ports(self, ports: dict[str, int]) -> None:
+        """Listen on `ports` ({api: port}, the APIs of listen_ports) on the config's own hosts."""
+        for api, port in ports.items():
+            if api in ADDRESS_KEYS:
+                address = urlparse(self.props[ADDRESS_KEYS[api]])
+                self.props[ADDRESS_KEYS[api]] = address._replace(netloc=f"{address.hostname}:{port}").geturl()
+            else:
+                self.props[GRPC_PORT_KEYS[api]] = str(port)
+        # Workers talk to the frontend over /tmp/.ts.sock.<port>, from 9000 up by default.
+        self.props["initial_worker_port"] = str(free_port())
 
     @property
     def key_file(self) -> Path:
@@ -189,7 +223,10 @@ class TorchServe:
         if self.props.get("disable_token_authorization", "false").lower() == "true":
             return None
         if not self.key_file.is_file():
-            raise ServeError(f"no token keys at {self.key_file}: is TorchServe running from {self.run_dir}?")
+            raise ServeError(
+                f"no token keys at {self.key_file}: is TorchServe running from {self.run_dir}? "
+                f"(see {self.hint('status')})"
+            )
         return json.loads(self.key_file.read_text())[kind]["key"]
 
     def headers(self, kind: str = "inference") -> dict[str, str]:
@@ -322,13 +359,13 @@ class TorchServe:
         if self.is_running():
             raise ServeError(
                 f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
-                "stop it first with scripts/serve stop"
+                f"stop it first with {self.hint('stop')}"
             )
         for api, (host, port) in self.listen_ports().items():
             if not port_is_free(host, port):
                 raise ServeError(
                     f"port {port} on {host} ({api} API) is already in use; stop what holds it "
-                    f"or choose other ports in {self.config_path.name}"
+                    "or choose other ports (scripts/serve start --port-offset N, or --inference-port and the others)"
                 )
         saved = self.state.load()["models"]
         entries = Catalog(self.model_store).load()
@@ -426,7 +463,7 @@ class TorchServe:
             )
         except requests.ConnectionError:
             raise ServeError(
-                f"TorchServe is not answering at {self.url('management')}; start it with scripts/serve start"
+                f"TorchServe is not answering at {self.url('management')}; start it with {self.hint('start')}"
             ) from None
         try:
             body = r.json()

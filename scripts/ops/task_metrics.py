@@ -25,7 +25,7 @@ import base64
 import io
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,26 @@ def kind_of(meta: dict) -> str:
     if task == "classification":
         return "multi" if meta.get("multi_label") else "single"
     return task
+
+
+# kind_of's short names, for people.
+KIND_NAMES = {
+    "single": "single-label classification",
+    "multi": "multi-label classification",
+    "detection": "detection",
+    "segmentation": "segmentation",
+    "embedding": "embeddings",
+    "generation": "generation",
+}
+
+
+def answered(evalset: EvalSet, answers: list) -> tuple[EvalSet, list]:
+    """The images that got an answer (HTTP 200) and their answers: what a metric is taken over,
+    so that a file the server could not read is not counted as a wrong prediction."""
+    keep = [i for i, a in enumerate(answers) if a.status == 200]
+    truth = None if evalset.truth is None else [evalset.truth[i] for i in keep]
+    subset = replace(evalset, paths=[evalset.paths[i] for i in keep], truth=truth)
+    return subset, [answers[i] for i in keep]
 
 
 def primary_metric(meta: dict) -> str:

@@ -18,6 +18,8 @@ Samples = dict[tuple[str, tuple], float]
 # TorchServe's Java Prometheus client exports a counter with "_total" appended; older
 # clients exported the bare name. Only one of the two is ever present.
 QUEUE_LATENCY = ("ts_queue_latency_microseconds", "ts_queue_latency_microseconds_total")
+# Microseconds from the frontend receiving each request to its answer being sent.
+INFERENCE_LATENCY = ("ts_inference_latency_microseconds", "ts_inference_latency_microseconds_total")
 
 
 def scrape(ts: TorchServe) -> Samples:
@@ -95,15 +97,22 @@ def report(served: list[dict], before: Samples, after: Samples, seconds: float) 
                 le = float(ls["le"])
                 buckets[le] = delta(n, **labels, le=ls["le"])
         p50, p99 = histogram_quantile(0.5, buckets), histogram_quantile(0.99, buckets)
-        # The frontend labels a request by the version it named, "default" when it named none.
+        # The frontend labels a request by the version it named, "default" when it named none:
+        # those are counted for the version that is the default now.
         asked = [v["version"]] + (["default"] if v["default"] else [])
-        queued_us = sum(
-            delta(name, model_name=v["model"], model_version=a)
-            for a in asked
-            for name in QUEUE_LATENCY  # the frontend's counter, under either spelling
-        )
-        requests_in = sum(delta("ts_inference_requests_total", model_name=v["model"], model_version=a) for a in asked)
-        starts = total(after, WORKER_STARTS, **labels)
+
+        queued_us, latency_us, requests_in = (
+            sum(delta(name, model_name=v["model"], model_version=a) for a in asked for name in names)
+            for names in (QUEUE_LATENCY, INFERENCE_LATENCY, ("ts_inference_requests_total",))
+        )  # the frontend's counters, under either spelling
+        # Worker starts per slot (handlers/metrics.py: worker_slot): a slot started again is a
+        # worker restarted after it died; slots beyond today's workers were scaled down.
+        slots = [
+            value
+            for (n, ls), value in after.items()
+            if n == WORKER_STARTS and all(dict(ls).get(k) == x for k, x in labels.items())
+        ]
+        starts = sum(slots)
         rows.append(
             {
                 **v,
@@ -112,8 +121,10 @@ def report(served: list[dict], before: Samples, after: Samples, seconds: float) 
                 "p50_ms": None if p50 is None else round(p50 * 1000, 1),
                 "p99_ms": None if p99 is None else round(p99 * 1000, 1),
                 "worker_starts": int(starts),
-                "restarts": max(0, int(starts) - v["workers"]),
+                "restarts": int(sum(n - 1 for n in slots if n >= 1)),
+                "scaled_down": max(0, sum(n >= 1 for n in slots) - v["workers"]),
                 "queue_ms": round(queued_us / requests_in / 1000, 1) if requests_in else None,
+                "e2e_ms": round(latency_us / requests_in / 1000, 1) if requests_in else None,
             }
         )
     return rows
