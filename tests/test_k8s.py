@@ -160,12 +160,15 @@ def test_python_render_equals_kubectl_kustomize(overlay):
 
 
 def test_probe_posture_on_a_real_torchserve(trained_digits, digits_dir, tmp_path):
-    """TorchServe with the ConfigMap's config.properties (ports moved to free loopback ones):
-    /ping and predictions answer without a key, and registering a model is refused."""
+    """TorchServe with the ConfigMap's config.properties (ports moved to free loopback ones, the
+    image's metrics.yaml read from monitoring/): /ping and predictions answer without a key,
+    registering a model is refused, and /metrics carries the handlers' metrics."""
     store = tmp_path / "models"
     assert archive.main([str(trained_digits), "--name", "digits", "--model-store", str(store)]) == 0
     config = tmp_path / "config.properties"
-    config.write_text(by_kind(render(K8S / "base"))["ConfigMap"]["data"]["config.properties"])
+    text = by_kind(render(K8S / "base"))["ConfigMap"]["data"]["config.properties"]
+    assert "metrics_config=/etc/torchserve/metrics.yaml" in text.splitlines()
+    config.write_text(text.replace("/etc/torchserve/metrics.yaml", str(ROOT / "monitoring" / "metrics.yaml")))
     assert read_properties(config)["load_models"] == "all"
     ts = TorchServe(run_dir=tmp_path / "run", model_store=store, config=config, ports={})
     try:
@@ -177,6 +180,8 @@ def test_probe_posture_on_a_real_torchserve(trained_digits, digits_dir, tmp_path
         image = next((digits_dir / "test").rglob("*.png")).read_bytes()
         r = requests.post(f"{ts.url('inference')}/predictions/digits", data=image, timeout=60)
         assert r.status_code == 200 and len(r.json()) == 5
+        metrics = requests.get(f"{ts.url('metrics')}/metrics", timeout=30).text
+        assert 'handler_items_answered_total{' in metrics and 'model_name="digits"' in metrics
         r = requests.post(
             f"{ts.url('management')}/models", params={"url": "digits.mar", "model_name": "again"}, timeout=30
         )

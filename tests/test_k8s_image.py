@@ -96,6 +96,8 @@ def test_java_non_root_user_and_healthcheck_on_the_inference_port():
     assert props["disable_token_authorization"] == "true"  # /ping needs no key: the documented posture
     assert f"--ts-config {dest}" in " ".join(json.loads(dict(steps)["CMD"]))
     assert props["model_store"] == "/models" and any(op == "COPY" and arg.endswith(" /models/") for op, arg in steps)
+    assert ("COPY", f"monitoring/metrics.yaml {props['metrics_config']}") in steps  # the handlers' metrics
+    assert not props["metrics_config"].startswith("/config/")  # a mounted ConfigMap would hide it
 
 
 @pytest.mark.parametrize(
