@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from model_defs.checkpoint import load_state_dict
 from model_defs.registry import ModelEntry
+from model_defs.transfer import weight_for_in_channels
 
 PARTS = ("auto", "whole", "backbone")
 SHOWN = 3  # keys named in an error line; the rest are counted
@@ -54,6 +55,7 @@ class Match:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # model key -> tensor, shape checked
     missing: list[str] = field(default_factory=list)  # the part's keys the file lacks
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, file shape, model shape
+    file_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the mismatched ones, as in the file
     unused: int = 0  # the file's tensors that fill nothing (a classifier's head, the predictors)
 
     def problems(self) -> str:
@@ -118,6 +120,7 @@ def match(model_state: dict, file_state: dict, targets: list[str], part: str) ->
                 result.missing.append(key)
         elif found[key].shape != model_state[key].shape:
             result.mismatched.append((key, tuple(found[key].shape), tuple(model_state[key].shape)))
+            result.file_tensors[key] = found[key]
         else:
             result.tensors[key] = found[key]
     result.unused = len(file_state) - len(result.tensors) - len(result.mismatched)
@@ -143,6 +146,22 @@ def plan(model: nn.Module, entry: ModelEntry, file_state: dict, part: str = "aut
     return match(state, file_state, backbone_keys, "backbone")
 
 
+def _adapt_stem(found: Match, entry: ModelEntry) -> int | None:
+    """An RGB file for a grey model (or the reverse): the first conv's weight averaged over its
+    inputs, as transfer learning does (model_defs.transfer); the input channels it now takes."""
+    stem = f"{entry.stem}.weight"
+    for i, (key, file_shape, model_shape) in enumerate(found.mismatched):
+        if (
+            key == stem
+            and len(file_shape) == 4
+            and file_shape[:1] + file_shape[2:] == model_shape[:1] + model_shape[2:]
+        ):
+            found.tensors[key] = weight_for_in_channels(found.file_tensors[key], model_shape[1])
+            del found.mismatched[i]
+            return model_shape[1]
+    return None
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -160,6 +179,7 @@ def load_pretrained(model: nn.Module, entry: ModelEntry, path: str | Path, part:
     what = f"{entry.name}'s " + (
         f"backbone ({', '.join(entry.backbone)})" if found.part == "backbone" else "whole model"
     )
+    adapted = _adapt_stem(found, entry)
     if not found.tensors and not found.mismatched:
         file_keys, model_keys = list(file_state)[:2], list(model.state_dict())[:2]
         raise PretrainedError(
@@ -182,4 +202,5 @@ def load_pretrained(model: nn.Module, entry: ModelEntry, path: str | Path, part:
         "tensors_unused": found.unused,
         "key_prefixes": {"file": found.file_prefix, "model": found.model_prefix},
         "predictors_fresh": list(entry.predictors),
+        "stem_averaged_to_channels": adapted,
     }

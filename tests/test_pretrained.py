@@ -201,3 +201,63 @@ def test_segmentation_trainer_starts_from_a_trained_segmenter(tmp_path):
         record = json.loads((out / "model.json").read_text())["pretrained"]
         assert record["part"] == part and record["tensors_loaded"] == loaded
         assert record["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+# -- the record that a pretrained start beats a random one: its bench, run short ------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pretrained_bench_writes_its_record(tmp_path, capsys):
+    from scripts.bench import pretrained as bench
+
+    out = tmp_path / "record.json"
+    argv = ["--n-a", "20", "--n-b", "20", "--pretrain-epochs", "1", "--finetune-epochs", "1"]
+    argv += ["--finetune-seeds", "0", "--out", str(out), "--work", str(tmp_path / "work")]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].endswith(" ".join(argv)) and record["date"].startswith("20")
+    assert record["machine"]["cores"] > 0 and record["machine"]["cpu"]
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["versions"]["torchvision"] == torchvision.__version__
+    for task, metric in (("detection", "map_50"), ("segmentation", "miou")):
+        result = record["results"][task]
+        assert result["metric"] == metric
+        assert result["pretrained_record"]["part"] == "whole" and len(result["pretrained_record"]["sha256"]) == 64
+        for arm in ("pretrained", "random"):
+            (run,) = result["arms"][arm]
+            assert 0 <= run["best"] <= 1 and len(run["per_epoch"]) == 1
+    printed = capsys.readouterr().out
+    assert "detection: map_50 pretrained" in printed and "segmentation: miou pretrained" in printed
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--seed-a", "3", "--seed-b", "3"], "--seed-a and --seed-b are both 3"),
+        (["--finetune-epochs", "0"], "--finetune-epochs must be at least 1, got 0"),
+        (["--tasks", "classification"], "--tasks: invalid choice: 'classification'"),
+    ],
+)
+def test_pretrained_bench_refuses_bad_flags_in_one_line(argv, words, tmp_path, capsys):
+    from scripts.bench import pretrained as bench
+
+    assert bench.main([*argv, "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.unit
+def test_an_rgb_file_starts_a_grey_segmenter(tmp_path):
+    """The first conv's weight is averaged over its inputs (as transfer learning does), so a
+    grey image acts as the RGB original would; everything else loads as it is."""
+    entry = get_entry("unet")
+    source = perturbed(built("unet"), seed=3)
+    torch.save(source, tmp_path / "rgb.pt")
+    grey = built("unet", in_channels=1)
+    record = load_pretrained(grey, entry, tmp_path / "rgb.pt")
+    assert record["stem_averaged_to_channels"] == 1
+    torch.testing.assert_close(grey.inc[0].weight, source["inc.0.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(grey.up[0].conv[0].weight, source["up.0.conv.0.weight"])

@@ -66,3 +66,14 @@ def test_segmentation_handler_serves_every_segmenter(name, tmp_path, photos):
         np.testing.assert_array_equal(np.asarray(decode_png(answer["mask"])), expected)
         counts = np.bincount(expected.ravel(), minlength=len(SHAPE_CLASSES)) / expected.size
         assert [answer["fractions"][c] for c in SHAPE_CLASSES] == pytest.approx(counts.tolist(), abs=1e-6)
+
+
+@pytest.mark.unit
+def test_deeplab_needs_two_images_a_batch(masks, tmp_path, capsys):
+    """DeepLabV3's ASPP pooling branch has BatchNorm over one value per image: one image a batch is refused."""
+    out = tmp_path / "o"
+    argv = ["--data", str(masks), "--out", str(out), "--model", "deeplabv3_mobilenet_v3", "--batch-size", "1"]
+    assert train_segmentation.cli([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --batch-size 1: deeplabv3_mobilenet_v3's ASPP pooling") and err.count("\n") == 1
+    assert not out.exists()
