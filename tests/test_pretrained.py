@@ -212,7 +212,7 @@ def test_pretrained_bench_writes_its_record(tmp_path, capsys):
     from scripts.bench import pretrained as bench
 
     out = tmp_path / "record.json"
-    argv = ["--n-a", "20", "--n-b", "20", "--pretrain-epochs", "1", "--finetune-epochs", "1"]
+    argv = ["--n-a", "20", "--n-b", "16", "--n-val", "8", "--pretrain-epochs", "1", "--finetune-epochs", "1"]
     argv += ["--finetune-seeds", "0", "--out", str(out), "--work", str(tmp_path / "work")]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
@@ -235,7 +235,7 @@ def test_pretrained_bench_writes_its_record(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--seed-a", "3", "--seed-b", "3"], "--seed-a and --seed-b are both 3"),
+        (["--seed-a", "3", "--seed-b", "3"], "--seed-a 3, --seed-b 3, --seed-val 2: the three datasets need three"),
         (["--finetune-epochs", "0"], "--finetune-epochs must be at least 1, got 0"),
         (["--tasks", "classification"], "--tasks: invalid choice: 'classification'"),
     ],
