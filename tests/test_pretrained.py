@@ -169,7 +169,8 @@ def test_detection_trainer_refuses_in_one_line(shapes_b, tmp_path, capsys):
     out = tmp_path / "o"
     base = ["--data", str(shapes_b), "--out", str(out), *DET_ARGS, "--epochs", "1"]
     assert train_detection.cli([*base, "--pretrained", str(tmp_path / "none.pt")]) == 2
-    assert capsys.readouterr().err == f"error: --pretrained {tmp_path / 'none.pt'} is not a file\n"
+    want = "is neither a file nor a training output folder holding model.pt"
+    assert capsys.readouterr().err == f"error: --pretrained {tmp_path / 'none.pt'} {want}\n"
     assert train_detection.cli([*base, "--pretrained-part", "backbone"]) == 2
     assert capsys.readouterr().err == "error: --pretrained-part backbone needs --pretrained FILE\n"
     assert train_detection.cli([*base, "--pretrained", "x.pt", "--pretrained-part", "head"]) == 2
@@ -196,10 +197,11 @@ def test_segmentation_trainer_starts_from_a_trained_segmenter(tmp_path):
     source = tmp_path / "ra" / "model.pt"
     for part, loaded in (("whole", 64), ("backbone", 36)):
         out = tmp_path / f"rb_{part}"
-        argv = ["--data", str(b), "--out", str(out), *common, "--pretrained", str(source), "--pretrained-part", part]
+        given = source.parent if part == "whole" else source  # the run's folder stands for its model.pt
+        argv = ["--data", str(b), "--out", str(out), *common, "--pretrained", str(given), "--pretrained-part", part]
         assert train_segmentation.cli(argv) == 0
         record = json.loads((out / "model.json").read_text())["pretrained"]
-        assert record["part"] == part and record["tensors_loaded"] == loaded
+        assert record["part"] == part and record["tensors_loaded"] == loaded and record["file"] == str(source)
         assert record["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
 
 

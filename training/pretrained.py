@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from model_defs import get_entry
+from model_defs.checkpoint import WEIGHTS_FILE
 from model_defs.pretrained import PARTS, PretrainedError, load_pretrained
 from model_defs.usage import UsageError
 from training.engine import log
@@ -21,7 +22,8 @@ def add_pretrained_args(group) -> None:
         metavar="FILE",
         help="local state_dict to start from: a whole model of the same architecture (its class "
         "predictors are rebuilt for these classes) or its backbone alone, e.g. a torchvision "
-        "ImageNet classifier's; nothing is downloaded (default: none, random init)",
+        "ImageNet classifier's, or a training output folder (its model.pt); nothing is downloaded "
+        "(default: none, random init)",
     )
     group.add_argument(
         "--pretrained-part",
@@ -39,8 +41,10 @@ def check_pretrained(args) -> None:
             raise UsageError(f"--pretrained-part {args.pretrained_part} needs --pretrained FILE")
         return
     path = Path(args.pretrained)
-    if not path.is_file():
-        raise UsageError(f"--pretrained {path} is not a file")
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
+        args.pretrained = str(path / WEIGHTS_FILE)
+    elif not path.is_file():
+        raise UsageError(f"--pretrained {path} is neither a file nor a training output folder holding {WEIGHTS_FILE}")
 
 
 def start_from_pretrained(args, model: nn.Module, task: str) -> dict | None:
