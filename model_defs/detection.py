@@ -16,7 +16,9 @@ the torchvision model gets num_classes + 1 and predicts labels 1..num_classes, w
 k is model.json's classes[k - 1]. Input is a list of float [0, 1] RGB tensors whose longer
 side is `image_size` (model_defs.preprocessing.detection_input); the model's internal
 transform then only normalizes and pads (its min_size = max_size = image_size, so it does
-not resize again), and its boxes are in that resized frame. Nothing is downloaded.
+not resize again), and its boxes are in that resized frame. Nothing is downloaded: each is
+built with random weights, and model_defs.pretrained fills its backbone, or all of it but the
+class predictors, from a local weights file.
 """
 
 from __future__ import annotations

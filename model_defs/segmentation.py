@@ -5,6 +5,7 @@ All take (N, C, H, W) images and return per-pixel class logits (N, num_classes, 
 plain tensor (torchvision's dict output is unwrapped), so training, evaluation and the
 segmentation handler treat them alike. Class 0 is the background. The torchvision models are
 built without their auxiliary classifier: training and serving read the main output only.
+All are built with random weights; model_defs.pretrained starts one from a local weights file.
 """
 
 from __future__ import annotations
