@@ -16,7 +16,9 @@ the torchvision model gets num_classes + 1 and predicts labels 1..num_classes, w
 k is model.json's classes[k - 1]. Input is a list of float [0, 1] RGB tensors whose longer
 side is `image_size` (model_defs.preprocessing.detection_input); the model's internal
 transform then only normalizes and pads (its min_size = max_size = image_size, so it does
-not resize again), and its boxes are in that resized frame. Nothing is downloaded.
+not resize again), and its boxes are in that resized frame. Nothing is downloaded: each is
+built with random weights, and model_defs.pretrained fills its backbone, or all of it but the
+class predictors, from a local weights file.
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ DETECTION_320 = IMAGENET.replace(input_size=320, resize_size=320)
 DETECTION_512 = IMAGENET.replace(input_size=512, resize_size=512)
 # The registry test builds every model: a small input keeps it quick.
 _TEST = {"image_size": 128}
+# Where a pretrained start puts its weights (model_defs.pretrained): the trunk's layers, and
+# the layers sized by the number of classes, which stay as built for the dataset's classes.
+TRUNK = ("backbone.body",)
+FASTER_RCNN_PREDICTORS = ("roi_heads.box_predictor",)
+FCOS_PREDICTORS = ("head.classification_head.cls_logits",)
 
 
 def _size_kwargs(image_size: int) -> dict:
     return {"min_size": image_size, "max_size": image_size}
 
 
-@register_model(task="detection", data_config=DETECTION_320, test_kwargs=_TEST)
+@register_model(
+    task="detection", data_config=DETECTION_320, test_kwargs=_TEST, backbone=TRUNK, predictors=FASTER_RCNN_PREDICTORS
+)
 def fasterrcnn_mobilenet_320(
     num_classes: int = 3,
     image_size: int = 320,
@@ -80,7 +89,9 @@ def fasterrcnn_mobilenet_320(
     return model
 
 
-@register_model(task="detection", data_config=DETECTION_512, test_kwargs=_TEST)
+@register_model(
+    task="detection", data_config=DETECTION_512, test_kwargs=_TEST, backbone=TRUNK, predictors=FASTER_RCNN_PREDICTORS
+)
 def fasterrcnn_resnet50(
     num_classes: int = 3, image_size: int = 512, score_thresh: float = 0.01, detections_per_img: int = 100
 ) -> nn.Module:
@@ -141,7 +152,9 @@ def _fcos(
     )
 
 
-@register_model(task="detection", data_config=DETECTION_512, test_kwargs=_TEST)
+@register_model(
+    task="detection", data_config=DETECTION_512, test_kwargs=_TEST, backbone=TRUNK, predictors=FCOS_PREDICTORS
+)
 def fcos_regnet_x_400mf(
     num_classes: int = 3,
     image_size: int = 512,
@@ -157,7 +170,9 @@ def fcos_regnet_x_400mf(
     return _fcos(backbone, num_classes, image_size, head_convs, score_thresh, nms_thresh, detections_per_img)
 
 
-@register_model(task="detection", data_config=DETECTION_320, test_kwargs=_TEST)
+@register_model(
+    task="detection", data_config=DETECTION_320, test_kwargs=_TEST, backbone=TRUNK, predictors=FCOS_PREDICTORS
+)
 def fcos_resnet(
     num_classes: int = 3,
     image_size: int = 320,

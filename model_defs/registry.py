@@ -3,7 +3,10 @@
 Each entry carries the model's task and its data config (how an image must be prepared
 for it), so preprocessing comes from the model and never from the caller, and, for the
 classifiers, the dotted names of its first conv (`stem`) and its classifier (`head`), so
-tools that swap, freeze or inspect those layers read them here instead of hard-coding them. A checkpoint
+tools that swap, freeze or inspect those layers read them here instead of hard-coding them.
+Detectors and segmenters name their `backbone` (the modules a backbone-only weights file
+fills) and their `predictors` (the layers shaped by the number of classes, built fresh for
+the dataset's classes when a run starts from another model's weights). A checkpoint
 stores the registered name and the constructor's keyword arguments; `get_model` rebuilds
 the exact architecture from those alone.
 """
@@ -88,6 +91,8 @@ class ModelEntry:
     test_kwargs: dict = field(default_factory=dict)
     stem: str | None = None  # the first nn.Conv2d's dotted name (a state_dict key prefix)
     head: str | None = None  # the classifier's: the nn.Linear that gives the class logits
+    backbone: tuple[str, ...] = ()  # detectors, segmenters: the modules of the feature extractor
+    predictors: tuple[str, ...] = ()  # their layers shaped by the number of classes
 
     @property
     def doc(self) -> str:
@@ -117,6 +122,8 @@ def register_model(
     test_kwargs: dict | None = None,
     stem: str | None = None,
     head: str | None = None,
+    backbone: tuple[str, ...] = (),
+    predictors: tuple[str, ...] = (),
 ) -> Callable[[Builder], Builder]:
     """Decorator: register a builder under `name` (default: the function's name)."""
 
@@ -127,7 +134,9 @@ def register_model(
         key = name or fn.__name__
         if key in _REGISTRY:
             raise ValueError(f"a model named {key!r} is already registered")
-        _REGISTRY[key] = ModelEntry(key, task, fn, data_config, dict(test_kwargs or {}), stem, head)
+        _REGISTRY[key] = ModelEntry(
+            key, task, fn, data_config, dict(test_kwargs or {}), stem, head, tuple(backbone), tuple(predictors)
+        )
         return fn
 
     return wrap

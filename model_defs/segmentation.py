@@ -1,8 +1,11 @@
-"""Semantic-segmentation models: a U-Net written here and torchvision's LR-ASPP MobileNetV3.
+"""Semantic-segmentation models: a U-Net written here, and torchvision's LR-ASPP MobileNetV3
+and DeepLabV3 (MobileNetV3-Large or ResNet-50 backbone).
 
-Both take (N, C, H, W) images and return per-pixel class logits (N, num_classes, H, W) as a
+All take (N, C, H, W) images and return per-pixel class logits (N, num_classes, H, W) as a
 plain tensor (torchvision's dict output is unwrapped), so training, evaluation and the
-segmentation handler treat them alike. Class 0 is the background.
+segmentation handler treat them alike. Class 0 is the background. The torchvision models are
+built without their auxiliary classifier: training and serving read the main output only.
+All are built with random weights; model_defs.pretrained starts one from a local weights file.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from model_defs.transfer import set_in_channels
 # Segmentation input is the whole image resized to input_size x input_size (no crop), so
 # the predicted mask covers the whole picture and is scaled back to its original size.
 SEGMENTATION_IMAGE = DataConfig(input_size=128, resize_size=128, channels=3)
-LRASPP_STEM = "model.backbone.0.0"  # the first conv of the MobileNetV3 backbone, under OutOnly
+MOBILENET_STEM = "model.backbone.0.0"  # the first conv of the MobileNetV3 backbone, under OutOnly
+RESNET_STEM = "model.backbone.conv1"
 
 
 class DoubleConv(nn.Sequential):
@@ -95,19 +99,67 @@ class OutOnly(nn.Module):
     test_kwargs={"depth": 2, "width": 8},
     stem="inc.0",
     head="head",
+    backbone=("inc", "down"),
+    predictors=("head",),
 )
 def unet(*, num_classes: int = 2, in_channels: int = 3, depth: int = 4, width: int = 16) -> nn.Module:
     """U-Net: double-conv encoder, up-convolutions with skip connections; depth and width set."""
     return UNet(num_classes=num_classes, in_channels=in_channels, depth=depth, width=width)
 
 
+def _torchvision_segmenter(constructor, stem: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
+    """A torchvision segmentation model built offline (weights=None), unwrapped to its "out"
+    logits, its first conv swapped when the input is not RGB."""
+    wrapped = OutOnly(constructor(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs))
+    set_in_channels(wrapped, stem, in_channels)
+    return wrapped
+
+
 # LR-ASPP has two classifiers (low- and high-level features) added together, so no one head.
-@register_model("lraspp_mobilenet_v3", task="segmentation", data_config=SEGMENTATION_IMAGE, stem=LRASPP_STEM)
+@register_model(
+    "lraspp_mobilenet_v3",
+    task="segmentation",
+    data_config=SEGMENTATION_IMAGE,
+    stem=MOBILENET_STEM,
+    backbone=("model.backbone",),
+    predictors=("model.classifier.low_classifier", "model.classifier.high_classifier"),
+)
 def lraspp_mobilenet_v3(*, num_classes: int = 2, in_channels: int = 3) -> nn.Module:
     """torchvision LR-ASPP with a MobileNetV3-Large backbone (weights=None, built offline)."""
-    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=num_classes
+    segmentation = torchvision.models.segmentation
+    return _torchvision_segmenter(segmentation.lraspp_mobilenet_v3_large, MOBILENET_STEM, num_classes, in_channels)
+
+
+# DeepLabV3's head is ASPP then a 3x3 conv, BatchNorm, ReLU and the 1x1 class conv ("classifier.4").
+@register_model(
+    "deeplabv3_mobilenet_v3",
+    task="segmentation",
+    data_config=SEGMENTATION_IMAGE,
+    stem=MOBILENET_STEM,
+    head="model.classifier.4",
+    backbone=("model.backbone",),
+    predictors=("model.classifier.4",),
+)
+def deeplabv3_mobilenet_v3(*, num_classes: int = 2, in_channels: int = 3) -> nn.Module:
+    """torchvision DeepLabV3 (ASPP head) on a dilated MobileNetV3-Large (weights=None, built offline)."""
+    segmentation = torchvision.models.segmentation
+    return _torchvision_segmenter(
+        segmentation.deeplabv3_mobilenet_v3_large, MOBILENET_STEM, num_classes, in_channels, aux_loss=False
     )
-    wrapped = OutOnly(model)
-    set_in_channels(wrapped, LRASPP_STEM, in_channels)
-    return wrapped
+
+
+@register_model(
+    "deeplabv3_resnet50",
+    task="segmentation",
+    data_config=SEGMENTATION_IMAGE,
+    stem=RESNET_STEM,
+    head="model.classifier.4",
+    backbone=("model.backbone",),
+    predictors=("model.classifier.4",),
+)
+def deeplabv3_resnet50(*, num_classes: int = 2, in_channels: int = 3) -> nn.Module:
+    """torchvision DeepLabV3 (ASPP head) on a dilated ResNet-50, output stride 8 (weights=None, built offline)."""
+    segmentation = torchvision.models.segmentation
+    return _torchvision_segmenter(
+        segmentation.deeplabv3_resnet50, RESNET_STEM, num_classes, in_channels, aux_loss=False
+    )

@@ -51,6 +51,11 @@ def pair(values: tuple[int, ...]) -> tuple[int, int]:
     return height, width
 
 
+def weight_for_in_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A conv weight (out, in, kh, kw) for `in_channels` inputs: conv_with_in_channels' average."""
+    return weight.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) * (weight.shape[1] / in_channels)
+
+
 def conv_with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """A copy of `conv` taking `in_channels` inputs, its weights the old ones averaged over the inputs.
 
@@ -67,8 +72,7 @@ def conv_with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
         bias=conv.bias is not None,
     )
     with torch.no_grad():
-        mean = conv.weight.mean(dim=1, keepdim=True)
-        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (conv.in_channels / in_channels))
+        new.weight.copy_(weight_for_in_channels(conv.weight, in_channels))
         if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new

@@ -24,6 +24,8 @@ NUM_CLASSES = 3
 # `-m unit` stays quick. The full suite still builds them all.
 HEAVY = {
     "convnext_tiny",
+    "deeplabv3_mobilenet_v3",
+    "deeplabv3_resnet50",
     "fasterrcnn_mobilenet_320",
     "fasterrcnn_resnet50",
     "fcos_regnet_x_400mf",

@@ -34,6 +34,7 @@ from model_defs.preprocessing import (
 from training import engine
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, read_detection
 from training.draw import draw_detections, enlarge_small, grid
+from training.pretrained import add_pretrained_args, check_pretrained, start_from_pretrained
 from training.scores import map_metric
 
 
@@ -63,6 +64,7 @@ class Detection(engine.Task):
             choices=("map_50", "map"),
             help="validation metric that picks the saved epoch (default: map_50)",
         )
+        add_pretrained_args(g)
         # No BatchNorm recalibration by default: torchvision's detection references keep BatchNorm
         # frozen, and a detector trained a few steps from scratch answers nothing once recalibrated.
         return engine.add_engine_args(
@@ -72,6 +74,7 @@ class Detection(engine.Task):
     def check(self, args) -> None:
         """The mAP needs torchmetrics with pycocotools: a machine without them (or with a
         torchmetrics too old for `backend=`) is told now, not after the first epoch."""
+        check_pretrained(args)
         try:
             map_metric()
         except (ImportError, TypeError, ValueError) as e:
@@ -92,6 +95,7 @@ class Detection(engine.Task):
         self.model, arch_args = engine.build_model(
             args.model, "detection", args.model_arg, num_classes=len(classes), image_size=self.size
         )
+        pretrained = start_from_pretrained(args, self.model, "detection")
         train_tf = detection_train_transform(self.size, args.hflip_prob, args.vflip_prob)
         self.train_set = DetectionDataset(train_samples, train_tf, self.size, self.cache)
         self.val_set = DetectionDataset(self.val_samples, detection_eval_transform(self.size), self.size, self.cache)
@@ -105,6 +109,7 @@ class Detection(engine.Task):
             preprocessing_note="resize so the longer side is input_size (no crop), float [0, 1]; the model "
             "normalizes with mean/std",
             versions=engine.package_versions("torchmetrics", "pycocotools"),
+            pretrained=pretrained,
         )
         self.details = [f"longer side {self.size}px"]
 

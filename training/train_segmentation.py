@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from torchvision.models.segmentation.deeplabv3 import ASPPPooling
 
 from model_defs import get_entry
 from model_defs.checkpoint import load_trained
@@ -30,6 +31,7 @@ from model_defs.preprocessing import load_image, logits_to_mask, segmentation_tr
 from training import engine
 from training.det_datasets import IGNORE_INDEX, SegmentationDataset, read_masks
 from training.draw import grid, mask_row
+from training.pretrained import add_pretrained_args, check_pretrained, start_from_pretrained
 from training.scores import segmentation_scores
 
 
@@ -40,7 +42,7 @@ class Segmentation(engine.Task):
     def parser(self) -> argparse.ArgumentParser:
         p = engine.task_parser(self)
         engine.add_data_args(p, "dataset folder: images/ + masks/ + classes.txt")
-        engine.add_model_args(
+        g = engine.add_model_args(
             p,
             "segmentation",
             "unet",
@@ -49,7 +51,11 @@ class Segmentation(engine.Task):
             min_scale=1.0,
             pictures="predictions.png",
         )
+        add_pretrained_args(g)
         return engine.add_engine_args(p, epochs=30, batch_size=8, lr=3e-3)
+
+    def check(self, args) -> None:
+        check_pretrained(args)
 
     def setup(self, args) -> None:
         cfg = get_entry(args.model, task="segmentation").data_config.replace(
@@ -63,6 +69,12 @@ class Segmentation(engine.Task):
         self.model, arch_args = engine.build_model(
             args.model, "segmentation", args.model_arg, num_classes=len(self.classes), in_channels=cfg.channels
         )
+        if args.batch_size < 2 and any(isinstance(m, ASPPPooling) for m in self.model.modules()):
+            raise engine.UsageError(
+                f"--batch-size {args.batch_size}: {args.model}'s ASPP pooling branch normalizes one value per "
+                "image and channel, which BatchNorm cannot train on one image; give --batch-size 2 or more"
+            )
+        pretrained = start_from_pretrained(args, self.model, "segmentation")
         train_tf = segmentation_train_transform(cfg, hflip_prob=args.hflip_prob, min_scale=args.min_scale)
         eval_tf = segmentation_transform(cfg)
         self.train_set = SegmentationDataset(train_samples, train_tf, cfg.channels, cfg, cache=self.cache)
@@ -75,7 +87,7 @@ class Segmentation(engine.Task):
             cache=self.cache,
         )
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-        self.meta = self.record(args, arch_args, cfg, self.classes, dataset)
+        self.meta = self.record(args, arch_args, cfg, self.classes, dataset, pretrained=pretrained)
         self.details = [f"{cfg.channels}x{cfg.input_size}px"]
 
     @staticmethod
