@@ -121,9 +121,17 @@ def add_model_args(
 
 
 def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """Every flag of the engine's loop; `defaults` are the task's own values of TASK_DEFAULTS."""
     unknown = set(defaults) - TASK_DEFAULTS
     assert not unknown, unknown
-    g = p.add_argument_group("optimization (every trainer)")
+    add_optimization_args(p.add_argument_group("optimization (every trainer)"))
+    add_run_args(p.add_argument_group("run (every trainer)"))
+    add_diagnostics_args(p.add_argument_group("diagnostics (every trainer, written into --out)"))
+    p.set_defaults(**defaults)
+    return p
+
+
+def add_optimization_args(g) -> None:
     g.add_argument("--epochs", type=int, default=10, help="maximum number of epochs (default: %(default)s)")
     g.add_argument(
         "--batch-size",
@@ -185,7 +193,9 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argument
         help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) "
         "(default: %(default)s)",
     )
-    g = p.add_argument_group("run (every trainer)")
+
+
+def add_run_args(g) -> None:
     g.add_argument(
         "--out",
         default=None,
@@ -238,7 +248,9 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argument
         help="keep decoded, resized images (and their boxes or masks) in memory or in <out>/cache so later epochs "
         "skip decoding; augmentation still runs every epoch (default: %(default)s)",
     )
-    g = p.add_argument_group("diagnostics (every trainer, written into --out)")
+
+
+def add_diagnostics_args(g) -> None:
     g.add_argument(
         "--log-grad-norms",
         action="store_true",
@@ -259,8 +271,6 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argument
         help="profile the first N training steps: profile/trace.json (Chrome trace) and "
         "profile/top_ops.txt (default: 0, off)",
     )
-    p.set_defaults(**defaults)
-    return p
 
 
 # (lowest, highest, lowest allowed, highest allowed) of every numeric flag of every trainer
