@@ -27,12 +27,13 @@ import random
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
@@ -299,7 +300,434 @@ class Task:
                 yield to_device(batch, self.device)
 
 
+# -- one epoch ----------------------------------------------------------------------------
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Optimization:
+    """The optimizer, learning-rate schedule and GradScaler of each trained module, and the
+    one `update(loss, name)` a task's `step` calls per optimizer: backward, unscale (for
+    clipping and the gradient-norm log), clip, step, schedule."""
+
+    def __init__(self, task: Task, args, models: dict[str, nn.Module], steps: int, grads: GradNormLog | None):
+        device_type = task.device.type
+        self.models, self.grads, self.clip = models, grads, args.clip_grad_norm
+        self.fp16 = args.amp == "fp16"
+        self.params, self.optimizers, self.schedulers, self.scalers = {}, {}, {}, {}
+        for name, m in models.items():
+            params = self.params[name] = [p for p in m.parameters() if p.requires_grad]
+            if args.optimizer == "sgd":
+                opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+            else:
+                kw = {"betas": (args.momentum, 0.999), **task.optimizer_kwargs.get(name, {})}
+                opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **kw)
+            self.optimizers[name] = opt
+            self.schedulers[name] = cosine_with_warmup(
+                opt, round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio
+            )
+            self.scalers[name] = torch.amp.GradScaler(device_type, enabled=self.fp16)
+
+    def update(self, loss: torch.Tensor, name: str = "model") -> None:
+        if not torch.isfinite(loss) and not self.fp16:  # fp16's GradScaler skips such steps itself
+            raise TrainingError(f"training diverged (loss {loss.item()}); try a lower --lr")
+        opt, scaler = self.optimizers[name], self.scalers[name]
+        log_grads = self.grads is not None and name == "model"
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.clip or log_grads:
+            scaler.unscale_(opt)
+        if log_grads:
+            self.grads.record(unwrap(self.models[name]))
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.params[name], self.clip)
+        scaler.step(opt)
+        scaler.update()
+        self.schedulers[name].step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers["model"].param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "lr_scheduler": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "scaler": {n: s.state_dict() for n, s in self.scalers.items()},
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        for name in self.models:
+            self.optimizers[name].load_state_dict(ckpt["optimizer"][name])
+            self.schedulers[name].load_state_dict(ckpt["lr_scheduler"][name])
+            self.scalers[name].load_state_dict(ckpt["scaler"][name])
+
+
+def no_update(loss: torch.Tensor, name: str = "model") -> None:
+    """The `update` of a step that only runs forward (BatchNorm recalibration)."""
+
+
+@dataclass
+class Run:
+    """What a training run carries from epoch to epoch. `state` is checkpoint.pt's record of
+    the run (epochs done, best epoch, history), so --resume continues where it stopped."""
+
+    task: Task
+    args: argparse.Namespace
+    device: torch.device
+    out: Path
+    models: dict[str, nn.Module]
+    optimization: Optimization
+    sampler: Sampler
+    drop_last: bool
+    meta: dict
+    state: dict
+    grads: GradNormLog | None = None
+    acts: ActivationLog | None = None
+    profiler: StepProfiler | None = None
+    started: float = field(default_factory=time.time)
+
+    def autocast(self):
+        dtype = AMP_DTYPES.get(self.args.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training set; returns the image-weighted mean of each value the task's
+    step reports, summed over the ranks."""
+    task, args = run.task, run.args
+    # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it.
+    torch.manual_seed(args.seed + epoch + 100_003 * dist.rank())
+    run.sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    loader = task.loader(task.train_set, run.sampler, generator, run.drop_last)
+    task.skipped, task.epoch = [], epoch
+    for m in run.models.values():
+        m.train()
+    sums: dict[str, float] = defaultdict(float)
+    seen = 0
+    for batch in task.batches(loader, f"epoch {epoch}/{args.epochs} train"):
+        with run.autocast():
+            n, values = task.step(batch, run.models, run.optimization.update)
+        seen += n
+        for k, v in values.items():
+            sums[k] += v * n
+        if run.profiler:
+            run.profiler.step()
+    keys = sorted(sums)
+    totals = dist.sum_over_ranks([seen] + [sums[k] for k in keys], run.device)
+    return {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(run: Run, epoch: int) -> None:
+    """Recompute every BatchNorm's running statistics as the cumulative average (momentum
+    None) over --bn-recalibration-batches batches of training images in train mode (the
+    task's `calibration_set`: its training images as evaluation sees them, else its training
+    set), so the saved model's eval-mode answers match the weights it has, however few steps
+    an epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
+    task, seed = run.task, run.args.seed + epoch
+    calibration = getattr(task, "calibration_set", task.train_set)
+    loader = task.loader(calibration, dist.train_sampler(calibration, seed))
+    layers = [
+        m
+        for model in run.models.values()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    for model in run.models.values():
+        model.train()
+    for i, batch in enumerate(task.batches(loader, "BatchNorm recalibration")):
+        if i >= run.args.bn_recalibration_batches:
+            break
+        with run.autocast():
+            task.step(batch, run.models, no_update)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """The task's validation metrics of the model as it is saved (eval mode, unwrapped)."""
+    model = unwrap(run.models["model"]).eval()
+    with run.autocast():
+        return run.task.evaluate(model)
+
+
+def record_epoch(run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float) -> tuple[dict, bool]:
+    """Rank 0: the epoch's row in the history; model.pt and model.json when the monitored
+    metric improved; checkpoint.pt and metrics.csv always. Returns the row and whether it
+    improved."""
+    task, state = run.task, run.state
+    state["skipped_files"] = sorted(set(state["skipped_files"]) | set(skipped))
+    row = {
+        "epoch": epoch,
+        "lr": run.optimization.lr,
+        **{f"train_{k}": v for k, v in train.items()},
+        **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
+        "skipped_images": len(skipped),
+        "seconds": round(seconds, 2),
+    }
+    state["history"].append(row)
+    state["epoch"] = epoch
+    improved = task.monitor is None or va[task.monitor] > state["best_metric"] or not state["best_epoch"]
+    if improved:
+        state.update(best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0)
+        run.meta["metrics"] = {
+            "name": task.metric_name,
+            "best_val": va.get(task.monitor),
+            "best_epoch": epoch,
+            **va,
+            **task.extra_metrics,
+        }
+        run.meta["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        save_model_files(run.out, run.models["model"], run.meta)
+    else:
+        state["stale_epochs"] += 1
+    checkpoint = {
+        "model": unwrap(run.models["model"]).state_dict(),
+        "modules": {n: unwrap(run.models[n]).state_dict() for n in task.extra_modules},
+        **run.optimization.state_dict(),
+        "state": state,
+        "args": vars(run.args),
+    }
+    atomic_torch_save(checkpoint, run.out / "checkpoint.pt")
+    write_metrics(run.out, state["history"], task.panels)
+    return row, improved
+
+
+def diagnose(run: Run, epoch: int) -> list[str]:
+    """The --log-grad-norms and --activation-stats files of the epoch; one warning per flagged layer."""
+    notes = []
+    if run.grads:
+        notes += run.grads.end_epoch(epoch)
+    if run.acts:
+        model = unwrap(run.models["model"])
+        notes += run.acts.end_epoch(epoch, model, to_device(run.task.probe_input(), run.device))
+    return notes
+
+
+def stop_reason(run: Run, epoch: int) -> str | None:
+    """Why the run ends before --epochs: --patience or --max-minutes."""
+    args = run.args
+    if epoch >= args.epochs:
+        return None
+    if args.patience and run.state["stale_epochs"] >= args.patience:
+        return f"early stop: no better validation {run.task.monitor} for {args.patience} epochs"
+    if args.max_minutes and time.time() - run.started > args.max_minutes * 60:
+        return f"stopping: --max-minutes {args.max_minutes:g} reached"
+    return None
+
+
+def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict, skipped: list[str]) -> str:
+    def fmt(d):
+        return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
+
+    line = f"epoch {epoch}/{epochs}  train {fmt(train)}"
+    if fmt(va):
+        line += f"  |  val {fmt(va)}{' *' if improved else ''}"
+    line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+    if skipped:
+        line += f"  |  skipped {len(skipped)} unreadable: {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+    return line
+
+
 # -- the run ------------------------------------------------------------------------------
+
+
+def check_run(task: Task, args) -> torch.device:
+    """Every flag checked before anything is read or written; returns the device."""
+    check_ranges(args)
+    task.check(args)
+    device = resolve_device(args.device)
+    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
+    if args.sync_bn and not dist.launched():
+        raise UsageError("--sync-bn needs several processes; start the trainer with torchrun --nproc_per_node N")
+    if getattr(args, "weights_path", None) and not Path(args.weights_path).is_file():
+        raise UsageError(f"--weights-path {args.weights_path} does not exist")
+    return device
+
+
+def claim_out(args) -> None:
+    """--out (default runs/<model>-<UTC time>, one name for all ranks), checked by rank 0 alone:
+    the others would see the folder it is about to fill."""
+    stamp = dist.from_main(dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
+    args.out = args.out or f"runs/{args.model}-{stamp}"
+    problem = None
+    if dist.is_main():
+        try:
+            check_out(args)
+        except UsageError as e:
+            problem = str(e)
+    problem = dist.from_main(problem)
+    if problem:
+        raise UsageError(problem)
+
+
+def distribute(task: Task, args, device: torch.device) -> dict[str, nn.Module]:
+    """The task's model and extra modules on the device, with SyncBatchNorm and DDP under torchrun."""
+    models = {"model": task.model, **task.extra_modules}
+    for name, m in models.items():
+        m.to(device)
+        if args.sync_bn:
+            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        if dist.world_size() > 1 and any(p.requires_grad for p in m.parameters()):
+            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
+        models[name] = m
+    return models
+
+
+def steps_per_epoch(task: Task, args, sampler: Sampler, models: dict) -> tuple[int, bool]:
+    """Optimizer steps per epoch and whether the last incomplete batch is dropped; a warning when
+    too few steps leave BatchNorm's running statistics behind the weights."""
+    drop_last = task.drop_last and len(sampler) > args.batch_size
+    steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
+    if steps < 10 and any(has_batchnorm(m) for m in models.values()):
+        log(
+            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x "
+            f"{dist.world_size()} process(es) give only {steps} step(s) per epoch: too few for BatchNorm's "
+            "running statistics to follow the weights; they are recalibrated before each evaluation, but a "
+            "smaller --batch-size trains better"
+        )
+    return steps, drop_last
+
+
+def run_meta(task: Task, args, device: torch.device) -> dict:
+    """model.json's record of the task and of how it was trained."""
+    return {
+        **task.meta,
+        "versions": task.meta.get("versions") or package_versions(),
+        "training": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "processes": dist.world_size(),
+            "global_batch_size": args.batch_size * dist.world_size(),
+            "amp": args.amp,
+            "optimizer": args.optimizer,
+        },
+    }
+
+
+def fresh_state() -> dict:
+    return {
+        "epoch": 0,
+        "best_metric": -math.inf,
+        "best_epoch": 0,
+        "stale_epochs": 0,
+        "history": [],
+        "train_seconds": 0.0,
+        "train_cpu_seconds": 0.0,
+        "skipped_files": [],
+    }
+
+
+def prepare(task: Task, args, device: torch.device) -> Run:
+    """Seed, data, model, optimizers and diagnostics of a run, from --resume when given."""
+    ckpt = load_resume(args)
+    seed_everything(args.seed, args.deterministic)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task.args, task.device = args, device
+    task.cache = DecodeCache(args.cache, Path(args.out) / "cache")
+    task.setup(args)
+    task.cache.fill(task.datasets(), not args.no_progress and dist.is_main())
+    out, main = Path(args.out), dist.is_main()
+    models = distribute(task, args, device)
+    weights = task.sample_weights() if getattr(args, "balance", False) else None
+    sampler = dist.train_sampler(task.train_set, args.seed, weights)
+    steps, drop_last = steps_per_epoch(task, args, sampler, models)
+    grads = GradNormLog(out) if args.log_grad_norms and main else None
+    optimization = Optimization(task, args, models, steps, grads)
+    state = fresh_state()
+    if ckpt is not None:
+        try:
+            for name, m in models.items():
+                unwrap(m).load_state_dict(ckpt["model"] if name == "model" else ckpt["modules"][name])
+            optimization.load_state_dict(ckpt)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UsageError(
+                f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})"
+            ) from None
+        state = ckpt["state"]
+        log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
+    acts = ActivationLog(out) if args.activation_stats and main else None
+    meta = run_meta(task, args, device)
+    return Run(task, args, device, out, models, optimization, sampler, drop_last, meta, state, grads, acts)
+
+
+def fit(task: Task, args) -> dict:
+    """Train `task` with `args`; returns the final model.json (on rank 0)."""
+    device = check_run(task, args)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init(device)
+    claim_out(args)
+    run = prepare(task, args, device)
+    main = dist.is_main()
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)  # only now: every input has been checked
+    world = dist.world_size()
+    log(
+        f"{task.describe()}, on {device}"
+        + (f" x {world} processes" if world > 1 else "")
+        + (f", AMP {args.amp}" if args.amp != "none" else "")
+    )
+    if args.profile and main:
+        run.profiler = StepProfiler(run.out, args.profile, device.type == "cuda")
+    run.started = time.time()
+    for epoch in range(run.state["epoch"] + 1, args.epochs + 1):
+        start, cpu_start = time.time(), time.process_time()
+        train = train_one_epoch(run, epoch)
+        if args.bn_recalibration_batches and any(has_batchnorm(m) for m in run.models.values()):
+            recalibrate_batchnorm(run, epoch)
+        va = evaluate(run) if main else {}
+        skipped = sorted(set(dist.gather_lists(task.skipped)))
+        stop = None
+        if main:
+            seconds = time.time() - start
+            run.state["train_seconds"] += seconds
+            run.state["train_cpu_seconds"] += time.process_time() - cpu_start
+            row, improved = record_epoch(run, epoch, train, va, skipped, seconds)
+            notes = diagnose(run, epoch)
+            log(epoch_line(epoch, args.epochs, train, va, improved, row, skipped))
+            for note in notes:
+                log(f"  warning: {note}")
+            stop = stop_reason(run, epoch)
+        stop = dist.from_main(stop)
+        if stop:
+            log(stop)
+            break
+    if run.profiler:
+        run.profiler.finish()
+    return finish(run) if main else {}
+
+
+def finish(run: Run) -> dict:
+    """model.json describes model.pt (the best epoch) and the whole run; the task draws its pictures."""
+    state, task = run.state, run.task
+    final = read_meta(run.out)
+    final["metrics"].update(
+        epochs_run=state["epoch"],
+        train_seconds=round(state["train_seconds"], 1),
+        train_cpu_seconds=round(state["train_cpu_seconds"], 1),
+        skipped_images=len(state["skipped_files"]),
+        skipped_files=state["skipped_files"][:1000],
+    )
+    atomic_write(run.out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
+    task.finish(run.out)
+    best = (
+        f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; "
+        if task.monitor
+        else ""
+    )
+    log(f"{best}wrote {run.out}/model.pt and model.json")
+    return final
 
 
 def cli(task: Task, argv: list[str] | None = None) -> int:
@@ -333,313 +761,3 @@ def log(message: str) -> None:
     """Print on rank 0 only (the environment tells the ranks apart before the group exists)."""
     if dist.rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
-
-
-def fit(task: Task, args) -> dict:
-    """Train `task` with `args`; returns the final model.json (on rank 0)."""
-    check_ranges(args)
-    task.check(args)
-    device = resolve_device(args.device)
-    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
-    if args.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
-    if args.sync_bn and not dist.launched():
-        raise UsageError("--sync-bn needs several processes; start the trainer with torchrun --nproc_per_node N")
-    if getattr(args, "weights_path", None) and not Path(args.weights_path).is_file():
-        raise UsageError(f"--weights-path {args.weights_path} does not exist")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init(device)
-    stamp = dist.from_main(dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
-    args.out = args.out or f"runs/{args.model}-{stamp}"
-    problem = None
-    if dist.is_main():  # rank 0 alone: the others would see the folder it is about to fill
-        try:
-            check_out(args)
-        except UsageError as e:
-            problem = str(e)
-    problem = dist.from_main(problem)
-    if problem:
-        raise UsageError(problem)
-    ckpt = load_resume(args)
-    seed_everything(args.seed, args.deterministic)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    task.args, task.device = args, device
-    task.cache = DecodeCache(args.cache, Path(args.out) / "cache")
-    task.setup(args)
-    task.cache.fill(task.datasets(), not args.no_progress and dist.is_main())
-    out, world, rank = Path(args.out), dist.world_size(), dist.rank()
-
-    models = {"model": task.model, **task.extra_modules}
-    for name, m in models.items():
-        m.to(device)
-        if args.sync_bn:
-            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
-        if world > 1 and any(p.requires_grad for p in m.parameters()):
-            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
-        models[name] = m
-    sampler = dist.train_sampler(
-        task.train_set, args.seed, task.sample_weights() if getattr(args, "balance", False) else None
-    )
-    drop_last = task.drop_last and len(sampler) > args.batch_size
-    steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
-    if steps < 10 and any(has_batchnorm(m) for m in models.values()):
-        log(
-            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} "
-            "process(es) give only "
-            f"{steps} step(s) per epoch: too few for BatchNorm's running statistics to follow the weights; they are "
-            f"recalibrated before each evaluation, but a smaller --batch-size trains better"
-        )
-
-    optimizers, schedulers, scalers, params = {}, {}, {}, {}
-    for name, m in models.items():
-        params[name] = [p for p in m.parameters() if p.requires_grad]
-        if args.optimizer == "sgd":
-            optimizers[name] = torch.optim.SGD(
-                params[name], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-            )
-        else:
-            kw = {"betas": (args.momentum, 0.999), **task.optimizer_kwargs.get(name, {})}
-            optimizers[name] = torch.optim.AdamW(params[name], lr=args.lr, weight_decay=args.weight_decay, **kw)
-        schedulers[name] = cosine_with_warmup(
-            optimizers[name], round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio
-        )
-        scalers[name] = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    state = {
-        "epoch": 0,
-        "best_metric": -math.inf,
-        "best_epoch": 0,
-        "stale_epochs": 0,
-        "history": [],
-        "train_seconds": 0.0,
-        "train_cpu_seconds": 0.0,
-        "skipped_files": [],
-    }
-    if ckpt is not None:
-        try:
-            unwrap(models["model"]).load_state_dict(ckpt["model"])
-            for name in task.extra_modules:
-                unwrap(models[name]).load_state_dict(ckpt["modules"][name])
-            for name in models:
-                optimizers[name].load_state_dict(ckpt["optimizer"][name])
-                schedulers[name].load_state_dict(ckpt["lr_scheduler"][name])
-                scalers[name].load_state_dict(ckpt["scaler"][name])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UsageError(
-                f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})"
-            ) from None
-        state = ckpt["state"]
-        log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    main = dist.is_main()
-    grads = GradNormLog(out) if args.log_grad_norms and main else None
-    acts = ActivationLog(out) if args.activation_stats and main else None
-    meta = {
-        **task.meta,
-        "versions": task.meta.get("versions") or package_versions(),
-        "training": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "processes": world,
-            "global_batch_size": args.batch_size * world,
-            "amp": args.amp,
-            "optimizer": args.optimizer,
-        },
-    }
-
-    def update(loss: torch.Tensor, name: str = "model") -> None:
-        if not torch.isfinite(loss) and amp_dtype != torch.float16:
-            raise TrainingError(f"training diverged (loss {loss.item()}); try a lower --lr")
-        opt, scaler = optimizers[name], scalers[name]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad_norm or (grads and name == "model"):
-            scaler.unscale_(opt)
-        if grads and name == "model":
-            grads.record(unwrap(models[name]))
-        if args.clip_grad_norm:
-            nn.utils.clip_grad_norm_(params[name], args.clip_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        schedulers[name].step()
-
-    def no_update(loss, name="model") -> None:
-        pass
-
-    if main:
-        out.mkdir(parents=True, exist_ok=True)  # only now: every input has been checked
-    log(
-        f"{task.describe()}, on {device}"
-        + (f" x {world} processes" if world > 1 else "")
-        + (f", AMP {args.amp}" if args.amp != "none" else "")
-    )
-    profiler = StepProfiler(out, args.profile, device.type == "cuda") if args.profile and main else None
-    started_wall = time.time()
-    for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        start, cpu_start = time.time(), time.process_time()
-        # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it.
-        torch.manual_seed(args.seed + epoch + 100_003 * rank)
-        sampler.set_epoch(epoch)
-        loader = task.loader(task.train_set, sampler, torch.Generator().manual_seed(args.seed + epoch), drop_last)
-        task.skipped, task.epoch = [], epoch
-        for m in models.values():
-            m.train()
-        sums, seen = defaultdict(float), 0
-        for batch in task.batches(loader, f"epoch {epoch}/{args.epochs} train"):
-            with autocast():
-                n, values = task.step(batch, models, update)
-            seen += n
-            for k, v in values.items():
-                sums[k] += v * n
-            if profiler:
-                profiler.step()
-        keys = sorted(sums)
-        totals = dist.sum_over_ranks([seen] + [sums[k] for k in keys], device)
-        train = {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
-        if args.bn_recalibration_batches and any(has_batchnorm(m) for m in models.values()):
-            calibration = getattr(task, "calibration_set", task.train_set)
-            recalibrate_batchnorm(
-                task,
-                models,
-                task.loader(calibration, dist.train_sampler(calibration, args.seed + epoch)),
-                args.bn_recalibration_batches,
-                autocast,
-                no_update,
-            )
-
-        va, stop = {}, None
-        if main:
-            model = unwrap(models["model"]).eval()
-            with torch.no_grad(), autocast():
-                va = task.evaluate(model)
-        skipped = sorted(set(dist.gather_lists(task.skipped)))
-        if main:
-            seconds = time.time() - start
-            state["train_seconds"] += seconds
-            state["train_cpu_seconds"] += time.process_time() - cpu_start
-            state["skipped_files"] = sorted(set(state["skipped_files"]) | set(skipped))
-            row = {
-                "epoch": epoch,
-                "lr": optimizers["model"].param_groups[0]["lr"],
-                **{f"train_{k}": v for k, v in train.items()},
-                **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
-                "skipped_images": len(skipped),
-                "seconds": round(seconds, 2),
-            }
-            state["history"].append(row)
-            state["epoch"] = epoch
-            improved = task.monitor is None or va[task.monitor] > state["best_metric"] or not state["best_epoch"]
-            if improved:
-                state.update(
-                    best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0
-                )
-                meta["metrics"] = {
-                    "name": task.metric_name,
-                    "best_val": va.get(task.monitor),
-                    "best_epoch": epoch,
-                    **va,
-                    **task.extra_metrics,
-                }
-                meta["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-                save_model_files(out, models["model"], meta)
-            else:
-                state["stale_epochs"] += 1
-            atomic_torch_save(
-                {
-                    "model": unwrap(models["model"]).state_dict(),
-                    "modules": {n: unwrap(models[n]).state_dict() for n in task.extra_modules},
-                    "optimizer": {n: o.state_dict() for n, o in optimizers.items()},
-                    "lr_scheduler": {n: s.state_dict() for n, s in schedulers.items()},
-                    "scaler": {n: s.state_dict() for n, s in scalers.items()},
-                    "state": state,
-                    "args": vars(args),
-                },
-                out / "checkpoint.pt",
-            )
-            write_metrics(out, state["history"], task.panels)
-            notes = []
-            if grads:
-                notes += grads.end_epoch(epoch)
-            if acts:
-                notes += acts.end_epoch(epoch, model, to_device(task.probe_input(), device))
-            log(epoch_line(epoch, args.epochs, train, va, improved, row, skipped))
-            for note in notes:
-                log(f"  warning: {note}")
-            if args.patience and state["stale_epochs"] >= args.patience and epoch < args.epochs:
-                stop = f"early stop: no better validation {task.monitor} for {args.patience} epochs"
-            elif args.max_minutes and time.time() - started_wall > args.max_minutes * 60 and epoch < args.epochs:
-                stop = f"stopping: --max-minutes {args.max_minutes:g} reached"
-        stop = dist.from_main(stop)
-        if stop:
-            log(stop)
-            break
-    if profiler:
-        profiler.finish()
-    if not main:
-        return {}
-    # model.json describes model.pt (the best epoch) and the whole run.
-    final = read_meta(out)
-    final["metrics"].update(
-        epochs_run=state["epoch"],
-        train_seconds=round(state["train_seconds"], 1),
-        train_cpu_seconds=round(state["train_cpu_seconds"], 1),
-        skipped_images=len(state["skipped_files"]),
-        skipped_files=state["skipped_files"][:1000],
-    )
-    atomic_write(out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
-    task.finish(out)
-    best = (
-        f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; "
-        if task.monitor
-        else ""
-    )
-    log(f"{best}wrote {out}/model.pt and model.json")
-    return final
-
-
-def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict, skipped: list[str]) -> str:
-    def fmt(d):
-        return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
-
-    line = f"epoch {epoch}/{epochs}  train {fmt(train)}"
-    if fmt(va):
-        line += f"  |  val {fmt(va)}{' *' if improved else ''}"
-    line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-    if skipped:
-        line += f"  |  skipped {len(skipped)} unreadable: {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
-    return line
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(task: Task, models: dict, loader, batches: int, autocast, no_update) -> None:
-    """Recompute every BatchNorm's running statistics as the cumulative average (momentum
-    None) over `batches` batches of training images in train mode (the task's
-    `calibration_set`: its training images as evaluation sees them, else its training set),
-    so the saved model's eval-mode answers match the weights it has, however few steps an
-    epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
-    layers = [
-        m
-        for model in models.values()
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    for model in models.values():
-        model.train()
-    for i, batch in enumerate(task.batches(loader, "BatchNorm recalibration")):
-        if i >= batches:
-            break
-        with autocast():
-            task.step(batch, models, no_update)
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
