@@ -31,6 +31,14 @@ TASK_DEFAULTS = {
     "bn_recalibration_batches",
 }
 
+# A default --batch-size is lowered to give BatchNorm at least MIN_STEPS steps per epoch.
+MIN_STEPS, MIN_AUTO_BATCH = 10, 8
+
+
+class TaskDefault(int):
+    """A default the engine may adapt to the data, told apart from the same number given on
+    the command line (argparse keeps a non-string default as it is)."""
+
 
 def task_parser(task: object) -> argparse.ArgumentParser:
     """A trainer's parser: its module's docstring as the description; a usage mistake (an
@@ -124,6 +132,8 @@ def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.Argument
     """Every flag of the engine's loop; `defaults` are the task's own values of TASK_DEFAULTS."""
     unknown = set(defaults) - TASK_DEFAULTS
     assert not unknown, unknown
+    if "batch_size" in defaults:
+        defaults["batch_size"] = TaskDefault(defaults["batch_size"])
     add_optimization_args(p.add_argument_group("optimization (every trainer)"))
     add_run_args(p.add_argument_group("run (every trainer)"))
     add_diagnostics_args(p.add_argument_group("diagnostics (every trainer, written into --out)"))
@@ -136,9 +146,10 @@ def add_optimization_args(g) -> None:
     g.add_argument(
         "--batch-size",
         type=int,
-        default=32,
-        help="images per step and process; under torchrun the global batch is this times the processes "
-        "(default: %(default)s)",
+        default=TaskDefault(32),
+        help="images per step and process; under torchrun the global batch is this times the processes. Left "
+        f"out, the default is lowered (to no fewer than {MIN_AUTO_BATCH}) where it would give a model with "
+        f"BatchNorm fewer than {MIN_STEPS} steps per epoch, and the log says so (default: %(default)s)",
     )
     g.add_argument(
         "--optimizer",

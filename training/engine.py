@@ -41,11 +41,11 @@ from model_defs.checkpoint import atomic_torch_save, read_meta, save_model_files
 from model_defs.files import atomic_write
 from model_defs.usage import UsageError
 from training import distributed as dist
+from training.args import MIN_AUTO_BATCH, MIN_STEPS, TaskDefault, check_out, check_ranges, load_resume, resolve_device
 from training.args import TASK_DEFAULTS as TASK_DEFAULTS
 from training.args import add_data_args as add_data_args
 from training.args import add_engine_args as add_engine_args
 from training.args import add_model_args as add_model_args
-from training.args import check_out, check_ranges, load_resume, resolve_device
 from training.args import task_parser as task_parser
 from training.cache import DecodeCache
 from training.datasets import (
@@ -523,7 +523,25 @@ def stop_reason(run: Run, epoch: int) -> str | None:
     return None
 
 
-def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict, skipped: list[str]) -> str:
+def end_epoch(run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float) -> str | None:
+    """Rank 0: record the epoch, write its diagnostics, print its line; returns why the run
+    stops here, if it does. An unreadable file is named the first epoch it is met; the
+    epoch lines after that give the count."""
+    run.state["train_seconds"] += seconds
+    named = set(run.state["skipped_files"])
+    row, improved = record_epoch(run, epoch, train, va, skipped, seconds)
+    notes = diagnose(run, epoch)
+    log(epoch_line(epoch, run.args.epochs, train, va, improved, row))
+    new = [f for f in skipped if f not in named]
+    if new:
+        more = f" and {len(new) - 20} more (model.json lists them)" if len(new) > 20 else ""
+        log(f"  {len(new)} unreadable file(s) left out: {', '.join(new[:20])}{more}")
+    for note in notes:
+        log(f"  warning: {note}")
+    return stop_reason(run, epoch)
+
+
+def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict) -> str:
     def fmt(d):
         return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
 
@@ -531,8 +549,8 @@ def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, r
     if fmt(va):
         line += f"  |  val {fmt(va)}{' *' if improved else ''}"
     line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-    if skipped:
-        line += f"  |  skipped {len(skipped)} unreadable: {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+    if row["skipped_images"]:
+        line += f"  |  skipped {row['skipped_images']} unreadable"
     return line
 
 
@@ -585,18 +603,33 @@ def distribute(task: Task, args, device: torch.device) -> dict[str, nn.Module]:
 
 
 def steps_per_epoch(task: Task, args, sampler: Sampler, models: dict) -> tuple[int, bool]:
-    """Optimizer steps per epoch and whether the last incomplete batch is dropped; a warning when
-    too few steps leave BatchNorm's running statistics behind the weights."""
-    drop_last = task.drop_last and len(sampler) > args.batch_size
-    steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
-    if steps < 10 and any(has_batchnorm(m) for m in models.values()):
+    """Optimizer steps per epoch and whether the last incomplete batch is dropped. Too few steps
+    leave BatchNorm's running statistics behind the weights: a default --batch-size is then
+    lowered, saying so; one given on the command line is kept, with a warning."""
+    n, per = len(sampler), " per process" if dist.world_size() > 1 else ""
+    batchnorm = any(has_batchnorm(m) for m in models.values())
+    default = isinstance(args.batch_size, TaskDefault)
+    args.batch_size = int(args.batch_size)  # checkpoint.pt's args hold plain values
+
+    def count(batch_size: int) -> int:
+        drop = task.drop_last and n > batch_size
+        return max(1, n // batch_size if drop else math.ceil(n / batch_size))
+
+    lowered = max(MIN_AUTO_BATCH, n // MIN_STEPS)
+    if default and batchnorm and count(args.batch_size) < MIN_STEPS and lowered < args.batch_size:
         log(
-            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x "
-            f"{dist.world_size()} process(es) give only {steps} step(s) per epoch: too few for BatchNorm's "
-            "running statistics to follow the weights; they are recalibrated before each evaluation, but a "
-            "smaller --batch-size trains better"
+            f"--batch-size {lowered}: the default {args.batch_size} gives {n} training images{per} only "
+            f"{count(args.batch_size)} step(s) per epoch, too few for BatchNorm; {lowered} gives "
+            f"{count(lowered)} (give --batch-size to choose)"
         )
-    return steps, drop_last
+        args.batch_size = lowered
+    elif batchnorm and count(args.batch_size) < MIN_STEPS:
+        log(
+            f"warning: {n} training images{per} at --batch-size {args.batch_size} give only "
+            f"{count(args.batch_size)} step(s) per epoch: too few for BatchNorm's running statistics to follow "
+            "the weights; they are recalibrated before each evaluation, but a smaller --batch-size trains better"
+        )
+    return count(args.batch_size), task.drop_last and n > args.batch_size
 
 
 def run_meta(task: Task, args, device: torch.device) -> dict:
@@ -690,15 +723,8 @@ def fit(task: Task, args) -> dict:
         skipped = sorted(set(dist.gather_lists(task.skipped)))
         stop = None
         if main:
-            seconds = time.time() - start
-            run.state["train_seconds"] += seconds
             run.state["train_cpu_seconds"] += time.process_time() - cpu_start
-            row, improved = record_epoch(run, epoch, train, va, skipped, seconds)
-            notes = diagnose(run, epoch)
-            log(epoch_line(epoch, args.epochs, train, va, improved, row, skipped))
-            for note in notes:
-                log(f"  warning: {note}")
-            stop = stop_reason(run, epoch)
+            stop = end_epoch(run, epoch, train, va, skipped, time.time() - start)
         stop = dist.from_main(stop)
         if stop:
             log(stop)
