@@ -1,7 +1,9 @@
 """Optional looks inside a training run, each off by default and written into the run folder:
 
 - `--log-grad-norms`: per-layer gradient norms averaged over each epoch's steps
-  (grad_norms.csv, grad_norms.png); layers under VANISHING or over EXPLODING are flagged.
+  (grad_norms.csv, grad_norms.png); layers under VANISHING or over EXPLODING are flagged, and
+  so is a NaN or infinite norm (which compares false with both bounds, so it is tested apart),
+  with the step it was first met.
 - `--activation-stats`: forward hooks on a fixed validation batch give each layer's output
   mean, std and fraction of zeros (activations.csv, activations.png); a layer whose output
   is (almost) all zeros is flagged dead.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,33 +40,79 @@ def layer_grad_norms(model: nn.Module) -> dict[str, float]:
 
 
 def grad_flags(norms: dict[str, float]) -> dict[str, str]:
-    return {
-        k: "vanishing" if v < VANISHING else "exploding" for k, v in norms.items() if v < VANISHING or v > EXPLODING
-    }
+    """Each layer whose gradient norm is not finite (NaN or infinite), vanishing or exploding."""
+    flags = {}
+    for k, v in norms.items():
+        if not math.isfinite(v):
+            flags[k] = "not finite"
+        elif v < VANISHING:
+            flags[k] = "vanishing"
+        elif v > EXPLODING:
+            flags[k] = "exploding"
+    return flags
 
 
 class GradNormLog:
-    """Averages layer_grad_norms over an epoch's steps; writes one row per layer per epoch."""
+    """Averages layer_grad_norms over an epoch's steps and writes one row per layer per epoch.
+    A NaN or infinite norm is counted apart from the average, flagged, and the first step
+    that had one is kept for the message of a run that diverges before its epoch ends."""
 
     def __init__(self, out: Path):
-        self.out, self.sums, self.steps, self.rows = out, defaultdict(float), 0, []
+        self.out, self.rows, self.step = out, [], 0
+        self.first_not_finite = ""  # where a gradient norm was first NaN or infinite
+        self.start_epoch()
 
-    def record(self, model: nn.Module) -> None:
-        for k, v in layer_grad_norms(model).items():
-            self.sums[k] += v
+    def start_epoch(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.finite: dict[str, int] = defaultdict(int)
+        self.not_finite: dict[str, int] = defaultdict(int)
+        self.steps = 0
+
+    def record(self, norms: dict[str, float]) -> None:
+        """One step's layer_grad_norms."""
+        self.step += 1
         self.steps += 1
+        bad = [k for k, v in norms.items() if not math.isfinite(v)]
+        for k, v in norms.items():
+            if k in bad:
+                self.not_finite[k] += 1
+            else:
+                self.sums[k] += v
+                self.finite[k] += 1
+        if bad and not self.first_not_finite:
+            # A NaN made in one layer reaches every layer before it on the way back; the
+            # parameters come in definition order, so the last one is nearest its origin.
+            before = f" (and {len(bad) - 1} layer(s) before it)" if len(bad) > 1 else ""
+            self.first_not_finite = f"{bad[-1]}{before} at step {self.step}: gradient norm {norms[bad[-1]]}"
 
     def end_epoch(self, epoch: int) -> list[str]:
         """Write the files; returns one warning line per flagged layer."""
-        norms = {k: v / max(1, self.steps) for k, v in self.sums.items()}
+        layers = list({**self.sums, **self.not_finite})
+        norms = {k: self.sums[k] / self.finite[k] if self.finite[k] else math.nan for k in layers}
         flags = grad_flags(norms)
-        self.rows += [{"epoch": epoch, "layer": k, "grad_norm": v, "flag": flags.get(k, "")} for k, v in norms.items()]
-        self.sums, self.steps = defaultdict(float), 0
+        flags.update({k: "not finite" for k in self.not_finite})
+        self.rows += [
+            {
+                "epoch": epoch,
+                "layer": k,
+                "grad_norm": norms[k],
+                "not_finite_steps": self.not_finite[k],
+                "flag": flags.get(k, ""),
+            }
+            for k in layers
+        ]
+        notes = [
+            f"gradient norm of {k} was NaN or infinite in {self.not_finite[k]} of {self.steps} step(s)"
+            if k in self.not_finite
+            else f"gradient norm of {k} is {flags[k]} ({norms[k]:.2e})"
+            for k in flags
+        ]
+        self.start_epoch()
         write_rows(self.out / "grad_norms.csv", self.rows)
         draw_per_layer(
             self.out / "grad_norms.png", self.rows, "grad_norm", "gradient norm per layer (log scale)", log=True
         )
-        return [f"gradient norm of {k} is {flags[k]} ({norms[k]:.2e})" for k in flags]
+        return notes
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ from training.datasets import (
     split_source,
     stratified_split,
 )
-from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
+from training.diagnostics import ActivationLog, GradNormLog, StepProfiler, layer_grad_norms
 from training.key_values import parse_key_values
 
 
@@ -330,20 +330,30 @@ class Optimization:
 
     def update(self, loss: torch.Tensor, name: str = "model") -> None:
         if not torch.isfinite(loss) and not self.fp16:  # fp16's GradScaler skips such steps itself
-            raise TrainingError(f"training diverged (loss {loss.item()}); try a lower --lr")
+            raise TrainingError(self.diverged(loss))
         opt, scaler = self.optimizers[name], self.scalers[name]
         log_grads = self.grads is not None and name == "model"
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if self.clip or log_grads:
             scaler.unscale_(opt)
-        if log_grads:
-            self.grads.record(unwrap(self.models[name]))
+        norms = layer_grad_norms(unwrap(self.models[name])) if log_grads else None
         if self.clip:
             nn.utils.clip_grad_norm_(self.params[name], self.clip)
+        scale = scaler.get_scale() if norms is not None else 0.0
         scaler.step(opt)
         scaler.update()
         self.schedulers[name].step()
+        # A step the fp16 GradScaler skips (it lowers its scale) overflowed on purpose: not logged.
+        if self.grads is not None and norms is not None and not (self.fp16 and scaler.get_scale() < scale):
+            self.grads.record(norms)
+
+    def diverged(self, loss: torch.Tensor) -> str:
+        where = self.grads.first_not_finite if self.grads is not None else ""
+        if where:
+            return f"training diverged (loss {loss.item()}); the first NaN or infinite gradient was in {where}"
+        hint = "" if self.grads is not None else " (--log-grad-norms names the layer whose gradient was first NaN)"
+        return f"training diverged (loss {loss.item()}); try a lower --lr{hint}"
 
     @property
     def lr(self) -> float:
