@@ -59,6 +59,7 @@ from training.datasets import (
 )
 from training.diagnostics import ActivationLog, GradNormLog, StepProfiler, layer_grad_norms
 from training.key_values import parse_key_values
+from training.worker_seeds import EpochSeeded, EpochTagged
 
 
 class TrainingError(RuntimeError):
@@ -278,7 +279,9 @@ class Task:
     def finish(self, out: Path) -> None:
         """Pictures drawn from the saved model at the end."""
 
-    def loader(self, dataset, sampler=None, generator=None, drop_last=False) -> DataLoader:
+    def loader(self, dataset, sampler=None, generator=None, drop_last=False, persistent=False) -> DataLoader:
+        """Batches of `dataset`, read by --workers processes; `persistent` keeps them from one
+        epoch to the next (the training loader's)."""
         return DataLoader(
             dataset,
             batch_size=self.args.batch_size,
@@ -289,6 +292,7 @@ class Task:
             num_workers=self.args.workers,
             collate_fn=SkipCollate(type(self).collate),
             pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent and self.args.workers > 0,
         )
 
     def batches(self, loader, desc: str = ""):
@@ -388,8 +392,8 @@ class Run:
     out: Path
     models: dict[str, nn.Module]
     optimization: Optimization
-    sampler: Sampler
-    drop_last: bool
+    sampler: Sampler  # the training loader's: set_epoch reshuffles
+    loader: DataLoader
     meta: dict
     state: dict
     grads: GradNormLog | None = None
@@ -409,14 +413,12 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it.
     torch.manual_seed(args.seed + epoch + 100_003 * dist.rank())
     run.sampler.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(args.seed + epoch)
-    loader = task.loader(task.train_set, run.sampler, generator, run.drop_last)
     task.skipped, task.epoch = [], epoch
     for m in run.models.values():
         m.train()
     sums: dict[str, float] = defaultdict(float)
     seen = 0
-    for batch in task.batches(loader, f"epoch {epoch}/{args.epochs} train"):
+    for batch in task.batches(run.loader, f"epoch {epoch}/{args.epochs} train"):
         with run.autocast():
             n, values = task.step(batch, run.models, run.optimization.update)
         seen += n
@@ -642,6 +644,18 @@ def steps_per_epoch(task: Task, args, sampler: Sampler, models: dict) -> tuple[i
     return count(args.batch_size), task.drop_last and n > args.batch_size
 
 
+def training_loader(task: Task, args, sampler: Sampler, drop_last: bool) -> tuple[Sampler, DataLoader]:
+    """The training set's loader, made once: its --workers processes persist from epoch to
+    epoch and reseed themselves at each epoch's first item (training.worker_seeds), so an
+    epoch's augmentation depends on (seed, epoch, worker) alone. The generator gives the
+    loader's own draw, which would otherwise come from torch's global random stream."""
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.workers == 0:
+        return sampler, task.loader(task.train_set, sampler, generator, drop_last)
+    tagged = EpochTagged(sampler)
+    return tagged, task.loader(EpochSeeded(task.train_set, args.seed), tagged, generator, drop_last, persistent=True)
+
+
 def run_meta(task: Task, args, device: torch.device) -> dict:
     """model.json's record of the task and of how it was trained."""
     return {
@@ -685,6 +699,7 @@ def prepare(task: Task, args, device: torch.device) -> Run:
     weights = task.sample_weights() if getattr(args, "balance", False) else None
     sampler = dist.train_sampler(task.train_set, args.seed, weights)
     steps, drop_last = steps_per_epoch(task, args, sampler, models)
+    sampler, loader = training_loader(task, args, sampler, drop_last)
     grads = GradNormLog(out) if args.log_grad_norms and main else None
     optimization = Optimization(task, args, models, steps, grads)
     state = fresh_state()
@@ -701,7 +716,7 @@ def prepare(task: Task, args, device: torch.device) -> Run:
         log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
     acts = ActivationLog(out) if args.activation_stats and main else None
     meta = run_meta(task, args, device)
-    return Run(task, args, device, out, models, optimization, sampler, drop_last, meta, state, grads, acts)
+    return Run(task, args, device, out, models, optimization, sampler, loader, meta, state, grads, acts)
 
 
 def fit(task: Task, args) -> dict:
