@@ -279,8 +279,23 @@ def add_diagnostics_args(g) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="profile the first N training steps: profile/trace.json (Chrome trace) and "
-        "profile/top_ops.txt (default: 0, off)",
+        help="profile N training steps, after --profile-wait skipped and --profile-warmup warm-up steps, with "
+        "memory: a trace under <out>/profile for Perfetto (ui.perfetto.dev) and TensorBoard's profiler plugin "
+        "(tensorboard --logdir <out>/profile), and profile/top_ops.txt (default: 0, off)",
+    )
+    g.add_argument(
+        "--profile-wait",
+        type=int,
+        default=1,
+        metavar="STEPS",
+        help="with --profile, training steps run before the profiler starts (default: %(default)s)",
+    )
+    g.add_argument(
+        "--profile-warmup",
+        type=int,
+        default=1,
+        metavar="STEPS",
+        help="with --profile, steps profiled and thrown away before the N recorded ones (default: %(default)s)",
     )
 
 
@@ -307,6 +322,8 @@ RANGES = {
     "threads": (0, None, True, True),
     "bn_recalibration_batches": (0, None, True, True),
     "profile": (0, None, True, True),
+    "profile_wait": (0, None, True, True),
+    "profile_warmup": (0, None, True, True),
     "hflip_prob": (0, 1, True, True),
     "vflip_prob": (0, 1, True, True),
     "min_scale": (0, 1, False, True),

@@ -7,8 +7,9 @@
 - `--activation-stats`: forward hooks on a fixed validation batch give each layer's output
   mean, std and fraction of zeros (activations.csv, activations.png); a layer whose output
   is (almost) all zeros is flagged dead.
-- `--profile N`: torch.profiler over N training steps: profile/trace.json (Chrome trace,
-  open in chrome://tracing or Perfetto) and profile/top_ops.txt (operators by time).
+- `--profile N`: torch.profiler on a schedule (--profile-wait steps skipped, --profile-warmup
+  steps warmed up, N recorded) with memory: a trace for TensorBoard and Perfetto under
+  profile/ and profile/top_ops.txt (operators by time and by memory).
 """
 
 from __future__ import annotations
@@ -214,33 +215,48 @@ def draw_per_layer(
 
 
 class StepProfiler:
-    """torch.profiler over the first `steps` training steps; files written when done."""
+    """torch.profiler over the first training steps on a wait / warm-up / active schedule, with
+    memory profiling. Writes profile/<host>_<pid>.<ms>.pt.trace.json (open it in Perfetto,
+    ui.perfetto.dev, or in TensorBoard's profiler plugin with --logdir <out>/profile) and
+    profile/top_ops.txt (operators by time, then by memory)."""
 
-    def __init__(self, out: Path, steps: int, cuda: bool):
-        from torch.profiler import ProfilerActivity, profile
+    def __init__(self, out: Path, wait: int, warmup: int, active: int, cuda: bool):
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-        self.out, self.left = out / "profile", steps
+        self.out, self.cuda, self.left = out / "profile", cuda, wait + warmup + active
+        self.out.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        self.prof = profile(activities=activities, record_shapes=True)
-        self.prof.__enter__()
+        self.prof: torch.profiler.profile | None = profile(
+            activities=activities,
+            schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(self.out)),
+            record_shapes=True,
+            profile_memory=True,
+        )
+        self.prof.start()
 
     def step(self) -> None:
-        if self.left <= 0:
-            return
-        self.left -= 1
-        if self.left == 0:
-            self.finish()
-
-    def finish(self) -> None:
         if self.prof is None:
             return
-        self.prof.__exit__(None, None, None)
-        self.out.mkdir(exist_ok=True)
-        self.prof.export_chrome_trace(str(self.out / "trace.json"))
-        sort = (
-            "self_cuda_time_total"
-            if any(e.device_type.name == "CUDA" for e in self.prof.events())
-            else "self_cpu_time_total"
-        )
-        (self.out / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
-        self.prof, self.left = None, 0
+        self.prof.step()
+        self.left -= 1
+        if self.left <= 0:
+            self.finish()
+
+    def finish(self) -> str | None:
+        """Stop (a run shorter than the schedule keeps what its active steps recorded); returns a
+        warning when the run ended before any step was recorded."""
+        if self.prof is None:
+            return None
+        prof, self.prof = self.prof, None
+        prof.stop()
+        if not list(self.out.glob("*.pt.trace.json")):
+            return "--profile recorded nothing: the run ended within --profile-wait + --profile-warmup steps"
+        device = "cuda" if self.cuda else "cpu"
+        ops = prof.key_averages()
+        tables = [
+            ops.table(sort_by=f"self_{device}_time_total", row_limit=25),
+            ops.table(sort_by=f"self_{device}_memory_usage", row_limit=15),
+        ]
+        (self.out / "top_ops.txt").write_text("\n\n".join(tables) + "\n")
+        return None

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_torch_save, read_meta, save_model_files, unwrap
 from model_defs.files import atomic_write
+from model_defs.registry import parameter_counts
 from model_defs.usage import UsageError
 from training import distributed as dist
 from training.args import MIN_AUTO_BATCH, MIN_STEPS, TaskDefault, check_out, check_ranges, load_resume, resolve_device
@@ -149,7 +150,8 @@ def write_metrics(out: Path, history: list[dict], panels: dict[str, list[str]]) 
     import matplotlib.pyplot as plt
 
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        # Every row's columns: a run resumed on another device may add one (peak_gpu_memory_mb).
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for h in history for k in h)))
         writer.writeheader()
         writer.writerows(history)
     epochs = [h["epoch"] for h in history]
@@ -414,6 +416,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     torch.manual_seed(args.seed + epoch + 100_003 * dist.rank())
     run.sampler.set_epoch(epoch)
     task.skipped, task.epoch = [], epoch
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     for m in run.models.values():
         m.train()
     sums: dict[str, float] = defaultdict(float)
@@ -462,6 +466,14 @@ def recalibrate_batchnorm(run: Run, epoch: int) -> None:
         m.momentum = momentum
 
 
+def peak_gpu_memory_mb(device: torch.device) -> float | None:
+    """The most GPU memory tensors held since the epoch began (torch.cuda.max_memory_allocated,
+    reset at each epoch's start), in MiB, the highest of all ranks; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return max(dist.gather_lists([round(torch.cuda.max_memory_allocated(device) / 2**20, 1)]))
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """The task's validation metrics of the model as it is saved (eval mode, unwrapped)."""
@@ -470,7 +482,9 @@ def evaluate(run: Run) -> dict:
         return run.task.evaluate(model)
 
 
-def record_epoch(run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float) -> tuple[dict, bool]:
+def record_epoch(
+    run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float, peak: float | None
+) -> tuple[dict, bool]:
     """Rank 0: the epoch's row in the history; model.pt and model.json when the monitored
     metric improved; checkpoint.pt and metrics.csv always. Returns the row and whether it
     improved."""
@@ -483,6 +497,7 @@ def record_epoch(run: Run, epoch: int, train: dict, va: dict, skipped: list[str]
         **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
         "skipped_images": len(skipped),
         "seconds": round(seconds, 2),
+        **({"peak_gpu_memory_mb": peak} if peak is not None else {}),
     }
     state["history"].append(row)
     state["epoch"] = epoch
@@ -535,13 +550,15 @@ def stop_reason(run: Run, epoch: int) -> str | None:
     return None
 
 
-def end_epoch(run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float) -> str | None:
+def end_epoch(
+    run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float, peak: float | None
+) -> str | None:
     """Rank 0: record the epoch, write its diagnostics, print its line; returns why the run
     stops here, if it does. An unreadable file is named the first epoch it is met; the
     epoch lines after that give the count."""
     run.state["train_seconds"] += seconds
     named = set(run.state["skipped_files"])
-    row, improved = record_epoch(run, epoch, train, va, skipped, seconds)
+    row, improved = record_epoch(run, epoch, train, va, skipped, seconds, peak)
     notes = diagnose(run, epoch)
     log(epoch_line(epoch, run.args.epochs, train, va, improved, row))
     new = [f for f in skipped if f not in named]
@@ -667,7 +684,13 @@ def run_meta(task: Task, args, device: torch.device) -> dict:
             "global_batch_size": args.batch_size * dist.world_size(),
             "amp": args.amp,
             "optimizer": args.optimizer,
+            "profile": (
+                {"wait": args.profile_wait, "warmup": args.profile_warmup, "active": args.profile}
+                if args.profile
+                else None
+            ),
         },
+        "parameters": parameter_counts(task.model),
     }
 
 
@@ -737,7 +760,9 @@ def fit(task: Task, args) -> dict:
         + (f", AMP {args.amp}" if args.amp != "none" else "")
     )
     if args.profile and main:
-        run.profiler = StepProfiler(run.out, args.profile, device.type == "cuda")
+        run.profiler = StepProfiler(
+            run.out, args.profile_wait, args.profile_warmup, args.profile, device.type == "cuda"
+        )
     run.started = time.time()
     for epoch in range(run.state["epoch"] + 1, args.epochs + 1):
         start, cpu_start = time.time(), time.process_time()
@@ -746,16 +771,17 @@ def fit(task: Task, args) -> dict:
             recalibrate_batchnorm(run, epoch)
         va = evaluate(run) if main else {}
         skipped = sorted(set(dist.gather_lists(task.skipped)))
+        peak = peak_gpu_memory_mb(run.device)
         stop = None
         if main:
             run.state["train_cpu_seconds"] += time.process_time() - cpu_start
-            stop = end_epoch(run, epoch, train, va, skipped, time.time() - start)
+            stop = end_epoch(run, epoch, train, va, skipped, time.time() - start, peak)
         stop = dist.from_main(stop)
         if stop:
             log(stop)
             break
-    if run.profiler:
-        run.profiler.finish()
+    if run.profiler and (note := run.profiler.finish()):
+        log(f"warning: {note}")
     return finish(run) if main else {}
 
 
@@ -770,6 +796,9 @@ def finish(run: Run) -> dict:
         skipped_images=len(state["skipped_files"]),
         skipped_files=state["skipped_files"][:1000],
     )
+    peaks = [h["peak_gpu_memory_mb"] for h in state["history"] if "peak_gpu_memory_mb" in h]
+    if peaks:
+        final["metrics"]["peak_gpu_memory_mb"] = max(peaks)
     atomic_write(run.out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
     task.finish(run.out)
     best = (
