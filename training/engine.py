@@ -2,15 +2,20 @@
 engine.py is: a trainer supplies a `Task` (its flags, data, model, one training step, its
 evaluation, its pictures) and `cli(task, argv)` does all the rest:
 
-- the shared flags, with one name, one default and one help text, all checked before
-  anything starts (a mistake is one line and exit 2, nothing written);
+- the shared flags of training.args, all checked before anything starts (a mistake is one
+  line and exit 2, nothing written);
 - device (auto, cpu, cuda, cuda:N), seed and --deterministic, AMP (--amp bf16|fp16, with a
   GradScaler for fp16), gradient clipping, AdamW with warm-up and cosine decay or SGD;
 - torchrun: DDP (gloo on CPU, NCCL on CUDA), a distributed sampler, --sync-bn; training
   metrics summed over ranks, rank 0 evaluates and is the only one that writes;
+- a training loader whose workers persist across epochs, reseeded per epoch;
 - BatchNorm recalibration before evaluating, best epoch, --patience, --max-minutes;
-- checkpoint.pt every epoch and --resume; metrics.csv, curves.png, model.pt + model.json;
+- checkpoint.pt every epoch and --resume; metrics.csv (with peak GPU memory on CUDA),
+  curves.png, model.pt + model.json;
 - the progress bar, the per-epoch line and the diagnostics of training.diagnostics.
+
+It reads top to bottom: the helpers a task calls, `Task`, one epoch (`train_one_epoch`,
+`recalibrate_batchnorm`, `evaluate`, `end_epoch`), then the run (`prepare`, `fit`, `cli`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from model_defs.registry import parameter_counts
 from model_defs.usage import UsageError
 from training import distributed as dist
 from training.args import MIN_AUTO_BATCH, MIN_STEPS, TaskDefault, check_out, check_ranges, load_resume, resolve_device
+
+# The flag groups a trainer builds its parser from, declared in training.args.
 from training.args import TASK_DEFAULTS as TASK_DEFAULTS
 from training.args import add_data_args as add_data_args
 from training.args import add_engine_args as add_engine_args
