@@ -163,3 +163,9 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
 def list_models(task: str | None = None) -> list[str]:
     return sorted(n for n, e in _registered().items() if task is None or e.task == task)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """The model's parameters: all of them, and those training updates (requires_grad)."""
+    params = list(model.parameters())
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}

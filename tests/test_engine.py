@@ -146,6 +146,8 @@ MISTAKES = [
     ("train", ["--clip-grad-norm", "-1"], "--clip-grad-norm must be >= 0"),
     ("train", ["--min-lr-ratio", "2"], "--min-lr-ratio must be >= 0 and <= 1"),
     ("train", ["--profile", "-1"], "--profile must be >= 0"),
+    ("train", ["--profile-wait", "-1"], "--profile-wait must be >= 0"),
+    ("train", ["--profile-warmup", "-2"], "--profile-warmup must be >= 0"),
     ("train", ["--bn-recalibration-batches", "-1"], "--bn-recalibration-batches must be >= 0"),
     ("train", ["--lr", "nan"], "--lr must be >= 0"),
     ("train", ["--val-data", "{tmp}/nowhere"], "nowhere does not exist"),
@@ -559,10 +561,12 @@ def test_diagnostics_written_into_the_run_folder(small, tmp_path, capsys):
     for name in ("grad_norms.png", "activations.png"):
         with Image.open(out / name) as img:
             img.verify()
-    trace = json.loads((out / "profile" / "trace.json").read_text())
+    (trace_file,) = (out / "profile").glob("*.pt.trace.json")  # TensorBoard's and Perfetto's format
+    trace = json.loads(trace_file.read_text())
     assert any("conv" in e.get("name", "") for e in trace["traceEvents"])
+    assert any(e.get("name") == "[memory]" for e in trace["traceEvents"])  # profile_memory
     top = (out / "profile" / "top_ops.txt").read_text()
-    assert "aten::" in top and "Self CPU" in top
+    assert "aten::" in top and "Self CPU" in top and "Self CPU Mem" in top
 
 
 def test_no_diagnostics_by_default(digits_run):

@@ -1,17 +1,21 @@
 """Optional looks inside a training run, each off by default and written into the run folder:
 
 - `--log-grad-norms`: per-layer gradient norms averaged over each epoch's steps
-  (grad_norms.csv, grad_norms.png); layers under VANISHING or over EXPLODING are flagged.
+  (grad_norms.csv, grad_norms.png); layers under VANISHING or over EXPLODING are flagged, and
+  so is a NaN or infinite norm (which compares false with both bounds, so it is tested apart),
+  with the step it was first met.
 - `--activation-stats`: forward hooks on a fixed validation batch give each layer's output
   mean, std and fraction of zeros (activations.csv, activations.png); a layer whose output
   is (almost) all zeros is flagged dead.
-- `--profile N`: torch.profiler over N training steps: profile/trace.json (Chrome trace,
-  open in chrome://tracing or Perfetto) and profile/top_ops.txt (operators by time).
+- `--profile N`: torch.profiler on a schedule (--profile-wait steps skipped, --profile-warmup
+  steps warmed up, N recorded) with memory: a trace for TensorBoard and Perfetto under
+  profile/ and profile/top_ops.txt (operators by time and by memory).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,33 +41,79 @@ def layer_grad_norms(model: nn.Module) -> dict[str, float]:
 
 
 def grad_flags(norms: dict[str, float]) -> dict[str, str]:
-    return {
-        k: "vanishing" if v < VANISHING else "exploding" for k, v in norms.items() if v < VANISHING or v > EXPLODING
-    }
+    """Each layer whose gradient norm is not finite (NaN or infinite), vanishing or exploding."""
+    flags = {}
+    for k, v in norms.items():
+        if not math.isfinite(v):
+            flags[k] = "not finite"
+        elif v < VANISHING:
+            flags[k] = "vanishing"
+        elif v > EXPLODING:
+            flags[k] = "exploding"
+    return flags
 
 
 class GradNormLog:
-    """Averages layer_grad_norms over an epoch's steps; writes one row per layer per epoch."""
+    """Averages layer_grad_norms over an epoch's steps and writes one row per layer per epoch.
+    A NaN or infinite norm is counted apart from the average, flagged, and the first step
+    that had one is kept for the message of a run that diverges before its epoch ends."""
 
     def __init__(self, out: Path):
-        self.out, self.sums, self.steps, self.rows = out, defaultdict(float), 0, []
+        self.out, self.rows, self.step = out, [], 0
+        self.first_not_finite = ""  # where a gradient norm was first NaN or infinite
+        self.start_epoch()
 
-    def record(self, model: nn.Module) -> None:
-        for k, v in layer_grad_norms(model).items():
-            self.sums[k] += v
+    def start_epoch(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.finite: dict[str, int] = defaultdict(int)
+        self.not_finite: dict[str, int] = defaultdict(int)
+        self.steps = 0
+
+    def record(self, norms: dict[str, float]) -> None:
+        """One step's layer_grad_norms."""
+        self.step += 1
         self.steps += 1
+        bad = [k for k, v in norms.items() if not math.isfinite(v)]
+        for k, v in norms.items():
+            if k in bad:
+                self.not_finite[k] += 1
+            else:
+                self.sums[k] += v
+                self.finite[k] += 1
+        if bad and not self.first_not_finite:
+            # A NaN made in one layer reaches every layer before it on the way back; the
+            # parameters come in definition order, so the last one is nearest its origin.
+            before = f" (and {len(bad) - 1} layer(s) before it)" if len(bad) > 1 else ""
+            self.first_not_finite = f"{bad[-1]}{before} at step {self.step}: gradient norm {norms[bad[-1]]}"
 
     def end_epoch(self, epoch: int) -> list[str]:
         """Write the files; returns one warning line per flagged layer."""
-        norms = {k: v / max(1, self.steps) for k, v in self.sums.items()}
+        layers = list({**self.sums, **self.not_finite})
+        norms = {k: self.sums[k] / self.finite[k] if self.finite[k] else math.nan for k in layers}
         flags = grad_flags(norms)
-        self.rows += [{"epoch": epoch, "layer": k, "grad_norm": v, "flag": flags.get(k, "")} for k, v in norms.items()]
-        self.sums, self.steps = defaultdict(float), 0
+        flags.update({k: "not finite" for k in self.not_finite})
+        self.rows += [
+            {
+                "epoch": epoch,
+                "layer": k,
+                "grad_norm": norms[k],
+                "not_finite_steps": self.not_finite[k],
+                "flag": flags.get(k, ""),
+            }
+            for k in layers
+        ]
+        notes = [
+            f"gradient norm of {k} was NaN or infinite in {self.not_finite[k]} of {self.steps} step(s)"
+            if k in self.not_finite
+            else f"gradient norm of {k} is {flags[k]} ({norms[k]:.2e})"
+            for k in flags
+        ]
+        self.start_epoch()
         write_rows(self.out / "grad_norms.csv", self.rows)
         draw_per_layer(
             self.out / "grad_norms.png", self.rows, "grad_norm", "gradient norm per layer (log scale)", log=True
         )
-        return [f"gradient norm of {k} is {flags[k]} ({norms[k]:.2e})" for k in flags]
+        return notes
 
 
 @torch.no_grad()
@@ -165,33 +215,48 @@ def draw_per_layer(
 
 
 class StepProfiler:
-    """torch.profiler over the first `steps` training steps; files written when done."""
+    """torch.profiler over the first training steps on a wait / warm-up / active schedule, with
+    memory profiling. Writes profile/<host>_<pid>.<ms>.pt.trace.json (open it in Perfetto,
+    ui.perfetto.dev, or in TensorBoard's profiler plugin with --logdir <out>/profile) and
+    profile/top_ops.txt (operators by time, then by memory)."""
 
-    def __init__(self, out: Path, steps: int, cuda: bool):
-        from torch.profiler import ProfilerActivity, profile
+    def __init__(self, out: Path, wait: int, warmup: int, active: int, cuda: bool):
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-        self.out, self.left = out / "profile", steps
+        self.out, self.cuda, self.left = out / "profile", cuda, wait + warmup + active
+        self.out.mkdir(parents=True, exist_ok=True)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        self.prof = profile(activities=activities, record_shapes=True)
-        self.prof.__enter__()
+        self.prof: torch.profiler.profile | None = profile(
+            activities=activities,
+            schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(self.out)),
+            record_shapes=True,
+            profile_memory=True,
+        )
+        self.prof.start()
 
     def step(self) -> None:
-        if self.left <= 0:
-            return
-        self.left -= 1
-        if self.left == 0:
-            self.finish()
-
-    def finish(self) -> None:
         if self.prof is None:
             return
-        self.prof.__exit__(None, None, None)
-        self.out.mkdir(exist_ok=True)
-        self.prof.export_chrome_trace(str(self.out / "trace.json"))
-        sort = (
-            "self_cuda_time_total"
-            if any(e.device_type.name == "CUDA" for e in self.prof.events())
-            else "self_cpu_time_total"
-        )
-        (self.out / "top_ops.txt").write_text(self.prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
-        self.prof, self.left = None, 0
+        self.prof.step()
+        self.left -= 1
+        if self.left <= 0:
+            self.finish()
+
+    def finish(self) -> str | None:
+        """Stop (a run shorter than the schedule keeps what its active steps recorded); returns a
+        warning when the run ended before any step was recorded."""
+        if self.prof is None:
+            return None
+        prof, self.prof = self.prof, None
+        prof.stop()
+        if not list(self.out.glob("*.pt.trace.json")):
+            return "--profile recorded nothing: the run ended within --profile-wait + --profile-warmup steps"
+        device = "cuda" if self.cuda else "cpu"
+        ops = prof.key_averages()
+        tables = [
+            ops.table(sort_by=f"self_{device}_time_total", row_limit=25),
+            ops.table(sort_by=f"self_{device}_memory_usage", row_limit=15),
+        ]
+        (self.out / "top_ops.txt").write_text("\n\n".join(tables) + "\n")
+        return None

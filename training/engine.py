@@ -2,15 +2,20 @@
 engine.py is: a trainer supplies a `Task` (its flags, data, model, one training step, its
 evaluation, its pictures) and `cli(task, argv)` does all the rest:
 
-- the shared flags, with one name, one default and one help text, all checked before
-  anything starts (a mistake is one line and exit 2, nothing written);
+- the shared flags of training.args, all checked before anything starts (a mistake is one
+  line and exit 2, nothing written);
 - device (auto, cpu, cuda, cuda:N), seed and --deterministic, AMP (--amp bf16|fp16, with a
   GradScaler for fp16), gradient clipping, AdamW with warm-up and cosine decay or SGD;
 - torchrun: DDP (gloo on CPU, NCCL on CUDA), a distributed sampler, --sync-bn; training
   metrics summed over ranks, rank 0 evaluates and is the only one that writes;
+- a training loader whose workers persist across epochs, reseeded per epoch;
 - BatchNorm recalibration before evaluating, best epoch, --patience, --max-minutes;
-- checkpoint.pt every epoch and --resume; metrics.csv, curves.png, model.pt + model.json;
+- checkpoint.pt every epoch and --resume; metrics.csv (with peak GPU memory on CUDA),
+  curves.png, model.pt + model.json;
 - the progress bar, the per-epoch line and the diagnostics of training.diagnostics.
+
+It reads top to bottom: the helpers a task calls, `Task`, one epoch (`train_one_epoch`,
+`recalibrate_batchnorm`, `evaluate`, `end_epoch`), then the run (`prepare`, `fit`, `cli`).
 """
 
 from __future__ import annotations
@@ -24,24 +29,33 @@ import math
 import os
 import platform
 import random
-import re
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Sampler, default_collate
 from tqdm import tqdm
 
 from model_defs import get_entry, get_model
 from model_defs.checkpoint import atomic_torch_save, read_meta, save_model_files, unwrap
 from model_defs.files import atomic_write
-from model_defs.usage import OneLineParser, UsageError
+from model_defs.registry import parameter_counts
+from model_defs.usage import UsageError
 from training import distributed as dist
-from training.cache import CACHE_MODES, DecodeCache
+from training.args import MIN_AUTO_BATCH, MIN_STEPS, TaskDefault, check_out, check_ranges, load_resume, resolve_device
+
+# The flag groups a trainer builds its parser from, declared in training.args.
+from training.args import TASK_DEFAULTS as TASK_DEFAULTS
+from training.args import add_data_args as add_data_args
+from training.args import add_engine_args as add_engine_args
+from training.args import add_model_args as add_model_args
+from training.args import task_parser as task_parser
+from training.cache import DecodeCache
 from training.datasets import (
     DatasetError,
     DatasetSpec,
@@ -51,340 +65,13 @@ from training.datasets import (
     split_source,
     stratified_split,
 )
-from training.diagnostics import ActivationLog, GradNormLog, StepProfiler
+from training.diagnostics import ActivationLog, GradNormLog, StepProfiler, layer_grad_norms
 from training.key_values import parse_key_values
+from training.worker_seeds import EpochSeeded, EpochTagged
 
 
 class TrainingError(RuntimeError):
     """The run itself failed (it diverged): one line on stderr, exit 1."""
-
-
-# -- the shared flags -----------------------------------------------------------------------
-
-# Defaults a task may set to suit its models; every other shared flag has one default everywhere.
-TASK_DEFAULTS = {
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "patience",
-    "clip_grad_norm",
-    "warmup_epochs",
-    "min_lr_ratio",
-    "bn_recalibration_batches",
-}
-
-
-def task_parser(task: Task) -> argparse.ArgumentParser:
-    """A trainer's parser: its module's docstring as the description; a usage mistake (an
-    unknown flag, a value of the wrong type) is one line and exit 2, like every other mistake."""
-    module = sys.modules[type(task).__module__]
-    return OneLineParser(
-        prog=f"python -m training.{Path(module.__file__).stem}",
-        description=module.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
-def add_data_args(p, data_help: str, layouts=(), layout_help="dataset layout", val: bool = True):
-    """--data, --layout, --val-data and --val-fraction: one name, default and help everywhere."""
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help=f"{data_help} (required)")
-    if layouts:
-        g.add_argument("--layout", default="auto", choices=layouts, help=f"{layout_help} (default: auto, detected)")
-    if val:
-        g.add_argument(
-            "--val-data",
-            default=None,
-            help="validation dataset, same layout; if not given --val-fraction of --data is held out (default: None)",
-        )
-        g.add_argument(
-            "--val-fraction",
-            type=float,
-            default=0.2,
-            help="share of --data held out for validation without --val-data, per class for classifiers "
-            "(default: %(default)s)",
-        )
-    return g
-
-
-def add_model_args(
-    p, task: str, model: str, *, example="", channels=True, input_size="", hflip=0.5, min_scale=None, pictures=""
-):
-    """--model, --model-arg, --channels, --input-size, --hflip-prob, --min-scale and --pictures
-    (the picture file drawn at the end): one name and help everywhere; the defaults that differ
-    by task are the task's."""
-    g = p.add_argument_group("model and augmentation")
-    g.add_argument(
-        "--model", default=model, help=f"registered {task} model, see `python -m model_defs` (default: {model})"
-    )
-    g.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra keyword argument for the model builder, value parsed as YAML; repeatable (default: none"
-        + (f"; e.g. {example})" if example else ")"),
-    )
-    if channels:
-        g.add_argument(
-            "--channels",
-            type=int,
-            choices=(1, 3),
-            default=None,
-            help="1 = grey images, 3 = RGB (default: the model's data config)",
-        )
-    if input_size:
-        g.add_argument(
-            "--input-size", type=int, default=None, help=f"{input_size} in pixels (default: the model's data config)"
-        )
-    if hflip is not None:
-        g.add_argument(
-            "--hflip-prob",
-            type=float,
-            default=hflip,
-            help="horizontal-flip probability in training; 0 for digits and text (default: %(default)s)",
-        )
-    if min_scale is not None:
-        g.add_argument(
-            "--min-scale",
-            type=float,
-            default=min_scale,
-            help="smallest area share of the training random resized crop; 1 = no crop (default: %(default)s)",
-        )
-    if pictures:
-        g.add_argument(
-            "--pictures",
-            "--vis-count",
-            type=int,
-            default=8,
-            help=f"validation images drawn into {pictures} at the end; 0 = none (default: 8)",
-        )
-    return g
-
-
-def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
-    unknown = set(defaults) - TASK_DEFAULTS
-    assert not unknown, unknown
-    g = p.add_argument_group("optimization (every trainer)")
-    g.add_argument("--epochs", type=int, default=10, help="maximum number of epochs (default: %(default)s)")
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="images per step and process; under torchrun the global batch is this times the processes "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--optimizer",
-        default="adamw",
-        choices=("adamw", "sgd"),
-        help="AdamW, or SGD with --momentum (default: %(default)s)",
-    )
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; AdamW's beta1 (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (default: %(default)s)")
-    g.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=1.0,
-        help="linear warm-up length before the cosine decay (default: %(default)s)",
-    )
-    g.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=0.01,
-        help="final learning rate as a share of --lr; 1 = constant (default: %(default)s)",
-    )
-    g.add_argument(
-        "--clip-grad-norm",
-        type=float,
-        default=0.0,
-        help="clip the gradient norm to this value; 0 disables (default: %(default)s)",
-    )
-    g.add_argument(
-        "--patience",
-        type=int,
-        default=0,
-        help="stop after this many epochs without a better validation metric; 0 disables (default: %(default)s)",
-    )
-    g.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop after the epoch that passes this many minutes of training; 0 = no limit (default: %(default)s)",
-    )
-    g.add_argument(
-        "--bn-recalibration-batches",
-        type=int,
-        default=50,
-        help="before each evaluation, recompute BatchNorm statistics (cumulative average) over this many training "
-        "batches in train mode; 0 disables (default: %(default)s)",
-    )
-    g.add_argument(
-        "--amp",
-        default="none",
-        choices=("none", "bf16", "fp16"),
-        help="mixed precision: bf16, or fp16 with a GradScaler; on GPUs (on a CPU both run, slowly) "
-        "(default: %(default)s)",
-    )
-    g = p.add_argument_group("run (every trainer)")
-    g.add_argument(
-        "--out",
-        default=None,
-        help="output folder; an existing one needs --resume or --force (default: runs/<model>-<UTC date-time>)",
-    )
-    g.add_argument(
-        "--resume",
-        default=None,
-        help="checkpoint.pt, or the output folder holding it, to continue from with the same flags (default: None)",
-    )
-    g.add_argument(
-        "--force", action="store_true", help="write into an existing --out folder, replacing its files (default: off)"
-    )
-    g.add_argument(
-        "--device",
-        default="auto",
-        help="auto, cpu, cuda or cuda:N; under torchrun each process takes its LOCAL_RANK's GPU (default: auto)",
-    )
-    g.add_argument(
-        "--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes (default: off)"
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="data-loading processes (default: min(2, cores))",
-    )
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads; 1 is much faster on a busy shared machine; 0 = torch's default (default: %(default)s)",
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="random seed for the split, initialization and augmentation (default: %(default)s)",
-    )
-    g.add_argument(
-        "--deterministic", action="store_true", help="deterministic algorithms only (slower on GPU) (default: off)"
-    )
-    g.add_argument(
-        "--no-progress", action="store_true", help="no progress bar, only one line per epoch (default: progress bar on)"
-    )
-    g.add_argument(
-        "--cache",
-        default="none",
-        choices=CACHE_MODES,
-        help="keep decoded, resized images (and their boxes or masks) in memory or in <out>/cache so later epochs "
-        "skip decoding; augmentation still runs every epoch (default: %(default)s)",
-    )
-    g = p.add_argument_group("diagnostics (every trainer, written into --out)")
-    g.add_argument(
-        "--log-grad-norms",
-        action="store_true",
-        help="per-layer gradient norms each epoch, vanishing/exploding layers flagged: "
-        "grad_norms.csv/.png (default: off)",
-    )
-    g.add_argument(
-        "--activation-stats",
-        action="store_true",
-        help="per-layer output mean, std and share of zeros on a fixed validation batch, dead layers flagged: "
-        "activations.csv/.png (default: off)",
-    )
-    g.add_argument(
-        "--profile",
-        type=int,
-        default=0,
-        metavar="N",
-        help="profile the first N training steps: profile/trace.json (Chrome trace) and "
-        "profile/top_ops.txt (default: 0, off)",
-    )
-    p.set_defaults(**defaults)
-    return p
-
-
-# (lowest, highest, lowest allowed, highest allowed) of every numeric flag of every trainer
-RANGES = {
-    "epochs": (1, None, True, True),
-    "batch_size": (1, None, True, True),
-    "input_size": (8, None, True, True),
-    "resize_size": (8, None, True, True),
-    "latent_dim": (1, None, True, True),
-    "width": (1, None, True, True),
-    "knn_k": (1, None, True, True),
-    "grid_size": (1, None, True, True),
-    "score_samples": (2, None, True, True),
-    "lr": (0, None, True, True),
-    "weight_decay": (0, None, True, True),
-    "momentum": (0, 1, True, False),
-    "warmup_epochs": (0, None, True, True),
-    "min_lr_ratio": (0, 1, True, True),
-    "clip_grad_norm": (0, None, True, True),
-    "patience": (0, None, True, True),
-    "max_minutes": (0, None, True, True),
-    "workers": (0, None, True, True),
-    "threads": (0, None, True, True),
-    "bn_recalibration_batches": (0, None, True, True),
-    "profile": (0, None, True, True),
-    "hflip_prob": (0, 1, True, True),
-    "vflip_prob": (0, 1, True, True),
-    "min_scale": (0, 1, False, True),
-    "label_smoothing": (0, 1, True, False),
-    "threshold": (0, 1, False, False),
-    "val_fraction": (0, 1, False, False),
-    "eval_val_fraction": (0, 1, False, False),
-    "temperature": (0, None, False, True),
-    "jitter": (0, None, True, True),
-    "rotation": (0, 180, True, True),
-    "pictures": (0, None, True, True),
-    "vis_count": (0, None, True, True),
-}
-
-
-def check_ranges(args) -> None:
-    for dest, (lo, hi, lo_ok, hi_ok) in RANGES.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        bad = (value < lo if lo_ok else value <= lo) or (hi is not None and (value > hi if hi_ok else value >= hi))
-        if bad or not math.isfinite(value):
-            low = f"{'>=' if lo_ok else '>'} {lo}"
-            want = f"{low} and {'<=' if hi_ok else '<'} {hi}" if hi is not None else low
-            raise UsageError(f"--{dest.replace('_', '-')} must be {want}, got {value}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto / cpu / cuda / cuda:N, refused with one line when it is not there."""
-    match = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        match = re.fullmatch(r"cuda", name)
-    if name == "cpu":
-        return torch.device("cpu")
-    if not match:
-        raise UsageError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
-    if not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; use --device cpu (or auto)"
-        )
-    if dist.launched():
-        if match[1] is not None:
-            raise UsageError(
-                f"--device {name}: under torchrun give --device cuda (or auto); each process takes the "
-                "GPU of its LOCAL_RANK"
-            )
-        index = dist.local_rank()
-    else:
-        index = int(match[1] or 0)
-    if index >= torch.cuda.device_count():
-        raise UsageError(
-            f"--device cuda:{index}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-            f"cuda:{torch.cuda.device_count() - 1}"
-        )
-    return torch.device("cuda", index)
 
 
 def build_model(
@@ -423,35 +110,6 @@ def require_classes(args, spec, minimum: int, need: str) -> list[str]:
 
 def builder_accepts(name: str, task: str, arg: str) -> bool:
     return arg in inspect.signature(get_entry(name, task=task).builder).parameters
-
-
-def check_out(args) -> None:
-    """--out: a folder (not a file) that is new unless resumed or forced."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UsageError(
-            f"--out {out} already holds files; give --resume {out} to continue that run or --force to overwrite it"
-        )
-
-
-def load_resume(args) -> dict | None:
-    """The checkpoint --resume names, checked."""
-    if not args.resume:
-        return None
-    path = Path(args.resume)
-    path = path / "checkpoint.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise UsageError(f"--resume {args.resume}: {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, pickled objects: all the same to the user
-        raise UsageError(f"--resume {path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "state", "optimizer"} <= set(ckpt):
-        raise UsageError(f"--resume {path} is not a checkpoint.pt written by these trainers")
-    ckpt["path"] = str(path)
-    return ckpt
 
 
 # -- the pieces shared by every task -----------------------------------------------------
@@ -499,7 +157,8 @@ def write_metrics(out: Path, history: list[dict], panels: dict[str, list[str]]) 
     import matplotlib.pyplot as plt
 
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        # Every row's columns: a run resumed on another device may add one (peak_gpu_memory_mb).
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for h in history for k in h)))
         writer.writeheader()
         writer.writerows(history)
     epochs = [h["epoch"] for h in history]
@@ -629,7 +288,9 @@ class Task:
     def finish(self, out: Path) -> None:
         """Pictures drawn from the saved model at the end."""
 
-    def loader(self, dataset, sampler=None, generator=None, drop_last=False) -> DataLoader:
+    def loader(self, dataset, sampler=None, generator=None, drop_last=False, persistent=False) -> DataLoader:
+        """Batches of `dataset`, read by --workers processes; `persistent` keeps them from one
+        epoch to the next (the training loader's)."""
         return DataLoader(
             dataset,
             batch_size=self.args.batch_size,
@@ -640,6 +301,7 @@ class Task:
             num_workers=self.args.workers,
             collate_fn=SkipCollate(type(self).collate),
             pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent and self.args.workers > 0,
         )
 
     def batches(self, loader, desc: str = ""):
@@ -651,7 +313,508 @@ class Task:
                 yield to_device(batch, self.device)
 
 
+# -- one epoch ----------------------------------------------------------------------------
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Optimization:
+    """The optimizer, learning-rate schedule and GradScaler of each trained module, and the
+    one `update(loss, name)` a task's `step` calls per optimizer: backward, unscale (for
+    clipping and the gradient-norm log), clip, step, schedule."""
+
+    def __init__(self, task: Task, args, models: dict[str, nn.Module], steps: int, grads: GradNormLog | None):
+        device_type = task.device.type
+        self.models, self.grads, self.clip = models, grads, args.clip_grad_norm
+        self.fp16 = args.amp == "fp16"
+        self.params, self.optimizers, self.schedulers, self.scalers = {}, {}, {}, {}
+        for name, m in models.items():
+            params = self.params[name] = [p for p in m.parameters() if p.requires_grad]
+            if args.optimizer == "sgd":
+                opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+            else:
+                kw = {"betas": (args.momentum, 0.999), **task.optimizer_kwargs.get(name, {})}
+                opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **kw)
+            self.optimizers[name] = opt
+            self.schedulers[name] = cosine_with_warmup(
+                opt, round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio
+            )
+            self.scalers[name] = torch.amp.GradScaler(device_type, enabled=self.fp16)
+
+    def update(self, loss: torch.Tensor, name: str = "model") -> None:
+        if not torch.isfinite(loss) and not self.fp16:  # fp16's GradScaler skips such steps itself
+            raise TrainingError(self.diverged(loss))
+        opt, scaler = self.optimizers[name], self.scalers[name]
+        log_grads = self.grads is not None and name == "model"
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if self.clip or log_grads:
+            scaler.unscale_(opt)
+        norms = layer_grad_norms(unwrap(self.models[name])) if log_grads else None
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.params[name], self.clip)
+        scale = scaler.get_scale() if norms is not None else 0.0
+        scaler.step(opt)
+        scaler.update()
+        self.schedulers[name].step()
+        # A step the fp16 GradScaler skips (it lowers its scale) overflowed on purpose: not logged.
+        if self.grads is not None and norms is not None and not (self.fp16 and scaler.get_scale() < scale):
+            self.grads.record(norms)
+
+    def diverged(self, loss: torch.Tensor) -> str:
+        where = self.grads.first_not_finite if self.grads is not None else ""
+        if where:
+            return f"training diverged (loss {loss.item()}); the first NaN or infinite gradient was in {where}"
+        hint = "" if self.grads is not None else " (--log-grad-norms names the layer whose gradient was first NaN)"
+        return f"training diverged (loss {loss.item()}); try a lower --lr{hint}"
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers["model"].param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "lr_scheduler": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "scaler": {n: s.state_dict() for n, s in self.scalers.items()},
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        for name in self.models:
+            self.optimizers[name].load_state_dict(ckpt["optimizer"][name])
+            self.schedulers[name].load_state_dict(ckpt["lr_scheduler"][name])
+            self.scalers[name].load_state_dict(ckpt["scaler"][name])
+
+
+def no_update(loss: torch.Tensor, name: str = "model") -> None:
+    """The `update` of a step that only runs forward (BatchNorm recalibration)."""
+
+
+@dataclass
+class Run:
+    """What a training run carries from epoch to epoch. `state` is checkpoint.pt's record of
+    the run (epochs done, best epoch, history), so --resume continues where it stopped."""
+
+    task: Task
+    args: argparse.Namespace
+    device: torch.device
+    out: Path
+    models: dict[str, nn.Module]
+    optimization: Optimization
+    sampler: Sampler  # the training loader's: set_epoch reshuffles
+    loader: DataLoader
+    meta: dict
+    state: dict
+    grads: GradNormLog | None = None
+    acts: ActivationLog | None = None
+    profiler: StepProfiler | None = None
+    started: float = field(default_factory=time.time)
+
+    def autocast(self):
+        dtype = AMP_DTYPES.get(self.args.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """One pass over the training set; returns the image-weighted mean of each value the task's
+    step reports, summed over the ranks."""
+    task, args = run.task, run.args
+    # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it.
+    torch.manual_seed(args.seed + epoch + 100_003 * dist.rank())
+    run.sampler.set_epoch(epoch)
+    task.skipped, task.epoch = [], epoch
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    for m in run.models.values():
+        m.train()
+    sums: dict[str, float] = defaultdict(float)
+    seen = 0
+    for batch in task.batches(run.loader, f"epoch {epoch}/{args.epochs} train"):
+        with run.autocast():
+            n, values = task.step(batch, run.models, run.optimization.update)
+        seen += n
+        for k, v in values.items():
+            sums[k] += v * n
+        if run.profiler:
+            run.profiler.step()
+    keys = sorted(sums)
+    totals = dist.sum_over_ranks([seen] + [sums[k] for k in keys], run.device)
+    return {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(run: Run, epoch: int) -> None:
+    """Recompute every BatchNorm's running statistics as the cumulative average (momentum
+    None) over --bn-recalibration-batches batches of training images in train mode (the
+    task's `calibration_set`: its training images as evaluation sees them, else its training
+    set), so the saved model's eval-mode answers match the weights it has, however few steps
+    an epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
+    task, seed = run.task, run.args.seed + epoch
+    calibration = getattr(task, "calibration_set", task.train_set)
+    loader = task.loader(calibration, dist.train_sampler(calibration, seed))
+    layers = [
+        m
+        for model in run.models.values()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    for model in run.models.values():
+        model.train()
+    for i, batch in enumerate(task.batches(loader, "BatchNorm recalibration")):
+        if i >= run.args.bn_recalibration_batches:
+            break
+        with run.autocast():
+            task.step(batch, run.models, no_update)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+
+
+def peak_gpu_memory_mb(device: torch.device) -> float | None:
+    """The most GPU memory tensors held since the epoch began (torch.cuda.max_memory_allocated,
+    reset at each epoch's start), in MiB, the highest of all ranks; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return max(dist.gather_lists([round(torch.cuda.max_memory_allocated(device) / 2**20, 1)]))
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """The task's validation metrics of the model as it is saved (eval mode, unwrapped)."""
+    model = unwrap(run.models["model"]).eval()
+    with run.autocast():
+        return run.task.evaluate(model)
+
+
+def record_epoch(
+    run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float, peak: float | None
+) -> tuple[dict, bool]:
+    """Rank 0: the epoch's row in the history; model.pt and model.json when the monitored
+    metric improved; checkpoint.pt and metrics.csv always. Returns the row and whether it
+    improved."""
+    task, state = run.task, run.state
+    state["skipped_files"] = sorted(set(state["skipped_files"]) | set(skipped))
+    row = {
+        "epoch": epoch,
+        "lr": run.optimization.lr,
+        **{f"train_{k}": v for k, v in train.items()},
+        **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
+        "skipped_images": len(skipped),
+        "seconds": round(seconds, 2),
+        **({"peak_gpu_memory_mb": peak} if peak is not None else {}),
+    }
+    state["history"].append(row)
+    state["epoch"] = epoch
+    improved = task.monitor is None or va[task.monitor] > state["best_metric"] or not state["best_epoch"]
+    if improved:
+        state.update(best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0)
+        run.meta["metrics"] = {
+            "name": task.metric_name,
+            "best_val": va.get(task.monitor),
+            "best_epoch": epoch,
+            **va,
+            **task.extra_metrics,
+        }
+        run.meta["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        save_model_files(run.out, run.models["model"], run.meta)
+    else:
+        state["stale_epochs"] += 1
+    checkpoint = {
+        "model": unwrap(run.models["model"]).state_dict(),
+        "modules": {n: unwrap(run.models[n]).state_dict() for n in task.extra_modules},
+        **run.optimization.state_dict(),
+        "state": state,
+        "args": vars(run.args),
+    }
+    atomic_torch_save(checkpoint, run.out / "checkpoint.pt")
+    write_metrics(run.out, state["history"], task.panels)
+    return row, improved
+
+
+def diagnose(run: Run, epoch: int) -> list[str]:
+    """The --log-grad-norms and --activation-stats files of the epoch; one warning per flagged layer."""
+    notes = []
+    if run.grads:
+        notes += run.grads.end_epoch(epoch)
+    if run.acts:
+        model = unwrap(run.models["model"])
+        notes += run.acts.end_epoch(epoch, model, to_device(run.task.probe_input(), run.device))
+    return notes
+
+
+def stop_reason(run: Run, epoch: int) -> str | None:
+    """Why the run ends before --epochs: --patience or --max-minutes."""
+    args = run.args
+    if epoch >= args.epochs:
+        return None
+    if args.patience and run.state["stale_epochs"] >= args.patience:
+        return f"early stop: no better validation {run.task.monitor} for {args.patience} epochs"
+    if args.max_minutes and time.time() - run.started > args.max_minutes * 60:
+        return f"stopping: --max-minutes {args.max_minutes:g} reached"
+    return None
+
+
+def end_epoch(
+    run: Run, epoch: int, train: dict, va: dict, skipped: list[str], seconds: float, peak: float | None
+) -> str | None:
+    """Rank 0: record the epoch, write its diagnostics, print its line; returns why the run
+    stops here, if it does. An unreadable file is named the first epoch it is met; the
+    epoch lines after that give the count."""
+    run.state["train_seconds"] += seconds
+    named = set(run.state["skipped_files"])
+    row, improved = record_epoch(run, epoch, train, va, skipped, seconds, peak)
+    notes = diagnose(run, epoch)
+    log(epoch_line(epoch, run.args.epochs, train, va, improved, row))
+    new = [f for f in skipped if f not in named]
+    if new:
+        more = f" and {len(new) - 20} more (model.json lists them)" if len(new) > 20 else ""
+        log(f"  {len(new)} unreadable file(s) left out: {', '.join(new[:20])}{more}")
+    for note in notes:
+        log(f"  warning: {note}")
+    return stop_reason(run, epoch)
+
+
+def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict) -> str:
+    def fmt(d):
+        return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
+
+    line = f"epoch {epoch}/{epochs}  train {fmt(train)}"
+    if fmt(va):
+        line += f"  |  val {fmt(va)}{' *' if improved else ''}"
+    line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+    if row["skipped_images"]:
+        line += f"  |  skipped {row['skipped_images']} unreadable"
+    return line
+
+
 # -- the run ------------------------------------------------------------------------------
+
+
+def check_run(task: Task, args) -> torch.device:
+    """Every flag checked before anything is read or written; returns the device."""
+    check_ranges(args)
+    task.check(args)
+    device = resolve_device(args.device)
+    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
+    if args.sync_bn and not dist.launched():
+        raise UsageError("--sync-bn needs several processes; start the trainer with torchrun --nproc_per_node N")
+    if getattr(args, "weights_path", None) and not Path(args.weights_path).is_file():
+        raise UsageError(f"--weights-path {args.weights_path} does not exist")
+    return device
+
+
+def claim_out(args) -> None:
+    """--out (default runs/<model>-<UTC time>, one name for all ranks), checked by rank 0 alone:
+    the others would see the folder it is about to fill."""
+    stamp = dist.from_main(dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
+    args.out = args.out or f"runs/{args.model}-{stamp}"
+    problem = None
+    if dist.is_main():
+        try:
+            check_out(args)
+        except UsageError as e:
+            problem = str(e)
+    problem = dist.from_main(problem)
+    if problem:
+        raise UsageError(problem)
+
+
+def distribute(task: Task, args, device: torch.device) -> dict[str, nn.Module]:
+    """The task's model and extra modules on the device, with SyncBatchNorm and DDP under torchrun."""
+    models = {"model": task.model, **task.extra_modules}
+    for name, m in models.items():
+        m.to(device)
+        if args.sync_bn:
+            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        if dist.world_size() > 1 and any(p.requires_grad for p in m.parameters()):
+            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
+        models[name] = m
+    return models
+
+
+def steps_per_epoch(task: Task, args, sampler: Sampler, models: dict) -> tuple[int, bool]:
+    """Optimizer steps per epoch and whether the last incomplete batch is dropped. Too few steps
+    leave BatchNorm's running statistics behind the weights: a default --batch-size is then
+    lowered, saying so; one given on the command line is kept, with a warning."""
+    n, per = len(sampler), " per process" if dist.world_size() > 1 else ""
+    batchnorm = any(has_batchnorm(m) for m in models.values())
+    default = isinstance(args.batch_size, TaskDefault)
+    args.batch_size = int(args.batch_size)  # checkpoint.pt's args hold plain values
+
+    def count(batch_size: int) -> int:
+        drop = task.drop_last and n > batch_size
+        return max(1, n // batch_size if drop else math.ceil(n / batch_size))
+
+    lowered = max(MIN_AUTO_BATCH, n // MIN_STEPS)
+    if default and batchnorm and count(args.batch_size) < MIN_STEPS and lowered < args.batch_size:
+        log(
+            f"--batch-size {lowered}: the default {args.batch_size} gives {n} training images{per} only "
+            f"{count(args.batch_size)} step(s) per epoch, too few for BatchNorm; {lowered} gives "
+            f"{count(lowered)} (give --batch-size to choose)"
+        )
+        args.batch_size = lowered
+    elif batchnorm and count(args.batch_size) < MIN_STEPS:
+        log(
+            f"warning: {n} training images{per} at --batch-size {args.batch_size} give only "
+            f"{count(args.batch_size)} step(s) per epoch: too few for BatchNorm's running statistics to follow "
+            "the weights; they are recalibrated before each evaluation, but a smaller --batch-size trains better"
+        )
+    return count(args.batch_size), task.drop_last and n > args.batch_size
+
+
+def training_loader(task: Task, args, sampler: Sampler, drop_last: bool) -> tuple[Sampler, DataLoader]:
+    """The training set's loader, made once: its --workers processes persist from epoch to
+    epoch and reseed themselves at each epoch's first item (training.worker_seeds), so an
+    epoch's augmentation depends on (seed, epoch, worker) alone. The generator gives the
+    loader's own draw, which would otherwise come from torch's global random stream."""
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.workers == 0:
+        return sampler, task.loader(task.train_set, sampler, generator, drop_last)
+    tagged = EpochTagged(sampler)
+    return tagged, task.loader(EpochSeeded(task.train_set, args.seed), tagged, generator, drop_last, persistent=True)
+
+
+def run_meta(task: Task, args, device: torch.device) -> dict:
+    """model.json's record of the task and of how it was trained."""
+    return {
+        **task.meta,
+        "versions": task.meta.get("versions") or package_versions(),
+        "training": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "processes": dist.world_size(),
+            "global_batch_size": args.batch_size * dist.world_size(),
+            "amp": args.amp,
+            "optimizer": args.optimizer,
+            "profile": (
+                {"wait": args.profile_wait, "warmup": args.profile_warmup, "active": args.profile}
+                if args.profile
+                else None
+            ),
+        },
+        "parameters": parameter_counts(task.model),
+    }
+
+
+def fresh_state() -> dict:
+    return {
+        "epoch": 0,
+        "best_metric": -math.inf,
+        "best_epoch": 0,
+        "stale_epochs": 0,
+        "history": [],
+        "train_seconds": 0.0,
+        "train_cpu_seconds": 0.0,
+        "skipped_files": [],
+    }
+
+
+def prepare(task: Task, args, device: torch.device) -> Run:
+    """Seed, data, model, optimizers and diagnostics of a run, from --resume when given."""
+    ckpt = load_resume(args)
+    seed_everything(args.seed, args.deterministic)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task.args, task.device = args, device
+    task.cache = DecodeCache(args.cache, Path(args.out) / "cache")
+    task.setup(args)
+    task.cache.fill(task.datasets(), not args.no_progress and dist.is_main())
+    out, main = Path(args.out), dist.is_main()
+    models = distribute(task, args, device)
+    weights = task.sample_weights() if getattr(args, "balance", False) else None
+    sampler = dist.train_sampler(task.train_set, args.seed, weights)
+    steps, drop_last = steps_per_epoch(task, args, sampler, models)
+    sampler, loader = training_loader(task, args, sampler, drop_last)
+    grads = GradNormLog(out) if args.log_grad_norms and main else None
+    optimization = Optimization(task, args, models, steps, grads)
+    state = fresh_state()
+    if ckpt is not None:
+        try:
+            for name, m in models.items():
+                unwrap(m).load_state_dict(ckpt["model"] if name == "model" else ckpt["modules"][name])
+            optimization.load_state_dict(ckpt)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UsageError(
+                f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})"
+            ) from None
+        state = ckpt["state"]
+        log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
+    acts = ActivationLog(out) if args.activation_stats and main else None
+    meta = run_meta(task, args, device)
+    return Run(task, args, device, out, models, optimization, sampler, loader, meta, state, grads, acts)
+
+
+def fit(task: Task, args) -> dict:
+    """Train `task` with `args`; returns the final model.json (on rank 0)."""
+    device = check_run(task, args)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init(device)
+    claim_out(args)
+    run = prepare(task, args, device)
+    main = dist.is_main()
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)  # only now: every input has been checked
+    world = dist.world_size()
+    log(
+        f"{task.describe()}, on {device}"
+        + (f" x {world} processes" if world > 1 else "")
+        + (f", AMP {args.amp}" if args.amp != "none" else "")
+    )
+    if args.profile and main:
+        run.profiler = StepProfiler(
+            run.out, args.profile_wait, args.profile_warmup, args.profile, device.type == "cuda"
+        )
+    run.started = time.time()
+    for epoch in range(run.state["epoch"] + 1, args.epochs + 1):
+        start, cpu_start = time.time(), time.process_time()
+        train = train_one_epoch(run, epoch)
+        if args.bn_recalibration_batches and any(has_batchnorm(m) for m in run.models.values()):
+            recalibrate_batchnorm(run, epoch)
+        va = evaluate(run) if main else {}
+        skipped = sorted(set(dist.gather_lists(task.skipped)))
+        peak = peak_gpu_memory_mb(run.device)
+        stop = None
+        if main:
+            run.state["train_cpu_seconds"] += time.process_time() - cpu_start
+            stop = end_epoch(run, epoch, train, va, skipped, time.time() - start, peak)
+        stop = dist.from_main(stop)
+        if stop:
+            log(stop)
+            break
+    if run.profiler and (note := run.profiler.finish()):
+        log(f"warning: {note}")
+    return finish(run) if main else {}
+
+
+def finish(run: Run) -> dict:
+    """model.json describes model.pt (the best epoch) and the whole run; the task draws its pictures."""
+    state, task = run.state, run.task
+    final = read_meta(run.out)
+    final["metrics"].update(
+        epochs_run=state["epoch"],
+        train_seconds=round(state["train_seconds"], 1),
+        train_cpu_seconds=round(state["train_cpu_seconds"], 1),
+        skipped_images=len(state["skipped_files"]),
+        skipped_files=state["skipped_files"][:1000],
+    )
+    peaks = [h["peak_gpu_memory_mb"] for h in state["history"] if "peak_gpu_memory_mb" in h]
+    if peaks:
+        final["metrics"]["peak_gpu_memory_mb"] = max(peaks)
+    atomic_write(run.out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
+    task.finish(run.out)
+    best = (
+        f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; "
+        if task.monitor
+        else ""
+    )
+    log(f"{best}wrote {run.out}/model.pt and model.json")
+    return final
 
 
 def cli(task: Task, argv: list[str] | None = None) -> int:
@@ -685,313 +848,3 @@ def log(message: str) -> None:
     """Print on rank 0 only (the environment tells the ranks apart before the group exists)."""
     if dist.rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
-
-
-def fit(task: Task, args) -> dict:
-    """Train `task` with `args`; returns the final model.json (on rank 0)."""
-    check_ranges(args)
-    task.check(args)
-    device = resolve_device(args.device)
-    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use --amp fp16")
-    if args.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA devices: torch's SyncBatchNorm runs on GPUs only")
-    if args.sync_bn and not dist.launched():
-        raise UsageError("--sync-bn needs several processes; start the trainer with torchrun --nproc_per_node N")
-    if getattr(args, "weights_path", None) and not Path(args.weights_path).is_file():
-        raise UsageError(f"--weights-path {args.weights_path} does not exist")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init(device)
-    stamp = dist.from_main(dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S"))
-    args.out = args.out or f"runs/{args.model}-{stamp}"
-    problem = None
-    if dist.is_main():  # rank 0 alone: the others would see the folder it is about to fill
-        try:
-            check_out(args)
-        except UsageError as e:
-            problem = str(e)
-    problem = dist.from_main(problem)
-    if problem:
-        raise UsageError(problem)
-    ckpt = load_resume(args)
-    seed_everything(args.seed, args.deterministic)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    task.args, task.device = args, device
-    task.cache = DecodeCache(args.cache, Path(args.out) / "cache")
-    task.setup(args)
-    task.cache.fill(task.datasets(), not args.no_progress and dist.is_main())
-    out, world, rank = Path(args.out), dist.world_size(), dist.rank()
-
-    models = {"model": task.model, **task.extra_modules}
-    for name, m in models.items():
-        m.to(device)
-        if args.sync_bn:
-            m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
-        if world > 1 and any(p.requires_grad for p in m.parameters()):
-            m = nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
-        models[name] = m
-    sampler = dist.train_sampler(
-        task.train_set, args.seed, task.sample_weights() if getattr(args, "balance", False) else None
-    )
-    drop_last = task.drop_last and len(sampler) > args.batch_size
-    steps = max(1, len(sampler) // args.batch_size if drop_last else math.ceil(len(sampler) / args.batch_size))
-    if steps < 10 and any(has_batchnorm(m) for m in models.values()):
-        log(
-            f"warning: {len(task.train_set)} training images at --batch-size {args.batch_size} x {world} "
-            "process(es) give only "
-            f"{steps} step(s) per epoch: too few for BatchNorm's running statistics to follow the weights; they are "
-            f"recalibrated before each evaluation, but a smaller --batch-size trains better"
-        )
-
-    optimizers, schedulers, scalers, params = {}, {}, {}, {}
-    for name, m in models.items():
-        params[name] = [p for p in m.parameters() if p.requires_grad]
-        if args.optimizer == "sgd":
-            optimizers[name] = torch.optim.SGD(
-                params[name], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-            )
-        else:
-            kw = {"betas": (args.momentum, 0.999), **task.optimizer_kwargs.get(name, {})}
-            optimizers[name] = torch.optim.AdamW(params[name], lr=args.lr, weight_decay=args.weight_decay, **kw)
-        schedulers[name] = cosine_with_warmup(
-            optimizers[name], round(args.warmup_epochs * steps), args.epochs * steps, args.min_lr_ratio
-        )
-        scalers[name] = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-
-    state = {
-        "epoch": 0,
-        "best_metric": -math.inf,
-        "best_epoch": 0,
-        "stale_epochs": 0,
-        "history": [],
-        "train_seconds": 0.0,
-        "train_cpu_seconds": 0.0,
-        "skipped_files": [],
-    }
-    if ckpt is not None:
-        try:
-            unwrap(models["model"]).load_state_dict(ckpt["model"])
-            for name in task.extra_modules:
-                unwrap(models[name]).load_state_dict(ckpt["modules"][name])
-            for name in models:
-                optimizers[name].load_state_dict(ckpt["optimizer"][name])
-                schedulers[name].load_state_dict(ckpt["lr_scheduler"][name])
-                scalers[name].load_state_dict(ckpt["scaler"][name])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise UsageError(
-                f"--resume {ckpt['path']} does not match this model and these flags ({str(e).splitlines()[0][:160]})"
-            ) from None
-        state = ckpt["state"]
-        log(f"resumed from {ckpt['path']} after epoch {state['epoch']}")
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    main = dist.is_main()
-    grads = GradNormLog(out) if args.log_grad_norms and main else None
-    acts = ActivationLog(out) if args.activation_stats and main else None
-    meta = {
-        **task.meta,
-        "versions": task.meta.get("versions") or package_versions(),
-        "training": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "processes": world,
-            "global_batch_size": args.batch_size * world,
-            "amp": args.amp,
-            "optimizer": args.optimizer,
-        },
-    }
-
-    def update(loss: torch.Tensor, name: str = "model") -> None:
-        if not torch.isfinite(loss) and amp_dtype != torch.float16:
-            raise TrainingError(f"training diverged (loss {loss.item()}); try a lower --lr")
-        opt, scaler = optimizers[name], scalers[name]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad_norm or (grads and name == "model"):
-            scaler.unscale_(opt)
-        if grads and name == "model":
-            grads.record(unwrap(models[name]))
-        if args.clip_grad_norm:
-            nn.utils.clip_grad_norm_(params[name], args.clip_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        schedulers[name].step()
-
-    def no_update(loss, name="model") -> None:
-        pass
-
-    if main:
-        out.mkdir(parents=True, exist_ok=True)  # only now: every input has been checked
-    log(
-        f"{task.describe()}, on {device}"
-        + (f" x {world} processes" if world > 1 else "")
-        + (f", AMP {args.amp}" if args.amp != "none" else "")
-    )
-    profiler = StepProfiler(out, args.profile, device.type == "cuda") if args.profile and main else None
-    started_wall = time.time()
-    for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        start, cpu_start = time.time(), time.process_time()
-        # Every epoch's randomness depends only on (seed, epoch, rank), so a resumed run repeats it.
-        torch.manual_seed(args.seed + epoch + 100_003 * rank)
-        sampler.set_epoch(epoch)
-        loader = task.loader(task.train_set, sampler, torch.Generator().manual_seed(args.seed + epoch), drop_last)
-        task.skipped, task.epoch = [], epoch
-        for m in models.values():
-            m.train()
-        sums, seen = defaultdict(float), 0
-        for batch in task.batches(loader, f"epoch {epoch}/{args.epochs} train"):
-            with autocast():
-                n, values = task.step(batch, models, update)
-            seen += n
-            for k, v in values.items():
-                sums[k] += v * n
-            if profiler:
-                profiler.step()
-        keys = sorted(sums)
-        totals = dist.sum_over_ranks([seen] + [sums[k] for k in keys], device)
-        train = {k: v / max(1, totals[0]) for k, v in zip(keys, totals[1:])}
-        if args.bn_recalibration_batches and any(has_batchnorm(m) for m in models.values()):
-            calibration = getattr(task, "calibration_set", task.train_set)
-            recalibrate_batchnorm(
-                task,
-                models,
-                task.loader(calibration, dist.train_sampler(calibration, args.seed + epoch)),
-                args.bn_recalibration_batches,
-                autocast,
-                no_update,
-            )
-
-        va, stop = {}, None
-        if main:
-            model = unwrap(models["model"]).eval()
-            with torch.no_grad(), autocast():
-                va = task.evaluate(model)
-        skipped = sorted(set(dist.gather_lists(task.skipped)))
-        if main:
-            seconds = time.time() - start
-            state["train_seconds"] += seconds
-            state["train_cpu_seconds"] += time.process_time() - cpu_start
-            state["skipped_files"] = sorted(set(state["skipped_files"]) | set(skipped))
-            row = {
-                "epoch": epoch,
-                "lr": optimizers["model"].param_groups[0]["lr"],
-                **{f"train_{k}": v for k, v in train.items()},
-                **{f"val_{k}": v for k, v in va.items() if isinstance(v, (int, float))},
-                "skipped_images": len(skipped),
-                "seconds": round(seconds, 2),
-            }
-            state["history"].append(row)
-            state["epoch"] = epoch
-            improved = task.monitor is None or va[task.monitor] > state["best_metric"] or not state["best_epoch"]
-            if improved:
-                state.update(
-                    best_metric=va[task.monitor] if task.monitor else math.nan, best_epoch=epoch, stale_epochs=0
-                )
-                meta["metrics"] = {
-                    "name": task.metric_name,
-                    "best_val": va.get(task.monitor),
-                    "best_epoch": epoch,
-                    **va,
-                    **task.extra_metrics,
-                }
-                meta["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-                save_model_files(out, models["model"], meta)
-            else:
-                state["stale_epochs"] += 1
-            atomic_torch_save(
-                {
-                    "model": unwrap(models["model"]).state_dict(),
-                    "modules": {n: unwrap(models[n]).state_dict() for n in task.extra_modules},
-                    "optimizer": {n: o.state_dict() for n, o in optimizers.items()},
-                    "lr_scheduler": {n: s.state_dict() for n, s in schedulers.items()},
-                    "scaler": {n: s.state_dict() for n, s in scalers.items()},
-                    "state": state,
-                    "args": vars(args),
-                },
-                out / "checkpoint.pt",
-            )
-            write_metrics(out, state["history"], task.panels)
-            notes = []
-            if grads:
-                notes += grads.end_epoch(epoch)
-            if acts:
-                notes += acts.end_epoch(epoch, model, to_device(task.probe_input(), device))
-            log(epoch_line(epoch, args.epochs, train, va, improved, row, skipped))
-            for note in notes:
-                log(f"  warning: {note}")
-            if args.patience and state["stale_epochs"] >= args.patience and epoch < args.epochs:
-                stop = f"early stop: no better validation {task.monitor} for {args.patience} epochs"
-            elif args.max_minutes and time.time() - started_wall > args.max_minutes * 60 and epoch < args.epochs:
-                stop = f"stopping: --max-minutes {args.max_minutes:g} reached"
-        stop = dist.from_main(stop)
-        if stop:
-            log(stop)
-            break
-    if profiler:
-        profiler.finish()
-    if not main:
-        return {}
-    # model.json describes model.pt (the best epoch) and the whole run.
-    final = read_meta(out)
-    final["metrics"].update(
-        epochs_run=state["epoch"],
-        train_seconds=round(state["train_seconds"], 1),
-        train_cpu_seconds=round(state["train_cpu_seconds"], 1),
-        skipped_images=len(state["skipped_files"]),
-        skipped_files=state["skipped_files"][:1000],
-    )
-    atomic_write(out / "model.json", (json.dumps(final, indent=2) + "\n").encode())
-    task.finish(out)
-    best = (
-        f"best validation {task.monitor} {state['best_metric']:.4f} at epoch {state['best_epoch']}; "
-        if task.monitor
-        else ""
-    )
-    log(f"{best}wrote {out}/model.pt and model.json")
-    return final
-
-
-def epoch_line(epoch: int, epochs: int, train: dict, va: dict, improved: bool, row: dict, skipped: list[str]) -> str:
-    def fmt(d):
-        return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
-
-    line = f"epoch {epoch}/{epochs}  train {fmt(train)}"
-    if fmt(va):
-        line += f"  |  val {fmt(va)}{' *' if improved else ''}"
-    line += f"  |  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-    if skipped:
-        line += f"  |  skipped {len(skipped)} unreadable: {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
-    return line
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(task: Task, models: dict, loader, batches: int, autocast, no_update) -> None:
-    """Recompute every BatchNorm's running statistics as the cumulative average (momentum
-    None) over `batches` batches of training images in train mode (the task's
-    `calibration_set`: its training images as evaluation sees them, else its training set),
-    so the saved model's eval-mode answers match the weights it has, however few steps an
-    epoch had (torch.optim.swa_utils.update_bn does the same for averaged weights)."""
-    layers = [
-        m
-        for model in models.values()
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-    for model in models.values():
-        model.train()
-    for i, batch in enumerate(task.batches(loader, "BatchNorm recalibration")):
-        if i >= batches:
-            break
-        with autocast():
-            task.step(batch, models, no_update)
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
