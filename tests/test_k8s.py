@@ -181,7 +181,7 @@ def test_probe_posture_on_a_real_torchserve(trained_digits, digits_dir, tmp_path
         r = requests.post(f"{ts.url('inference')}/predictions/digits", data=image, timeout=60)
         assert r.status_code == 200 and len(r.json()) == 5
         metrics = requests.get(f"{ts.url('metrics')}/metrics", timeout=30).text
-        assert 'handler_items_answered_total{' in metrics and 'model_name="digits"' in metrics
+        assert "handler_items_answered_total{" in metrics and 'model_name="digits"' in metrics
         r = requests.post(
             f"{ts.url('management')}/models", params={"url": "digits.mar", "model_name": "again"}, timeout=30
         )
