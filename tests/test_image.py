@@ -2,7 +2,8 @@
 with the demo's digits.mar in its model store, `scripts/image run` serves it, and what it
 answers, seen from the host, equals the in-process model: REST predictions, explanations
 (captum and matplotlib in the image), gRPC predictions, and Prometheus metrics. The build's
-time and the image's size go to benchmarks/results/serving_image.json.
+time and the image's size go to benchmarks/results/serving_image.json (serving_image_rebuilt.json
+when an earlier build's layers were reused).
 
 Opt-in and slow (the CUDA torch build makes a multi-GB image): `./scripts/test.sh --image`
 sets BUNDLE_IMAGE_TEST=1; the normal suite skips it. It needs buildah, the one tool that runs
@@ -81,7 +82,7 @@ def image(demo_store):
     size = buildah("images", "--format", "{{.Size}}", TAG)
     print(f"\nimage {TAG}: built in {seconds} s (less where layers were cached), {size}")
     write_record(
-        "serving_image",
+        "serving_image_rebuilt" if earlier else "serving_image",  # a rebuild reuses the pip layer
         {"tag": TAG, "base": base_image(), "build_seconds": seconds, "size": size, "layers_cached": bool(earlier)},
         command="./scripts/test.sh --image",
     )
