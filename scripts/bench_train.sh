@@ -8,8 +8,9 @@
 #
 # Prints one line per task and precision (seconds per epoch, the first epoch apart, since it
 # pays for start-up and cuDNN autotuning) and appends them to runs/bench_train/epoch_times.jsonl;
-# then README's table, "first / later" seconds per task, with this run's columns beside those
-# of docs/benchmarks/*_train_epoch_times.jsonl (the H200's). A failed run prints its log's end.
+# then the table of docs/performance-gpu.md, "first / later" seconds per task, with this run's
+# columns beside those of the records benchmarks/results/*-training-*.json. A failed run prints
+# its log's end.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -76,16 +77,19 @@ with open(Path(run).parent / "epoch_times.jsonl", "a") as f:
 PY
   done
 done
-"$PY" - docs/benchmarks/*_train_epoch_times.jsonl "$OUT/epoch_times.jsonl" <<'PY'
+"$PY" - benchmarks/results/*-training-*.json "$OUT/epoch_times.jsonl" <<'PY'
 import json, sys
 from pathlib import Path
 cells, columns = {}, {}
 for path in sys.argv[1:]:
     if not Path(path).is_file():
         continue
-    tag = "this machine" if path == sys.argv[-1] else Path(path).name.split("_")[0]
-    for line in open(path):
-        r = json.loads(line)
+    if path == sys.argv[-1]:  # this run's lines
+        tag, runs = "this machine", [json.loads(line) for line in open(path)]
+    else:  # a benchmark record (benchmarks/results/schema.json)
+        record = json.load(open(path))
+        tag, runs = record["machine"]["gpu"] or record["name"], record["figures"]["runs"]
+    for r in runs:
         column = f"{tag}: {r['device']} {r['amp']} x{r['processes']}"
         columns[column] = None
         s = r["epoch_seconds"]
