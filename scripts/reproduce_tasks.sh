@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the task runs whose figures README records: the data is generated (shapes on
+# Reproduces one training run per task (docs/tasks.md): the data is generated (shapes on
 # scikit-image photographs), each model is trained on the 2-core CPU machine, and the
 # metric it reached is printed at the end of its section. Outputs: data/shapes_*/, runs/*/.
 #

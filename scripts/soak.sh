@@ -3,7 +3,7 @@
 # requests, the answers by status code, p50/p99 latency and the workers' RSS at start and end.
 #
 #   ./scripts/soak.sh                                 # 180 s, 8 clients, 25% bad requests
-#   ./scripts/soak.sh --duration 600 --clients 8      # the 10-minute run in the README
+#   ./scripts/soak.sh --duration 600 --clients 8      # ten minutes (docs/reliability.md)
 #   ./scripts/soak.sh --help                          # every flag and its default
 #
 # Sets up the environment and, when no TorchServe answers from .serve/, serves the demo's
