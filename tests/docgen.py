@@ -125,8 +125,8 @@ def archive_options() -> str:
         if key == "handler":
             continue
         action = actions[key]
-        rows.append((f"`{action.option_strings[0]}`", f"`{key}`", option.allowed(), action.help))
-    return table(("flag", "manifest key", "allowed", "what it sets"), rows)
+        rows.append((f"`{action.option_strings[0]}`<br>`{key}`", option.allowed(), action.help))
+    return table(("flag, manifest key", "allowed", "what it sets"), rows)
 
 
 def handler_options() -> str:
