@@ -13,7 +13,7 @@ handler's device, so preprocessing and postprocessing never depend on the runtim
 - compile:     the eager module through torch.compile, compiled when the worker starts.
 
 OpenVINO (fp32, and int8 through NNCF) was tried beside int8 and measured slower than it on
-the 2-core host, so it is not a runtime here (README, BENCHMARKS).
+the 2-core host, so it is not a runtime here (docs/performance.md).
 
 This module is only what a worker needs to load and run them; it ships inside every
 archive. Building the files and checking them against eager is scripts/ops/optimize.py, at

@@ -317,7 +317,7 @@ class VisionHandler(BaseHandler):
     def preprocess_batch(self, data: list) -> tuple[torch.Tensor | None, dict[int, RequestError]]:
         """preprocess with gpu_decode: the batch's JPEGs decoded in one nvJPEG call, and images
         of one size resized and normalized together, where one at a time the per-image
-        kernel launches would bound the worker (README, BENCHMARKS on a GPU)."""
+        kernel launches would bound the worker (docs/performance-gpu.md)."""
         errors, payloads = {}, {}
         for idx, row in enumerate(data):
             try:

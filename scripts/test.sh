@@ -2,10 +2,14 @@
 # The whole test suite: sets up .venv like the demo, then runs pytest (extra arguments go to pytest,
 # e.g. -m unit for the fast in-process tests). The set-up time is printed apart from the tests'.
 #   ./scripts/test.sh --image [ARGS]   builds the serving image and serves the demo's .mar from it
-#                                      (tests/test_image.py; needs buildah, README DEPLOYMENT)
+#                                      (tests/test_image.py; needs buildah; docs/deployment.md)
+#   ./scripts/test.sh --help           this, then pytest's own options
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 args=(); image=0
+case "${1:-}" in
+  -h | --help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; [ -x "$ROOT/.venv/bin/python" ] && exec "$ROOT/.venv/bin/python" -m pytest --help; exit 0 ;;
+esac
 for a in "$@"; do if [[ "$a" == --image ]]; then image=1; else args+=("$a"); fi; done
 SECONDS=0
 "$ROOT/scripts/setup.sh"

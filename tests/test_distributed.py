@@ -1,6 +1,6 @@
 """Training under torchrun on this CPU machine: 2 processes, DDP over gloo. The commands are
-README's multi-GPU and multi-node lines with only the sizes changed (process and node
-counts, batch size, paths, the rendezvous address), read from README.md itself.
+the multi-GPU and multi-node lines of docs/training.md with only the sizes changed (process
+and node counts, batch size, paths, the rendezvous address), read from that page itself.
 
 - a 2-process run of the digits classifier reaches the validation accuracy of a 1-process
   run with the same global batch and epochs, within 1 point;
@@ -37,21 +37,21 @@ COMMON = ["--workers", "0", "--no-progress"]
 
 
 def readme_command(marker: str) -> str:
-    """The README line (with its continuation lines) holding `marker`."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    """The docs/training.md line (with its continuation lines) holding `marker`."""
+    text = (ROOT / "docs" / "training.md").read_text().replace("\\\n", " ")
     lines = [line for line in text.splitlines() if line.startswith(".venv/bin/torchrun") and marker in line]
-    assert len(lines) == 1, f"README has {len(lines)} torchrun lines with {marker!r}"
+    assert len(lines) == 1, f"docs/training.md has {len(lines)} torchrun lines with {marker!r}"
     return re.sub(r"\s+", " ", lines[0])
 
 
 def resized(command: str, **sizes) -> list[str]:
-    """README's command with only the sizes changed: `--flag value` replaced for each size given
+    """The page's command with only the sizes changed: `--flag value` replaced for each size given
     (flag names with _ as in the command), HOST:port by a free local port, .venv by this venv."""
     argv = shlex.split(command)
     argv[0] = TORCHRUN
     for flag, value in sizes.items():
         name = "--" + flag.replace("__", "-")
-        assert name in argv, f"{name} not in README's command {command}"
+        assert name in argv, f"{name} not in the page's command {command}"
         argv[argv.index(name) + 1] = str(value)
     if "--rdzv-endpoint" in argv:
         with socket.socket() as s:

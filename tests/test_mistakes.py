@@ -5,8 +5,7 @@ For each case: the exit code (2 for a usage mistake, 1 for a runtime refusal), e
 line on stderr naming the argument or file and what is allowed, no traceback, and nothing
 changed: the store (archives and catalog), the run folders (serving record, config, keys,
 refused list) are byte-identical, and the management API serves the same models, versions,
-defaults and worker counts as before. README's "Mistakes and what they get" table is taken
-from these cases.
+defaults and worker counts as before. The table of docs/mistakes.md is taken from these cases.
 """
 
 from __future__ import annotations
@@ -135,7 +134,7 @@ class Case:
     words: list[str]
     setup: Callable | None = None  # (world) -> undo callable; runs before the "before" snapshot
     check: Callable | None = None  # (world) -> None, after
-    readme: str = ""  # the row README's table shows for this case, if any
+    readme: str = ""  # the row docs/mistakes.md's table shows for this case, if any
 
 
 def manifest(world, doc: dict | str) -> Path:
@@ -732,8 +731,8 @@ def test_the_command_line_wrappers_print_one_line_and_no_traceback(world):
 WORKER_REFUSAL = "an archive whose handler section says `max_pixels: abc`"  # the test just above
 
 
-def test_the_readme_table_is_taken_from_these_cases():
-    section = (ROOT / "README.md").read_text().split("## Mistakes and what they get", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_table_is_taken_from_these_cases():
+    section = (ROOT / "docs" / "mistakes.md").read_text()
     rows = dict(
         line.strip("|").split(" | ")[:2]
         for line in section.splitlines()

@@ -259,7 +259,7 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
         raise ValueError(f"training output folder {args.run} does not exist or holds no model.json")
     run = Path(args.run) if args.run else random_weights_run(args.model, work / "run")
     meta = json.loads((run / "model.json").read_text())
-    # Measured on the 2-core machine (README, BENCHMARKS): a worker per core with one torch
+    # Measured on the 2-core machine (docs/performance.md): a worker per core with one torch
     # thread each, and small batches, beat one worker with every core (no OpenMP barriers
     # stalled by the frontend's threads; two batches in flight instead of one).
     on_gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())

@@ -1,7 +1,7 @@
 """Soak test: keep a served model busy for a while with good and bad requests mixed.
 
     scripts/soak                                   # 180 s, 8 clients, 25% bad requests
-    scripts/soak --duration 600 --clients 8        # the 10-minute run the README reports
+    scripts/soak --duration 600 --clients 8        # ten minutes (docs/reliability.md)
 
 Why it exists: one request at a time proves little about a server that must stay up.
 A long, concurrent run shows whether good requests keep getting 200 while bad ones

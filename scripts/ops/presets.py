@@ -4,7 +4,7 @@
 fills the model-config settings from `preset_options`, a pure function of the preset, the
 target machine's cores and whether it serves from a GPU; any option given explicitly
 (a flag, or a manifest key) overrides the preset's value. The choices follow what
-scripts/bench_serving measured on a 2-core host (README, BENCHMARKS):
+scripts/bench_serving measured on a 2-core host (docs/performance.md):
 
 - latency:    a lone request gets every core: one worker with all the threads (up to 8;
               more workers beyond that), batch 1, no batch delay, so nobody waits for a
