@@ -126,16 +126,27 @@ class ModelServerEngine(TorchServe):
         try:
             return json.loads((self.run_dir / STARTED_FILE).read_text())
         except (OSError, ValueError):
-            return {"served": [], "defaults": {}, "refused": []}
+            return {"served": [], "defaults": {}, "refused": [], "info": {}}
 
     def models(self) -> list[str]:
         return sorted({name for name, _ in self.started()["served"]})
 
     def versions(self, name: str) -> list[dict]:
+        """Each served version of `name`, in the fields of TorchServe's describe-model answer."""
         started = self.started()
         return [
-            {"modelName": n, "modelVersion": v, "default": started["defaults"].get(n) == v}
-            for n, v in started["served"]
+            {
+                "modelName": n,
+                "modelVersion": v,
+                "modelUrl": info["file"],
+                "minWorkers": info["workers"],
+                "maxWorkers": info["workers"],
+                "batchSize": info["batch_size"],
+                "maxBatchDelay": info["max_batch_delay"],
+                "workers": [{"id": str(i), "status": "READY", "pid": self.pid()} for i in range(info["workers"])],
+                "default": started["defaults"].get(n) == v,
+            }
+            for n, v, info in ((n, v, started["info"][f"{n}/{v}"]) for n, v in started["served"])
             if n == check_name(name)
         ]
 
@@ -404,6 +415,16 @@ def serve(run_dir: Path) -> None:
         "served": [[n, v] for n, m in models.items() for v in m.versions],
         "defaults": {n: m.default for n, m in models.items()},
         "refused": refused,
+        "info": {
+            f"{n}/{v}": {
+                "file": served.file,
+                "workers": len(served.workers),
+                "batch_size": int(served.config.get("batchSize", 1)),
+                "max_batch_delay": int(served.config.get("maxBatchDelay", 100)),
+            }
+            for n, m in models.items()
+            for v, served in m.versions.items()
+        },
     }
     token = None
     if plan["token"]:
@@ -436,7 +457,7 @@ def load_version(run_dir: Path, store: Path, v: dict, metrics_cache) -> Any:
             "version of the bundle; rebuild it with scripts/archive or serve it with TorchServe"
         )
     workers = [Worker(v["name"], model_dir, manifest, config, metrics_cache) for _ in range(max(1, v["workers"]))]
-    return ServedVersion(v["name"], v["version"], config, workers)
+    return ServedVersion(v["name"], v["version"], v["file"], config, workers)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class ServedVersion:
 
     name: str
     version: str
+    file: str
     config: dict
     workers: list[Worker]
     batcher: Batcher | None = field(default=None)

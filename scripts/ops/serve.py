@@ -57,7 +57,10 @@ def read_properties(path: Path) -> dict[str, str]:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """No server listens on host:port (connections of a stopped one waiting out TIME_WAIT do not
+    count: the servers bind with SO_REUSEADDR too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
