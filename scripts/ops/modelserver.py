@@ -263,6 +263,10 @@ class ModelServerEngine(TorchServe):
             time.sleep(0.2)
         if self._is_ours(pid):
             os.kill(pid, signal.SIGKILL)
+        # The main thread is a zombie before the process's last thread has closed its sockets:
+        # done when the ports are free, so that a start right after this one finds them so.
+        while time.time() < deadline and not all(port_is_free(h, p) for h, p in self.listen_ports().values()):
+            time.sleep(0.1)
         (self.run_dir / ENGINE_FILE).unlink(missing_ok=True)
         return True
 
