@@ -308,6 +308,12 @@ def test_every_route_but_metrics_needs_the_token_over_rest_and_grpc(engine, digi
     assert requests.get(engine.url() + "/metrics", timeout=10).status_code == 200
 
 
+def test_a_body_over_max_request_size_is_a_json_413(engine):
+    limit = int(engine.props["max_request_size"])
+    r = post(engine, "/v2/models/digits/infer", data=b"\0" * (limit + 1))
+    assert r.status_code == 413 and r.json()["type"] == "RequestTooLarge" and f"{limit:,}" in r.json()["message"]
+
+
 def is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)  # gRPC's dual-stack socket: ::ffff:127.0.0.1

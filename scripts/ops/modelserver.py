@@ -168,7 +168,11 @@ class ModelServerEngine(TorchServe):
         plan, refused, saved, _ = self.plan(models, everything=everything)
         versions = []
         for name, version, file, info in plan:
-            declared = archive_manifest(self.model_store / file)
+            try:
+                declared = archive_manifest(self.model_store / file)
+            except ServeError as e:
+                refused.append(f"{name} {version or '(' + file + ')'}: {e}")
+                continue
             if version is not None and declared["version"] != version:
                 refused.append(f"{name} {version}: {file} declares version {declared['version']}; refusing it")
                 continue
@@ -194,6 +198,7 @@ class ModelServerEngine(TorchServe):
             "versions": versions,
             "defaults": {name: m["default"] for name, m in saved.items()},
             "queue_size": int(self.props.get("job_queue_size", 100)),
+            "max_request_size": int(self.props.get("max_request_size", 6_553_500)),
         }
         atomic_write(self.run_dir / PLAN_FILE, (json.dumps(plan_body, indent=2) + "\n").encode())
         atomic_write(self.run_dir / ENGINE_FILE, f"{ENGINE}\n".encode())
@@ -216,12 +221,9 @@ class ModelServerEngine(TorchServe):
         served = {tuple(x) for x in started["served"]}
         with self.state.editing() as state:
             for v in versions:
-                if (
-                    (v["name"], v["version"]) not in served
-                    or v["name"] in saved
-                    and v["version"] in saved[v["name"]].get("versions", {})
-                ):
-                    continue
+                restored = v["version"] in saved.get(v["name"], {}).get("versions", {})
+                if restored or (v["name"], v["version"]) not in served:
+                    continue  # the record changes only for what this start added
                 model = state["models"].setdefault(
                     v["name"], {"versions": {}, "default": started["defaults"][v["name"]], "previous_defaults": []}
                 )
@@ -251,6 +253,7 @@ class ModelServerEngine(TorchServe):
                 except requests.ConnectionError:
                     pass
             time.sleep(0.3)
+        proc.terminate()  # no half-started server left behind
         raise ServeError(f"ModelServer not ready after {timeout:.0f}s; see {self.run_dir / 'logs' / LOG_FILE}")
 
     def stop(self, timeout: float = 60) -> bool:
@@ -435,7 +438,7 @@ def serve(run_dir: Path) -> None:
         token = json.loads((run_dir / "key_file.json").read_text())["inference"]["key"]
     for model in models.values():
         server.register_model(model)
-    add_routes(app, models, token, FrontendMetrics())
+    add_routes(app, models, token, FrontendMetrics(), plan.get("max_request_size", 6_553_500))
     atomic_write(run_dir / STARTED_FILE, (json.dumps(started, indent=2) + "\n").encode())
     asyncio.run(run_servers(server, models, plan, token))
 

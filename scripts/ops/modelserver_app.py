@@ -129,7 +129,22 @@ class ArchiveModel(Model):
         )
 
 
-def add_routes(app: FastAPI, models: dict[str, ArchiveModel], token: str | None, metrics) -> None:
+async def read_body(request: Request, max_bytes: int) -> bytes | None:
+    """The request's body, or None past `max_bytes` (config.properties' max_request_size)."""
+    if int(request.headers.get("content-length") or 0) > max_bytes:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def add_routes(
+    app: FastAPI, models: dict[str, ArchiveModel], token: str | None, metrics, max_bytes: int = 6_553_500
+) -> None:
     """The REST inference routes (before KServe's own, so these answer) and the token check."""
     for model in models.values():
         model.metrics = metrics
@@ -152,8 +167,12 @@ def add_routes(app: FastAPI, models: dict[str, ArchiveModel], token: str | None,
             return served
         start = time.perf_counter()
         headers = dict(request.headers)
+        body = await read_body(request, max_bytes)
+        if body is None:
+            message = f"request body is over the server's max_request_size of {max_bytes:,} bytes"
+            return JSONResponse({"code": 413, "type": "RequestTooLarge", "message": message}, 413)
         worker_request = WorkerRequest(
-            await request.body(),
+            body,
             headers.get("content-type", ""),
             headers,
             headers.get("x-request-id") or str(uuid.uuid4()),
