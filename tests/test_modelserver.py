@@ -25,6 +25,7 @@ from scripts.cli import archive, models, serve
 from scripts.ops.modelserver import ModelServerEngine, engine_of
 from scripts.ops.serve import ServeError
 from tests.conftest import encode, serving
+from tests.test_task_serving import MAX_N, runs  # noqa: F401 - runs: the untrained task models, a fixture
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
@@ -52,8 +53,9 @@ def bad_items(digit_files, photos) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def torchserve(trained_digits, shared_server):
-    """The shared TorchServe serving digits 1.0 from a store that also holds digits 2.0."""
+def torchserve(trained_digits, runs, shared_server):  # noqa: F811 - runs is the imported fixture
+    """The shared TorchServe serving digits 1.0 (from a store that also holds digits 2.0) and
+    the other tasks' models: segmentation, generation, embedding."""
     store = shared_server.model_store
     common = ["--model-store", str(store), "--batch-size", "8", "--max-batch-delay", "200"]
     # max_pixels: a 2500x2500 image is refused (413) by the handler, under either engine.
@@ -61,7 +63,10 @@ def torchserve(trained_digits, shared_server):
     assert archive.main([str(trained_digits), "--name", "digits", "--topk", "10", *common, *limits]) == 0
     two = ["--version", "2.0", "--topk", "3", "--workers", "2"]
     assert archive.main([str(trained_digits), "--name", "digits", *two, *common]) == 0
-    with serving(shared_server, "digits") as ts:
+    for name, run in runs.items():
+        extra = ["--handler-option", f"max_n={MAX_N}"] if name == "digit_gan" else []
+        assert archive.main([str(run), "--name", name, *common, *extra]) == 0
+    with serving(shared_server, "digits", *runs, timeout=300) as ts:
         yield ts
 
 
@@ -114,6 +119,33 @@ def test_plain_predictions_equal_torchserves_bad_items_included(torchserve, engi
         else:
             assert got.json() == want.json()  # the same error object: code, type and message
     assert {post(engine, "/predictions/digits", data=b).status_code for b in bad_items.values()} == {400, 413}
+
+
+def same(got, want) -> bool:
+    """Equal JSON answers, numbers within 1e-4."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and list(got) == list(want) and all(same(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+    if isinstance(want, float):
+        return isinstance(got, (int, float)) and abs(got - want) <= 1e-4
+    return got == want
+
+
+def test_every_task_answers_as_torchserve_bad_requests_included(torchserve, engine, runs, photos):  # noqa: F811
+    picture = encode(photos["coffee"].resize((96, 64)), "PNG")
+    asked = {
+        "shapes_seg": [{"data": picture}, {"data": NOT_AN_IMAGE}],
+        "embedder": [{"data": picture}, {"data": NOT_AN_IMAGE}],
+        "digit_gan": [{"json": {"seed": 7, "n": 3}}, {"json": {"seed": 7, "n": MAX_N + 1}}, {"json": {"n": "x"}}],
+    }
+    assert set(asked) == set(runs)
+    for name, requests_ in asked.items():
+        for kw in requests_:
+            want, got = post(torchserve, f"/predictions/{name}", **kw), post(engine, f"/predictions/{name}", **kw)
+            assert got.status_code == want.status_code, (name, got.text, want.text)
+            assert same(got.json(), want.json()), name
+        assert {post(engine, f"/predictions/{name}", **kw).status_code for kw in requests_[1:]} <= {400, 413, 422}
 
 
 def test_v1_instances_equal_torchserves_a_bad_image_among_good_ones(torchserve, engine, digit_files, bad_items):
@@ -340,7 +372,7 @@ def test_management_commands_refuse_with_one_line(engine, capsys):
         assert len(err) == 1 and "kserve engine" in err[0] and "scripts/serve" in err[0], err
     assert models.main(["status", "--json", *base]) == 0
     status = json.loads(capsys.readouterr().out)
-    served = {(s["version"], s["default"], len(s["workers"])) for s in status["served"]}
+    served = {(s["version"], s["default"], len(s["workers"])) for s in status["served"] if s["name"] == "digits"}
     assert served == {("1.0", True, 1), ("2.0", False, 2)}
     with pytest.raises(ServeError, match="restart"):
         engine.refresh_key("inference")
