@@ -23,11 +23,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from model_defs.usage import OneLineParser, UsageError
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import Catalog, CatalogError
-from model_defs.usage import OneLineParser, UsageError
-from scripts.ops.names import check_name, check_version
 from scripts.ops.modelserver import ENGINE, ModelServerEngine, engine_of
+from scripts.ops.names import check_name, check_version
 from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe, archive_manifest
 
 

@@ -21,9 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from model_defs.usage import OneLineParser, UsageError
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import CatalogError
-from model_defs.usage import OneLineParser, UsageError
 from scripts.ops.modelserver import ENGINE, ModelServerEngine, engine_of
 from scripts.ops.serve import DEFAULT_RUN_DIR, ROOT, ServeError, TorchServe
 

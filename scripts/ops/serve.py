@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 import requests
 import yaml
 
-from scripts.ops.catalog import Catalog, sha256_file
 from model_defs.usage import UsageError
+from scripts.ops.catalog import Catalog, sha256_file
 from scripts.ops.names import atomic_write, check_name, check_version, inside
 
 ROOT = Path(__file__).resolve().parents[2]
