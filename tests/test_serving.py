@@ -188,11 +188,10 @@ def test_apis_listen_on_loopback_only(server):
     import psutil
 
     frontend = psutil.Process(server.pid())
+    pids = {p.pid for p in [frontend, *frontend.children(recursive=True)]}
+    # psutil.net_connections, not Process.net_connections: the psutil kserve allows (<6) has only the former.
     listening = [
-        c.laddr
-        for p in [frontend, *frontend.children(recursive=True)]
-        for c in p.net_connections(kind="inet")
-        if c.status == psutil.CONN_LISTEN
+        c.laddr for c in psutil.net_connections(kind="inet") if c.pid in pids and c.status == psutil.CONN_LISTEN
     ]
     assert {a.port for a in listening} == {port for _, port in server.listen_ports().values()}
     assert len(listening) == 5 and all(is_loopback(a.ip) for a in listening), listening

@@ -26,6 +26,7 @@ from pathlib import Path
 from model_defs.usage import OneLineParser, UsageError
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import Catalog, CatalogError
+from scripts.ops.modelserver import ENGINE, ModelServerEngine, engine_of
 from scripts.ops.names import check_name, check_version
 from scripts.ops.serve import ROOT, RUN_DIR_HELP, ServeError, TorchServe, archive_manifest, default_run_dir
 
@@ -337,7 +338,9 @@ def run(args, ts: TorchServe, catalog: Catalog) -> tuple[dict, str]:
 
 def command(args) -> int:
     check_arguments(args)
-    ts = TorchServe(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
+    # The kserve engine answers status and compare; its other commands refuse with one line.
+    engine = ModelServerEngine if engine_of(Path(args.run_dir)) == ENGINE else TorchServe
+    ts = engine(run_dir=Path(args.run_dir), model_store=Path(args.model_store))
     catalog = Catalog(Path(args.model_store))
     if not ts.is_running():
         raise ServeError(f"TorchServe is not running from {ts.run_dir}; start it with {ts.hint('start')}")

@@ -3,6 +3,7 @@
     scripts/serve start [--models digits,other | all]    # waits until every model is ready; adds to
                                                          # what this run folder served before
     scripts/serve --run-dir .serve-b start --port-offset 100   # a second server: 8180, 8181, ...
+    scripts/serve start --engine kserve                  # the same archives on KServe's ModelServer
     scripts/serve status
     scripts/serve key [inference|management|API] [--header] [--refresh]
     scripts/serve stop
@@ -27,6 +28,7 @@ from pathlib import Path
 from model_defs.usage import OneLineParser, UsageError
 from scripts.cli.errors import one_line_errors
 from scripts.ops.catalog import CatalogError
+from scripts.ops.modelserver import ENGINE, ModelServerEngine, engine_of
 from scripts.ops.serve import (
     ADDRESS_KEYS,
     GRPC_PORT_KEYS,
@@ -40,6 +42,8 @@ from scripts.ops.serve import (
 )
 
 PORT_FLAGS = {api: f"--{api.replace('_', '-')}-port" for api in (*ADDRESS_KEYS, *GRPC_PORT_KEYS)}
+
+ENGINES = ("torchserve", ENGINE)
 
 
 def global_options(defaults: bool) -> argparse.ArgumentParser:
@@ -96,6 +100,13 @@ def get_args_parser() -> argparse.ArgumentParser:
             metavar="PORT",
             help=f"the {api.replace('_', ' ')} port (default: the config's, plus --port-offset)",
         )
+    s.add_argument(
+        "--engine",
+        default="torchserve",
+        choices=ENGINES,
+        help="what serves the archives: TorchServe, or KServe's ModelServer in one Python process with no Java "
+        "(docs/engines.md); stop, status and key find the engine of the run folder (default: torchserve)",
+    )
     sub.add_parser("stop", parents=common, help="stop the TorchServe of this run folder")
     sub.add_parser(
         "status", parents=common, help="say whether it runs, where, which models it serves and what it refused"
@@ -141,7 +152,8 @@ def chosen_ports(args, config: Path) -> dict[str, int] | None:
 
 
 def command(args) -> int:
-    ts = TorchServe(
+    kserve = args.engine == ENGINE if args.command == "start" else engine_of(Path(args.run_dir)) == ENGINE
+    ts = (ModelServerEngine if kserve else TorchServe)(
         run_dir=Path(args.run_dir),
         model_store=args.model_store and Path(args.model_store),
         config=Path(args.config),
@@ -159,21 +171,33 @@ def command(args) -> int:
         refused = ts.start(models, timeout=args.timeout, everything=everything)
         for line in refused:
             print(f"refused: {line}", file=sys.stderr)
+        where = (
+            f"gRPC port {ts.listen_ports()['grpc_inference'][1]}" if kserve else f"management {ts.url('management')}"
+        )
         print(
-            f"TorchServe is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
-            f"(management {ts.url('management')}, metrics {ts.url('metrics')})\n"
+            f"{server_name(kserve)} is serving {', '.join(ts.models()) or 'no models'} at {ts.url('inference')} "
+            f"({where}, metrics {ts.url('metrics')})\n"
             f"  its token: {ts.hint('key')}\n  stop it:   {ts.hint('stop')}"
         )
         return 1 if refused else 0
     if args.command == "stop":
         if not ts.stop():
-            raise ServeError(f"no TorchServe running from {ts.run_dir}{ts.stale_pid_note()}")
-        print("TorchServe stopped")
+            raise ServeError(f"no {server_name(kserve)} running from {ts.run_dir}{ts.stale_pid_note()}")
+        print(f"{server_name(kserve)} stopped")
     elif args.command == "status":
         if not ts.is_running():
             raise ServeError(
-                f"TorchServe is not running from {ts.run_dir}{ts.stale_pid_note()}; start it with {ts.hint('start')}"
+                f"{server_name(kserve)} is not running from {ts.run_dir}{ts.stale_pid_note()}; "
+                f"start it with {ts.hint('start')}"
             )
+        if kserve:
+            print(f"running, engine {ENGINE} (ModelServer), pid {ts.pid()}, inference {ts.url('inference')}")
+            for name in ts.models():
+                for d in ts.versions(name):
+                    print(f"  {name} v{d['modelVersion']}{'  (default)' if d['default'] else ''}")
+            for line in ts.refused():
+                print(f"  refused at start: {line}")
+            return 0
         print(f"running, pid {ts.pid()}, inference {ts.url('inference')}, management {ts.url('management')}")
         for name in ts.models():
             for d in ts.versions(name):
@@ -185,6 +209,10 @@ def command(args) -> int:
         key = ts.refresh_key(args.kind) if args.refresh else ts.key(args.kind)
         print(f"Authorization: Bearer {key}" if args.header else key)
     return 0
+
+
+def server_name(kserve: bool) -> str:
+    return "ModelServer" if kserve else "TorchServe"
 
 
 def main(argv: list[str] | None = None) -> int:

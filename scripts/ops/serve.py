@@ -82,7 +82,10 @@ def listen_ports(props: dict[str, str]) -> dict[str, tuple[str, int]]:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """No server listens on host:port (connections of a stopped one waiting out TIME_WAIT do not
+    count: the servers bind with SO_REUSEADDR too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -339,34 +342,10 @@ class TorchServe:
             return f"{file} has changed since it was catalogued (sha256 differs); refusing it"
         return None
 
-    def start(self, models: list[str] | None = None, timeout: float = 180, *, everything: bool = False) -> list[str]:
-        """Start TorchServe and register its models; returns one line per version refused.
-
-        What this run folder served before (serving.json: versions, workers, defaults) is
-        always restored, each version only if the catalog knows it and its file's sha256
-        matches. `models` adds models served from <name>.mar: a name given this way may be
-        an archive the catalog does not know, a catalogued one must match its sha256.
-        `everything` (or no `models` and no record) adds every catalogued version. A
-        version that cannot be served is refused (listed in refused.json, for `status`)
-        while the others are served; the record changes only for what was added.
-        """
+    def plan(self, models: list[str] | None, *, everything: bool = False) -> tuple[list, list[str], dict, dict]:
+        """What a start serves (see `start`): (name, version or None, file, recorded info or None)
+        per version, the lines of what it refuses, the serving record and the catalog's entries."""
         names = [check_name(m) for m in models or []]
-        if shutil.which("java") is None:
-            raise ServeError(
-                "Java 17 was not found on PATH; TorchServe's frontend needs it. "
-                "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17."
-            )
-        if self.is_running():
-            raise ServeError(
-                f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
-                f"stop it first with {self.hint('stop')}"
-            )
-        for api, (host, port) in self.listen_ports().items():
-            if not port_is_free(host, port):
-                raise ServeError(
-                    f"port {port} on {host} ({api} API) is already in use; stop what holds it "
-                    "or choose other ports (scripts/serve start --port-offset N, or --inference-port and the others)"
-                )
         saved = self.state.load()["models"]
         entries = Catalog(self.model_store).load()
         plan, refused = [], []
@@ -395,6 +374,38 @@ class TorchServe:
                     refused.append(f"{name} ({file}): {reason}")
                 else:
                     plan.append((name, None, file, None))
+        return plan, refused, saved, entries
+
+    def start(self, models: list[str] | None = None, timeout: float = 180, *, everything: bool = False) -> list[str]:
+        """Start TorchServe and register its models; returns one line per version refused.
+
+        What this run folder served before (serving.json: versions, workers, defaults) is
+        always restored, each version only if the catalog knows it and its file's sha256
+        matches. `models` adds models served from <name>.mar: a name given this way may be
+        an archive the catalog does not know, a catalogued one must match its sha256.
+        `everything` (or no `models` and no record) adds every catalogued version. A
+        version that cannot be served is refused (listed in refused.json, for `status`)
+        while the others are served; the record changes only for what was added.
+        """
+        for name in models or []:
+            check_name(name)
+        if shutil.which("java") is None:
+            raise ServeError(
+                "Java 17 was not found on PATH; TorchServe's frontend needs it. "
+                "Run scripts/setup.sh (installs openjdk-17-jre-headless) or install Java 17."
+            )
+        if self.is_running():
+            raise ServeError(
+                f"TorchServe is already running from {self.run_dir} (pid {self.pid()}); "
+                f"stop it first with {self.hint('stop')}"
+            )
+        for api, (host, port) in self.listen_ports().items():
+            if not port_is_free(host, port):
+                raise ServeError(
+                    f"port {port} on {host} ({api} API) is already in use; stop what holds it "
+                    "or choose other ports (scripts/serve start --port-offset N, or --inference-port and the others)"
+                )
+        plan, refused, saved, entries = self.plan(models, everything=everything)
 
         self._make_run_dir()
         self.key_file.unlink(missing_ok=True)
