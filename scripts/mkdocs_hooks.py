@@ -14,9 +14,7 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
 FROM_ROOT = {"changelog.md": ROOT / "CHANGELOG.md", "records.md": ROOT / "benchmarks" / "results" / "README.md"}
-PENDING = {
-    "engines.md": "Serving engines",
-}
+PENDING: dict[str, str] = {}
 
 
 def on_files(files: Files, config) -> Files:

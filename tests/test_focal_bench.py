@@ -15,10 +15,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def test_the_record_holds_both_runs_raw_figures(tmp_path, capsys):
     out = tmp_path / "focal.json"
     assert bench.main(["--epochs", "1", "--minority", "3", "--out", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert record["command"] == f"python -m scripts.bench.focal --epochs 1 --minority 3 --out {out}"
-    assert record["machine"]["cores"] >= 1 and record["machine"]["cpu"]
-    assert set(record["versions"]) >= {"torch", "torchvision"}
+    written = json.loads(out.read_text())
+    assert written["schema"] == "bundle-record/1" and written["name"] == "focal_recall-1-epochs"
+    assert written["command"] == f"python -m scripts.bench.focal --epochs 1 --minority 3 --out {out}"
+    assert written["machine"]["cores"] >= 1 and written["machine"]["cpu"]
+    assert set(written["versions"]) >= {"torch", "torchvision"}
+    record = written["figures"]
     counts = record["settings"]["train_images_per_class"]
     assert counts["3"] == 7 and all(n > 100 for c, n in counts.items() if c != "3")
     assert record["runs"]["ce"]["loss"]["name"] == "ce"

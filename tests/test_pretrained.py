@@ -218,12 +218,13 @@ def test_pretrained_bench_writes_its_record(tmp_path, capsys):
     argv += ["--finetune-seeds", "0", "--out", str(out), "--work", str(tmp_path / "work")]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
+    assert record["schema"] == "bundle-record/1" and record["name"] == "record"
     assert record["command"].endswith(" ".join(argv)) and record["date"].startswith("20")
     assert record["machine"]["cores"] > 0 and record["machine"]["cpu"]
     assert record["versions"]["torch"] == torch.__version__
     assert record["versions"]["torchvision"] == torchvision.__version__
     for task, metric in (("detection", "map_50"), ("segmentation", "miou")):
-        result = record["results"][task]
+        result = record["figures"]["results"][task]
         assert result["metric"] == metric
         assert result["pretrained_record"]["part"] == "whole" and len(result["pretrained_record"]["sha256"]) == 64
         for arm in ("pretrained", "random"):

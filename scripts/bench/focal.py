@@ -15,26 +15,17 @@ and the raw figures. A quality figure, one seed per run, not a timing.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
+import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from model_defs.usage import OneLineParser
+from scripts.bench.record import write_record
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def imbalanced_copy(train: Path, dest: Path, minority: str, share: float) -> dict[str, int]:
@@ -91,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="the JSON record (default: benchmarks/results/focal_recall-<UTC date-time>.json)",
+        help="the JSON record (default: benchmarks/results/focal_recall-<epochs>-epochs.json)",
     )
     return p
 
@@ -108,14 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.minority not in [str(d) for d in range(10)]:
         print(f"error: --minority {args.minority!r} is not a digit class (0 to 9)", file=sys.stderr)
         return 2
-    import torch
-    import torchvision
 
     from training import train as trainer
     from training.sample_data import write_digits
 
-    started = dt.datetime.now(dt.UTC)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"focal_recall-{started:%Y%m%d-%H%M%S}.json")
     with tempfile.TemporaryDirectory(prefix="bench_focal_") as tmp:
         work = Path(tmp)
         write_digits(work / "digits", size=32, test_fraction=0.2, seed=0)
@@ -141,16 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 "test_recall": recall,
                 "test_macro_recall": round(sum(recall.values()) / len(recall), 4),
             }
-    record = {
+    figures = {
         "benchmark": "focal loss against cross-entropy, one class cut down, per-class test recall",
-        "command": " ".join(["python -m scripts.bench.focal", *argv]),
-        "date": started.isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-        },
         "settings": {
             "data": "sklearn digits, 32 px, test split 0.2 (seed 0)",
             "model": "small_cnn",
@@ -165,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "minority_recall": {name: run["test_recall"][args.minority] for name, run in runs.items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_record(
+        f"focal_recall-{args.epochs}-epochs",
+        figures,
+        command=shlex.join(["python -m scripts.bench.focal", *argv]),
+        path=args.out and Path(args.out),
+    )
     print(
-        f"minority class {args.minority} recall: ce {record['minority_recall']['ce']:.3f}, "
-        f"focal {record['minority_recall']['focal']:.3f}; wrote {out}",
+        f"minority class {args.minority} recall: ce {figures['minority_recall']['ce']:.3f}, "
+        f"focal {figures['minority_recall']['focal']:.3f}; wrote {out}",
         file=sys.stderr,
     )
     return 0

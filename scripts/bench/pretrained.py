@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,6 +27,7 @@ import time
 from pathlib import Path
 
 from model_defs.usage import OneLineParser, UsageError
+from scripts.bench.record import write_record
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("detection", "segmentation")
@@ -91,16 +89,6 @@ def check(args) -> None:
         raise UsageError(f"--n-a must be at least 10, got {args.n_a}: a fifth of it is held out for validation")
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()}
-
-
 def train(task: str, data: Path, out: Path, epochs: int, seed: int, threads: int, *extra: str) -> dict:
     """One training run through the task's own trainer; its per-epoch validation figures."""
     from training import train_detection, train_segmentation
@@ -135,7 +123,8 @@ def measure(task: str, args, work: Path) -> dict:
             extra = ["--val-data", str(val), *(["--pretrained", str(source)] if arm == "pretrained" else [])]
             run = train(task, b, work / task / f"{arm}_{seed}", args.finetune_epochs, seed, args.threads, *extra)
             arms[arm].append({"seed": seed, "best": run["best"], "per_epoch": run["per_epoch"]})
-            record = run["meta"]["pretrained"] or record
+            if run["meta"]["pretrained"]:  # the source named inside the work folder, which is temporary
+                record = run["meta"]["pretrained"] | {"file": str(source.relative_to(work))}
             train_images = run["meta"]["dataset"]["train_images"]
             print(f"{task} {arm} seed {seed}: best {METRIC[task]} {run['best']:.4f}", file=sys.stderr, flush=True)
     means = {arm: round(statistics.mean(r["best"] for r in runs), 4) for arm, runs in arms.items()}
@@ -172,25 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from training.engine import package_versions
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_pretrained_") as tmp:
         work = Path(args.work or tmp)
         results = {task: measure(task, args, work) for task in args.tasks}
-    record = {
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "scripts.bench.pretrained", *argv]),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": package_versions("torchmetrics", "pycocotools"),
+    figures = {
         "note": "validation figures as the trainers compute them: pretraining on dataset A's held-out fifth, "
         "fine-tuning on the validation dataset; wall seconds on a shared CPU are not a product figure",
         "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_record(
+        Path(args.out).stem,
+        figures,
+        command=shlex.join(["python", "-m", "scripts.bench.pretrained", *argv]),
+        extra_versions=("torchmetrics", "pycocotools"),
+        path=Path(args.out),
+    )
     for task, r in results.items():
         print(f"{task}: {r['metric']} pretrained {r['mean_best']['pretrained']} random {r['mean_best']['random']}")
     print(f"wrote {out}", file=sys.stderr)

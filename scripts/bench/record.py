@@ -67,12 +67,21 @@ def versions(extra: tuple[str, ...] = ()) -> dict:
     found = {"python": platform.python_version()}
     for package in (*PACKAGES, *extra):
         with suppress(PackageNotFoundError):
-            found[package] = version(package)
+            # A loaded module's own version keeps its build label (torch 2.14.1+cu130).
+            found[package] = str(getattr(sys.modules.get(package), "__version__", None) or version(package))
     return found
 
 
-def write_record(name: str, figures: dict, *, command: str | None = None, extra_versions: tuple[str, ...] = ()) -> Path:
-    """Write benchmarks/results/NAME.json (replacing a record of the same name) and return its path."""
+def write_record(
+    name: str,
+    figures: dict,
+    *,
+    command: str | None = None,
+    extra_versions: tuple[str, ...] = (),
+    path: Path | None = None,
+) -> Path:
+    """Write benchmarks/results/NAME.json, or `path` (a benchmark's --out), replacing a record of
+    the same name, and return its path."""
     record = {
         "schema": SCHEMA,
         "name": name,
@@ -82,8 +91,8 @@ def write_record(name: str, figures: dict, *, command: str | None = None, extra_
         "versions": versions(extra_versions),
         "figures": figures,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = Path(path) if path else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(path)
