@@ -21,7 +21,6 @@ import jsonschema
 import pytest
 from markdown.extensions.toc import slugify
 
-from scripts.mkdocs_hooks import PENDING
 from tests import docgen
 
 pytestmark = pytest.mark.unit
@@ -162,10 +161,9 @@ def test_every_link_of_the_readme_resolves():
         path, anchor = target
         if path.startswith(("http://", "https://")):
             continue
-        pending = path.startswith("docs/") and path[len("docs/") :] in PENDING
-        if not (ROOT / path).exists() and not pending:
+        if not (ROOT / path).exists():
             broken.append(path)
-        elif anchor and not pending and anchor[1:] not in anchors(ROOT / path):
+        elif anchor and anchor[1:] not in anchors(ROOT / path):
             broken.append(path + anchor)
     assert not broken, broken
 

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     out = write_record(
         f"focal_recall-{args.epochs}-epochs",
         figures,
-        command=shlex.join(["python -m scripts.bench.focal", *argv]),
+        command=shlex.join(["python", "-m", "scripts.bench.focal", *argv]),
         path=args.out and Path(args.out),
     )
     print(
