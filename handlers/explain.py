@@ -43,7 +43,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from handlers.options import EXPLAIN_MAX_STEPS, EXPLAIN_STEPS
-from handlers.vision import Request, RequestError
+from handlers.requests import Request, RequestError
 from model_defs.registry import DataConfig
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from handlers.vision import Request, RequestError, VisionHandler
+from handlers.requests import Request, RequestError
+from handlers.vision import VisionHandler
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input
 

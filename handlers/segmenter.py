@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from handlers.explain import Explainer, explain_segmentation
-from handlers.vision import Request, VisionHandler
+from handlers.requests import Request
+from handlers.vision import VisionHandler
 from model_defs.preprocessing import (
     encode_png,
     mask_to_image,
