@@ -161,3 +161,17 @@ def test_a_worker_given_rollout_for_a_cnn_refuses_to_load_in_one_line(cnn_dir, c
     with caplog.at_level(logging.ERROR), pytest.raises(OptionError, match="explain_method"):
         load_handler(cnn_dir, {"handler": {"explain_method": "attention_rollout"}})
     assert any("refuses to load: handler option explain_method" in r.getMessage() for r in caplog.records)
+
+
+def test_visualize_draws_a_rollout_and_names_a_misplaced_method(vit_dir, photos, tmp_path, capsys):
+    from scripts.cli import visualize
+
+    handler = load_handler(vit_dir)
+    (answer,), _ = explain_run(handler, [rollout_row(encode(photos["chelsea"], "JPEG"), method="attention_rollout")])
+    sheet = visualize.render(photos["chelsea"], answer)
+    assert sheet.size == (451, 300 + 18)  # the image, under a caption line
+    assert np.asarray(sheet)[18:, :, 0].astype(int).sum() > np.asarray(sheet)[18:, :, 2].astype(int).sum()  # red
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(encode(photos["chelsea"], "JPEG"))
+    assert visualize.main([str(image), "--model", "vit", "--method", "attention_rollout"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --target, --steps and --method go with --explain"
