@@ -235,3 +235,14 @@ def test_the_check_images_are_the_recorded_split(segmenter, embedder):
     meta = json.loads((embedder / "model.json").read_text())
     images, calibration, source = runtime_checks.check_images(meta, "int8", None, 4, True)
     assert len(images) == 12 and len(calibration) == 4 and "training images" in source
+
+
+def test_a_worker_refuses_a_runtime_its_task_cannot_have(tmp_path):
+    """An archive made by hand or by another tool: the worker names the task and what it can have."""
+    with pytest.raises(runtimes.RuntimeConfigError, match="runtime int8 cannot hold a detection model; a detection"):
+        runtimes.load_detection_runtime({"runtime": "int8"}, tmp_path, torch.nn.Identity(), torch.device("cpu"))
+    args = {"latent_dim": 16, "channels": 1, "image_size": 32, "width": 8}
+    cfg = DataConfig(input_size=32, resize_size=32, channels=1, mean=(0.5,), std=(0.5,))
+    run_dir = save_run(tmp_path / "gan", get_model("dcgan", **args), "dcgan", args, "generation", [], cfg, {})
+    with pytest.raises(runtimes.RuntimeConfigError, match="generation model can have: eager"):
+        runtimes.load_runtime({"runtime": "onnx"}, run_dir, torch.nn.Identity(), torch.device("cpu"))

@@ -8,6 +8,8 @@ the same images, each with its own measure, as a percentage where 100 is the sam
 - embedding:    the mean cosine similarity of the two embeddings of each image (`cosine`);
 - detection:    the share of boxes both answer with the same label at IoU >= 0.5, among the
                 boxes either keeps at the archive's score threshold (`box_agreement`).
+Masks and boxes are compared with the code scripts/models compare uses for two versions
+(scripts/ops/task_metrics.py, training/scores.py).
 
 The images are the run's own: the validation split model.json records (segmentation,
 detection), or a seeded sample of the training images for an embedder (a run on unlabeled
@@ -20,22 +22,24 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.ops import box_iou
 
 from model_defs.checkpoint import data_config_from_meta
 from model_defs.preprocessing import detection_input, eval_transform, segmentation_transform
+from scripts.ops.task_metrics import matched_boxes
 from training.datasets import DatasetError, SkipCollate, parse_split_source, random_split
 from training.det_datasets import read_detection, read_masks
+from training.scores import segmentation_scores
 from training.unlabeled import UnlabeledImages, find_images
 
 METRICS = {"segmentation": "miou_agreement", "embedding": "cosine", "detection": "box_agreement"}
 EMBEDDING_IMAGES = 256  # the training images an embedder is checked on
-DETECTION_IOU = 0.5  # two boxes are the same box at this IoU or more
 DEFAULT_SCORE_THRESHOLD = 0.5  # the detector handler's, when the archive sets none
 
 
@@ -51,14 +55,7 @@ def recorded_paths(meta: dict) -> tuple[list[Path], list[Path]]:
     if task == "embedding":
         paths = find_images(ds["root"])
         return paths, random.Random(0).sample(paths, min(EMBEDDING_IMAGES, len(paths)))
-    if task == "segmentation":
-        read = read_masks
-    else:
-        layout = ds.get("layout", "auto")
-
-        def read(root, classes=None):
-            return read_detection(root, layout, classes=classes)
-
+    read = read_masks if task == "segmentation" else partial(read_detection, layout=ds.get("layout", "auto"))
     if not ds.get("val_source"):
         raise DatasetError("model.json records no validation split")
     spec = read(ds["root"])
@@ -73,10 +70,10 @@ def recorded_paths(meta: dict) -> tuple[list[Path], list[Path]]:
             f"images now, model.json says {ds['train_images']} / {ds['val_images']}"
         )
 
-    def path(sample):
-        return sample.image if hasattr(sample, "image") else sample.path
+    def paths(samples: list) -> list[Path]:  # a MaskSample's image, a DetSample's path
+        return [s.image if task == "segmentation" else s.path for s in samples]
 
-    return [path(s) for s in train], [path(s) for s in val]
+    return paths(train), paths(val)
 
 
 def check_images(meta: dict, kind: str, val_data: Path | None, calibration_images: int, int8: bool):
@@ -129,22 +126,17 @@ def batches(paths: list[Path], meta: dict, batch_size: int) -> Iterator:
 
 
 def compare_segmentation(eager, runner, inputs, num_classes: int) -> dict:
-    """mIoU of the runtime's masks with eager's (classes either predicts), and pixel agreement."""
-    inter = torch.zeros(num_classes, dtype=torch.float64)
-    union = torch.zeros(num_classes, dtype=torch.float64)
-    n = same = pixels = 0
+    """mIoU of the runtime's masks against eager's (training's segmentation scores, eager's mask
+    taken as the truth), and the share of pixels of the same class."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    n = 0
     for images in inputs:
         a, b = eager(images).float().argmax(1), runner(images).float().argmax(1)
-        for c in range(num_classes):
-            inter[c] += ((a == c) & (b == c)).sum()
-            union[c] += ((a == c) | (b == c)).sum()
-        n, same, pixels = n + len(images), same + int((a == b).sum()), pixels + a.numel()
-    seen = union > 0
-    return {
-        "images": n,
-        "agreement": 100 * float((inter[seen] / union[seen]).mean()) if n else 0.0,
-        "pixel_agreement": 100 * same / pixels if n else 0.0,
-    }
+        pairs = (a.flatten() * num_classes + b.flatten()).cpu().numpy()
+        confusion += np.bincount(pairs, minlength=num_classes**2).reshape(num_classes, num_classes)
+        n += len(images)
+    scores = segmentation_scores(confusion)
+    return {"images": n, "agreement": 100 * scores["miou"], "pixel_agreement": 100 * scores["pixel_accuracy"]}
 
 
 def compare_embedding(eager, runner, inputs) -> dict:
@@ -158,31 +150,22 @@ def compare_embedding(eager, runner, inputs) -> dict:
     }
 
 
-def matched_boxes(a: dict, b: dict) -> int:
-    """Boxes of `a` that `b` also has: same label, IoU >= DETECTION_IOU, each box matched once,
-    best-scored first."""
-    if not len(a["boxes"]) or not len(b["boxes"]):
-        return 0
-    iou = box_iou(a["boxes"].float(), b["boxes"].float())
-    iou[a["labels"][:, None] != b["labels"][None, :]] = 0
-    matched, taken = 0, torch.zeros(len(b["boxes"]), dtype=torch.bool)
-    for i in a["scores"].argsort(descending=True).tolist():
-        row = iou[i].masked_fill(taken, 0)
-        j = int(row.argmax())
-        if row[j] >= DETECTION_IOU:
-            matched, taken[j] = matched + 1, True
-    return matched
+def shown(output: dict, score_threshold: float) -> list[dict]:
+    """A detector's output as the handler's answer lists it: the boxes at `score_threshold` or more."""
+    keep = output["scores"] >= score_threshold
+    boxes, labels, scores = (output[k][keep].cpu().tolist() for k in ("boxes", "labels", "scores"))
+    return [{"box": b, "label": c, "score": p} for b, c, p in zip(boxes, labels, scores)]
 
 
 def compare_detection(eager, runner, inputs, score_threshold: float) -> dict:
     """Boxes kept at `score_threshold` that both runtimes answer (same label, IoU >= 0.5), as a
-    share of the boxes either keeps (2 x matched / (eager's + runtime's)); 100 when neither
-    keeps any. Also the largest score difference of a matched box's best pair."""
+    share of the boxes either keeps (2 x matched / (eager's + runtime's), as scripts/models
+    compare scores two versions); 100 when neither keeps any."""
     n = kept_eager = kept_runtime = matched = 0
     for images in inputs:
         for a, b in zip(eager(images), runner(images)):
-            a, b = ({k: v[d["scores"] >= score_threshold].cpu() for k, v in d.items()} for d in (a, b))
-            n, kept_eager, kept_runtime = n + 1, kept_eager + len(a["boxes"]), kept_runtime + len(b["boxes"])
+            a, b = shown(a, score_threshold), shown(b, score_threshold)
+            n, kept_eager, kept_runtime = n + 1, kept_eager + len(a), kept_runtime + len(b)
             matched += matched_boxes(a, b)
     either = kept_eager + kept_runtime
     return {
