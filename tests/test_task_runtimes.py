@@ -10,6 +10,7 @@ import json
 import zipfile
 
 import pytest
+import requests
 import torch
 import torch.nn.functional as F
 import yaml
@@ -22,6 +23,7 @@ from model_defs import DataConfig, get_model
 from model_defs.checkpoint import save_model_files
 from scripts.cli import archive
 from scripts.ops import runtime_checks
+from tests.conftest import serving
 from tests.test_handler import make_context
 from tests.test_task_serving import _perturb_batchnorm
 from training import shapes
@@ -246,3 +248,40 @@ def test_a_worker_refuses_a_runtime_its_task_cannot_have(tmp_path):
     run_dir = save_run(tmp_path / "gan", get_model("dcgan", **args), "dcgan", args, "generation", [], cfg, {})
     with pytest.raises(runtimes.RuntimeConfigError, match="generation model can have: eager"):
         runtimes.load_runtime({"runtime": "onnx"}, run_dir, torch.nn.Identity(), torch.device("cpu"))
+
+
+def test_torchserve_serves_an_onnx_detector_and_segmenter(shapes_detector, segmenter, masks, shared_server):
+    """Real .mar files, a real TorchServe, real image bytes over REST: the ONNX archives answer as
+    the eager handlers do in-process."""
+    store = shared_server.model_store
+    assert archive_run(shapes_detector.run, store, "det", "--runtime", "onnx") == 0
+    assert archive_run(segmenter, store, "seg", "--runtime", "onnx") == 0
+    det_files = sorted((shapes_detector.data / "JPEGImages").glob("*"))[:3]
+    seg_files = sorted((masks / "images").glob("*.png"))[:3]
+    with serving(shared_server, "det", "seg") as ts:
+
+        def post(model, f):
+            url = f"{ts.url('inference')}/predictions/{model}"
+            return requests.post(url, data=f.read_bytes(), headers=ts.headers("inference"), timeout=120)
+
+        det = [post("det", f) for f in det_files]
+        seg = [post("seg", f) for f in seg_files]
+        assert ts.log_tail("model_log.log", 400).count("runtime onnx ready") == 2
+    eager_det = ObjectDetector()
+    eager_det.initialize(make_context(shapes_detector.run, 1, {"handler": {}}))
+    for r, f in zip(det, det_files):
+        assert r.status_code == 200, r.text
+        (want,), _ = run_eager(eager_det, shapes_detector.run, f)
+        assert [d["label"] for d in r.json()] == [d["label"] for d in want]
+        assert all(max(abs(x - y) for x, y in zip(a["box"], b["box"])) < 0.5 for a, b in zip(r.json(), want))
+    eager_seg = ImageSegmenter()
+    eager_seg.initialize(make_context(segmenter, 1, {"handler": {}}))
+    for r, f in zip(seg, seg_files):
+        assert r.status_code == 200, r.text
+        (want,), _ = run_eager(eager_seg, segmenter, f)
+        assert max(abs(r.json()["fractions"][c] - want["fractions"][c]) for c in SHAPE_CLASSES) < 0.01
+
+
+def run_eager(handler, model_dir, f):
+    ctx = make_context(model_dir, 1, {"handler": {}})
+    return handler.handle([{"body": f.read_bytes()}], ctx), ctx
