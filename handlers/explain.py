@@ -1,4 +1,5 @@
-"""Why the model said so: Integrated Gradients for TorchServe's `/explanations` API.
+"""Why the model said so: Integrated Gradients, or attention rollout for Vision Transformers,
+for TorchServe's `/explanations` API.
 
 TorchServe sends a request made to `/explanations/{model}[/{version}]` to the same worker
 as a prediction, with the request header `explain: True`; the base handler
@@ -8,8 +9,17 @@ with Captum's IntegratedGradients (imported here only when a request asks, so wo
 never explain do not load it), on the very tensor the prediction is made from: the same
 decode and `eval_transform` the handler and training's validation use.
 
+Attention rollout (Abnar & Zuidema, 2020) is the second method, for classifiers built of
+attention layers (vit_small, vit_b_16): each layer's attention, averaged over its heads,
+with the identity added for the residual path and rows renormalized, is multiplied through
+the layers; the class token's row is then the share of the image each patch passes to the
+prediction. It needs one forward pass, no gradients and no captum, and it does not depend
+on the class: `target` only names the class the answer reports.
+
 Settings, from the archive's model-config handler section (`--handler-option`):
 
+    explain_method      integrated_gradients (default) or attention_rollout (a Vision
+                        Transformer classifier only: refused at archive time otherwise)
     explain_steps       n_steps when the request names none (default 32)
     explain_max_steps   the most a request may ask for (default 128): a request over it is a 400
     explain_baseline    the image IG starts from: mean (default; the normalization mean,
@@ -18,7 +28,8 @@ Settings, from the archive's model-config handler section (`--handler-option`):
     explain_memory_mb   memory for one internal batch of IG steps (default: 512 on the CPU,
                         half the free memory on a GPU)
 
-A request may name `target` (a class name) and `n_steps`, as fields of a JSON body next to
+A request may name `target` (a class name), `method` (either method, overriding the
+archive's) and `n_steps` (Integrated Gradients only), as fields of a JSON body next to
 "data" or as multipart form fields. (TorchServe 0.12 does not pass URL query parameters of
 /predictions and /explanations on to the handler: its frontend parses those routes without
 the query string.) An unknown class name is a 400 naming it.
@@ -42,13 +53,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from handlers.options import EXPLAIN_MAX_STEPS, EXPLAIN_STEPS
-from handlers.vision import Request, RequestError
+from handlers.options import EXPLAIN_MAX_STEPS, EXPLAIN_METHODS, EXPLAIN_STEPS, REFUSAL, OptionError
+from handlers.requests import Request, RequestError
 from model_defs.registry import DataConfig
 
 logger = logging.getLogger(__name__)
 
-OPTIONS = ("target", "n_steps")
+OPTIONS = ("target", "n_steps", "method")
+IG, ROLLOUT = EXPLAIN_METHODS
 GRID = 8  # the answer's grid of floats is at most GRID x GRID cells
 
 
@@ -63,6 +75,7 @@ class ExplainConfig:
     max_steps: int = EXPLAIN_MAX_STEPS
     baseline: str = "mean"
     memory_mb: float | None = None  # None: sized from the device
+    method: str = IG
 
     @classmethod
     def from_handler_config(cls, cfg: dict) -> ExplainConfig:
@@ -73,11 +86,21 @@ class ExplainConfig:
             int(cfg.get("explain_max_steps", cls.max_steps)),
             str(cfg.get("explain_baseline", cls.baseline)),
             None if memory is None else float(memory),
+            str(cfg.get("explain_method", cls.method)),
         )
 
 
-def parse_options(request: Request, classes: list[str], cfg: ExplainConfig) -> tuple[int | None, int]:
-    """(the named target's index or None, n_steps) of a request read with OPTIONS."""
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What one /explanations request asks for (OPTIONS, checked)."""
+
+    target: int | None  # the named class's index, or None: the top class
+    steps: int
+    method: str
+
+
+def parse_options(request: Request, classes: list[str], cfg: ExplainConfig) -> ExplainRequest:
+    """The target, n_steps and method of a request read with OPTIONS."""
     options = {
         k: v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else v for k, v in request.options.items()
     }
@@ -105,7 +128,14 @@ def parse_options(request: Request, classes: list[str], cfg: ExplainConfig) -> t
                 "InvalidOption",
                 f"n_steps must be from 1 to {cfg.max_steps} (explain_max_steps of this archive), got {steps}",
             )
-    return target, steps
+    method = str(options.get("method") or cfg.method)
+    if method not in EXPLAIN_METHODS:
+        raise RequestError(
+            400, "InvalidOption", f"method must be one of {', '.join(EXPLAIN_METHODS)}, got {options['method']!r}"
+        )
+    if method == ROLLOUT and options.get("n_steps") is not None:
+        raise RequestError(400, "InvalidOption", f"n_steps applies to {IG} only, not to {ROLLOUT}")
+    return ExplainRequest(target, steps, method)
 
 
 def baseline_like(x: torch.Tensor, kind: str, data_config: DataConfig) -> torch.Tensor:
@@ -201,6 +231,73 @@ class Explainer:
         }
 
 
+# -- attention rollout ---------------------------------------------------------------------
+
+
+def attention_layers(model: torch.nn.Module) -> list[torch.nn.MultiheadAttention]:
+    """The model's attention layers, in the order they run (empty for a convolutional model)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+
+
+def rollout_refusal(model: torch.nn.Module, task: str, arch: str) -> str | None:
+    """Why this model cannot be explained by attention rollout, or None when it can."""
+    if task != "classification" or not attention_layers(model):
+        return f"{ROLLOUT} explains Vision Transformer classifiers; this {arch} {task} model explains with {IG}"
+    return None
+
+
+def refuse_bad_method(model: torch.nn.Module, meta: dict, cfg: ExplainConfig, log) -> None:
+    """In a worker: an archive whose explain_method its model cannot have refuses to load, with
+    one log line (as handlers/options.py refuses a bad option)."""
+    if cfg.method == ROLLOUT and (why := rollout_refusal(model, meta["task"], meta["arch"])):
+        log.error("%s handler option explain_method: %s", REFUSAL, why)
+        raise OptionError(f"handler option explain_method: {why}")
+
+
+def attention_rollout(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(each patch's share of the class token's rolled-out attention as a (g, g) grid summing
+    to 1, the logits, the number of layers) for one image `x` (C, H, W).
+
+    The attention layers are asked for their per-head weights through hooks, so the model's
+    own forward runs unchanged (its layers call attention with need_weights=False)."""
+    layers, weights = attention_layers(model), []
+
+    def ask_weights(_module, args, kwargs):
+        return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+    def keep_weights(_module, _args, output):
+        weights.append(output[1])
+
+    hooks = [m.register_forward_pre_hook(ask_weights, with_kwargs=True) for m in layers]
+    hooks += [m.register_forward_hook(keep_weights) for m in layers]
+    try:
+        with torch.no_grad():
+            logits = model(x[None])[0].float()
+    finally:
+        for h in hooks:
+            h.remove()
+    tokens = weights[0].shape[-1]
+    rollout = torch.eye(tokens, dtype=torch.float64, device=weights[0].device)
+    for w in weights:
+        a = w[0].double().mean(0) + torch.eye(tokens, dtype=torch.float64, device=w.device)  # + the residual
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    shares = rollout[0, 1:]  # from the class token (first) to each patch
+    side = int(round((tokens - 1) ** 0.5))
+    if side * side != tokens - 1:
+        raise RequestError(
+            422, "Unprocessable", f"{ROLLOUT} needs a square grid of patches plus a class token, got {tokens} tokens"
+        )
+    return (shares / shares.sum()).reshape(side, side).cpu(), logits, len(weights)
+
+
+def rollout_map(shares: torch.Tensor, input_size: int) -> torch.Tensor:
+    """The (g, g) patch shares spread over the model's input pixels (input_size square), each
+    pixel holding its patch's share per pixel, so the map still sums to 1."""
+    per_pixel = shares / (input_size / shares.shape[0]) ** 2
+    size = (input_size, input_size)
+    return F.interpolate(per_pixel[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].double()
+
+
 # -- the answer ---------------------------------------------------------------------------
 
 
@@ -291,23 +388,42 @@ def explain_classification(handler, row) -> dict:
     """Top-1 (or the named class) of a classifier, on the tensor its prediction uses."""
     explainer = handler.explainer
     request = handler.parse(row, OPTIONS)
-    target, steps = parse_options(request, handler.classes, explainer.cfg)
+    asked = parse_options(request, handler.classes, explainer.cfg)
+    if asked.method == ROLLOUT and (why := rollout_refusal(explainer.model, "classification", handler.meta["arch"])):
+        raise RequestError(400, "MethodUnsupported", why)
     image = handler.read_image(request.image_bytes(handler.max_bytes), handler.data_config.channels)
     x = handler.transform(image)
     size = (image.shape[-2], image.shape[-1])
-    with torch.no_grad():
-        logits = explainer.model(x[None].to(handler.device).float())[0].float()
+    box = crop_box(size, handler.data_config)
+    if asked.method == ROLLOUT:
+        shares, logits, layers = attention_rollout(explainer.model, x.to(handler.device).float())
+    else:
+        with torch.no_grad():
+            logits = explainer.model(x[None].to(handler.device).float())[0].float()
     probs = torch.sigmoid(logits) if handler.multi_label else torch.softmax(logits, 0)
-    target = int(logits.argmax()) if target is None else target
-    result = explainer.attribute(explainer.model, x, target, steps)
+    target = int(logits.argmax()) if asked.target is None else asked.target
+    if asked.method == ROLLOUT:
+        attr = rollout_map(shares, handler.data_config.input_size)
+        return {
+            "method": ROLLOUT,
+            "target": handler.classes[target],
+            "probability": round(float(probs[target]), 6),
+            "layers": layers,
+            "patches": shares.shape[0],
+            "width": size[1],
+            "height": size[0],
+            "heatmap": base64.b64encode(heatmap_png(to_image_size(attr, size, box))).decode(),
+            "grid": {"box": [round(v, 2) for v in box], "values": grid_sums(attr)},
+        }
+    result = explainer.attribute(explainer.model, x, target, asked.steps)
     return answer(
         result,
         target=handler.classes[target],
         probability=float(probs[target]),
-        steps=steps,
+        steps=asked.steps,
         baseline=explainer.cfg.baseline,
         size=size,
-        box=crop_box(size, handler.data_config),
+        box=box,
     )
 
 
@@ -316,7 +432,11 @@ def explain_segmentation(handler, row) -> dict:
     named in the request, or else the non-background class with the largest predicted area."""
     explainer = handler.explainer
     request = handler.parse(row, OPTIONS)
-    target, steps = parse_options(request, handler.classes, explainer.cfg)
+    asked = parse_options(request, handler.classes, explainer.cfg)
+    if asked.method == ROLLOUT:
+        why = f"{ROLLOUT} explains Vision Transformer classifiers; this segmentation model explains with {IG}"
+        raise RequestError(400, "MethodUnsupported", why)
+    target, steps = asked.target, asked.steps
     x, size = handler.prepare(request)
     with torch.no_grad():
         logits = explainer.model(x[None].to(handler.device).float())[0].float()

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from handlers.vision import Request, RequestError, VisionHandler
+from handlers.requests import Request, RequestError
+from handlers.vision import VisionHandler
 from model_defs.generative import latent_vectors
 from model_defs.preprocessing import encode_png, tensor_to_images
 

@@ -1,6 +1,6 @@
 """Classification handler: `{label: probability}` for the top k, or every label over the
-threshold for a multi-label model. `/explanations` answers with Integrated Gradients
-(handlers/explain.py).
+threshold for a multi-label model. `/explanations` answers with Integrated Gradients, or
+with attention rollout for a Vision Transformer (handlers/explain.py).
 
 model-config.yaml (`handler:` section) sets `topk` (default 5, clamped to the number of
 classes) and, for multi-label models, `threshold` (default: the one in model.json).
@@ -8,10 +8,14 @@ classes) and, for multi-label models, `threshold` (default: the one in model.jso
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from handlers.explain import Explainer, explain_classification
+from handlers.explain import Explainer, explain_classification, refuse_bad_method
 from handlers.vision import VisionHandler
+
+logger = logging.getLogger(__name__)
 
 
 class ImageClassifier(VisionHandler):
@@ -21,6 +25,7 @@ class ImageClassifier(VisionHandler):
         self.topk = max(1, min(int(self.handler_config.get("topk", 5)), len(self.classes)))
         self.threshold = float(self.handler_config.get("threshold", self.meta.get("threshold", 0.5)))
         self.explainer = Explainer(self.model, self.data_config, self.handler_config, self.device)
+        refuse_bad_method(self.model, self.meta, self.explainer.cfg, logger)
 
     def explain_one(self, row) -> dict:
         return explain_classification(self, row)

@@ -11,9 +11,11 @@ An invalid value is a 400 for that request only, like an undecodable image.
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-from handlers.vision import Request, RequestError, VisionHandler
+from handlers.requests import Request, RequestError
+from handlers.runtimes import DetectionRunner, load_detection_runtime
+from handlers.vision import VisionHandler
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import detection_input
 
@@ -53,8 +55,12 @@ class ObjectDetector(VisionHandler):
     batched_images = False  # a list of images of their own sizes
     request_options = OPTIONS
 
+    detect: DetectionRunner | None = None  # the archive's runtime (eager, torchscript or onnx)
+
     def initialize(self, context):
         super().initialize(context)
+        model_dir = Path(context.system_properties["model_dir"])
+        self.detect = load_detection_runtime(self.handler_config, model_dir, self.model, self.device)
         self.input_size = self.data_config.input_size
         self.defaults = {
             "score_threshold": parse_option("score_threshold", self.handler_config.get("score_threshold", 0.5)),
@@ -75,14 +81,15 @@ class ObjectDetector(VisionHandler):
         """One forward pass per image size: torchvision pads a mixed batch to its largest
         image, which changes the features near the padding, so an image's answer would
         depend on its batch mates. Same-size images still share a pass."""
+        if self.detect is None:
+            raise RuntimeError(f"{type(self).__name__} detects only after initialize()")
         outputs: list = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, (x, *_) in enumerate(items):
             groups.setdefault(tuple(x.shape), []).append(i)
-        with torch.inference_mode():
-            for indices in groups.values():
-                for i, out in zip(indices, self.model([items[i][0].to(self.device) for i in indices])):
-                    outputs[i] = out
+        for indices in groups.values():
+            for i, out in zip(indices, self.detect([items[i][0].to(self.device) for i in indices])):
+                outputs[i] = out
         return list(zip(outputs, items))
 
     def postprocess(self, results: list) -> list[list[dict]]:

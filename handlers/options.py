@@ -17,6 +17,7 @@ from handlers.runtimes import AUTOCAST_DTYPES, CPU_ONLY, RUNTIMES
 
 AUTOCAST = tuple(AUTOCAST_DTYPES)
 EXPLAIN_BASELINES = ("mean", "black", "white", "blur")  # what Integrated Gradients starts from
+EXPLAIN_METHODS = ("integrated_gradients", "attention_rollout")  # the first is the default
 EXPLAIN_STEPS, EXPLAIN_MAX_STEPS = 32, 128  # its defaults
 PRESETS = ("latency", "throughput", "balanced", "auto")  # scripts/ops/presets.py fills the settings
 
@@ -94,6 +95,7 @@ HANDLER_OPTIONS = {
     "explain_steps": Option(int, 1, 1024),  # Integrated Gradients (handlers/explain.py)
     "explain_max_steps": Option(int, 1, 1024),
     "explain_baseline": Option(str, choices=EXPLAIN_BASELINES),
+    "explain_method": Option(str, choices=EXPLAIN_METHODS),  # rollout: Vision Transformer classifiers only
     "explain_memory_mb": Option(float, 0.001, 1 << 20, optional=True),
     "metrics": Option(bool),  # handler metrics on /metrics (handlers/metrics.py)
     "json_logs": Option(bool),  # one JSON line per batch and per refused item

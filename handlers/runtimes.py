@@ -12,6 +12,14 @@ handler's device, so preprocessing and postprocessing never depend on the runtim
 - int8:        `model_int8.ts`, post-training static quantization (x86), CPU only;
 - compile:     the eager module through torch.compile, compiled when the worker starts.
 
+Classifiers, segmenters and embedders take all five (`TASK_RUNTIMES`). A detector takes a
+list of images of their own sizes and answers boxes, so its runtimes are its own
+(`load_detection_runtime`): eager, torchscript (`torch.jit.script`, which torchvision's
+R-CNN detectors support) and onnx (exported with dynamic height and width, one image a
+run). torchvision ships no quantized detectors and FX quantization cannot trace their
+data-dependent control flow, and torch.compile would recompile for every image size a
+client sends, so a detector has neither int8 nor compile.
+
 OpenVINO (fp32, and int8 through NNCF) was tried beside int8 and measured slower than it on
 the 2-core host, so it is not a runtime here (docs/performance.md).
 
@@ -48,11 +56,29 @@ ARTIFACTS = {  # in the archive root
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPP_COMPILERS = ("cc", "gcc", "g++", "clang")  # torch.compile's inductor builds C++ kernels on the CPU
 
+TASK_RUNTIMES = {  # the runtimes each task can be archived with
+    "classification": RUNTIMES,
+    "segmentation": RUNTIMES,
+    "embedding": RUNTIMES,
+    "detection": ("eager", "torchscript", "onnx"),
+    "generation": ("eager",),
+}
+
 Runner = Callable[[torch.Tensor], torch.Tensor]  # what every runtime is: the float batch in, the output out
+DetectionRunner = Callable[[list[torch.Tensor]], list[dict]]  # images of their own sizes in, boxes out
 
 
 class RuntimeConfigError(ValueError):
     """The handler section names a runtime or option this bundle does not have."""
+
+
+def check_task_runtime(kind: str, task: str) -> None:
+    """Refuse, in one line, a runtime this task cannot be served with."""
+    allowed = TASK_RUNTIMES.get(task, ("eager",))
+    if kind not in allowed:
+        raise RuntimeConfigError(
+            f"runtime {kind} cannot hold a {task} model; a {task} model can have: {', '.join(allowed)}"
+        )
 
 
 def cpp_compiler() -> str | None:
@@ -167,6 +193,7 @@ def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device
     kind = str(handler_config.get("runtime") or "eager")
     if kind not in RUNTIMES:
         raise RuntimeConfigError(f"unknown runtime {kind!r}; this bundle has: {', '.join(RUNTIMES)}")
+    check_task_runtime(kind, read_meta(model_dir)["task"])
     channels_last = bool(handler_config.get("channels_last", device.type == "cpu"))
     autocast = handler_config.get("autocast")
     if kind == "eager":
@@ -186,4 +213,69 @@ def load_runtime(handler_config: dict, model_dir: Path, model: nn.Module, device
     logger.info(
         "runtime %s ready on %s, warmed up at batch sizes %s in %.1fs", kind, device, batch_sizes, time.time() - start
     )
+    return runner
+
+
+# -- detectors --------------------------------------------------------------------------------
+
+
+class EagerDetector:
+    """The torchvision detector itself: a list of (3, H, W) float images in, one dict each out."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model = model.to(device).eval()
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        with torch.inference_mode():
+            return self.model(images)
+
+
+class ScriptedDetector:
+    """model.ts made by torch.jit.script; scripted torchvision detectors answer (losses, detections)."""
+
+    def __init__(self, path: Path, device: torch.device):
+        import torchvision  # noqa: F401 - registers the nms and roi_align ops the file calls
+
+        self.device = device
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+            self.module = torch.jit.load(str(path), map_location=device).eval()
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*RCNN always returns a \(Losses, Detections\) tuple")
+            _, detections = self.module([x.to(self.device) for x in images])
+        return detections
+
+
+class OnnxDetector(OnnxRunner):
+    """model.onnx exported from one image with dynamic height and width: one run per image."""
+
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:  # type: ignore[override]
+        names = [output.name for output in self.session.get_outputs()]  # boxes, labels, scores
+        answers = []
+        for x in images:
+            arrays = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})
+            answers.append({name: torch.from_numpy(a).to(self.device) for name, a in zip(names, arrays)})
+        return answers
+
+
+def load_detection_runtime(
+    handler_config: dict, model_dir: Path, model: nn.Module, device: torch.device
+) -> DetectionRunner:
+    """The detector runner the archive's handler section asks for (`runtime`, default eager)."""
+    kind = str(handler_config.get("runtime") or "eager")
+    check_task_runtime(kind, "detection")
+    if kind == "eager":
+        return EagerDetector(model, device)
+    if handler_config.get("autocast"):
+        raise RuntimeConfigError(f"autocast applies to the eager and compile runtimes, not {kind}")
+    path = Path(model_dir) / ARTIFACTS[kind]
+    if not path.is_file():
+        raise RuntimeConfigError(f"runtime {kind} needs {path.name} in the archive, and it is missing")
+    runner: DetectionRunner = OnnxDetector(path, device) if kind == "onnx" else ScriptedDetector(path, device)
+    start = time.time()
+    size = data_config_from_meta(read_meta(model_dir)).input_size
+    runner([torch.zeros(3, size, size, device=device)])  # first-call profiling before any request
+    logger.info("runtime %s ready on %s for detection, warmed up in %.1fs", kind, device, time.time() - start)
     return runner

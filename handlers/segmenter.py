@@ -21,13 +21,15 @@ argmax's 8 (scripts/bench/memory_peak.py measures both).
 from __future__ import annotations
 
 import base64
+import logging
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from handlers.explain import Explainer, explain_segmentation
-from handlers.vision import Request, VisionHandler
+from handlers.explain import Explainer, explain_segmentation, refuse_bad_method
+from handlers.requests import Request
+from handlers.vision import VisionHandler
 from model_defs.preprocessing import (
     encode_png,
     mask_to_image,
@@ -51,11 +53,15 @@ def mask_at_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return label.numpy()
 
 
+logger = logging.getLogger(__name__)
+
+
 class ImageSegmenter(VisionHandler):
     def initialize(self, context):
         super().initialize(context)
         self.transform = segmentation_transform(self.data_config)
         self.explainer = Explainer(self.model, self.data_config, self.handler_config, self.device)
+        refuse_bad_method(self.model, self.meta, self.explainer.cfg, logger)
 
     def explain_one(self, row) -> dict:
         return explain_segmentation(self, row)

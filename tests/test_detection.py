@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from handlers.object_detector import OPTIONS, checked_options, parse_option
-from handlers.vision import RequestError, parse_request
+from handlers.requests import RequestError, parse_request
 from model_defs.detection import detect_answers
 from model_defs.preprocessing import boxes_to_original, detection_input, detection_size
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from handlers.vision import extract_image_bytes
+from handlers.requests import extract_image_bytes
 from model_defs import DataConfig
 from model_defs.preprocessing import (
     ImageDecodeError,

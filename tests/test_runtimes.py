@@ -18,8 +18,6 @@ import yaml
 from torch._dynamo.utils import counters
 
 from handlers import runtimes
-from model_defs import DataConfig, get_model
-from model_defs.checkpoint import save_model_files
 from scripts.cli import archive
 from scripts.ops import optimize
 from tests.conftest import classify_in_process, serving
@@ -151,28 +149,6 @@ def test_int8_on_a_gpu_is_refused(trained_digits, tmp_path, capsys):
     assert archive_cli(trained_digits, store, "--runtime", "int8", "--device", "gpu") == 2
     err = capsys.readouterr().err
     assert "int8" in err and "CPU only" in err
-    assert store_listing(store) == []
-
-
-def test_a_segmentation_model_gets_no_optimized_runtime(tmp_path, capsys):
-    torch.manual_seed(0)
-    run_dir = tmp_path / "unet"
-    cfg = DataConfig(input_size=64, resize_size=64, channels=3)
-    save_model_files(
-        run_dir,
-        get_model("unet", num_classes=2, in_channels=3, depth=2, width=8),
-        {
-            "arch": "unet",
-            "arch_args": {"num_classes": 2, "in_channels": 3, "depth": 2, "width": 8},
-            "task": "segmentation",
-            "classes": ["background", "shape"],
-            "preprocessing": cfg.to_dict(),
-        },
-    )
-    store = tmp_path / "store"
-    assert archive_cli(run_dir, store, "--runtime", "onnx") == 2
-    err = capsys.readouterr().err
-    assert "classification models only" in err and "segmentation" in err
     assert store_listing(store) == []
 
 

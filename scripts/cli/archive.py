@@ -13,8 +13,11 @@ this host or `--target-cores` (scripts/ops/presets.py); explicit flags override 
 `--runtime` picks how workers run the model: eager (default), torchscript, onnx, int8,
 or compile (see handlers/runtimes.py). Every runtime but eager is built here and checked
 against eager on the run's validation split (or --val-data) before anything is written;
-one that loses more than --max-accuracy-drop points of top-1 is refused
-(scripts/ops/optimize.py). The check is kept in archive.json and the catalog.
+a classifier that loses more than --max-accuracy-drop points of top-1 is refused, and a
+segmenter, embedder or detector whose answers agree with eager's less than 100 minus
+--max-accuracy-drop percent (mIoU of the masks, cosine similarity of the embeddings, boxes
+with the same label at IoU 0.5) is refused (scripts/ops/optimize.py). Detectors take
+eager, torchscript or onnx. The check is kept in archive.json and the catalog.
 
 An archive holds the weights, model.json, the label map (index_to_name.json), the task's
 handler with the shared handler base, the `model_defs` package the handler rebuilds the
@@ -210,7 +213,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="POINTS",
         help="refuse the archive when the runtime's top-1 is more than this many percentage points "
-        "below eager's (default: 1.0)",
+        "below eager's (a classifier), or its agreement with eager (mIoU of segmentation masks, cosine "
+        "similarity of embeddings, matching detection boxes) is more than this many points below 100 "
+        "(default: 1.0)",
     )
     p.add_argument(
         "--handler-option",

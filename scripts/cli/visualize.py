@@ -3,14 +3,16 @@
     scripts/visualize --model shapes photo.jpg                 # writes photo_shapes.png
     scripts/visualize --model shapes photo.jpg --score-threshold 0.3 --out boxes.png
     scripts/visualize --model digits photo.jpg --explain --target 7   # writes photo_digits_explain.png
+    scripts/visualize --model vit digit.png --explain --method attention_rollout
 
 A detector's answer ([{"label", "score", "box"}]) is drawn as labelled boxes; a segmenter's
 ({"mask": base64 PNG of class indices, "classes": [...]}) as a coloured overlay with a
 legend. With --explain the image goes to /explanations instead, and the Integrated
 Gradients heatmap of a classifier or segmenter is laid over a greyed copy of the image (red:
 pixels that raised the target's score, blue: pixels that lowered it), under a line naming
-the target, its probability, the steps and the convergence delta. The kind of answer
-decides the drawing.
+the target, its probability, the steps and the convergence delta; a Vision Transformer's
+attention rollout (`--method attention_rollout`) is drawn the same way, red where the class
+token's attention flows. The kind of answer decides the drawing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
+from handlers.options import EXPLAIN_METHODS
 from model_defs.preprocessing import ImageDecodeError, load_image
 from model_defs.usage import OneLineParser
 from scripts.ops.serve import RUN_DIR_HELP, ServeError, TorchServe, default_run_dir
@@ -41,10 +44,13 @@ def draw_explanation(image: Image.Image, answer: dict, target: int = 320) -> Ima
     grey = image.convert("L").convert("RGBA").resize(size, Image.Resampling.BILINEAR)
     grey = Image.blend(grey, Image.new("RGBA", size, (255, 255, 255, 255)), 0.3)  # lighter, so colours stand out
     drawn = Image.alpha_composite(grey, heat.resize(size, Image.Resampling.BILINEAR))
-    caption = (
-        f"{answer['target']}  p={answer['probability']:.3f}  IG {answer['n_steps']} steps from "
-        f"{answer['baseline']}  delta {answer['convergence_delta']:+.4f}"
-    )
+    if answer.get("method") == "attention_rollout":
+        caption = f"{answer['target']}  p={answer['probability']:.3f}  attention rollout over {answer['layers']} layers"
+    else:
+        caption = (
+            f"{answer['target']}  p={answer['probability']:.3f}  IG {answer['n_steps']} steps from "
+            f"{answer['baseline']}  delta {answer['convergence_delta']:+.4f}"
+        )
     sheet = Image.new("RGB", (size[0], size[1] + 18), (255, 255, 255))
     sheet.paste(drawn.convert("RGB"), (0, 18))
     ImageDraw.Draw(sheet).text((4, 3), caption, fill=(0, 0, 0))
@@ -97,14 +103,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps", type=int, default=None, help="with --explain: IG steps (default: the archive's explain_steps)"
     )
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=EXPLAIN_METHODS,
+        help="with --explain: integrated_gradients, or attention_rollout for a Vision Transformer "
+        "(default: the archive's explain_method)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     path = Path(args.image)
-    if not args.explain and (args.target is not None or args.steps is not None):
-        print("error: --target and --steps go with --explain", file=sys.stderr)
+    if not args.explain and (args.target is not None or args.steps is not None or args.method is not None):
+        print("error: --target, --steps and --method go with --explain", file=sys.stderr)
         return 2
     suffix = "_explain" if args.explain else ""
     out = Path(args.out) if args.out else path.with_name(f"{path.stem}_{args.model}{suffix}.png")
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("max_detections", args.max_detections),
                 ("target", args.target),
                 ("n_steps", args.steps),
+                ("method", args.method),
             )
             if v is not None
         }

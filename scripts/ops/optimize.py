@@ -8,8 +8,11 @@ validation split, so an optimized archive that answers worse than the trained mo
 refused instead of served. The check's numbers go into archive.json and the catalog.
 
 The validation split is rebuilt from what model.json records under `dataset`, with the
-same functions training/train.py made it with; `--val-data DIR` replaces it. Worker code
-stays in handlers/runtimes.py (it ships inside every archive; this module never does).
+same functions training/train.py made it with; `--val-data DIR` replaces it. A classifier is
+checked by its top-1 here; a segmenter, an embedder and a detector by how closely the
+runtime's answers follow eager's (scripts/ops/runtime_checks.py). A runtime a task cannot
+have (handlers/runtimes.py, TASK_RUNTIMES) is refused in one line before any work. Worker
+code stays in handlers/runtimes.py (it ships inside every archive; this module never does).
 """
 
 from __future__ import annotations
@@ -25,9 +28,20 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from handlers.runtimes import ARTIFACTS, EagerRunner, RuntimeConfigError, load_runtime, require_cpp_compiler
+from handlers.runtimes import (
+    ARTIFACTS,
+    EagerDetector,
+    EagerRunner,
+    RuntimeConfigError,
+    check_task_runtime,
+    load_detection_runtime,
+    load_runtime,
+    require_cpp_compiler,
+)
 from model_defs.checkpoint import data_config_from_meta
 from model_defs.preprocessing import eval_transform
+from scripts.ops import runtime_checks
+from scripts.ops.runtime_checks import RuntimeCheckError
 from training.datasets import (
     DatasetError,
     ImageDataset,
@@ -38,21 +52,16 @@ from training.datasets import (
     stratified_split,
 )
 
-SUPPORTED_TASKS = ("classification",)
 INT8 = ("int8",)  # the runtimes calibrated on training images
-
-
-class RuntimeCheckError(ValueError):
-    """The runtime cannot be built or checked, or it is less accurate than allowed."""
+ONNX_OPSET = 17  # torchvision's detectors export with the TorchScript-based exporter at this opset
 
 
 def check_supported(kind: str, task: str) -> None:
     """Refuse, before any work, a runtime this model or machine cannot have."""
-    if kind != "eager" and task not in SUPPORTED_TASKS:
-        raise RuntimeCheckError(
-            f"runtime {kind} is for {', '.join(SUPPORTED_TASKS)} models only; "
-            f"this is a {task} model: archive it with --runtime eager"
-        )
+    try:
+        check_task_runtime(kind, task)
+    except RuntimeConfigError as e:
+        raise RuntimeCheckError(str(e)) from None
     if kind == "compile":
         try:
             require_cpp_compiler()
@@ -182,12 +191,38 @@ def save_int8(model: nn.Module, example: torch.Tensor, calibration, path: Path) 
     save_torchscript(quantized, example, path)
 
 
-def save_artifact(kind: str, model: nn.Module, example: torch.Tensor, calibration, folder: Path) -> None:
-    """The file `kind` loads, into `folder`, from a copy of `model`."""
+def save_detector(kind: str, model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """A torchvision detector as TorchScript (scripted: tracing would fix its box count) or as
+    ONNX from one image (3, H, W), its height and width dynamic (the handler keeps each image's
+    aspect ratio), its number of boxes dynamic."""
+    with quiet_deprecations(), torch.no_grad():
+        if kind == "torchscript":
+            torch.jit.script(model.eval()).save(str(path))
+            return
+        outputs = list(model([example])[0])  # the answer's keys, in the order the graph returns them
+        torch.onnx.export(
+            model.eval(),
+            ([example],),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["image"],
+            output_names=outputs,
+            dynamic_axes={"image": {1: "height", 2: "width"}, **{name: {0: "boxes"} for name in outputs}},
+        )
+
+
+def save_artifact(
+    kind: str, model: nn.Module, example: torch.Tensor, calibration, folder: Path, task: str = "classification"
+) -> None:
+    """The file `kind` loads, into `folder`, from a copy of `model` (for detection: `example`
+    is one image)."""
     if kind not in ARTIFACTS:
         return  # compile: nothing to build, the worker compiles
     path, model = Path(folder) / ARTIFACTS[kind], copy.deepcopy(model)
-    if kind == "torchscript":
+    if task == "detection":
+        save_detector(kind, model, example, path)
+    elif kind == "torchscript":
         save_torchscript(model, example, path)
     elif kind == "onnx":
         save_onnx(model, example, path)
@@ -241,10 +276,14 @@ def prepare_runtime(
     """Build `kind`'s file into `folder` (the archive root) and check it against eager on CPU.
 
     Returns the record archive.json keeps; raises RuntimeCheckError when the runtime loses
-    more than `max_accuracy_drop` points of top-1 (or cannot be built or checked).
+    more than `max_accuracy_drop` points of top-1 (a classifier) or agrees with eager less
+    than 100 - `max_accuracy_drop` percent (the other tasks), or cannot be built or checked.
     """
     start = time.time()
     check_supported(kind, meta["task"])
+    if meta["task"] != "classification":
+        check = dict(val_data=val_data, calibration_images=calibration_images, max_accuracy_drop=max_accuracy_drop)
+        return prepare_task_runtime(kind, model, meta, folder, handler_config, batch_size=batch_size, **check)
     val, calibration, source = check_images(meta, kind, Path(val_data) if val_data else None, calibration_images)
     cpu = torch.device("cpu")
     model = copy.deepcopy(model).to(cpu).eval()
@@ -288,8 +327,74 @@ def prepare_runtime(
     return record
 
 
+def prepare_task_runtime(
+    kind: str,
+    model: nn.Module,
+    meta: dict,
+    folder: Path,
+    handler_config: dict,
+    *,
+    batch_size: int,
+    val_data: Path | None,
+    calibration_images: int,
+    max_accuracy_drop: float,
+) -> dict:
+    """prepare_runtime for a segmenter, an embedder or a detector: built as a classifier's,
+    checked by its agreement with eager (scripts/ops/runtime_checks.py)."""
+    start, task = time.time(), meta["task"]
+    paths, calibration, source = runtime_checks.check_images(
+        meta, kind, Path(val_data) if val_data else None, calibration_images, kind in INT8
+    )
+    cpu = torch.device("cpu")
+    model = copy.deepcopy(model).to(cpu).eval()
+    first = next(runtime_checks.batches(paths[:batch_size], meta, batch_size), None)
+    if first is None:
+        raise RuntimeCheckError(f"the first {batch_size} images of the check are unreadable ({source})")
+    example = first[0] if task == "detection" else first
+    calibrate = ((images, None) for images in runtime_checks.batches(calibration, meta, batch_size))
+    try:
+        save_artifact(kind, model, example, calibrate, folder, task)
+    except Exception as e:  # noqa: BLE001 - scripting/export/quantization failures, named in one line
+        raise RuntimeCheckError(
+            f"runtime {kind}: building {ARTIFACTS.get(kind, 'it')} for {meta['arch']} failed: {one_line(e)}; "
+            f"archive it with another runtime"
+        ) from e
+    try:  # the runtime loaded as a worker loads it (the folder is the archive root to be)
+        load = load_detection_runtime if task == "detection" else load_runtime
+        runner = load(handler_config, folder, copy.deepcopy(model), cpu)
+    except RuntimeConfigError as e:
+        raise RuntimeCheckError(f"runtime {kind}: {e}") from None
+    eager = EagerDetector(model, cpu) if task == "detection" else EagerRunner(model, cpu, channels_last=False)
+    inputs = runtime_checks.batches(paths, meta, batch_size)
+    try:
+        with quiet_deprecations():
+            found = runtime_checks.compare(task, eager, runner, inputs, meta, handler_config)
+    except Exception as e:  # noqa: BLE001 - e.g. an input shape the exported file cannot take
+        raise RuntimeCheckError(f"runtime {kind} failed on the check images: {one_line(e)}") from e
+    if not found["images"]:
+        raise RuntimeCheckError(f"no readable images for the check of runtime {kind} ({source})")
+    metric = runtime_checks.METRICS[task]
+    record = {
+        "kind": kind,
+        "metric": metric,
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in found.items()},
+        "seconds": round(time.time() - start, 1),
+        "validation": source,
+        **({"calibration_images": len(calibration)} if kind in INT8 else {}),
+    }
+    if 100 - found["agreement"] > max_accuracy_drop:
+        raise RuntimeCheckError(
+            f"runtime {kind} agrees with eager at {found['agreement']:.2f}% ({metric}, {task}) on "
+            f"{found['images']} images, more than --max-accuracy-drop {max_accuracy_drop:g} below 100; "
+            "no archive written"
+        )
+    return record
+
+
 def summary(record: dict) -> str:
     """One line for the command line."""
+    if "metric" in record:
+        return runtime_checks.summary(record)
     return (
         f"runtime {record['kind']}: top-1 {record['top1']:.2f}% vs eager {record['eager_top1']:.2f}%, "
         f"agreement {record['agreement']:.2f}%, max prob diff {record['max_prob_diff']:.2g} "

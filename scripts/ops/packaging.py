@@ -166,6 +166,13 @@ def plan_archive(
             check_supported(runtime, meta["task"])
         except RuntimeCheckError as e:
             raise ArchiveError(str(e)) from None
+    if config["handler"].get("explain_method") == "attention_rollout":
+        from handlers.explain import rollout_refusal
+        from model_defs.checkpoint import build_from_meta
+
+        why = rollout_refusal(build_from_meta(meta), meta["task"], meta["arch"])
+        if why:
+            raise ArchiveError(f"{where}handler option explain_method: {why}")
     config_text = yaml.safe_dump(config, sort_keys=False)
     inputs = inputs_sha256(run_dir, name, version, config_text)
     entries = Catalog(store).load()

@@ -27,7 +27,9 @@ import time
 from handlers.options import PRESETS as CHOICES  # the three below and auto
 
 PRESETS = tuple(c for c in CHOICES if c != "auto")
-INT8_TASKS = ("classification",)  # scripts/ops/optimize.py's SUPPORTED_TASKS for the int8 runtime
+# The tasks a preset gives int8: a classifier's int8 keeps its top-1 within the default bound;
+# segmenters and embedders may have int8 too (handlers/runtimes.py), chosen with --runtime.
+INT8_TASKS = ("classification",)
 
 
 def preset_options(preset: str, cores: int, gpu: bool = False, task: str | None = None) -> dict:

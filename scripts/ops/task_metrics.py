@@ -361,7 +361,7 @@ def agreement(meta: dict, a: list, b: list, evalset: EvalSet, ref_a=None, ref_b=
         for x, y in zip(a, b):
             bx, by = shown_boxes(x), shown_boxes(y)
             total += len(bx) + len(by)
-            matched += _matches(bx, by)
+            matched += matched_boxes(bx, by)
         return 1.0 if total == 0 else 2 * matched / total
     if kind == "segmentation":
         n = len(meta["classes"])
@@ -375,7 +375,7 @@ def agreement(meta: dict, a: list, b: list, evalset: EvalSet, ref_a=None, ref_b=
     return sum(x == y and x is not None for x, y in zip(la, lb)) / len(a)
 
 
-def _matches(bx: list[dict], by: list[dict]) -> int:
+def matched_boxes(bx: list[dict], by: list[dict]) -> int:
     """Greedy one-to-one matches, best score first, of same-label boxes at IoU >= 0.5."""
     if not bx or not by:
         return 0
