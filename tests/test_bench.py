@@ -38,7 +38,10 @@ def test_bench_measures_bare_served_stock_and_the_detector(tmp_path, capsys, mon
     for side in ("served", "stock"):
         closed = result[side]["closed"]
         assert [c["clients"] for c in closed] == [1, 4]
-        assert all(c["requests"] > 0 and c["errors"] == 0 and c["p50"] <= c["p99"] for c in closed), side
+        assert all(c["requests"] > 0 and c["errors"] == 0 for c in closed), side
+        # hey states a percentile only from enough requests (p99 from 100): never a made-up one.
+        for c in closed:
+            assert c["p50"] is not None and (c["p50"] <= c["p99"] if c["p99"] is not None else c["requests"] < 100)
         assert result[side]["open"]["errors"] == 0 and result[side]["open"]["rate"] == 3
     # Our archive and the stock one serve the same weights: the same top class.
     assert next(iter(result["served"]["answer"])) == next(iter(result["stock"]["answer"]))

@@ -102,8 +102,11 @@ def part_detector(work: Path) -> bool:
         code, seconds, tail = run(cmd, LIMITS_S["detector"], work / f"det_{amp}.log")
         meta = out / "model.json"
         metrics = json.loads(meta.read_text()).get("metrics", {}) if meta.is_file() else {}
-        results[amp] = {"exit": code, "seconds": seconds, "metrics": metrics, "tail": tail}
-        line = f"trained in {seconds} s, {metrics}" if code == 0 else f"FAILED (exit {code}): {tail.splitlines()[-1]}"
+        log = (work / f"det_{amp}.log").read_text(errors="replace").splitlines()
+        epoch = next((ln.strip() for ln in reversed(log) if ln.startswith("epoch ")), None)
+        results[amp] = {"exit": code, "seconds": seconds, "epoch": epoch, "metrics": metrics, "tail": tail}
+        last = tail.splitlines()[-1] if tail else "no output"
+        line = f"trained in {seconds} s: {epoch}" if code == 0 else f"FAILED (exit {code}): {last}"
         print(f"gpu_check: detector one epoch under {amp}: {line}", flush=True)
         ok = ok and code == 0
     write_record("gpu_check_detector", results)

@@ -2,9 +2,11 @@
 
 A Python client shares the interpreter lock and the cores with what it measures: on two cores
 it cost the served digits model a quarter of its throughput. `hey` (Go, Debian package `hey`,
-installed by scripts/setup.sh) sends the load instead, and its per-request CSV gives exact
-percentiles (to 0.1 ms), the answers' status codes, the requests that got no answer, and the
-mean of each phase (write, wait for the first byte, read).
+installed by scripts/setup.sh) sends the load instead, and its summary gives the latency
+percentiles (to 0.1 ms; hey states p99 only from 100 requests and p90 from 10, and a
+percentile it does not state is None here, never estimated), the answers' status codes, the
+requests that got no answer at all (its error distribution), and the mean of each phase
+(write, wait for the first byte, read).
 
 - closed loop: `clients` connections, each sending its next request when the last is answered;
 - open loop:   a fixed total rate spread over enough connections that each sends one request
