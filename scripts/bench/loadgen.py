@@ -21,7 +21,8 @@ that the client was not what capped the server. The server's CPU per request com
 /proc (`server_cpu_s`: the frontend and every worker it started).
 
 Without `hey` on PATH the harness's Python client (scripts/bench/harness.py) sends the same
-loads and the result says `"generator": "python"` (its CPU time is the whole process's).
+loads and the result says `"generator": "python"` (its CPU time is the whole process's, and
+the server's CPU then covers the client's unmeasured warm-up too: an overstatement).
 """
 
 from __future__ import annotations

@@ -237,7 +237,30 @@ def bench_litserve(args, run: Path, image: bytes, expect_top1: str | None, work:
     cmd = [python, "-m", "scripts.bench.litserve_app", "--run", str(run), "--port", str(port)]
     cmd += ["--workers", str(args.workers), "--threads", str(threads), "--max-batch-size", str(args.batch_size)]
     cmd += ["--batch-timeout", f"{settings['batch_timeout']:g}", "--accelerator", settings["accelerator"]]
-    log_path = work / "litserve.log"
+    body = json.dumps({"image": base64.b64encode(image).decode()}).encode()
+    base = f"http://127.0.0.1:{port}"
+    side = external_side(
+        "litserve", cmd, f"{base}/health", f"{base}/predict", body, "application/json", args, expect_top1, work
+    )
+    return {"settings": settings, "body": "JSON {'image': base64}", **side}
+
+
+def external_side(
+    name: str,
+    cmd: list[str],
+    health_url: str,
+    url: str,
+    body: bytes,
+    content_type: str,
+    args,
+    expect_top1: str | None,
+    work: Path,
+    headers: dict | None = None,
+) -> dict:
+    """A server that is not TorchServe as one more side: `cmd` started in its own process
+    group, loaded once `health_url` answers 200, stopped after. The server's CPU per request
+    counts its process and every one it started."""
+    log_path = work / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd,
@@ -248,17 +271,14 @@ def bench_litserve(args, run: Path, image: bytes, expect_top1: str | None, work:
             start_new_session=True,
         )
     try:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 300
-        while not healthy(f"{url}/health") and proc.poll() is None:
+        while not healthy(health_url) and proc.poll() is None:
             if time.time() > deadline:
-                raise ServeError(f"LitServe did not answer /health in 300 s; see {log_path}")
+                raise ServeError(f"{name} did not answer {health_url} in 300 s; see {log_path}")
             time.sleep(1)
         if proc.poll() is not None:
-            raise ServeError(f"LitServe exited with {proc.returncode}: {log_path.read_text()[-400:]}")
-        body = json.dumps({"image": base64.b64encode(image).decode()}).encode()
-        results = load_side("litserve", f"{url}/predict", {}, body, "application/json", args, expect_top1, proc.pid)
-        return {"settings": settings, "body": "JSON {'image': base64}", **results}
+            raise ServeError(f"{name} exited with {proc.returncode}: {log_path.read_text()[-400:]}")
+        return load_side(name, url, headers or {}, body, content_type, args, expect_top1, proc.pid)
     finally:
         os.killpg(proc.pid, 15)
         try:
