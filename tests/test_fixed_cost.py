@@ -6,7 +6,7 @@ add up to the client's own mean is (a stage lost or counted twice would break it
 from __future__ import annotations
 
 import json
-import shutil
+import time
 
 import pytest
 
@@ -15,10 +15,12 @@ from scripts.bench.harness import digit_png
 from tests.conftest import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-needs_hey = pytest.mark.skipif(shutil.which("hey") is None, reason="hey is not installed (scripts/setup.sh)")
+needs_native = pytest.mark.skipif(
+    bool(loadgen.native_missing()), reason="wrk and hey are not installed (scripts/setup.sh)"
+)
 
 
-@needs_hey
+@needs_native
 def test_null_handler_stages_add_up_to_the_client_total(tmp_path, capsys, monkeypatch, shared_server):
     monkeypatch.setattr(record, "RESULTS", tmp_path / "results")
     out = tmp_path / "out"
@@ -37,7 +39,7 @@ def test_null_handler_stages_add_up_to_the_client_total(tmp_path, capsys, monkey
     answer = result["bare"]["answer"]
     assert len(answer) == 5 and all(isinstance(p, float) for p in answer.values())
     saturated = result["saturated"]
-    assert saturated["errors"] == 0 and saturated["generator"] == "hey"
+    assert saturated["errors"] == 0 and saturated["generator"] == "wrk"
     assert saturated["server_cpu_ms_per_request"] > 0 and saturated["generator_cpu_ms_per_request"] > 0
     assert result["fixed_cost_p50_ms"] == pytest.approx(result["one_client"]["p50"] - result["bare"]["p50_ms"])
     saved = json.loads((tmp_path / "results" / "fixed_cost.json").read_text())
@@ -46,15 +48,43 @@ def test_null_handler_stages_add_up_to_the_client_total(tmp_path, capsys, monkey
     assert "unaccounted" in printed and "server CPU" in printed
 
 
-@needs_hey
-def test_hey_counts_requests_that_got_no_answer(tmp_path):
-    """A port nobody listens on: every request fails, and the summary says so (not 0 requests)."""
-    from scripts.ops.serve import free_port
+@needs_native
+def test_native_loads_count_answers_that_are_errors(tmp_path):
+    """A real TorchServe-less endpoint that answers 404 to every POST: wrk (closed) and hey
+    (open) count each answer as an error and state no throughput; a port nobody listens on
+    fails the load in one error that names wrk."""
+    import subprocess
+    import sys
 
-    with loadgen.Load(f"http://127.0.0.1:{free_port()}/predictions/none", {}, digit_png()) as load:
-        result = load.closed(2, 1.0, warm=False)
-    assert result["requests"] > 0 and result["errors"] == result["requests"]
-    assert result["throughput"] == 0 and result["p50"] is None
+    from scripts.ops.serve import free_port, port_is_free
+
+    def port_is_taken(port: int) -> bool:
+        return not port_is_free("127.0.0.1", port)
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while not port_is_taken(port) and time.time() < deadline:
+            time.sleep(0.2)
+        with loadgen.Load(f"http://127.0.0.1:{port}/predictions/none", {}, digit_png()) as load:
+            closed = load.closed(2, 1.0, warm=False)
+            opened = load.open(5, 1.0)
+    finally:
+        server.terminate()
+        server.wait()
+    assert closed["generator"] == "wrk" and closed["requests"] > 0 and closed["errors"] == closed["requests"]
+    assert opened["generator"] == "hey" and opened["requests"] > 0 and opened["errors"] == opened["requests"]
+    assert closed["throughput"] == 0 and opened["throughput"] == 0
+    with (
+        loadgen.Load(f"http://127.0.0.1:{free_port()}/x", {}, b"x") as load,
+        pytest.raises(loadgen.LoadError, match="wrk exited"),
+    ):
+        load.closed(1, 1.0, warm=False)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +92,7 @@ def test_hey_counts_requests_that_got_no_answer(tmp_path):
     [
         (["--duration", "0"], "--duration"),
         (["--clients", "0"], "--clients"),
-        (["--load-generator", "wrk2"], "choose one of auto, hey, python"),
+        (["--load-generator", "wrk2"], "choose one of auto, native, python"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, capsys, args, words):

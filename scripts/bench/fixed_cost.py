@@ -108,7 +108,7 @@ def bare_null(mar: Path, work: Path, image: bytes, seconds: float) -> dict:
 
 def pooled(rounds: list[dict]) -> dict:
     """One load's rounds as one: requests and errors summed, means weighted by requests,
-    percentiles the median of the rounds' (hey reports no raw latencies)."""
+    percentiles the median of the rounds' (the tools report no raw latencies)."""
     n = sum(r["requests"] for r in rounds)
     out = dict(rounds[0])
     out["requests"], out["errors"] = n, sum(r["errors"] for r in rounds)
@@ -262,7 +262,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-generator",
         default="auto",
-        help=f"{', '.join(GENERATORS)}: auto = hey where installed, else the Python client (default: auto)",
+        help=f"{', '.join(GENERATORS)}: auto = native (wrk and hey) where installed, else the Python client "
+        "(default: auto)",
     )
     p.add_argument(
         "--out", default=str(ROOT / "runs" / "bench"), help="where fixed_cost.json/.png go (default: runs/bench)"

@@ -11,7 +11,7 @@ with the same real JPEG (scikit-image's 451x300 cat), it measures in one run:
          TorchScript, ONNX Runtime (CUDA provider where installed) and nvJPEG decode;
 - stages: per image, CPU decode vs nvJPEG decode, and the resize/crop/normalize on each side;
 - served: the same archives behind one TorchServe (REST, --clients keep-alive connections from
-         `hey`, or Python clients over several processes where it is missing), ours at the best
+         `wrk`, or Python clients over several processes where it is missing), ours at the best
          configuration and TorchServe's stock image_classifier handler with its default model
          configuration as the baseline, with the server's and the client's CPU per request.
 It writes bench_gpu.json and bench_gpu.png to --out and a record (--record), prints one table; its last line is
@@ -264,14 +264,14 @@ def bench_served(results: list[dict], args, work: Path, store: Path, image: byte
         generator = pick(args.load_generator)
         for where, name in loads:
             url = f"{ts.url('inference')}/predictions/{name}"
-            if generator == "hey":
-                print(f"{name}: {args.clients} clients (hey), {args.duration * 4:g} s", flush=True)
-                with Load(url, headers, image, generator="hey", server_pid=ts.pid()) as load:
+            if generator == "native":
+                print(f"{name}: {args.clients} clients (wrk), {args.duration * 4:g} s", flush=True)
+                with Load(url, headers, image, generator="native", server_pid=ts.pid()) as load:
                     where["load"] = load.closed(args.clients, args.duration * 4)
             else:
                 print(
                     f"{name}: {args.clients} clients over {args.load_processes} Python processes "
-                    f"(hey is not installed), {args.duration * 4:g} s",
+                    f"(wrk is not installed), {args.duration * 4:g} s",
                     flush=True,
                 )
                 where["load"] = load_processes(
@@ -404,13 +404,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-generator",
         default="auto",
-        help=f"{', '.join(GENERATORS)}: auto = hey where installed, else Python load processes (default: auto)",
+        help=f"{', '.join(GENERATORS)}: auto = wrk where installed, else Python load processes (default: auto)",
     )
     p.add_argument(
         "--load-processes",
         type=int,
         default=4,
-        help="processes the Python clients are spread over where hey is missing (default: 4)",
+        help="processes the Python clients are spread over where wrk is missing (default: 4)",
     )
     p.add_argument(
         "--record",

@@ -1,32 +1,35 @@
-"""The HTTP load every serving benchmark puts on a server, from a native load generator.
+"""The HTTP load every serving benchmark puts on a server, from native load generators.
 
 A Python client shares the interpreter lock and the cores with what it measures: on two cores
-it cost the served digits model a quarter of its throughput. `hey` (Go, Debian package `hey`,
-installed by scripts/setup.sh) sends the load instead, and its summary gives the latency
-percentiles (to 0.1 ms; hey states p99 only from 100 requests and p90 from 10, and a
-percentile it does not state is None here, never estimated), the answers' status codes, the
-requests that got no answer at all (its error distribution), and the mean of each phase
-(write, wait for the first byte, read).
+it cost the served digits model a quarter of its throughput. Two native tools from Debian
+(installed by scripts/setup.sh) send the load instead:
 
-- closed loop: `clients` connections, each sending its next request when the last is answered;
-- open loop:   a fixed total rate spread over enough connections that each sends one request
-  every OPEN_LOOP_INTERVAL_S (`hey -q`, a rate per connection). `hey` has no wrk2-style
-  schedule: a connection whose answer comes late sends its next request late, so when the
-  achieved rate falls under the asked one (`behind` in the result) the latencies are
-  understated. Debian's `wrk` 4.1 has no fixed-rate mode either.
+- closed loop: `wrk` (C, one event loop per thread): `clients` keep-alive connections, each
+  sending its next request when the last is answered, for whole seconds (at least 1). A Lua
+  script (WRK_DONE) prints its own statistics: exact percentiles and the mean from its
+  HdrHistogram, the answers of 400 and over, and the requests that got no answer (connect,
+  read, write errors and timeouts);
+- open loop: `hey -q`, a fixed total rate spread over enough connections that each sends one
+  request every OPEN_LOOP_INTERVAL_S. Neither tool has a wrk2-style schedule (Debian's wrk
+  4.1 has no rate; hey's is per connection): a connection whose answer comes late sends its
+  next request late, so when the achieved rate falls under the asked one (`behind` in the
+  result) the latencies are understated. hey states a percentile only from enough requests
+  (p50 from 4, p99 from 100); one it does not state is None here, never estimated.
 
-Each result says which generator sent the load and what it cost: the generator's own CPU
-time per request (from the kernel's accounting of the child, `wait4`), so a reader can see
-that the client was not what capped the server. The server's CPU per request comes from
-/proc (`server_cpu_s`: the frontend and every worker it started).
+Each result says which tool sent the load and what it cost: its own CPU time per request
+(the kernel's accounting of the child, `wait4`), so a reader can see that the client was not
+what capped the server; and, given the server's pid, the server's CPU per request from /proc
+(the frontend and every worker it started).
 
-Without `hey` on PATH the harness's Python client (scripts/bench/harness.py) sends the same
-loads and the result says `"generator": "python"` (its CPU time is the whole process's, and
-the server's CPU then covers the client's unmeasured warm-up too: an overstatement).
+Without wrk and hey the harness's Python client (scripts/bench/harness.py) sends the same
+loads, the output says so in one line and each result says `"generator": "python"` (its CPU
+time is the whole process's, and the server's CPU then covers the client's unmeasured warm-up
+too: an overstatement).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -38,7 +41,7 @@ from pathlib import Path
 
 from scripts.bench.harness import closed_loop, open_loop, summary
 
-GENERATORS = ("auto", "hey", "python")
+GENERATORS = ("auto", "native", "python")
 OPEN_LOOP_INTERVAL_S = 0.1  # each open-loop connection sends at most 10 requests/s
 WARM_S = 1.0  # an unmeasured load first: connections opened, the JVM's paths compiled
 
@@ -47,21 +50,32 @@ class LoadError(RuntimeError):
     """The load generator could not run (missing, refused its arguments, or printed no results)."""
 
 
+def native_missing() -> list[str]:
+    return [tool for tool in ("wrk", "hey") if shutil.which(tool) is None]
+
+
 def pick(generator: str = "auto") -> str:
-    """The generator to use: `hey` where it is installed (auto), else the Python client."""
+    """ "native" (wrk and hey) where both are installed (auto), else "python"."""
     if generator not in GENERATORS:
         raise ValueError(f"--load-generator {generator!r}: choose one of {', '.join(GENERATORS)}")
-    if generator == "hey" and shutil.which("hey") is None:
-        raise ValueError("--load-generator hey: `hey` is not on PATH (scripts/setup.sh installs it)")
+    missing = native_missing()
+    if generator == "native" and missing:
+        raise ValueError(
+            f"--load-generator native: {' and '.join(missing)} not on PATH (scripts/setup.sh installs them)"
+        )
     if generator == "auto":
-        return "hey" if shutil.which("hey") else "python"
+        return "python" if missing else "native"
     return generator
 
 
 def fallback_note(generator: str) -> str | None:
-    """One line for the output when the Python client stands in for the native generator."""
+    """One line for the output when the Python client stands in for the native generators."""
     if generator == "python":
-        return "load generator: Python client (hey is not installed: scripts/setup.sh installs it); it shares the cores"
+        missing = " and ".join(native_missing()) or "nothing"
+        return (
+            f"load generator: the Python client ({missing} not installed: scripts/setup.sh installs them); "
+            "it shares the cores with the server"
+        )
     return None
 
 
@@ -87,11 +101,11 @@ def server_cpu_s(pid: int | None) -> float | None:
     return total
 
 
-def run_hey(args: list[str]) -> tuple[str, float, float]:
-    """(stdout, the child's CPU seconds, wall seconds) of one `hey` run."""
+def run_tool(cmd: list[str]) -> tuple[str, float, float]:
+    """(stdout, the child's CPU seconds, wall seconds) of one run of a load generator."""
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(["hey", *args], stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
@@ -99,8 +113,60 @@ def run_hey(args: list[str]) -> tuple[str, float, float]:
         err.seek(0)
         text, error = out.read(), err.read()
     if proc.returncode != 0:
-        raise LoadError(f"hey exited with {proc.returncode}: {(error or text).strip()[-300:]}")
+        raise LoadError(f"{cmd[0]} exited with {proc.returncode}: {(error or text).strip()[-300:]}")
     return text, usage.ru_utime + usage.ru_stime, wall
+
+
+# wrk's own statistics at the end of a run, as one line of JSON (latencies in microseconds).
+WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRK_JSON {"duration_us": %d, "requests": %d, "connect": %d, "read": %d, '
+    .. '"write": %d, "status": %d, "timeout": %d, "p50": %.1f, "p90": %.1f, "p99": %.1f, "mean": %.3f}\\n',
+    summary.duration, summary.requests, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def wrk_script(path: Path, headers: dict, body: Path | None, content_type: str) -> Path:
+    """The Lua script that makes wrk send our request and print its figures as JSON."""
+
+    def lua(text: str) -> str:
+        return json.dumps(text)  # a JSON string is a valid Lua string literal for these values
+
+    lines = [f"wrk.method = {lua('POST' if body is not None else 'GET')}"]
+    if body is not None:
+        lines += [f"local f = assert(io.open({lua(str(body))}, 'rb'))", "wrk.body = f:read('*a')", "f:close()"]
+        lines.append(f"wrk.headers['Content-Type'] = {lua(content_type)}")
+    lines += [f"wrk.headers[{lua(k)}] = {lua(v)}" for k, v in headers.items()]
+    path.write_text("\n".join(lines) + "\n" + WRK_DONE)
+    return path
+
+
+def parse_wrk(text: str, items: int = 1) -> dict:
+    """wrk's JSON line: throughput of answers under 400, exact percentiles (its HdrHistogram),
+    errors (no connection, read/write failures, timeouts, answers of 400 and over)."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise LoadError(f"wrk printed no figures: {text.strip()[-300:]}")
+    w = json.loads(line.removeprefix("WRK_JSON "))
+    failed = w["connect"] + w["read"] + w["write"] + w["timeout"]
+    ok = w["requests"] - w["status"]
+    answered = w["requests"] > 0
+
+    def ms(us: float) -> float | None:
+        return round(us / 1000, 3) if answered else None
+
+    return {
+        "throughput": round(ok * items / (w["duration_us"] / 1e6), 2),
+        "requests": w["requests"] + failed,
+        "errors": w["status"] + failed,
+        "p50": ms(w["p50"]),
+        "p90": ms(w["p90"]),
+        "p99": ms(w["p99"]),
+        "mean_ms": ms(w["mean"]),
+    }
 
 
 def parse_hey(text: str, items: int = 1) -> dict:
@@ -241,19 +307,21 @@ class Load:
         return result
 
     def closed(self, clients: int, seconds: float, *, warm: bool = True) -> dict:
-        """`clients` connections in a closed loop for `seconds`, after an unmeasured warm-up
-        (`warm`; the Python client always warms up first)."""
+        """`clients` connections in a closed loop for `seconds` (wrk counts whole seconds: at
+        least 1), after an unmeasured warm-up (`warm`; the Python client always warms up)."""
         if self.generator == "python":
             return self._measured(lambda: self._python(lambda: self._python_closed(clients, seconds))) | {
                 "clients": clients
             }
-        args = hey_args(self.url, self.headers, self.body_file, self.content_type, clients, seconds)
+        script = wrk_script(self._dir / "load.lua", self.headers, self.body_file, self.content_type)
+        threads = max(1, min(clients, os.cpu_count() or 1))
+        args = ["wrk", "-t", str(threads), "-c", str(clients), "--timeout", "120s", "-s", str(script)]
         if warm:
-            run_hey([*args[:1], f"{WARM_S:g}s", *args[2:], self.url])
+            run_tool([*args, "-d", f"{WARM_S:g}s", self.url])
 
         def run() -> dict:
-            text, cpu, _ = run_hey([*args, self.url])
-            return generator_cost(parse_hey(text, self.items), "hey", cpu)
+            text, cpu, _ = run_tool([*args, "-d", f"{max(1, round(seconds))}s", self.url])
+            return generator_cost(parse_wrk(text, self.items), "wrk", cpu)
 
         return self._measured(run) | {"clients": clients}
 
@@ -268,7 +336,7 @@ class Load:
         args += ["-q", f"{rate / connections:g}"]
 
         def run() -> dict:
-            text, cpu, _ = run_hey([*args, self.url])
+            text, cpu, _ = run_tool(["hey", *args, self.url])
             return generator_cost(parse_hey(text, self.items), "hey", cpu)
 
         result = self._measured(run)

@@ -12,9 +12,9 @@ On this machine, with the same weights and the same real JPEG bytes (scikit-imag
 - bare:   our handler's preprocess + inference + postprocess called in-process, no server,
           with torch on every core, at batch 1 and at the archive's batch size;
 - served: our .mar behind TorchServe REST, closed loop at each --clients count, and one
-          open-loop run at --rate requests/s, sent by `hey` (scripts/bench/loadgen.py: its
-          open loop is a rate per connection, and a run that fell behind says so), with the
-          server's and the load generator's own CPU time per request;
+          open-loop run at --rate requests/s, sent by `wrk` and `hey` (scripts/bench/loadgen.py:
+          the open loop is a rate per connection, and a run that fell behind says so), with
+          the server's and the load generator's own CPU time per request;
 - stock:  the same weights archived with TorchServe's stock `image_classifier` handler and
           no model configuration: one worker (the archive declares none), batch size 1;
 - litserve: the same model class, weights and preprocessing behind LitServe with its own
@@ -672,7 +672,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-generator",
         default="auto",
-        help=f"{', '.join(GENERATORS)}: auto = hey where installed, else the Python client (default: auto)",
+        help=f"{', '.join(GENERATORS)}: auto = native (wrk and hey) where installed, else the Python client "
+        "(default: auto)",
     )
     p.add_argument(
         "--bodies",
