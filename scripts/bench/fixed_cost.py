@@ -13,8 +13,9 @@ with the same 32 px PNG digit the demo's model serves:
                to the Python worker and back, the answer;
 - stages:      the mean per request at one client, each from its own clock, then their sum
                against the client's mean (what no clock covers is `unaccounted`):
-    HTTP + auth:      the client's mean on GET /ping over the same keep-alive connection, with the
-                      token (Netty, the token check, an answer; no model);
+    HTTP + auth:      the client's mean on POST /ping with the same PNG body over the same kind of
+                      keep-alive connection, with the token (Netty reading the body, the token
+                      check, an answer; no model, no worker);
     frontend queue:   TorchServe's ts_queue_latency_microseconds (receipt to a worker taking it);
     worker hand-off:  ts_inference_latency_microseconds less the queue and the handler's batch
                       (handler_batch_seconds): the frontend-to-worker socket, the worker's
@@ -171,7 +172,9 @@ def measure(ts: TorchServe, args, work: Path) -> dict:
         pid = ts.pid()
         with (
             Load(url, headers, image, content_type="image/png", generator=args.load_generator, server_pid=pid) as load,
-            Load(f"{ts.url('inference')}/ping", headers, None, generator=args.load_generator) as ping,
+            Load(
+                f"{ts.url('inference')}/ping", headers, image, content_type="image/png", generator=args.load_generator
+            ) as ping,
         ):
             print(f"null handler: 1 client, {args.duration:g} s ({load.generator})", flush=True)
             load.closed(1, 1.0)  # warm: the JVM's request path compiled, the connection open
