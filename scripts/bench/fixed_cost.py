@@ -52,7 +52,14 @@ from scripts.ops.serve import ROOT, ServeError, TorchServe
 from scripts.ops.top import scrape, total
 
 NULL_HANDLER = Path(__file__).with_name("null_handler.py")
-ROUNDS = 4  # the one-client load and the ping take turns this many times
+
+
+def rounds(duration: float) -> int:
+    """How many times the one-client load and the ping take turns: one per second of
+    --duration (wrk runs whole seconds), at least 4."""
+    return max(4, round(duration))
+
+
 STAGES = (
     "HTTP + auth",
     "frontend queue",
@@ -181,10 +188,11 @@ def measure(ts: TorchServe, args, work: Path) -> dict:
             ping.closed(1, 0.5)
             # Ping and the model take turns, so that the host's drift and stalls fall on both.
             pings, ones, deltas = [], [], []
-            for _ in range(ROUNDS):
-                pings.append(ping.closed(1, args.duration / ROUNDS / 2, warm=False))
+            turns = rounds(args.duration)
+            for _ in range(turns):
+                pings.append(ping.closed(1, args.duration / turns / 2, warm=False))
                 before = scrape(ts)
-                ones.append(load.closed(1, args.duration / ROUNDS, warm=False))
+                ones.append(load.closed(1, args.duration / turns, warm=False))
                 deltas.append((before, scrape(ts)))
             print(f"null handler: {args.clients} clients, {args.duration:g} s", flush=True)
             saturated = load.closed(args.clients, args.duration)
