@@ -166,6 +166,7 @@ def parse_wrk(text: str, items: int = 1) -> dict:
         "p90": ms(w["p90"]),
         "p99": ms(w["p99"]),
         "mean_ms": ms(w["mean"]),
+        "errors_by_kind": {k: w[k] for k in ("status", "connect", "read", "write", "timeout") if w[k]},
     }
 
 
