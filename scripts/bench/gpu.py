@@ -10,10 +10,11 @@ with the same real JPEG (scikit-image's 451x300 cat), it measures in one run:
          inference, postprocess) at each batch size, for eager fp32, fp16 and bf16 autocast,
          TorchScript, ONNX Runtime (CUDA provider where installed) and nvJPEG decode;
 - stages: per image, CPU decode vs nvJPEG decode, and the resize/crop/normalize on each side;
-- served: the same archives behind one TorchServe (REST, keep-alive clients spread over
-         several load processes), ours at the best configuration and TorchServe's stock
-         image_classifier handler with its default model configuration as the baseline.
-It writes bench_gpu.json and bench_gpu.png to --out and prints one table; its last line is
+- served: the same archives behind one TorchServe (REST, --clients keep-alive connections from
+         `wrk`, or Python clients over several processes where it is missing), ours at the best
+         configuration and TorchServe's stock image_classifier handler with its default model
+         configuration as the baseline, with the server's and the client's CPU per request.
+It writes bench_gpu.json and bench_gpu.png to --out and a record (--record), prints one table; its last line is
 `served/bare=X.XX served/stock=Y.YY` for the first model at its best batch size.
 """
 
@@ -32,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from scripts.bench.harness import bare, cat_jpeg, closed_loop_raw, random_weights_run, summary, unpack_handler
+from scripts.bench.loadgen import GENERATORS, Load, pick
+from scripts.bench.record import write_record
 from scripts.bench.serving import ROOT, STOCK_LAYOUTS, machine, require_gpu, stock_archive, stock_config, table
 
 # What each bare row runs: the archive's runtime, its handler options.
@@ -258,13 +261,22 @@ def bench_served(results: list[dict], args, work: Path, store: Path, image: byte
     ts.start([name for _, name in loads], timeout=600)
     try:
         headers = ts.headers("inference")
+        generator = pick(args.load_generator)
         for where, name in loads:
             url = f"{ts.url('inference')}/predictions/{name}"
-            print(
-                f"{name}: {args.clients} clients over {args.load_processes} processes, {args.duration * 4:g} s",
-                flush=True,
-            )
-            where["load"] = load_processes(url, headers, image, args.clients, args.duration * 4, args.load_processes)
+            if generator == "native":
+                print(f"{name}: {args.clients} clients (wrk), {args.duration * 4:g} s", flush=True)
+                with Load(url, headers, image, generator="native", server_pid=ts.pid()) as load:
+                    where["load"] = load.closed(args.clients, args.duration * 4)
+            else:
+                print(
+                    f"{name}: {args.clients} clients over {args.load_processes} Python processes "
+                    f"(wrk is not installed), {args.duration * 4:g} s",
+                    flush=True,
+                )
+                where["load"] = load_processes(
+                    url, headers, image, args.clients, args.duration * 4, args.load_processes
+                ) | {"generator": "python"}
             print(
                 f"  {where['load']['throughput']} img/s, p50 {where['load']['p50']} ms, "
                 f"p99 {where['load']['p99']} ms, {where['load']['errors']} errors",
@@ -389,7 +401,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-stock", action="store_true", help="skip the stock handler (default: off)")
     p.add_argument("--clients", type=int, default=128, help="closed-loop clients against the server (default: 128)")
-    p.add_argument("--load-processes", type=int, default=4, help="processes the clients are spread over (default: 4)")
+    p.add_argument(
+        "--load-generator",
+        default="auto",
+        help=f"{', '.join(GENERATORS)}: auto = wrk where installed, else Python load processes (default: auto)",
+    )
+    p.add_argument(
+        "--load-processes",
+        type=int,
+        default=4,
+        help="processes the Python clients are spread over where wrk is missing (default: 4)",
+    )
+    p.add_argument(
+        "--record",
+        default="gpu_serving",
+        help="record name under benchmarks/results/; '' for none (default: gpu_serving)",
+    )
     p.add_argument(
         "--configs",
         default=",".join(CONFIGS),
@@ -420,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from model_defs import get_entry
 
+    if args.load_generator not in GENERATORS:
+        choices = ", ".join(GENERATORS)
+        print(f"error: --load-generator {args.load_generator!r}: choose one of {choices}", file=sys.stderr)
+        return 2
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or not args.configs:
         print(f"error: --configs {','.join(unknown)!r} unknown; choose from: {', '.join(CONFIGS)}", file=sys.stderr)
@@ -452,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         r["ratios"] = ratios(r)
     (out / "bench_gpu.json").write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
     plot(results, info, out / "bench_gpu.png")
+    if args.record:
+        print(f"record: {write_record(args.record, {'info': info, 'results': results})}")
     shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(report_rows(results)))

@@ -29,6 +29,16 @@ def cat_jpeg() -> bytes:
     return buf.getvalue()
 
 
+def digit_png(size: int = 32) -> bytes:
+    """The first of scikit-learn's real handwritten digits at `size` px as PNG bytes, as the
+    demo's digits model is served (training.sample_data writes its dataset the same way)."""
+    from training.sample_data import digit_images
+
+    buf = io.BytesIO()
+    digit_images(size)[0][0].save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def random_weights_run(arch: str, out: Path, num_classes: int = 10, classes: list[str] | None = None) -> Path:
     """A training-output folder with random weights: speed does not depend on the weights."""
     import torch
@@ -64,12 +74,16 @@ def summary(latencies: list[float], errors: int, seconds: float, items: int | No
         "requests": len(latencies) + errors,
         "errors": errors,
         **percentiles_ms(latencies),
+        "mean_ms": round(sum(latencies) / len(latencies) * 1000, 3) if latencies else None,
     }
 
 
-def unpack_handler(mar: Path, dest: Path, torch_threads: int | None = None, gpu: int | None = None):
+def unpack_handler(
+    mar: Path, dest: Path, torch_threads: int | None = None, gpu: int | None = None, handler_class: type | None = None
+):
     """Our handler initialized in-process from the archive itself, as a worker would
-    (with `torch_threads`, the handler's thread count is overridden)."""
+    (with `torch_threads`, the handler's thread count is overridden; `handler_class`
+    instead of the task's handler)."""
     from ts.context import Context
 
     from handlers.image_classifier import ImageClassifier
@@ -81,7 +95,7 @@ def unpack_handler(mar: Path, dest: Path, torch_threads: int | None = None, gpu:
     if torch_threads:
         config["handler"] = {**config.get("handler", {}), "torch_threads": torch_threads}
     task = json.loads((dest / "model.json").read_text())["task"]
-    handler = {"classification": ImageClassifier, "detection": ObjectDetector}[task]()
+    handler = (handler_class or {"classification": ImageClassifier, "detection": ObjectDetector}[task])()
     ctx = Context(
         mar.stem,
         str(dest),

@@ -4,6 +4,7 @@
     scripts/bench_serving --runtime eager      # our fp32 path
     scripts/bench_serving --duration 5 --clients 1,4 --no-detector   # a quick look
     scripts/bench_serving --device gpu --runtime eager --autocast fp16 --gpu-decode   # on a GPU host
+    scripts/bench_serving --litserve-python /path/to/venv/bin/python   # with LitServe beside it
     python -m scripts.bench.serving            # no --run: ResNet-18 with random weights, eager
 
 On this machine, with the same weights and the same real JPEG bytes (scikit-image's
@@ -11,30 +12,43 @@ On this machine, with the same weights and the same real JPEG bytes (scikit-imag
 - bare:   our handler's preprocess + inference + postprocess called in-process, no server,
           with torch on every core, at batch 1 and at the archive's batch size;
 - served: our .mar behind TorchServe REST, closed loop at each --clients count, and one
-          open-loop run at --rate requests/s (latency from the scheduled send time, so a
-          server that falls behind is not flattered);
+          open-loop run at --rate requests/s, sent by `wrk` and `hey` (scripts/bench/loadgen.py:
+          the open loop is a rate per connection, and a run that fell behind says so), with
+          the server's and the load generator's own CPU time per request;
 - stock:  the same weights archived with TorchServe's stock `image_classifier` handler and
           no model configuration: one worker (the archive declares none), batch size 1;
+- litserve: the same model class, weights and preprocessing behind LitServe with its own
+          dynamic batching, tuned as ours (scripts/bench/litserve_app.py), where a Python with
+          litserve is found (--litserve, --litserve-python);
+- bodies: (--bodies 1,8,32) KServe v1 `instances` and v2 BYTES [N] bodies of N images against
+          one image per request, on a TorchServe started as KServe starts it;
 - detector: the light detector's per-image latency at its input size, bare vs served;
 - presets (--presets, which scripts/bench_serving passes): the classifier under each runtime of
           --preset-runtimes and the detector, archived with each serving preset and
           measured at 1 and 4 clients against their bare handler (scripts/bench/presets.py).
-The served sides take turns on one TorchServe, never side by side. It prints a table,
-writes bench.json and bench.png to --out, and its last line is `served/bare=X.XX
-served/stock=Y.YY`, both throughput ratios at 4 clients (or the largest --clients count
-under 4 if 4 is not run).
+The served sides take turns on one TorchServe, never side by side. A model of small inputs
+(the digits CNN, small_cnn, at 32 px) is sent a 32 px PNG digit; the others the JPEG. It prints
+a table, writes bench.json and bench.png to --out and a record to benchmarks/results/
+(--record), and its last line is `served/bare=X.XX served/stock=Y.YY`, both throughput ratios at
+4 clients (or the largest --clients count under 4 if 4 is not run).
 Weights do not change speed: without --run a model of --model is built with random weights.
+
+    scripts/bench_serving --model small_cnn --presets "" --no-detector --bodies 1,8,32   # the digits CNN
+    scripts/bench_serving --model resnet18 --presets "" --no-detector                    # ResNet-18 eager
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -44,15 +58,16 @@ import yaml
 from scripts.bench.harness import (
     bare,
     cat_jpeg,
-    closed_loop,
-    open_loop,
+    digit_png,
     preprocessing_ms,
     random_weights_run,
     request_context,
     unpack_handler,
 )
+from scripts.bench.loadgen import GENERATORS, Load, LoadError, fallback_note
 from scripts.bench.presets import report as presets_report
 from scripts.bench.presets import run_presets
+from scripts.bench.record import write_record
 from scripts.ops.client import Client
 from scripts.ops.packaging import build_archive
 from scripts.ops.serve import ServeError, TorchServe
@@ -77,27 +92,199 @@ STOCK_LAYOUTS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet50": ("Bottlen
 # -- measuring --------------------------------------------------------------------------
 
 
-def serve_and_load(ts: TorchServe, name: str, image: bytes, args, expect_top1: str | None) -> dict:
+def load_side(
+    name: str,
+    url: str,
+    headers: dict,
+    body: bytes,
+    content_type: str,
+    args,
+    expect_top1: str | None,
+    server_pid: int | None,
+    *,
+    log: str = "",
+) -> dict:
+    """One served side: its answer to the image checked against the bare handler's, then each
+    closed loop of --clients and the open loop at --rate, by the chosen load generator."""
+    status, raw = Client(url, headers, content_type=content_type).send(body)
+    try:
+        answer = json.loads(raw) if status == 200 else None
+    except ValueError:
+        answer = None
+    if answer is None:
+        raise ServeError(f"{name} did not answer the benchmark image: {status or ''} {str(raw)[:300]}{log}")
+    top1 = next(iter(answer)) if isinstance(answer, dict) else None
+    if expect_top1 is not None and top1 != expect_top1:
+        raise ServeError(f"{name} served answers {top1!r}, the bare handler {expect_top1!r}: not the same model")
+    results: dict = {"answer": answer, "closed": []}
+    with Load(
+        url, headers, body, content_type=content_type, generator=args.load_generator, server_pid=server_pid
+    ) as load:
+        for clients in args.clients:
+            print(f"  {name}: {clients} client(s), {args.duration:g} s ({load.generator})", flush=True)
+            results["closed"].append(load.closed(clients, args.duration))
+        if args.rate:
+            print(f"  {name}: open loop at {args.rate:g} req/s, {args.duration:g} s", flush=True)
+            results["open"] = load.open(args.rate, args.duration)
+    return results
+
+
+def serve_and_load(
+    ts: TorchServe, name: str, image: bytes, args, expect_top1: str | None, content_type: str = "image/jpeg"
+) -> dict:
     """Register one archive of the server's store, run every load against it, unregister it."""
     version = ts.register(name, f"{name}.mar", timeout=300)
     try:
         url, headers = f"{ts.url('inference')}/predictions/{name}", ts.headers("inference")
-        ok, answer = Client(url, headers).post(image)
-        if not ok:
-            raise ServeError(f"{name} did not answer the benchmark image: {answer}\n{ts.log_tail('model_log.log')}")
-        top1 = next(iter(answer)) if isinstance(answer, dict) else None
-        if expect_top1 is not None and top1 != expect_top1:
-            raise ServeError(f"{name} served answers {top1!r}, the bare handler {expect_top1!r}: not the same model")
-        results = {"answer": answer, "closed": []}
-        for clients in args.clients:
-            print(f"  {name}: {clients} client(s), {args.duration:.0f} s", flush=True)
-            results["closed"].append(closed_loop(url, headers, image, clients, args.duration))
-        if args.rate:
-            print(f"  {name}: open loop at {args.rate:g} req/s, {args.duration:.0f} s", flush=True)
-            results["open"] = open_loop(url, headers, image, args.rate, args.duration)
-        return results
+        log = "\n" + ts.log_tail("model_log.log")
+        return load_side(name, url, headers, image, content_type, args, expect_top1, ts.pid(), log=log)
     finally:
         ts.unregister(name, version)
+
+
+# -- several images per request: KServe's v1 and v2 bodies ----------------------------------
+
+
+def kserve_bodies(image: bytes, n: int) -> dict[str, tuple[str, bytes]]:
+    """{protocol: (path under the inference address, JSON body)} of `n` copies of the image."""
+    b64 = base64.b64encode(image).decode()
+    v1 = {"instances": [{"data": b64}] * n}
+    v2 = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [n], "data": [b64] * n}]}
+    return {
+        "v1": ("/v1/models/served:predict", json.dumps(v1).encode()),
+        "v2": ("/v2/models/served/infer", json.dumps(v2).encode()),
+    }
+
+
+def bench_bodies(args, store: Path, work: Path, image: bytes, content_type: str) -> dict:
+    """Our archive on a TorchServe started as KServe starts it (service_envelope=kservev2, which
+    also routes v1), at --bodies-clients connections: one image per plain request, then v1
+    `instances` and v2 BYTES [N] bodies of N images for each N of --bodies. Throughput counts
+    images, not requests."""
+    config = work / "kserve.properties"
+    config.write_text((ROOT / "config.properties").read_text() + "\nservice_envelope=kservev2\n")
+    ts = TorchServe(run_dir=work / "serve_kserve", model_store=store, config=config, ports={})
+    ts.start([], timeout=300)
+    clients = args.bodies_clients
+    rows = []
+    try:
+        version = ts.register("served", "served.mar", timeout=300)
+        base, headers = ts.url("inference"), ts.headers("inference")
+        loads = [("plain", 1, f"{base}/predictions/served", image, content_type)]
+        for n in args.bodies:
+            for protocol, (path, body) in kserve_bodies(image, n).items():
+                loads.append((protocol, n, base + path, body, "application/json"))
+        for protocol, n, url, body, ctype in loads:
+            status, raw = Client(url, headers, content_type=ctype).send(body)
+            if status != 200:
+                raise ServeError(f"KServe {protocol} body of {n} image(s) got {status or raw}: {str(raw)[:300]}")
+            print(f"  kserve: {protocol} x {n}, {clients} client(s), {args.duration:g} s", flush=True)
+            with Load(
+                url,
+                headers,
+                body,
+                content_type=ctype,
+                generator=args.load_generator,
+                server_pid=ts.pid(),
+                items_per_request=n,
+            ) as load:
+                rows.append({"protocol": protocol, "images": n, **load.closed(clients, args.duration)})
+        ts.unregister("served", version)
+    finally:
+        ts.stop()
+    return {"clients": clients, "rows": rows}
+
+
+# -- LitServe ------------------------------------------------------------------------------
+
+
+def litserve_python(args) -> str | None:
+    """The Python that runs LitServe: --litserve-python, else this one if it has litserve."""
+    if args.litserve_python:
+        return args.litserve_python
+    import importlib.util
+
+    return sys.executable if importlib.util.find_spec("litserve") else None
+
+
+def healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def bench_litserve(args, run: Path, image: bytes, expect_top1: str | None, work: Path) -> dict:
+    """The same run served by LitServe (scripts/bench/litserve_app.py), tuned as our archive
+    is for this machine: as many inference processes as our workers, each with the same torch
+    threads, batching up to our batch size and waiting at most our batch delay."""
+    from scripts.ops.serve import free_port
+
+    python = litserve_python(args)
+    assert python is not None
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.workers)
+    settings = {
+        "workers": args.workers,
+        "threads": threads,
+        "max_batch_size": args.batch_size,
+        "batch_timeout": args.max_batch_delay / 1000,
+        "accelerator": "cuda" if args.device == "gpu" else "cpu",
+    }
+    port = free_port()
+    cmd = [python, "-m", "scripts.bench.litserve_app", "--run", str(run), "--port", str(port)]
+    cmd += ["--workers", str(args.workers), "--threads", str(threads), "--max-batch-size", str(args.batch_size)]
+    cmd += ["--batch-timeout", f"{settings['batch_timeout']:g}", "--accelerator", settings["accelerator"]]
+    body = json.dumps({"image": base64.b64encode(image).decode()}).encode()
+    base = f"http://127.0.0.1:{port}"
+    side = external_side(
+        "litserve", cmd, f"{base}/health", f"{base}/predict", body, "application/json", args, expect_top1, work
+    )
+    return {"settings": settings, "body": "JSON {'image': base64}", **side}
+
+
+def external_side(
+    name: str,
+    cmd: list[str],
+    health_url: str,
+    url: str,
+    body: bytes,
+    content_type: str,
+    args,
+    expect_top1: str | None,
+    work: Path,
+    headers: dict | None = None,
+) -> dict:
+    """A server that is not TorchServe as one more side: `cmd` started in its own process
+    group, loaded once `health_url` answers 200, stopped after. The server's CPU per request
+    counts its process and every one it started."""
+    log_path = work / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 300
+        while not healthy(health_url) and proc.poll() is None:
+            if time.time() > deadline:
+                raise ServeError(f"{name} did not answer {health_url} in 300 s; see {log_path}")
+            time.sleep(1)
+        if proc.poll() is not None:
+            raise ServeError(f"{name} exited with {proc.returncode}: {log_path.read_text()[-400:]}")
+        return load_side(name, url, headers or {}, body, content_type, args, expect_top1, proc.pid)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
 
 
 # -- the archives -----------------------------------------------------------------------
@@ -148,7 +335,7 @@ def stock_config(work: Path) -> Path:
 
 
 def table(rows: list[tuple]) -> str:
-    head = ("what", "load", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors")
+    head = ("what", "load", "img/s", "p50 ms", "p90 ms", "p99 ms", "errors", "server CPU ms/req", "client CPU ms/req")
     cells = [head] + [tuple("-" if v is None else str(v) for v in row) for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     return "\n".join(
@@ -158,14 +345,18 @@ def table(rows: list[tuple]) -> str:
 
 def report_rows(result: dict) -> list[tuple]:
     def row(what, load, s):
-        return (what, load, s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"])
+        cpu = (s.get("server_cpu_ms_per_request"), s.get("generator_cpu_ms_per_request"))
+        return (what, load, s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"], *cpu)
 
     rows = [row("bare", f"batch {b['batch']}", b) for b in result["bare"]]
-    for what in ("served", "stock"):
+    for what in ("served", "stock", "litserve"):
         if what in result:
             rows += [row(what, f"{c['clients']} client(s)", c) for c in result[what]["closed"]]
             if "open" in result[what]:
                 rows.append(row(what, f"open {result[what]['open']['rate']:g}/s", result[what]["open"]))
+    if "bodies" in result:
+        for b in result["bodies"]["rows"]:
+            rows.append(row(f"kserve {b['protocol']} x{b['images']}", f"{b['clients']} client(s)", b))
     if "detector" in result:
         d = result["detector"]
         rows += [row("detector bare", "batch 1", d["bare"]), row("detector served", "1 client", d["served"])]
@@ -178,10 +369,12 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = 3 if "bodies" in result else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    ax1, ax2 = axes[0], axes[1]
     clients = [c["clients"] for c in result["served"]["closed"]]
     x = np.arange(len(clients))
-    kinds = [k for k in ("served", "stock") if k in result]
+    kinds = [k for k in ("served", "stock", "litserve") if k in result]
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         ax1.bar(x + i * width, [c["throughput"] for c in result[kind]["closed"]], width, label=kind)
@@ -194,7 +387,19 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.legend()
     ax2.set_yscale("log")
-    fig.suptitle(f"{result['model']} ({result['runtime']}), {result['image']}, {result['machine']}")
+    if "bodies" in result:
+        rows = result["bodies"]["rows"]
+        ax3 = axes[2]
+        labels = [f"{r['protocol']} x{r['images']}" for r in rows]
+        ax3.bar(range(len(rows)), [r["throughput"] for r in rows], color="tab:green")
+        ax3.set_xticks(range(len(rows)), labels, rotation=30)
+        ax3.set_ylabel(f"images / s at {result['bodies']['clients']} client(s)")
+        ax3.set_title("images per request (KServe v1/v2 bodies)", fontsize=9)
+    fig.suptitle(
+        f"{result['model']} ({result['runtime']}), {result['image']}, {result['machine']}, "
+        f"load by {result['load_generator']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,10 +431,28 @@ def bench_detector(args, image: bytes, work: Path, ts: TorchServe) -> dict:
     version = ts.register("detector", "detector.mar", timeout=300)
     try:
         url, headers = f"{ts.url('inference')}/predictions/detector", ts.headers("inference")
-        served = closed_loop(url, headers, image, 1, args.duration)
+        with Load(url, headers, image, generator=args.load_generator, server_pid=ts.pid()) as load:
+            served = load.closed(1, args.duration)
     finally:
         ts.unregister("detector", version)
     return {"run": str(run), "weights": weights, "input_size": input_size, "bare": bare_result, "served": served}
+
+
+def bare_threads(handler, image: bytes, seconds: float) -> int:
+    """The faster torch thread count for the bare handler, every core or one (a short probe
+    of each at batch 1); torch is left set to it."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if cores == 1 or handler.device.type != "cpu":
+        return torch.get_num_threads()
+    rates = {}
+    for threads in (cores, 1):
+        torch.set_num_threads(threads)
+        rates[threads] = bare(handler, image, 1, min(2.0, seconds / 4))["throughput"]
+    best = max(rates, key=lambda t: rates[t])
+    torch.set_num_threads(best)
+    return best
 
 
 def run_bench(args, server: TorchServe | None = None) -> dict:
@@ -254,11 +477,21 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
     )
     store = ts.model_store
     store.mkdir(exist_ok=True)
-    image = cat_jpeg()
     if args.run and not (Path(args.run) / "model.json").is_file():
         raise ValueError(f"training output folder {args.run} does not exist or holds no model.json")
     run = Path(args.run) if args.run else random_weights_run(args.model, work / "run")
     meta = json.loads((run / "model.json").read_text())
+    # A model of small inputs (the digits CNN at 32 px) is served what it was trained on: a
+    # small PNG digit; the others the 451x300 JPEG photo.
+    small = int(meta.get("preprocessing", {}).get("input_size", 224)) <= 64
+    image, content_type, image_name = (
+        (digit_png(), "image/png", "scikit-learn digit 32x32 PNG")
+        if small
+        else (cat_jpeg(), "image/jpeg", "skimage chelsea 451x300 JPEG")
+    )
+    if not args.no_stock and meta["arch"] not in STOCK_LAYOUTS:
+        print(f"stock: skipped, TorchServe's stock handler serves torchvision's ResNets, not {meta['arch']}")
+        args.no_stock = True
     # Measured on the 2-core machine (docs/performance.md): a worker per core with one torch
     # thread each, and small batches, beat one worker with every core (no OpenMP barriers
     # stalled by the frontend's threads; two batches in flight instead of one).
@@ -287,12 +520,14 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
         "model": meta["arch"],
         "weights": "trained" if args.run else "random",
         "runtime": args.runtime,
-        "image": "skimage chelsea 451x300 JPEG",
+        "image": image_name,
         "machine": machine(),
+        "load_generator": None,
         "duration_s": args.duration,
         "config": yaml.safe_load(zipfile.ZipFile(store / "served.mar").read("model-config.yaml")),
     }
-    # Bare is the best this machine does in-process: torch gets every core.
+    # Bare is the best this machine does in-process: torch on every core, or on one where that
+    # is faster (a small model's OpenMP barriers stall when other processes hold the cores).
     handler, config = unpack_handler(
         store / "served.mar",
         work / "served_unpacked",
@@ -300,8 +535,9 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
         gpu=0 if args.device != "cpu" and torch.cuda.is_available() else None,
     )
     result["preprocess_ms"] = preprocessing_ms(handler, image)
+    result["bare_threads"] = bare_threads(handler, image, args.duration)
     print(
-        f"bare handler in-process ({handler.threads_per_worker()} torch threads), "
+        f"bare handler in-process ({result['bare_threads']} torch threads), "
         f"preprocessing {result['preprocess_ms']} ms/image",
         flush=True,
     )
@@ -314,16 +550,28 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
         ts.start([], timeout=300)
     try:
         print("served: our archive behind TorchServe", flush=True)
-        result["served"] = serve_and_load(ts, "served", image, args, expect)
+        result["served"] = serve_and_load(ts, "served", image, args, expect, content_type)
+        result["load_generator"] = result["served"]["closed"][0]["generator"]
         if not args.no_stock:
             stock_archive(run, store, work)
             print("stock: TorchServe's image_classifier handler, default model configuration", flush=True)
-            result["stock"] = serve_and_load(ts, "stock", image, args, expect)
+            result["stock"] = serve_and_load(ts, "stock", image, args, expect, content_type)
         if not args.presets and not args.no_detector:
             result["detector"] = bench_detector(args, image, work, ts)
     finally:
         if server is None:
             ts.stop()
+    if args.bodies:
+        print("kserve: several images per request, on a TorchServe started as KServe starts it", flush=True)
+        result["bodies"] = bench_bodies(args, store, work, image, content_type)
+    if args.litserve != "off":
+        if litserve_python(args) is None:
+            if args.litserve == "on":
+                raise ValueError("--litserve on: no Python with litserve; name one with --litserve-python")
+            print("litserve: skipped, no Python with litserve here (--litserve-python names one)", flush=True)
+        else:
+            print("litserve: the same model and preprocessing behind LitServe", flush=True)
+            result["litserve"] = bench_litserve(args, run, image, expect, work)
     if args.presets:  # the detector is measured there, under each preset, on servers of their own
         args.properties = ROOT / "config.properties"
         detector = None if args.no_detector else detector_run(args, work)[0]
@@ -335,15 +583,30 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
 
 
 def ratios(result: dict) -> dict:
+    """served/bare and served/stock at 4 clients (or the nearest count under it), served/bare at
+    the best concurrency, and against LitServe: throughput at 16 clients, p99 at 4."""
     closed = {c["clients"]: c for c in result["served"]["closed"]}
     at = 4 if 4 in closed else max([c for c in closed if c <= 4] or closed)
     served = closed[at]
+    best_bare = max(b["throughput"] for b in result["bare"])
     bare_at_batch = result["bare"][-1]  # the archive's batch size
-    out = {"clients": at, "served_over_bare": round(served["throughput"] / bare_at_batch["throughput"], 2)}
+    best = max(closed.values(), key=lambda c: c["throughput"])
+    out = {
+        "clients": at,
+        "served_over_bare": round(served["throughput"] / bare_at_batch["throughput"], 2),
+        "best_clients": best["clients"],
+        "best_served_over_bare": round(best["throughput"] / best_bare, 2),
+    }
     if "stock" in result:
         stock = {c["clients"]: c for c in result["stock"]["closed"]}[at]
         out["served_over_stock"] = round(served["throughput"] / stock["throughput"], 2) if stock["throughput"] else None
         out["p99_served_over_stock"] = round(served["p99"] / stock["p99"], 2) if stock["p99"] else None
+    if "litserve" in result:
+        lit = {c["clients"]: c for c in result["litserve"]["closed"]}
+        if 16 in lit and 16 in closed and lit[16]["throughput"]:
+            out["served_over_litserve_16"] = round(closed[16]["throughput"] / lit[16]["throughput"], 2)
+        if 4 in lit and 4 in closed and lit[4]["p99"] and closed[4]["p99"]:
+            out["p99_served_over_litserve_4"] = round(closed[4]["p99"] / lit[4]["p99"], 2)
     return out
 
 
@@ -403,7 +666,39 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="our archive's batchSize (default: 2 on the CPU, 8 on a GPU)"
     )
     p.add_argument("--max-batch-delay", type=int, default=5, help="our archive's maxBatchDelay in ms (default: 5)")
-    p.add_argument("--clients", default="1,4,16", help="closed-loop client counts, comma-separated (default: 1,4,16)")
+    p.add_argument(
+        "--clients", default="1,4,16,64", help="closed-loop client counts, comma-separated (default: 1,4,16,64)"
+    )
+    p.add_argument(
+        "--load-generator",
+        default="auto",
+        help=f"{', '.join(GENERATORS)}: auto = native (wrk and hey) where installed, else the Python client "
+        "(default: auto)",
+    )
+    p.add_argument(
+        "--bodies",
+        default="",
+        help="KServe v1 and v2 bodies of N images each, comma-separated N (e.g. 1,8,32), against one image per "
+        "request on a TorchServe with service_envelope=kservev2 (default: none)",
+    )
+    p.add_argument("--bodies-clients", type=int, default=4, help="connections of the --bodies loads (default: 4)")
+    p.add_argument(
+        "--litserve",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the same model behind LitServe: auto = where a Python with litserve is found (default: auto)",
+    )
+    p.add_argument(
+        "--litserve-python",
+        default=None,
+        help="a Python with litserve and the bundle's dependencies (default: this one, if it has litserve)",
+    )
+    p.add_argument(
+        "--record",
+        default="auto",
+        help="record name under benchmarks/results/: auto = serving_<model>_<runtime>_<cpu|gpu>, '' for none "
+        "(default: auto)",
+    )
     p.add_argument("--rate", type=float, default=8.0, help="open-loop request rate per second; 0 skips it (default: 8)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds per measurement (default: 20)")
     p.add_argument(
@@ -441,6 +736,18 @@ def main(argv: list[str] | None = None, *, server: TorchServe | None = None) -> 
     except ValueError:
         print(f"error: --clients expects numbers like 1,4,16, got {args.clients!r}", file=sys.stderr)
         return 2
+    try:
+        args.bodies = sorted({int(n) for n in args.bodies.split(",") if n.strip()})
+    except ValueError:
+        print(f"error: --bodies expects numbers like 1,8,32, got {args.bodies!r}", file=sys.stderr)
+        return 2
+    if args.load_generator not in GENERATORS:
+        choices = ", ".join(GENERATORS)
+        print(f"error: --load-generator {args.load_generator!r}: choose one of {choices}", file=sys.stderr)
+        return 2
+    if (args.bodies and min(args.bodies) < 1) or args.bodies_clients < 1:
+        print("error: --bodies needs image counts of at least 1 and --bodies-clients at least 1", file=sys.stderr)
+        return 2
     if not args.clients or min(args.clients) < 1 or args.duration <= 0:
         print("error: --clients needs counts of at least 1 and --duration a positive number", file=sys.stderr)
         return 2
@@ -458,7 +765,7 @@ def main(argv: list[str] | None = None, *, server: TorchServe | None = None) -> 
         return 2
     try:
         result = run_bench(args, server)
-    except (ServeError, ValueError, OSError) as e:
+    except (ServeError, LoadError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
@@ -467,14 +774,25 @@ def main(argv: list[str] | None = None, *, server: TorchServe | None = None) -> 
     print()
     print(
         f"{result['model']} ({result['weights']} weights, runtime {result['runtime']}) on {result['machine']}; "
-        f"preprocessing {result['preprocess_ms']} ms per 451x300 JPEG"
+        f"preprocessing {result['preprocess_ms']} ms per image ({result['image']})"
     )
+    note = fallback_note(result["load_generator"])
+    if note:
+        print(note)
     print(table(report_rows(result)))
     if "presets" in result:
         print(f"\npresets (bare = the archive's handler in-process, {os.cpu_count()} torch threads)")
         print(presets_report(result["presets"]))
+    if args.record:
+        device = "gpu" if "no GPU" not in result["machine"] else "cpu"
+        name = args.record if args.record != "auto" else f"serving_{result['model']}_{result['runtime']}_{device}"
+        print(f"record: {write_record(name, result)}")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     r = result["ratios"]
+    print(
+        f"best served/bare={r['best_served_over_bare']:.2f} at {r['best_clients']} client(s)"
+        + "".join(f" {k}={v}" for k, v in r.items() if "litserve" in k)
+    )
     line = f"served/bare={r['served_over_bare']:.2f}"
     if "served_over_stock" in r:  # None when the stock side answered nothing
         line += f" served/stock={r['served_over_stock'] or 0:.2f}"
