@@ -17,6 +17,8 @@ On this machine, with the same weights and the same real JPEG bytes (scikit-imag
           the server's and the load generator's own CPU time per request;
 - stock:  the same weights archived with TorchServe's stock `image_classifier` handler and
           no model configuration: one worker (the archive declares none), batch size 1;
+- modelserver: the same archive behind the bundle's second engine, KServe's ModelServer
+          (`scripts/serve start --engine kserve`), where kserve is installed (--modelserver);
 - litserve: the same model class, weights and preprocessing behind LitServe with its own
           dynamic batching, tuned as ours (scripts/bench/litserve_app.py), where a Python with
           litserve is found (--litserve, --litserve-python);
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import platform
@@ -73,6 +76,8 @@ from scripts.ops.packaging import build_archive
 from scripts.ops.serve import ServeError, TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
+# The served sides, in the order of the table and the plot.
+SIDES = ("served", "stock", "modelserver", "litserve")
 
 STOCK_MODEL_FILE = '''"""{arch} as TorchServe's stock handlers want it: one class, built with no arguments."""
 import torchvision
@@ -202,8 +207,6 @@ def litserve_python(args) -> str | None:
     """The Python that runs LitServe: --litserve-python, else this one if it has litserve."""
     if args.litserve_python:
         return args.litserve_python
-    import importlib.util
-
     return sys.executable if importlib.util.find_spec("litserve") else None
 
 
@@ -243,6 +246,23 @@ def bench_litserve(args, run: Path, image: bytes, expect_top1: str | None, work:
         "litserve", cmd, f"{base}/health", f"{base}/predict", body, "application/json", args, expect_top1, work
     )
     return {"settings": settings, "body": "JSON {'image': base64}", **side}
+
+
+def bench_modelserver(args, store: Path, work: Path, image: bytes, content_type: str, expect_top1) -> dict:
+    """The same archive served by the bundle's second engine, KServe's ModelServer
+    (`scripts/serve start --engine kserve`), from the same model store and config, loaded the
+    same way on its /predictions route."""
+    from scripts.ops.modelserver import ModelServerEngine
+
+    engine = ModelServerEngine(
+        run_dir=work / "modelserver", model_store=store, config=ROOT / "config.properties", ports={}
+    )
+    engine.start(["served"], timeout=300)
+    try:
+        url, headers = f"{engine.url('inference')}/predictions/served", engine.headers("inference")
+        return load_side("modelserver", url, headers, image, content_type, args, expect_top1, engine.pid())
+    finally:
+        engine.stop()
 
 
 def external_side(
@@ -349,7 +369,7 @@ def report_rows(result: dict) -> list[tuple]:
         return (what, load, s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"], *cpu)
 
     rows = [row("bare", f"batch {b['batch']}", b) for b in result["bare"]]
-    for what in ("served", "stock", "litserve"):
+    for what in SIDES:
         if what in result:
             rows += [row(what, f"{c['clients']} client(s)", c) for c in result[what]["closed"]]
             if "open" in result[what]:
@@ -374,7 +394,7 @@ def plot(result: dict, path: Path) -> None:
     ax1, ax2 = axes[0], axes[1]
     clients = [c["clients"] for c in result["served"]["closed"]]
     x = np.arange(len(clients))
-    kinds = [k for k in ("served", "stock", "litserve") if k in result]
+    kinds = [k for k in SIDES if k in result]
     width = 0.8 / len(kinds)
     for i, kind in enumerate(kinds):
         ax1.bar(x + i * width, [c["throughput"] for c in result[kind]["closed"]], width, label=kind)
@@ -564,6 +584,14 @@ def run_bench(args, server: TorchServe | None = None) -> dict:
     if args.bodies:
         print("kserve: several images per request, on a TorchServe started as KServe starts it", flush=True)
         result["bodies"] = bench_bodies(args, store, work, image, content_type)
+    if args.modelserver != "off":
+        if importlib.util.find_spec("kserve") is None:
+            if args.modelserver == "on":
+                raise ValueError("--modelserver on: kserve is not installed here (the kserve dependency group)")
+            print("modelserver: skipped, kserve is not installed here", flush=True)
+        else:
+            print("modelserver: our archive behind KServe's ModelServer (--engine kserve)", flush=True)
+            result["modelserver"] = bench_modelserver(args, store, work, image, content_type, expect)
     if args.litserve != "off":
         if litserve_python(args) is None:
             if args.litserve == "on":
@@ -601,6 +629,11 @@ def ratios(result: dict) -> dict:
         stock = {c["clients"]: c for c in result["stock"]["closed"]}[at]
         out["served_over_stock"] = round(served["throughput"] / stock["throughput"], 2) if stock["throughput"] else None
         out["p99_served_over_stock"] = round(served["p99"] / stock["p99"], 2) if stock["p99"] else None
+    if "modelserver" in result:
+        engine = {c["clients"]: c for c in result["modelserver"]["closed"]}
+        for c in sorted(set(engine) & set(closed)):
+            if closed[c]["throughput"]:
+                out[f"modelserver_over_served_{c}"] = round(engine[c]["throughput"] / closed[c]["throughput"], 2)
     if "litserve" in result:
         lit = {c["clients"]: c for c in result["litserve"]["closed"]}
         if 16 in lit and 16 in closed and lit[16]["throughput"]:
@@ -682,6 +715,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "request on a TorchServe with service_envelope=kservev2 (default: none)",
     )
     p.add_argument("--bodies-clients", type=int, default=4, help="connections of the --bodies loads (default: 4)")
+    p.add_argument(
+        "--modelserver",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the same archive served by KServe's ModelServer (scripts/serve start --engine kserve): "
+        "auto = where kserve is installed (default: auto)",
+    )
     p.add_argument(
         "--litserve",
         choices=("auto", "on", "off"),
