@@ -42,9 +42,13 @@ def layout(trained_digits, tmp_path_factory) -> Path:
 def test_foreground_serves_the_layout_as_the_process_and_stops_cleanly_on_sigterm(layout, digits_dir, tmp_path):
     http, grpc_port = free_port(), free_port()
     run_dir = tmp_path / "run"
-    # The layout's config as the pod reads it, on loopback here rather than every interface.
+    # The layout's config as the pod reads it, on loopback here rather than every interface, with
+    # the metrics list where this checkout has it rather than where the image copies it.
+    text = (layout / "config" / "config.properties").read_text()
+    assert "metrics_config=/etc/torchserve/metrics.yaml" in text.splitlines()
+    text = text.replace("/etc/torchserve/metrics.yaml", str(ROOT / "monitoring" / "metrics.yaml"))
     config = tmp_path / "config.properties"
-    config.write_text((layout / "config" / "config.properties").read_text().replace("0.0.0.0", "127.0.0.1"))
+    config.write_text(text.replace("0.0.0.0", "127.0.0.1"))
     command = [
         *(str(ROOT / "scripts" / "serve"), "--run-dir", str(run_dir), "--config", str(config)),
         *("--model-store", str(layout / "model-store")),

@@ -233,6 +233,11 @@ def serve_layout(layout: Path, run_dir: Path, port: int | None = None, timeout: 
     config, store = layout / "config" / "config.properties", layout / "model-store"
     if not config.is_file() or not store.is_dir():
         raise UsageError(f"{layout} is not a layout scripts/kserve wrote (no config/config.properties, model-store/)")
+    if (layout / "servingruntime.yaml").is_file():
+        raise UsageError(
+            f"{layout} is for the kserve engine (it has servingruntime.yaml); try its archives here with "
+            f"scripts/serve --model-store {layout / 'model-store'} start --engine kserve"
+        )
     if port is not None and not (1 <= port <= 65535 and port_is_free("127.0.0.1", port)):
         raise UsageError(f"--port {port} is not a free port on 127.0.0.1; give another, or none for a free one")
     ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={"inference": port} if port else {})
