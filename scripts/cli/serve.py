@@ -23,6 +23,7 @@ predict, top, archive) reads it from $BUNDLE_RUN_DIR when it is not given. `key`
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from scripts.ops.serve import (
     ServeError,
     TorchServe,
     default_run_dir,
+    read_properties,
 )
 
 PORT_FLAGS = {api: f"--{api.replace('_', '-')}-port" for api in (*ADDRESS_KEYS, *GRPC_PORT_KEYS)}
@@ -145,8 +147,12 @@ def chosen_ports(args, server: TorchServe) -> dict[str, int] | None:
     given = {api: getattr(args, api + "_port") for api in PORT_FLAGS}
     if args.port_offset == 0 and all(port is None for port in given.values()):
         return None
+    # The ports of --config itself (not of an earlier start from the run folder), for the APIs
+    # this engine listens on.
+    as_configured = copy.copy(server)
+    as_configured.props = read_properties(server.config_path)
     ports = {}
-    for api, (_, port) in server.listen_ports().items():
+    for api, (_, port) in as_configured.listen_ports().items():
         ports[api] = given[api] if given[api] is not None else port + args.port_offset
         if not 1 <= ports[api] <= 65535:
             source = PORT_FLAGS[api] if given[api] is not None else f"--port-offset {args.port_offset}"
