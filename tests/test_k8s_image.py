@@ -160,3 +160,31 @@ def test_the_start_command_mistakes_get_one_line(args, env, message):
         timeout=30,
     )
     assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_the_build_context_holds_the_store_with_its_catalog_and_the_code(tmp_path):
+    """scripts/image build, with a stand-in `docker` on PATH that records the context it is
+    given: the .mar files with catalog.json, the code packages without caches, the Containerfile."""
+    bin_dir, store = tmp_path / "bin", tmp_path / "store"
+    bin_dir.mkdir()
+    store.mkdir()
+    (store / "digits.mar").write_bytes(b"an archive")
+    (store / "catalog.json").write_text('{"format_version": 1, "archives": {}}\n')
+    listing = tmp_path / "context.txt"
+    fake = bin_dir / "docker"
+    fake.write_text(f'#!/bin/sh\nfor a; do ctx="$a"; done\ncd "$ctx" && find . -type f | sort > {listing}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "IMAGE_TOOL": "docker", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "image"), "build", "--store", str(store)], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    files = set(listing.read_text().split())
+    assert {"./model_store/digits.mar", "./model_store/catalog.json", "./Containerfile"} <= files
+    assert {"./handlers/worker.py", "./model_defs/usage.py", "./scripts/container_serve.sh"} <= files
+    assert not [f for f in files if "__pycache__" in f]
+    (store / "catalog.json").unlink()
+    r = subprocess.run(
+        [str(ROOT / "scripts" / "image"), "build", "--store", str(store)], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 1 and "no catalog.json in" in r.stderr and r.stderr.count("\n") == 1
