@@ -3,6 +3,7 @@
     scripts/kserve digits:1.0 [photos:2.0 ...] --out kserve-digits [--protocol v2]
         [--default digits:1.0] [--storage-uri pvc://models/kserve-digits] [--name NAME]
         [--gpus 1] [--cpu 2] [--memory 4Gi] [--canary 10] [--model-store model_store]
+        [--engine kserve --image IMAGE]
 
 KServe's TorchServe runtime (ClusterServingRuntime kserve-torchserve) mounts the storage URI at
 /mnt/models and runs `torchserve --start --model-store=/mnt/models/model-store
@@ -17,6 +18,19 @@ KServe's TorchServe runtime (ClusterServingRuntime kserve-torchserve) mounts the
   --gpus), canaryTrafficPercent with --canary (the new revision takes that share of traffic).
 Copy --out to the storage URI (e.g. `gsutil cp -r`, `aws s3 cp --recursive`, a PVC), then
 `kubectl apply -f OUT/inferenceservice.yaml`.
+
+With --engine kserve the layout is for the bundle's serving image on its kserve engine (KServe's
+ModelServer, docs/engines.md) instead of KServe's TorchServe runtime:
+- config/config.properties: the engine's ports (8080 HTTP, 7070 gRPC) on every interface,
+  /mnt/models/model-store as its store, `disable_token_authorization=true`;
+- model-store/: the .mar files and a catalog.json with their entries (the engine serves what it
+  lists, each archive checked against its sha256); one version per model;
+- servingruntime.yaml: a ServingRuntime NAME-modelserver whose container is --image, started as
+  `container_serve.sh --engine kserve` on /mnt/models, ports 8080 (http1) and 7070 (grpc);
+- inferenceservice.yaml: as above, with predictor.model.runtime naming that ServingRuntime and
+  the raw deployment mode (Knative's serverless mode takes one port per container).
+`kubectl apply -f OUT/servingruntime.yaml -f OUT/inferenceservice.yaml` once --out is at the
+storage URI.
 
 To try a layout on this host first, as KServe's runtime would start it (its envelope, its
 model_snapshot, no token) but on loopback ports that clash with no other server:
@@ -44,14 +58,18 @@ from scripts.ops.catalog import Catalog, CatalogError
 from scripts.ops.kserve_layout import (
     ENVELOPES,
     ROOT,
+    for_runtime,
     inference_service,
     layout_run_dir,
     parse_spec,
     serve_layout,
+    serving_runtime,
     snapshot_versions,
     write_layout,
 )
 from scripts.ops.serve import ServeError, TorchServe, read_properties
+
+IMAGE = "localhost/torchserve-bundle:latest"  # scripts/image build's default tag
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,6 +106,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--model-store", default=str(ROOT / "model_store"), help="the catalogued store (default: model_store/)"
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--engine",
+        choices=("torchserve", "kserve"),
+        default="torchserve",
+        help="what serves the layout in the cluster: KServe's TorchServe runtime, or the serving image on the "
+        "bundle's kserve engine through a ServingRuntime written beside the InferenceService (default: torchserve)",
+    )
+    p.add_argument(
+        "--image",
+        default=IMAGE,
+        help=f"with --engine kserve: the image (scripts/image build) its ServingRuntime runs (default: {IMAGE})",
+    )
     return p
 
 
@@ -186,6 +216,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"InferenceService name {name!r} must be lower-case letters, digits and '-' "
                 "(a DNS-1035 label); give one with --name"
             )
+        runtime = None
+        if args.engine == "kserve":
+            several = sorted({n for n, _ in versions if sum(m == n for m, _ in versions) > 1})
+            if several:
+                raise UsageError(
+                    f"--engine kserve serves one version per model, and {several[0]} is listed twice; "
+                    "list one version of it, or use --engine torchserve"
+                )
+            runtime = serving_runtime(f"{name}-modelserver", args.image)
+            if len(runtime["metadata"]["name"]) > 63:
+                raise UsageError(f"InferenceService name {name!r} is too long for {name}-modelserver; give --name")
+            isvc = for_runtime(isvc, runtime["metadata"]["name"])
+        elif args.image != IMAGE:
+            raise UsageError("--image is the ServingRuntime's image: it goes with --engine kserve")
         catalog = Catalog(Path(args.model_store))
         for version in versions:
             catalog.get(*version)
@@ -193,12 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        write_layout(Path(args.out), catalog, versions, args.protocol, defaults, isvc, args.force)
+        write_layout(Path(args.out), catalog, versions, args.protocol, defaults, isvc, args.force, runtime)
     except (UsageError, CatalogError) as e:  # an archive that changed since it was catalogued
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    runtime_file = ", servingruntime.yaml" if runtime else ""
     print(
-        f"wrote {args.out}: config/config.properties, model-store/ ({len(versions)} archive(s)), inferenceservice.yaml"
+        f"wrote {args.out}: config/config.properties, model-store/ ({len(versions)} archive(s)), "
+        f"inferenceservice.yaml{runtime_file}"
     )
     return 0
 

@@ -4,6 +4,7 @@
                                                          # what this run folder served before
     scripts/serve --run-dir .serve-b start --port-offset 100   # a second server: 8180, 8181, ...
     scripts/serve start --engine kserve                  # the same archives on KServe's ModelServer
+    scripts/serve start --engine kserve --foreground     # as a container's main process (SIGTERM stops it)
     scripts/serve status
     scripts/serve key [inference|management|API] [--header] [--refresh]
     scripts/serve stop
@@ -22,6 +23,7 @@ predict, top, archive) reads it from $BUNDLE_RUN_DIR when it is not given. `key`
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -37,7 +39,6 @@ from scripts.ops.serve import (
     ServeError,
     TorchServe,
     default_run_dir,
-    listen_ports,
     read_properties,
 )
 
@@ -107,6 +108,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="what serves the archives: TorchServe, or KServe's ModelServer in one Python process with no Java "
         "(docs/engines.md); stop, status and key find the engine of the run folder (default: torchserve)",
     )
+    s.add_argument(
+        "--foreground",
+        action="store_true",
+        help="with --engine kserve: become the server (a container's main process), logging to stdout, until "
+        "SIGTERM or Ctrl-C (default: off, the server runs in the background and start returns)",
+    )
     sub.add_parser("stop", parents=common, help="stop the TorchServe of this run folder")
     sub.add_parser(
         "status", parents=common, help="say whether it runs, where, which models it serves and what it refused"
@@ -134,13 +141,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def chosen_ports(args, config: Path) -> dict[str, int] | None:
-    """The ports `start` was asked for ({api: port}), or None to use the config's."""
+def chosen_ports(args, server: TorchServe) -> dict[str, int] | None:
+    """The ports `start` was asked for ({api: port}, the APIs `server` listens on), or None to
+    use the config's."""
     given = {api: getattr(args, api + "_port") for api in PORT_FLAGS}
     if args.port_offset == 0 and all(port is None for port in given.values()):
         return None
+    # The ports of --config itself (not of an earlier start from the run folder), for the APIs
+    # this engine listens on.
+    as_configured = copy.copy(server)
+    as_configured.props = read_properties(server.config_path)
     ports = {}
-    for api, (_, port) in listen_ports(read_properties(config)).items():
+    for api, (_, port) in as_configured.listen_ports().items():
         ports[api] = given[api] if given[api] is not None else port + args.port_offset
         if not 1 <= ports[api] <= 65535:
             source = PORT_FLAGS[api] if given[api] is not None else f"--port-offset {args.port_offset}"
@@ -159,7 +171,7 @@ def command(args) -> int:
         config=Path(args.config),
     )
     if args.command == "start":
-        ports = chosen_ports(args, ts.config_path)
+        ports = chosen_ports(args, ts)
         if ports is not None:
             ts.set_ports(ports)
         everything = args.models == "all"
@@ -168,6 +180,13 @@ def command(args) -> int:
             raise UsageError(f"--models {args.models!r} names no model; give names separated by commas, or 'all'")
         if models == ["none"]:  # the old spelling of "restore only"
             models = []
+        if args.foreground and not kserve:
+            raise UsageError(
+                "--foreground runs the kserve engine only (--engine kserve); TorchServe's own is "
+                "torchserve --start --foreground"
+            )
+        if args.foreground:
+            ts.start(models, everything=everything, foreground=True)  # returns only if it cannot run
         refused = ts.start(models, timeout=args.timeout, everything=everything)
         for line in refused:
             print(f"refused: {line}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """KServe's storage layout for catalogued model versions: a config.properties with the
 `model_snapshot` KServe's TorchServe runtime starts from, the checked .mar files, and an
-InferenceService; and a TorchServe started from such a layout on this host, to try it.
-scripts/kserve is its command line."""
+InferenceService; or, for the bundle's kserve engine, a config.properties for it, the .mar files
+with their catalog entries, a ServingRuntime that runs the serving image on that engine and an
+InferenceService that names it; and a TorchServe started from a TorchServe layout on this host,
+to try it. scripts/kserve is its command line."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from model_defs.usage import UsageError
-from scripts.ops.catalog import Catalog
+from scripts.ops.catalog import CATALOG_FILE, Catalog
 from scripts.ops.serve import ServeError, TorchServe, port_is_free, read_properties
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +44,25 @@ disable_token_authorization=true
 enable_model_api=true
 max_request_size=33554432
 """
+
+
+# The kserve engine's config inside the ServingRuntime's container (the image's start command
+# reads it from the mounted storage): every interface, the image's metrics list.
+ENGINE_PROPERTIES = """\
+# Written by scripts/kserve --engine kserve for the bundle's ServingRuntime (storage at /mnt/models).
+inference_address=http://0.0.0.0:{http_port}
+grpc_inference_address=0.0.0.0
+grpc_inference_port={grpc_port}
+model_store=/mnt/models/model-store
+# The handlers' metrics under TorchServe's names, at /metrics on the inference port.
+metrics_config=/etc/torchserve/metrics.yaml
+# Keys written in the pod at each start could not be handed to clients: authorization is
+# KServe's (ingress, network policy), not the engine's.
+disable_token_authorization=true
+max_request_size=33554432
+"""
+HTTP_PORT, GRPC_PORT = 8080, 7070
+START = "/opt/bundle/scripts/container_serve.sh"  # the serving image's start command (Containerfile)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -111,6 +132,45 @@ def inference_service(
     }
 
 
+def serving_runtime(name: str, image: str) -> dict:
+    """A ServingRuntime running the serving image on the kserve engine over the mounted storage.
+    Both ports are listed: KServe's raw deployment mode gives each a Service port (the gRPC one
+    by its name); Knative's serverless mode takes one port per container."""
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ServingRuntime",
+        "metadata": {"name": name},
+        "spec": {
+            "supportedModelFormats": [{"name": "pytorch", "version": "1", "autoSelect": False}],
+            "protocolVersions": ["v1", "v2", "grpc-v2"],
+            "multiModel": False,
+            "containers": [
+                {
+                    "name": "kserve-container",  # the name KServe merges the predictor's model spec into
+                    "image": image,
+                    "args": [
+                        *(START, "--engine", "kserve"),
+                        *("--config", "/mnt/models/config/config.properties"),
+                        *("--model-store", "/mnt/models/model-store"),
+                    ],
+                    "ports": [
+                        {"containerPort": HTTP_PORT, "name": "http1", "protocol": "TCP"},
+                        {"containerPort": GRPC_PORT, "name": "grpc", "protocol": "TCP"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def for_runtime(isvc: dict, runtime: str) -> dict:
+    """`isvc` served by the ServingRuntime `runtime`, in raw deployment mode (two ports)."""
+    isvc = json.loads(json.dumps(isvc))
+    isvc["metadata"]["annotations"] = {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    isvc["spec"]["predictor"]["model"]["runtime"] = runtime
+    return isvc
+
+
 def write_layout(
     out: Path,
     catalog: Catalog,
@@ -119,8 +179,10 @@ def write_layout(
     defaults: dict[str, str],
     isvc: dict,
     force: bool = False,
+    runtime: dict | None = None,
 ) -> None:
-    """Check every archive, then write the layout in a staging folder and move it into place."""
+    """Check every archive, then write the layout in a staging folder and move it into place:
+    for KServe's TorchServe runtime, or with `runtime` (a ServingRuntime) for the kserve engine."""
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force")
     snapshot = model_snapshot(catalog, versions, defaults)
@@ -132,8 +194,16 @@ def write_layout(
         for name, version in versions:
             mar = catalog.checked_archive(name, version)  # CatalogError: changed since catalogued
             shutil.copy2(mar, stage / "model-store" / mar.name)
-        text = PROPERTIES.format(envelope=ENVELOPES[protocol])
-        text += "model_snapshot=" + json.dumps(snapshot, separators=(",", ":")) + "\n"
+        if runtime is None:
+            text = PROPERTIES.format(envelope=ENVELOPES[protocol])
+            text += "model_snapshot=" + json.dumps(snapshot, separators=(",", ":")) + "\n"
+        else:
+            # The engine serves what the store's catalog lists, each archive checked against it.
+            entries = {f"{n}/{v}": catalog.get(n, v) for n, v in versions}
+            body = {"format_version": 1, "archives": dict(sorted(entries.items()))}
+            (stage / "model-store" / CATALOG_FILE).write_text(json.dumps(body, indent=2) + "\n")
+            text = ENGINE_PROPERTIES.format(http_port=HTTP_PORT, grpc_port=GRPC_PORT)
+            (stage / "servingruntime.yaml").write_text(yaml.safe_dump(runtime, sort_keys=False))
         (stage / "config" / "config.properties").write_text(text)
         (stage / "inferenceservice.yaml").write_text(yaml.safe_dump(isvc, sort_keys=False))
         if out.exists():
@@ -163,6 +233,11 @@ def serve_layout(layout: Path, run_dir: Path, port: int | None = None, timeout: 
     config, store = layout / "config" / "config.properties", layout / "model-store"
     if not config.is_file() or not store.is_dir():
         raise UsageError(f"{layout} is not a layout scripts/kserve wrote (no config/config.properties, model-store/)")
+    if (layout / "servingruntime.yaml").is_file():
+        raise UsageError(
+            f"{layout} is for the kserve engine (it has servingruntime.yaml); try its archives here with "
+            f"scripts/serve --model-store {layout / 'model-store'} start --engine kserve"
+        )
     if port is not None and not (1 <= port <= 65535 and port_is_free("127.0.0.1", port)):
         raise UsageError(f"--port {port} is not a free port on 127.0.0.1; give another, or none for a free one")
     ts = TorchServe(run_dir=run_dir, model_store=store, config=config, ports={"inference": port} if port else {})

@@ -153,9 +153,18 @@ class ModelServerEngine(TorchServe):
     def describe(self, name: str) -> list[dict]:
         return [v for v in self.versions(name) if v["default"]]
 
-    def start(self, models: list[str] | None = None, timeout: float = 180, *, everything: bool = False) -> list[str]:
+    def start(
+        self,
+        models: list[str] | None = None,
+        timeout: float = 180,
+        *,
+        everything: bool = False,
+        foreground: bool = False,
+    ) -> list[str]:
         """Start ModelServer with what this run folder served before plus `models` (as
-        `TorchServe.start`: each version checked against the catalog); returns the refusals."""
+        `TorchServe.start`: each version checked against the catalog); returns the refusals.
+        With `foreground`, this process becomes the server (a container's main process: logs
+        on stdout, SIGTERM stops it) and start returns only if it cannot exec."""
         for name in models or []:
             check_name(name)
         if self.is_running():
@@ -204,6 +213,14 @@ class ModelServerEngine(TorchServe):
         atomic_write(self.run_dir / ENGINE_FILE, f"{ENGINE}\n".encode())
         log = self.run_dir / "logs" / LOG_FILE
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if foreground:
+            for line in refused:
+                print(f"refused: {line}", file=sys.stderr, flush=True)
+            atomic_write(self.pid_file, f"{os.getpid()}\n".encode())  # exec keeps the pid
+            os.chdir(self.run_dir)
+            os.umask(0o077)
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "scripts.ops.modelserver", str(self.run_dir)], env)
         with open(log, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)) as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "scripts.ops.modelserver", str(self.run_dir)],
@@ -468,5 +485,5 @@ def load_version(run_dir: Path, store: Path, v: dict, metrics_cache) -> Any:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     serve(Path(sys.argv[1]).resolve())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -282,4 +283,22 @@ async def run_servers(server, models: dict[str, ArchiveModel], plan: dict, token
     grpc_server = BoundGRPCServer(
         plan["grpc_host"], token, plan["grpc_port"], server.dataplane, server.model_repository_extension, kwargs={}
     )
-    await asyncio.gather(rest.start(), grpc_server.start(4))
+    # uvicorn handles SIGTERM and SIGINT while it serves and raises the signal again once it
+    # has stopped: the handler below takes that second one, so the gRPC server and the
+    # batchers stop too and the process exits 0 (a container's clean stop).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    grpc_task = asyncio.ensure_future(grpc_server.start(4))
+    rest_task = asyncio.ensure_future(rest.start())
+    done, _ = await asyncio.wait({rest_task, grpc_task}, return_when=asyncio.FIRST_COMPLETED)
+    if grpc_task in done:
+        rest._server.should_exit = True
+        await rest_task
+        grpc_task.result()  # the gRPC server's error, if it stopped for one
+    rest_task.result()
+    await grpc_server.stop()
+    grpc_task.cancel()
+    for model in models.values():
+        for served in model.versions.values():
+            assert served.batcher is not None
+            await served.batcher.stop()
