@@ -50,6 +50,8 @@ HANDLER_OPTION_USE = {
     "max_detections": "detection: most boxes per image (default 100; a request may set it)",
     "max_n": "generation: most images per request (default 64)",
     "explain_steps": "Integrated Gradients steps when a request names none (default 32)",
+    "explain_method": "how `/explanations` explains when a request names no `method`: integrated_gradients "
+    "(default) or attention_rollout (the ViT classifiers only)",
     "explain_max_steps": "most steps a request may ask for (default 128)",
     "explain_baseline": "what Integrated Gradients starts from (default mean)",
     "explain_memory_mb": "memory for one internal batch of steps (default 512 on the CPU, half the free GPU memory)",

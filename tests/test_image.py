@@ -91,9 +91,15 @@ def image(demo_store):
 
 @pytest.fixture(scope="module")
 def served(image, tmp_path_factory):
-    """`scripts/image run` with the image's config on free loopback ports (buildah shares the
-    host's network); stopped with SIGTERM as Ctrl-C stops it: nothing may be left listening on
-    its ports, nor its container left."""
+    with running(image, tmp_path_factory, "torchserve") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(image: str, tmp_path_factory, engine: str):
+    """`scripts/image run --engine ENGINE` with the image's config on free loopback ports (buildah
+    shares the host's network); stopped with SIGTERM as Ctrl-C stops it: nothing may be left
+    listening on its ports, nor its container left."""
     props = read_properties(ROOT / "k8s" / "base" / "config.properties")
     ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt", "worker")}
     props.update(
@@ -111,7 +117,10 @@ def served(image, tmp_path_factory):
     log = (tmp_path_factory.mktemp("image_run") / "run.log").open("w")
     env = {**os.environ, "IMAGE_TOOL": "buildah"}
     proc = subprocess.Popen(
-        [str(IMAGE), "run", "--tag", image, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
+        [str(IMAGE), "run", "--tag", image, "--config", str(config), "--engine", engine],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url = props["inference_address"]
     try:
@@ -135,7 +144,9 @@ def served(image, tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
             log.close()
-    assert proc.returncode == 128 + signal.SIGTERM and not left, f"the server outlived scripts/image run: {left}"
+    # TorchServe's launcher ends by the signal; the kserve engine stops cleanly on its stop command.
+    expected = {"torchserve": 128 + signal.SIGTERM, "kserve": 0}[engine]
+    assert proc.returncode == expected and not left, f"exit {proc.returncode}; the server outlived it: {left}"
     assert set(buildah("containers", "--quiet").split()) <= before, "the run's container was not removed"
 
 
@@ -212,3 +223,21 @@ def test_image_exports_the_handler_metrics(served, digits_dir):
     assert any("ts_inference_requests_total" in n for n in names), sorted(names)[:20]
     refused = [s for s in samples if "refused" in s.name and s.labels.get("model_name") == "digits"]
     assert refused and sum(s.value for s in refused) >= 1, sorted(names)
+
+
+def test_image_serves_with_the_kserve_engine_as_in_process(image, tmp_path_factory, trained_digits, digits_dir):
+    """The same image, `--engine kserve`: KServe's ModelServer serves the image's archives with
+    no Java, its answers equal the in-process model's, and the Open Inference Protocol's
+    readiness and metadata answer (TorchServe answers neither)."""
+    with running(image, tmp_path_factory, "kserve") as (url, ports, _):
+        (server,) = {p.pid: p for p in listeners(ports)}.values()
+        assert "java" not in server.cmdline()[0]
+        assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
+        assert requests.get(f"{url}/v2/models/digits/ready", timeout=30).status_code == 200
+        assert requests.get(f"{url}/v2/models/digits", timeout=30).json()["name"] == "digits"
+        for f in sorted((digits_dir / "test").rglob("*.png"))[::90][:4]:
+            r = requests.post(f"{url}/predictions/digits", data=f.read_bytes(), timeout=60)
+            assert r.status_code == 200, r.text
+            top = classify_in_process(trained_digits, f.read_bytes()).topk(len(r.json()))
+            assert list(r.json()) == [str(i) for i in top.indices.tolist()]
+            assert list(r.json().values()) == pytest.approx(top.values.tolist(), abs=1e-4)
