@@ -144,9 +144,9 @@ def running(image: str, tmp_path_factory, engine: str):
             if proc.poll() is None:
                 proc.kill()
             log.close()
-    # TorchServe's launcher ends by the signal; the kserve engine stops cleanly on its stop command.
-    expected = {"torchserve": 128 + signal.SIGTERM, "kserve": 0}[engine]
-    assert proc.returncode == expected and not left, f"exit {proc.returncode}; the server outlived it: {left}"
+    # Either engine is stopped by its own stop command inside the container; the script's exit
+    # status is then that of the wait its trap cut short (128 + SIGTERM).
+    assert proc.returncode == 128 + signal.SIGTERM and not left, f"exit {proc.returncode}; left running: {left}"
     assert set(buildah("containers", "--quiet").split()) <= before, "the run's container was not removed"
 
 
