@@ -97,23 +97,9 @@ class ModelServerEngine(TorchServe):
     def pid_file(self) -> Path:
         return self.run_dir / "tmp" / PID_FILE
 
-    def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if self._is_ours(pid) else None
-
-    def _is_ours(self, pid: int) -> bool:
-        import psutil
-
-        try:
-            proc = psutil.Process(pid)
-            cmdline = proc.cmdline()
-            alive = proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-        return alive and "scripts.ops.modelserver" in cmdline and str(self.run_dir) in cmdline
+    def _owns(self, cmdline: list[str]) -> bool:
+        """This module's server process for this run folder."""
+        return "scripts.ops.modelserver" in cmdline and str(self.run_dir) in cmdline
 
     def stale_pid_note(self) -> str:
         try:

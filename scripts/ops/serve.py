@@ -249,15 +249,23 @@ class TorchServe:
 
     # -- state ----------------------------------------------------------------------------
 
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "tmp" / ".model_server.pid"
+
     def pid(self) -> int | None:
-        """The pid of this run folder's TorchServe, or None. A pid file left behind by a server
-        that died names whatever process has that pid now: only a java process running
-        TorchServe's ModelServer with this run folder's config counts."""
+        """The pid of this run folder's server, or None. A pid file left behind by a server
+        that died names whatever process has that pid now: only a live process whose command
+        line is this run folder's server (`_owns`) counts."""
         try:
-            pid = int((self.run_dir / "tmp" / ".model_server.pid").read_text().strip())
+            pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
         return pid if self._is_ours(pid) else None
+
+    def _owns(self, cmdline: list[str]) -> bool:
+        """A java process running TorchServe's ModelServer with this run folder's config."""
+        return "org.pytorch.serve.ModelServer" in cmdline and str(self.run_dir / "config.properties") in cmdline
 
     def _is_ours(self, pid: int) -> bool:
         import psutil
@@ -268,14 +276,12 @@ class TorchServe:
             alive = proc.status() != psutil.STATUS_ZOMBIE
         except psutil.Error:
             return False
-        return (
-            alive and "org.pytorch.serve.ModelServer" in cmdline and str(self.run_dir / "config.properties") in cmdline
-        )
+        return alive and self._owns(cmdline)
 
     def stale_pid_note(self) -> str:
         """For an error line: a pid file naming a process that is not this run folder's server."""
         try:
-            pid = int((self.run_dir / "tmp" / ".model_server.pid").read_text().strip())
+            pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return ""
         return (
