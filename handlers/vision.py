@@ -62,6 +62,16 @@ def worker_device(gpu_id) -> torch.device:
     return torch.device("cuda", int(gpu_id))
 
 
+# TorchServe's worker logs "Backend received inference at: <time>" to stdout for every batch,
+# and its frontend reads each such line back only for the bundle's log config to drop it.
+# Dropped in the worker, before it is formatted (docs/performance.md: the fixed cost).
+PER_BATCH_LINE = "Backend received inference at: %d"
+
+
+def drop_per_batch_line(record: logging.LogRecord) -> bool:
+    return record.msg != PER_BATCH_LINE
+
+
 class VisionHandler(BaseHandler):
     """Loads a bundle checkpoint and answers image requests one item at a time on errors."""
 
@@ -77,6 +87,9 @@ class VisionHandler(BaseHandler):
     def initialize(self, context):
         self.context = context
         self.manifest = context.manifest
+        root = logging.getLogger()
+        if drop_per_batch_line not in root.filters:
+            root.addFilter(drop_per_batch_line)
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         self.config = dict(context.model_yaml_config or {})

@@ -193,3 +193,11 @@ def test_dry_run_shows_what_would_be_built_and_writes_nothing(digits_run, tmp_pa
     assert archive.main([str(digits_run), "--name", "d", "--model-store", str(store), "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith(f"would build {store / 'd.mar'}")
     assert store_listing(store) == []
+
+
+def test_a_batch_delay_of_0_is_written_as_1_only_where_torchserve_would_read_100():
+    from scripts.ops.packaging import model_config
+
+    assert model_config({"batch_size": 4, "max_batch_delay": 0})["maxBatchDelay"] == 1
+    assert model_config({"batch_size": 1, "max_batch_delay": 0})["maxBatchDelay"] == 0
+    assert model_config({"batch_size": 4, "max_batch_delay": 7})["maxBatchDelay"] == 7

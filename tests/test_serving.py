@@ -300,3 +300,34 @@ def test_the_readme_curl_examples_send_a_5_mb_photo(server, photos, photo_run, t
         answer = json.loads(out.stdout)
         assert "code" not in answer, (command, answer)
         assert list(answer)[0] == ["cat", "coffee", "rocket"][int(expected.argmax())], (command, out.stdout)
+
+
+def test_no_batch_delay_with_batching_is_served_as_1_ms_not_100(server, photo_run, photos):
+    """TorchServe 0.12 reads an archive's maxBatchDelay 0 as "not set" and waits its 100 ms
+    default for every batch; the archiver writes 1 ms for a batch size over 1, and the running
+    server's own description shows it took that."""
+    store = server.model_store
+    assert (
+        archive.main(
+            [
+                str(photo_run),
+                "--name",
+                "nodelay",
+                "--model-store",
+                str(store),
+                "--batch-size",
+                "4",
+                "--max-batch-delay",
+                "0",
+            ]
+        )
+        == 0
+    )
+    version = server.register("nodelay", "nodelay.mar", timeout=240)
+    try:
+        described = server.describe("nodelay")[0]
+        assert (described["batchSize"], described["maxBatchDelay"]) == (4, 1), described
+        r = predict(server, "nodelay", encode(photos["chelsea"], "JPEG"))
+        assert r.status_code == 200, r.text
+    finally:
+        server.unregister("nodelay", version)

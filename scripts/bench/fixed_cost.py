@@ -236,7 +236,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yticks([0, 1], ["client", "stages"])
     ax.set_xlabel("ms per request, mean at 1 client")
     ax.set_title(
-        f"fixed cost of a served request (null handler): p50 {result['one_client']['p50']} ms served, "
+        f"fixed cost of a served request (null handler): p50 {result['one_client']['p50']:.3f} ms served, "
         f"{result['bare']['p50_ms']:.3f} ms in-process"
     )
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
@@ -255,7 +255,7 @@ def report(result: dict) -> str:
         f"{'sum of stages':18} {s['sum_ms']:8.3f}",
         f"{'client mean':18} {s['client_mean_ms']:8.3f} (unaccounted {s['unaccounted_ms']:+.3f})",
         "",
-        f"served p50 at 1 client {result['one_client']['p50']} ms, null handler in-process "
+        f"served p50 at 1 client {result['one_client']['p50']:.3f} ms, null handler in-process "
         f"{result['bare']['p50_ms']:.3f} ms: fixed cost {result['fixed_cost_p50_ms']} ms",
         f"saturated at {sat['clients']} clients: {sat['throughput']} req/s, server CPU "
         f"{sat.get('server_cpu_ms_per_request', '-')} ms/request, load generator ({sat['generator']}) CPU "

@@ -2,7 +2,8 @@
 
 For each runtime (ResNet-18 int8 and eager fp32) and for the FCOS
 detector, it archives the model with each preset for this host (scripts/ops/presets.py), serves
-the archives of one model together on one server and loads them one after the other: one
+the archives of one model together on one server and loads them one after the other, by the
+native load generator (wrk, as every served figure; scripts/bench/loadgen.py): one
 client, then four. Its baseline, in the same run, is the bare handler of the same archive
 in-process with torch on every core: batch 1 for latency, the better of batch 1 and 2 for
 throughput. The targets are ratios to that baseline (never timed assertions). The host's
@@ -21,9 +22,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from contextlib import ExitStack
 from pathlib import Path
 
-from scripts.bench.harness import bare, closed_loop, unpack_handler
+from scripts.bench.harness import bare, unpack_handler
+from scripts.bench.loadgen import Load
 from scripts.ops.packaging import build_archive
 from scripts.ops.presets import PRESETS
 from scripts.ops.serve import TorchServe
@@ -34,9 +37,12 @@ ROUNDS = 3
 
 
 def median_of(rounds: list[dict]) -> dict:
-    """One load's summary with each figure the median over its rounds (None if a round had none)."""
+    """One load's summary with each figure the median over its rounds (None if a round had none);
+    what is not a number (the generator's name, errors by kind) is left out."""
     return {
-        k: None if any(r[k] is None for r in rounds) else statistics.median(r[k] for r in rounds) for k in rounds[0]
+        k: None if any(r.get(k) is None for r in rounds) else statistics.median(r[k] for r in rounds)
+        for k, v in rounds[0].items()
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
     }
 
 
@@ -99,22 +105,30 @@ def bench_model(label: str, run: Path, runtime: str, presets: list[str], image: 
     bares: dict[int, list] = {1: [], 2: []}
     loads: dict[str, dict[int, list]] = {p: {1: [], 4: []} for p in names}
     try:
-        # Warm the frontend (the JVM compiles its request path as it runs) and every worker first:
-        # without it the first timed load, latency's lone client, read up to 1.5x slower than
-        # balanced's on the same worker setting measured a minute later.
-        urls, headers = {p: f"{ts.url('inference')}/predictions/{p}" for p in names}, ts.headers("inference")
-        for preset in names:
-            closed_loop(urls[preset], headers, image, 4, min(WARM_SECONDS, args.duration / 2))
-        for r in range(ROUNDS):
-            print(
-                f"  {label} round {r + 1}/{ROUNDS}: bare, then each preset at 1 and 4 clients, {window:.1f} s each",
-                flush=True,
-            )
-            for batch in bares:
-                bares[batch].append(bare(handler, image, batch, window))
+        with ExitStack() as stack:
+            headers = ts.headers("inference")
+            generators = {
+                p: stack.enter_context(
+                    Load(f"{ts.url('inference')}/predictions/{p}", headers, image, generator=args.load_generator)
+                )
+                for p in names
+            }
+            # Warm the frontend (the JVM compiles its request path as it runs) and every worker
+            # first: without it the first timed load, latency's lone client, read up to 1.5x slower
+            # than balanced's on the same worker setting measured a minute later.
             for preset in names:
-                for clients in (1, 4):
-                    loads[preset][clients].append(closed_loop(urls[preset], headers, image, clients, window))
+                generators[preset].closed(4, min(WARM_SECONDS, args.duration / 2), warm=False)
+            for r in range(ROUNDS):
+                print(
+                    f"  {label} round {r + 1}/{ROUNDS}: bare, then each preset at 1 and 4 clients, "
+                    f"{window:.1f} s each ({generators[names[0]].generator})",
+                    flush=True,
+                )
+                for batch in bares:
+                    bares[batch].append(bare(handler, image, batch, window))
+                for preset in names:
+                    for clients in (1, 4):
+                        loads[preset][clients].append(generators[preset].closed(clients, window, warm=False))
     finally:
         ts.stop()
     del handler

@@ -167,7 +167,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-batch-delay",
         type=int,
         default=None,
-        help="ms TorchServe waits to fill a batch (default: 10)",
+        help="ms TorchServe waits to fill a batch (default: 10); 0 with a batch size over 1 is written as 1, since "
+        "TorchServe reads 0 as its 100 ms default",
     )
     p.add_argument(
         "--response-timeout",

@@ -72,7 +72,7 @@ def model_config(options: dict, where: str = "", task: str | None = None) -> dic
         "minWorkers": int(o["workers"]),
         "maxWorkers": max(int(o["workers"]), int(o["max_workers"] or o["workers"])),
         "batchSize": int(o["batch_size"]),
-        "maxBatchDelay": int(o["max_batch_delay"]),
+        "maxBatchDelay": served_batch_delay(int(o["batch_size"]), int(o["max_batch_delay"])),
         "responseTimeout": int(o["response_timeout"]),
     }
     runtime = o["runtime"]
@@ -84,6 +84,13 @@ def model_config(options: dict, where: str = "", task: str | None = None) -> dic
     if o["torch_threads"]:
         cfg["handler"]["torch_threads"] = int(o["torch_threads"])
     return cfg
+
+
+def served_batch_delay(batch_size: int, delay_ms: int) -> int:
+    """The maxBatchDelay to write: TorchServe 0.12 reads an archive's 0 as "not set" and waits
+    its 100 ms default for each batch instead (ModelManager keeps only a delay > 0), so a lone
+    request to a batch size over 1 took 100 ms. 1 ms is the shortest wait it honours."""
+    return 1 if batch_size > 1 and delay_ms == 0 else delay_ms
 
 
 def check_training_output(run_dir: Path) -> dict:
