@@ -311,6 +311,127 @@ def cache_table() -> str:
     return table(("task", "no cache, later epochs", "`--cache memory`", "`--cache disk`"), rows)
 
 
+def peers(name: str) -> str:
+    """One model's bare handler and its four servers (ours on TorchServe, the ModelServer engine,
+    LitServe) at each client count, from a serving record with its peers."""
+    r = record(name)
+    rows = [
+        (f"bare, batch {b['batch']}", "–", num(b["throughput"]), num(b["p50"], 2), num(b["p99"], 2), "–")
+        for b in r["bare"]
+    ]
+    sides = {"served": "ours, TorchServe", "modelserver": "ours, ModelServer", "litserve": "LitServe"}
+    for key, label in sides.items():
+        for c in r.get(key, {}).get("closed", []):
+            cpu = c.get("server_cpu_ms_per_request")
+            rows.append(
+                (
+                    label,
+                    c["clients"],
+                    num(c["throughput"]),
+                    num(c["p50"], 2),
+                    num(c["p99"], 2),
+                    "–" if cpu is None else num(cpu, 2),
+                )
+            )
+    head = ("", "clients", "img/s", "p50 ms", "p99 ms", "server CPU ms/req")
+    return table(head, rows)
+
+
+def peers_ratios(name: str) -> str:
+    r = record(name)["ratios"]
+    return (
+        f"served/bare {r['best_served_over_bare']:.2f} at {r['best_clients']} clients (its best); "
+        f"against LitServe, {r['served_over_litserve_16']:.2f}× its throughput at 16 clients and "
+        f"{r['p99_served_over_litserve_4']:.2f}× its p99 at 4"
+    )
+
+
+def bodies(name: str) -> str:
+    r = record(name)["bodies"]
+    rows = [
+        (
+            "one image per request" if b["protocol"] == "plain" else f"KServe {b['protocol']}",
+            b["images"],
+            num(b["throughput"]),
+            num(b["p50"], 2),
+            num(b["p99"], 2),
+            num(b["p50"] / b["images"], 2),
+        )
+        for b in r["rows"]
+    ]
+    return table(("body", "images per request", "img/s", "p50 ms", "p99 ms", "p50 ms per image"), rows)
+
+
+def fixed_cost() -> str:
+    r = record("fixed_cost")
+    s = r["stages"]
+    rows = [(k, num(v, 3), f"{v / s['client_mean_ms']:.0%}") for k, v in s["stages_ms"].items()]
+    rows += [("sum of the stages", num(s["sum_ms"], 3), ""), ("client's mean", num(s["client_mean_ms"], 3), "")]
+    return table(("stage, mean at 1 client", "ms", "share"), rows)
+
+
+def fixed_cost_summary() -> str:
+    r = record("fixed_cost")
+    sat = r["saturated"]
+    return (
+        f"served p50 {r['one_client']['p50']:.3f} ms at one client, the null handler {r['bare']['p50_ms']:.3f} ms "
+        f"in-process: a fixed cost of {r['fixed_cost_p50_ms']:.2f} ms; at {sat['clients']} clients "
+        f"{num(sat['throughput'], 0)} requests/s with {sat['server_cpu_ms_per_request']:.2f} ms of server CPU per "
+        f"request (the load generator {sat['generator_cpu_ms_per_request']:.3f} ms)"
+    )
+
+
+def fixed_cost_levers() -> str:
+    r = record("fixed-cost-levers-cpu2")
+    rows = []
+    for lever, trial in r["levers"].items():
+        variants = {k: v for k, v in trial.items() if isinstance(v, list)}
+        for variant, runs in variants.items():
+            rows.append(
+                (
+                    lever,
+                    variant,
+                    " / ".join(num(x["fixed_cost_p50_ms"], 3) for x in runs),
+                    " / ".join(num(x["saturated_req_s"], 0) for x in runs),
+                    " / ".join(num(x["server_cpu_ms_per_request"], 3) for x in runs),
+                )
+            )
+        rows.append((lever, f"*{trial['verdict']}*", "", "", ""))
+    head = ("lever", "variant", "fixed cost p50 ms", "req/s at 16 clients", "server CPU ms/req")
+    return table(head, rows)
+
+
+def batching_cost() -> str:
+    b = record("fixed-cost-levers-cpu2")["batching"]
+    rows = [
+        (k, num(v["p50_ms"], 2), num(v["p99_ms"], 2), num(v["server_cpu_ms_per_request"], 2))
+        for k, v in b.items()
+        if isinstance(v, dict)
+    ]
+    return table(("null handler archived with", "p50 ms", "p99 ms", "server CPU ms/req"), rows)
+
+
+LATENCY_RUNS = ("presets-int8-cpu2-run-1", "presets-int8-cpu2-run-2", "presets-int8-cpu2-run-3")
+
+
+def latency_runs() -> str:
+    """The int8 latency preset's target in three separate runs of the presets bench."""
+    rows = []
+    for name in LATENCY_RUNS:
+        p = record(name)["presets"]["classifier int8"]
+        t = p["targets"]["latency"]
+        rows.append(
+            (
+                f"`{name}`",
+                num(p["bare"]["p50_batch1"], 2),
+                num(p["served"]["latency"]["1"]["p50"], 2),
+                f"{t['p50_over_bare']:.2f}",
+                "met" if t["met"] else "missed",
+            )
+        )
+    return table(("record", "bare batch-1 p50 ms", "served 1-client p50 ms", "ratio (≤ 1.5)", "target"), rows)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "registered-models": registered_models,
     "mistake-cases": mistake_cases,
@@ -329,6 +450,16 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "gpu-served": gpu_served,
     "gpu-training": gpu_training,
     "cache-table": cache_table,
+    "peers-small-cnn": lambda: peers("peers-small_cnn-cpu2"),
+    "peers-small-cnn-ratios": lambda: peers_ratios("peers-small_cnn-cpu2"),
+    "bodies-small-cnn": lambda: bodies("peers-small_cnn-cpu2"),
+    "peers-resnet18": lambda: peers("peers-resnet18-cpu2"),
+    "peers-resnet18-ratios": lambda: peers_ratios("peers-resnet18-cpu2"),
+    "fixed-cost": fixed_cost,
+    "fixed-cost-summary": fixed_cost_summary,
+    "fixed-cost-levers": fixed_cost_levers,
+    "batching-cost": batching_cost,
+    "latency-runs": latency_runs,
 }
 
 

@@ -319,12 +319,15 @@ class Load:
         args = ["wrk", "-t", str(threads), "-c", str(clients), "--timeout", "120s", "-s", str(script)]
         if warm:
             run_tool([*args, "-d", f"{WARM_S:g}s", self.url])
+            self.drain()
 
         def run() -> dict:
             text, cpu, _ = run_tool([*args, "-d", f"{max(1, round(seconds))}s", self.url])
             return generator_cost(parse_wrk(text, self.items), "wrk", cpu)
 
-        return self._measured(run) | {"clients": clients}
+        result = self._measured(run) | {"clients": clients}
+        self.drain()
+        return result
 
     def open(self, rate: float, seconds: float) -> dict:
         """About `rate` requests/s for `seconds` whatever the answers do (see the module's note)."""
@@ -341,8 +344,24 @@ class Load:
             return generator_cost(parse_hey(text, self.items), "hey", cpu)
 
         result = self._measured(run)
+        self.drain()
         achieved = result["requests"] / seconds
         return result | {"rate": rate, "connections": connections, "behind": achieved < 0.95 * rate}
+
+    def drain(self) -> None:
+        """Wait for what a finished load left in the server: wrk and hey stop with requests in
+        flight, and the server still runs them (TorchServe keeps them in its queue), so the next
+        load would find the queue full of them (up to 64 at 64 clients: 503s beyond its 100).
+        One more request is answered only once those before it are taken."""
+        import urllib.request
+
+        headers = {**self.headers, "Content-Type": self.content_type}
+        request = urllib.request.Request(self.url, data=self.body, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as answer:
+                answer.read()
+        except OSError:  # an error answer (a test's 404 endpoint) also comes after the others
+            pass
 
     # -- the Python client, where hey is missing -----------------------------------------
 

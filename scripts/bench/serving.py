@@ -47,12 +47,14 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +110,11 @@ def load_side(
     server_pid: int | None,
     *,
     log: str = "",
+    access_log: Path | None = None,
 ) -> dict:
     """One served side: its answer to the image checked against the bare handler's, then each
-    closed loop of --clients and the open loop at --rate, by the chosen load generator."""
+    closed loop of --clients and the open loop at --rate, by the chosen load generator. With
+    TorchServe's `access_log`, a load that had errors says which statuses the server answered."""
     status, raw = Client(url, headers, content_type=content_type).send(body)
     try:
         answer = json.loads(raw) if status == 200 else None
@@ -127,11 +131,23 @@ def load_side(
     ) as load:
         for clients in args.clients:
             print(f"  {name}: {clients} client(s), {args.duration:g} s ({load.generator})", flush=True)
+            mark = access_log.stat().st_size if access_log and access_log.exists() else 0
             results["closed"].append(load.closed(clients, args.duration))
+            if results["closed"][-1]["errors"] and access_log:
+                results["closed"][-1]["server_statuses"] = statuses_since(access_log, mark)
         if args.rate:
             print(f"  {name}: open loop at {args.rate:g} req/s, {args.duration:g} s", flush=True)
             results["open"] = load.open(args.rate, args.duration)
     return results
+
+
+def statuses_since(access_log: Path, offset: int) -> dict[str, int]:
+    """How many of each status other than 200 TorchServe's access log recorded after `offset`
+    (a load's errors, as the server saw them)."""
+    with open(access_log, "rb") as f:
+        f.seek(offset)
+        found = re.findall(rb'" (\d{3}) ', f.read())
+    return dict(Counter(code.decode() for code in found if code != b"200"))
 
 
 def serve_and_load(
@@ -142,7 +158,10 @@ def serve_and_load(
     try:
         url, headers = f"{ts.url('inference')}/predictions/{name}", ts.headers("inference")
         log = "\n" + ts.log_tail("model_log.log")
-        return load_side(name, url, headers, image, content_type, args, expect_top1, ts.pid(), log=log)
+        access_log = ts.run_dir / "logs" / "access_log.log"
+        return load_side(
+            name, url, headers, image, content_type, args, expect_top1, ts.pid(), log=log, access_log=access_log
+        )
     finally:
         ts.unregister(name, version)
 
@@ -366,7 +385,9 @@ def table(rows: list[tuple]) -> str:
 def report_rows(result: dict) -> list[tuple]:
     def row(what, load, s):
         cpu = (s.get("server_cpu_ms_per_request"), s.get("generator_cpu_ms_per_request"))
-        return (what, load, s["throughput"], s["p50"], s["p90"], s["p99"], s["errors"], *cpu)
+        statuses = s.get("server_statuses")  # the server's own answers where the load had errors
+        errors = f"{s['errors']} ({', '.join(f'{k}: {n}' for k, n in statuses.items())})" if statuses else s["errors"]
+        return (what, load, s["throughput"], s["p50"], s["p90"], s["p99"], errors, *cpu)
 
     rows = [row("bare", f"batch {b['batch']}", b) for b in result["bare"]]
     for what in SIDES:
