@@ -28,6 +28,7 @@ from model_defs.preprocessing import (
 )
 from model_defs.usage import OneLineParser
 from tests.conftest import train_cli_args
+from training import args as args_mod
 from training import engine, train, train_detection, train_gan, train_segmentation, train_simclr
 from training.cache import DecodeCache
 from training.datasets import ImageDataset, read_dataset
@@ -266,9 +267,8 @@ def test_the_mistakes_table_covers_at_least_25_and_each_trainer_gets_every_mista
 def test_shared_flags_have_one_name_default_and_help():
     """A flag two trainers share has one help text and one default, except the defaults a
     task sets for its models (shown by --help) and the flags whose meaning is the task's."""
-    from training import engine
 
-    task_defaults = engine.TASK_DEFAULTS | {"model", "hflip_prob", "min_scale"}
+    task_defaults = args_mod.TASK_DEFAULTS | {"model", "hflip_prob", "min_scale"}
     task_meaning = {"data", "layout", "input_size", "pictures", "model"}
     seen = {}
     for module in (train, train_detection, train_segmentation, train_gan, train_simclr):
@@ -283,7 +283,7 @@ def test_shared_flags_have_one_name_default_and_help():
                 assert help_text == first[2], (a.dest, module.__name__, first[0])
             if a.dest not in task_defaults | task_meaning:
                 assert a.default == first[3], (a.dest, module.__name__, first[0])
-    engine_flags = {a.dest for a in engine.add_engine_args(argparse.ArgumentParser())._actions}
+    engine_flags = {a.dest for a in args_mod.add_engine_args(argparse.ArgumentParser())._actions}
     for module in (train, train_detection, train_segmentation, train_gan, train_simclr):
         assert engine_flags <= {a.dest for a in module.get_args_parser()._actions}, module.__name__
 

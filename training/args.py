@@ -128,6 +128,18 @@ def add_model_args(
     return g
 
 
+def add_rotation_arg(g) -> None:
+    """--rotation, the one random-rotation flag of the trainers that augment whole images."""
+    g.add_argument(
+        "--rotation",
+        type=float,
+        default=0.0,
+        metavar="DEG",
+        help="largest random rotation of a training image in degrees, either way, the uncovered corners black; "
+        "0 = off (default: 0)",
+    )
+
+
 def add_engine_args(p: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
     """Every flag of the engine's loop; `defaults` are the task's own values of TASK_DEFAULTS."""
     unknown = set(defaults) - TASK_DEFAULTS

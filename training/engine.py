@@ -48,13 +48,6 @@ from model_defs.registry import parameter_counts
 from model_defs.usage import UsageError
 from training import distributed as dist
 from training.args import MIN_AUTO_BATCH, MIN_STEPS, TaskDefault, check_out, check_ranges, load_resume, resolve_device
-
-# The flag groups a trainer builds its parser from, declared in training.args.
-from training.args import TASK_DEFAULTS as TASK_DEFAULTS
-from training.args import add_data_args as add_data_args
-from training.args import add_engine_args as add_engine_args
-from training.args import add_model_args as add_model_args
-from training.args import task_parser as task_parser
 from training.cache import DecodeCache
 from training.datasets import (
     DatasetError,

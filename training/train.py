@@ -5,7 +5,7 @@
 The output folder receives `model.pt` (the best epoch's state_dict), `model.json` (how to
 rebuild and preprocess it, its classes and metrics), `checkpoint.pt` (the last epoch, for
 --resume), `metrics.csv` and `curves.png`. `scripts/archive` packs the first two. The loop,
-devices, torchrun and the shared flags are training/engine.py's.
+devices and torchrun are training/engine.py's; the shared flags training/args.py's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from model_defs import get_entry
 from model_defs.preprocessing import eval_transform, train_transform
 from training import engine
+from training.args import add_data_args, add_engine_args, add_model_args, add_rotation_arg, task_parser
 from training.datasets import LABEL_FORMATS, LAYOUTS, ImageDataset, read_dataset
 from training.losses import FOCAL_GAMMA, LOSSES, classification_loss
 from training.scores import batch_scores, multilabel_scores
@@ -51,8 +52,8 @@ class Classification(engine.Task):
     }
 
     def parser(self) -> argparse.ArgumentParser:
-        p = engine.task_parser(self)
-        g = engine.add_data_args(
+        p = task_parser(self)
+        g = add_data_args(
             p,
             "training dataset folder",
             LAYOUTS,
@@ -83,7 +84,7 @@ class Classification(engine.Task):
             default=0.5,
             help="probability over which a label is predicted, multi-label only (default: 0.5)",
         )
-        g = engine.add_model_args(
+        g = add_model_args(
             p, "classification", "small_cnn", input_size="center-crop / training crop size", min_scale=0.6
         )
         g.add_argument(
@@ -111,14 +112,7 @@ class Classification(engine.Task):
             "amounts (torchvision ColorJitter; those not given are 0; saturation and hue need RGB), e.g. "
             "0.4,0.4,0.4,0.1 (default: off)",
         )
-        g.add_argument(
-            "--rotation",
-            type=float,
-            default=0.0,
-            metavar="DEG",
-            help="largest random rotation of a training image in degrees, either way, the uncovered corners black; "
-            "0 = off (default: 0)",
-        )
+        add_rotation_arg(g)
         g = p.add_argument_group("loss")
         g.add_argument(
             "--loss",
@@ -148,9 +142,7 @@ class Classification(engine.Task):
             default=0.0,
             help="label smoothing of the cross-entropy loss, single-label --loss ce only (default: 0.0)",
         )
-        return engine.add_engine_args(
-            p, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0
-        )
+        return add_engine_args(p, epochs=15, batch_size=64, lr=2e-3, weight_decay=0.05, patience=5, clip_grad_norm=1.0)
 
     def check(self, args) -> None:
         for flag, key in ((args.weights_path, "weights_path"), (args.freeze_backbone, "freeze_backbone")):

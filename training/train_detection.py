@@ -32,6 +32,7 @@ from model_defs.preprocessing import (
     load_image,
 )
 from training import engine
+from training.args import add_data_args, add_engine_args, add_model_args, task_parser
 from training.det_datasets import DETECTION_LAYOUTS, DetectionDataset, read_detection
 from training.draw import draw_detections, enlarge_small, grid
 from training.pretrained import add_pretrained_args, check_pretrained, start_from_pretrained
@@ -43,11 +44,11 @@ class Detection(engine.Task):
     panels = {"loss": ["train_loss"], "validation mAP": ["val_map_50", "val_map"]}
 
     def parser(self) -> argparse.ArgumentParser:
-        p = engine.task_parser(self)
-        engine.add_data_args(
+        p = task_parser(self)
+        add_data_args(
             p, "training dataset: VOC folder, COCO folder or COCO .json", DETECTION_LAYOUTS, "annotation layout"
         )
-        g = engine.add_model_args(
+        g = add_model_args(
             p,
             "detection",
             "fasterrcnn_mobilenet_320",
@@ -67,7 +68,7 @@ class Detection(engine.Task):
         add_pretrained_args(g)
         # No BatchNorm recalibration by default: torchvision's detection references keep BatchNorm
         # frozen, and a detector trained a few steps from scratch answers nothing once recalibrated.
-        return engine.add_engine_args(
+        return add_engine_args(
             p, epochs=12, batch_size=8, lr=1e-3, min_lr_ratio=0.02, clip_grad_norm=10.0, bn_recalibration_batches=0
         )
 

@@ -26,6 +26,7 @@ from model_defs import get_entry
 from model_defs.generative import dcgan_discriminator, latent_vectors
 from model_defs.preprocessing import eval_transform
 from training import engine
+from training.args import add_data_args, add_engine_args, add_model_args, task_parser
 from training.draw import save_samples
 from training.scores import InceptionScorer
 from training.unlabeled import UnlabeledImages, find_images, unlabeled_record
@@ -40,11 +41,9 @@ class GAN(engine.Task):
     }
 
     def parser(self) -> argparse.ArgumentParser:
-        p = engine.task_parser(self)
-        engine.add_data_args(p, "folder of training images, searched recursively", val=False)
-        g = engine.add_model_args(
-            p, "generation", "dcgan", input_size="generated image side, a power of two", hflip=None
-        )
+        p = task_parser(self)
+        add_data_args(p, "folder of training images, searched recursively", val=False)
+        g = add_model_args(p, "generation", "dcgan", input_size="generated image side, a power of two", hflip=None)
         g.add_argument("--latent-dim", type=int, default=64, help="length of the latent vector z (default: 64)")
         g.add_argument(
             "--width",
@@ -69,7 +68,7 @@ class GAN(engine.Task):
             "--score-samples", type=int, default=1000, help="generated images scored per epoch (default: 1000)"
         )
         # DCGAN's schedule: Adam (no weight decay) at a constant learning rate.
-        return engine.add_engine_args(
+        return add_engine_args(
             p, epochs=20, batch_size=64, lr=2e-4, weight_decay=0.0, warmup_epochs=0.0, min_lr_ratio=1.0
         )
 

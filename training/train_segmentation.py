@@ -29,6 +29,7 @@ from model_defs import get_entry
 from model_defs.checkpoint import load_trained
 from model_defs.preprocessing import load_image, logits_to_mask, segmentation_train_transform, segmentation_transform
 from training import engine
+from training.args import add_data_args, add_engine_args, add_model_args, task_parser
 from training.det_datasets import IGNORE_INDEX, SegmentationDataset, read_masks
 from training.draw import grid, mask_row
 from training.pretrained import add_pretrained_args, check_pretrained, start_from_pretrained
@@ -40,9 +41,9 @@ class Segmentation(engine.Task):
     panels = {"loss": ["train_loss"], "validation": ["val_miou", "val_pixel_accuracy"]}
 
     def parser(self) -> argparse.ArgumentParser:
-        p = engine.task_parser(self)
-        engine.add_data_args(p, "dataset folder: images/ + masks/ + classes.txt")
-        g = engine.add_model_args(
+        p = task_parser(self)
+        add_data_args(p, "dataset folder: images/ + masks/ + classes.txt")
+        g = add_model_args(
             p,
             "segmentation",
             "unet",
@@ -52,7 +53,7 @@ class Segmentation(engine.Task):
             pictures="predictions.png",
         )
         add_pretrained_args(g)
-        return engine.add_engine_args(p, epochs=30, batch_size=8, lr=3e-3)
+        return add_engine_args(p, epochs=30, batch_size=8, lr=3e-3)
 
     def check(self, args) -> None:
         check_pretrained(args)

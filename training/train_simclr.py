@@ -25,6 +25,7 @@ from model_defs.checkpoint import unwrap
 from model_defs.embedding import nt_xent_loss
 from model_defs.preprocessing import eval_transform, simclr_view_transform
 from training import engine
+from training.args import add_data_args, add_engine_args, add_model_args, add_rotation_arg, task_parser
 from training.datasets import LAYOUTS, DatasetError, ImageDataset, read_dataset, split_source, stratified_split
 from training.scores import knn_accuracy
 from training.unlabeled import UnlabeledImages, find_images, unlabeled_record
@@ -35,8 +36,8 @@ class SimCLR(engine.Task):
     panels = {"NT-Xent loss": ["train_loss"], "k-NN accuracy": ["val_knn_accuracy"]}
 
     def parser(self) -> argparse.ArgumentParser:
-        p = engine.task_parser(self)
-        g = engine.add_data_args(
+        p = task_parser(self)
+        g = add_data_args(
             p,
             "folder of unlabeled training images, searched recursively",
             LAYOUTS,
@@ -60,7 +61,7 @@ class SimCLR(engine.Task):
             help="share of --eval-data held out as k-NN queries when --eval-val-data is not given (default: 0.2)",
         )
         g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in the k-NN accuracy (default: 20)")
-        g = engine.add_model_args(
+        g = add_model_args(
             p,
             "embedding",
             "simclr",
@@ -74,16 +75,9 @@ class SimCLR(engine.Task):
             default=0.4,
             help="colour-jitter strength (brightness, contrast, saturation) (default: 0.4)",
         )
-        g.add_argument(
-            "--rotation",
-            type=float,
-            default=0.0,
-            metavar="DEG",
-            help="largest random rotation of a training image in degrees, either way, the uncovered corners black; "
-            "0 = off (default: 0)",
-        )
+        add_rotation_arg(g)
         g.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
-        return engine.add_engine_args(p, epochs=20, batch_size=256, lr=1e-3)
+        return add_engine_args(p, epochs=20, batch_size=256, lr=1e-3)
 
     def setup(self, args) -> None:
         self.cfg = cfg = get_entry(args.model, task="embedding").data_config.replace(
