@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench.harness import closed_loop, open_loop, summary
+from scripts.bench.harness import closed_loop, open_loop
 
 GENERATORS = ("auto", "native", "python")
 OPEN_LOOP_INTERVAL_S = 0.1  # each open-loop connection sends at most 10 requests/s
@@ -129,16 +129,19 @@ end
 """
 
 
-def wrk_script(path: Path, headers: dict, body: Path | None, content_type: str) -> Path:
+def wrk_script(path: Path, headers: dict, body: Path, content_type: str) -> Path:
     """The Lua script that makes wrk send our request and print its figures as JSON."""
 
     def lua(text: str) -> str:
         return json.dumps(text)  # a JSON string is a valid Lua string literal for these values
 
-    lines = [f"wrk.method = {lua('POST' if body is not None else 'GET')}"]
-    if body is not None:
-        lines += [f"local f = assert(io.open({lua(str(body))}, 'rb'))", "wrk.body = f:read('*a')", "f:close()"]
-        lines.append(f"wrk.headers['Content-Type'] = {lua(content_type)}")
+    lines = [
+        f"wrk.method = {lua('POST')}",
+        f"local f = assert(io.open({lua(str(body))}, 'rb'))",
+        "wrk.body = f:read('*a')",
+        "f:close()",
+        f"wrk.headers['Content-Type'] = {lua(content_type)}",
+    ]
     lines += [f"wrk.headers[{lua(k)}] = {lua(v)}" for k, v in headers.items()]
     path.write_text("\n".join(lines) + "\n" + WRK_DONE)
     return path
@@ -206,53 +209,13 @@ def parse_hey(text: str, items: int = 1) -> dict:
     }
 
 
-def hey_args(
-    url: str, headers: dict, body: Path | None, content_type: str, connections: int, seconds: float
-) -> list[str]:
-    """hey's flags for a load of `seconds` on `connections`: POST `body`, or GET without one."""
+def hey_args(url: str, headers: dict, body: Path, content_type: str, connections: int, seconds: float) -> list[str]:
+    """hey's flags for a load of `seconds` on `connections`, each POSTing `body`."""
     args = ["-z", f"{seconds:g}s", "-c", str(connections), "-t", "120", "-disable-compression"]
-    args += ["-m", "POST", "-D", str(body), "-T", content_type] if body is not None else ["-m", "GET"]
+    args += ["-m", "POST", "-D", str(body), "-T", content_type]
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
     return args
-
-
-def get_loop(url: str, headers: dict, clients: int, seconds: float) -> dict:
-    """The Python client's closed loop of GETs (the /ping stage of scripts/bench/fixed_cost.py)."""
-    import http.client
-    import threading
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def client() -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
-        while time.perf_counter() < stop_at:
-            t = time.perf_counter()
-            try:
-                conn.request("GET", parts.path, headers=headers)
-                r = conn.getresponse()
-                r.read()
-                ok = r.status == 200
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                ok = False
-            with lock:
-                if ok:
-                    latencies.append(time.perf_counter() - t)
-                else:
-                    errors[0] += 1
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return summary(latencies, errors[0], seconds) | {"clients": clients}
 
 
 def generator_cost(result: dict, generator: str, cpu_s: float) -> dict:
@@ -272,7 +235,7 @@ class Load:
         self,
         url: str,
         headers: dict,
-        body: bytes | None,
+        body: bytes,
         *,
         content_type: str = "image/jpeg",
         generator: str = "auto",
@@ -284,10 +247,8 @@ class Load:
         self.server_pid = server_pid
         self.items = items_per_request
         self._dir = Path(tempfile.mkdtemp(prefix="load-"))
-        self.body_file: Path | None = None
-        if body is not None:
-            self.body_file = self._dir / "body"
-            self.body_file.write_bytes(body)
+        self.body_file = self._dir / "body"
+        self.body_file.write_bytes(body)
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -369,8 +330,6 @@ class Load:
         return {**self.headers, "Content-Type": self.content_type}
 
     def _python_closed(self, clients: int, seconds: float) -> dict:
-        if self.body is None:
-            return get_loop(self.url, self.headers, clients, seconds)
         return closed_loop(self.url, self._py_headers(), self.body, clients, seconds)
 
     def _python(self, run) -> dict:
