@@ -89,7 +89,7 @@ def model_config(options: dict, where: str = "", task: str | None = None) -> dic
 def served_batch_delay(batch_size: int, delay_ms: int) -> int:
     """The maxBatchDelay to write: TorchServe 0.12 reads an archive's 0 as "not set" and waits
     its 100 ms default for each batch instead (ModelManager keeps only a delay > 0), so a lone
-    request to a batch size over 1 took 100 ms. 1 ms is the shortest wait it honours."""
+    request to a batch size over 1 would wait 100 ms. 1 ms is the shortest wait it honours."""
     return 1 if batch_size > 1 and delay_ms == 0 else delay_ms
 
 
