@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from scripts.bench.harness import closed_loop, open_loop
+from scripts.ops.client import Client
 
 GENERATORS = ("auto", "native", "python")
 OPEN_LOOP_INTERVAL_S = 0.1  # each open-loop connection sends at most 10 requests/s
@@ -314,15 +315,9 @@ class Load:
         flight, and the server still runs them (TorchServe keeps them in its queue), so the next
         load would find the queue full of them (up to 64 at 64 clients: 503s beyond its 100).
         One more request is answered only once those before it are taken."""
-        import urllib.request
-
-        headers = {**self.headers, "Content-Type": self.content_type}
-        request = urllib.request.Request(self.url, data=self.body, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=600) as answer:
-                answer.read()
-        except OSError:  # an error answer (a test's 404 endpoint) also comes after the others
-            pass
+        client = Client(self.url, self.headers, timeout=600, content_type=self.content_type)
+        client.send(self.body)  # any answer, an error's too (a test's 404 endpoint), comes after the others
+        client.close()
 
     # -- the Python client, where hey is missing -----------------------------------------
 
